@@ -1,0 +1,160 @@
+"""BlockPlan: which key blocks each (batch, query head, query block) visits, and the token mask inside them.
+
+A plan is data, apart from the kernels: plan builders (the static sink + window band here, the indexer top-p
+builder in `pallas_kernels.indexer_topp`) produce a `BlockPlan`; kernels only consume it. `plan_to_dense_mask`
+turns a plan into a boolean [B, N, T, S] mask so any kernel can be checked against dense masked attention.
+
+Positions. Query row t sits at absolute position `q_offset + t`; key column s at position s. For a prefill
+`q_offset = 0`; for decode or a later prefill chunk `q_offset = S - T`.
+
+Token visibility (elementwise, applied inside every visited block):
+    visible(b, n, t, s) = block(s) selected for (b, n, block(t))      # the plan
+                          and s <= q_offset + t                          # causal
+                          and s < kv_len[b]                              # padding (right-padded batches)
+                          and (s < sinks[n] or (q_offset + t) - s < window[n])
+
+Example, 6 tokens, sinks = 1, window = 2 (no plan restriction), rows = queries, columns = keys:
+    1 . . . . .
+    1 1 . . . .
+    1 1 1 . . .
+    1 . 1 1 . .
+    1 . . 1 1 .
+    1 . . . 1 1
+`window[n] >= S` (e.g. `FULL_WINDOW`) means "no window": plain causal attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FULL_WINDOW = np.iinfo(np.int32).max // 2  # "no window"; halved so q_pos - s never overflows against it
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockPlan:
+    """Padded lists of key blocks per (batch, query head, query block).
+
+    Arrays:
+      kv_blocks: int32 [B, N, Tb, M] — selected key-block ids, ascending in the first `counts` entries; entries
+                 past `counts` repeat the last valid id (0 when the count is 0) so a kernel may prefetch them
+                 harmlessly.
+      counts:    int32 [B, N, Tb] — how many entries of `kv_blocks` are valid, 0..M.
+      sinks:     int32 [N] — sink tokens per query head (always visible, still causal).
+      window:    int32 [N] — a query sees keys with q_pos - s < window (its own token included).
+      kv_len:    int32 [B] — valid keys per sequence (right padding beyond).
+    Static: q_block, kv_block (tokens per block), q_offset (absolute position of query row 0).
+    Tb = ceil(T / q_block); M <= ceil(S / kv_block).
+    """
+
+    kv_blocks: jax.Array
+    counts: jax.Array
+    sinks: jax.Array
+    window: jax.Array
+    kv_len: jax.Array
+    q_block: int = dataclasses.field(metadata=dict(static=True))
+    kv_block: int = dataclasses.field(metadata=dict(static=True))
+    q_offset: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+    @property
+    def num_kv_blocks_max(self) -> int:
+        return self.kv_blocks.shape[-1]
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def selection_from_plan(plan: BlockPlan, num_kv_blocks: int) -> jax.Array:
+    """bool [B, N, Tb, Sb]: True where key block kb is in the plan of (b, n, tb)."""
+    m = plan.kv_blocks.shape[-1]
+    valid = jnp.arange(m) < plan.counts[..., None]
+    onehot = (plan.kv_blocks[..., None] == jnp.arange(num_kv_blocks)) & valid[..., None]
+    return onehot.any(axis=-2)
+
+
+def plan_from_selection(sel: jax.Array, *, sinks, window, kv_len, q_block: int, kv_block: int,
+                        q_offset: int = 0, max_blocks: int | None = None) -> BlockPlan:
+    """Pack a boolean block selection bool [B, N, Tb, Sb] into a BlockPlan with M = max_blocks or Sb.
+
+    Keeps the lowest block ids when a row selects more than M blocks (callers enforce budgets before this).
+    """
+    sb = sel.shape[-1]
+    m = sb if max_blocks is None else min(max_blocks, sb)
+    ids = jnp.arange(sb, dtype=jnp.int32)
+    key = jnp.where(sel, ids, sb + ids)  # selected first, each part ascending
+    order = jnp.sort(key, axis=-1)[..., :m]
+    counts = jnp.minimum(sel.sum(-1), m).astype(jnp.int32)
+    blocks = jnp.where(order >= sb, order - sb, order).astype(jnp.int32)
+    last = jnp.take_along_axis(blocks, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
+    last = jnp.where(counts[..., None] > 0, last, 0)
+    blocks = jnp.where(jnp.arange(m) < counts[..., None], blocks, last)
+    b, n = sel.shape[:2]
+    return BlockPlan(
+        kv_blocks=blocks, counts=counts,
+        sinks=jnp.broadcast_to(jnp.asarray(sinks, jnp.int32), (n,)),
+        window=jnp.broadcast_to(jnp.asarray(window, jnp.int32), (n,)),
+        kv_len=jnp.broadcast_to(jnp.asarray(kv_len, jnp.int32), (b,)),
+        q_block=q_block, kv_block=kv_block, q_offset=q_offset)
+
+
+def token_mask(plan: BlockPlan, q_pos: jax.Array, k_pos: jax.Array, block_sel: jax.Array) -> jax.Array:
+    """bool [B, N, C, S'] for query positions q_pos int [C] and key positions k_pos int [S'].
+
+    `block_sel` bool [B, N, C, S'] says whether (query row, key) lies in a selected block.
+    """
+    qp = q_pos[:, None]
+    kp = k_pos[None, :]
+    causal = kp <= qp
+    sink = kp < plan.sinks[:, None, None]
+    win = (qp - kp) < plan.window[:, None, None]
+    band = (sink | win)[None]  # [1, N, C, S']
+    inlen = (kp[None] < plan.kv_len[:, None, None])[:, None]  # [B, 1, 1, S']
+    return block_sel & causal[None, None] & band & inlen
+
+
+def plan_to_dense_mask(plan: BlockPlan, q_len: int, kv_len: int) -> jax.Array:
+    """bool [B, N, T, S]: the exact token visibility a plan defines. O(B·N·T·S) memory: tests only."""
+    nkb = cdiv(kv_len, plan.kv_block)
+    sel = selection_from_plan(plan, nkb)  # [B, N, Tb, Sb]
+    rows = jnp.arange(q_len) // plan.q_block
+    cols = jnp.arange(kv_len) // plan.kv_block
+    block_sel = sel[:, :, rows][:, :, :, cols]
+    q_pos = plan.q_offset + jnp.arange(q_len)
+    return token_mask(plan, q_pos, jnp.arange(kv_len), block_sel)
+
+
+def band_selection(num_heads: int, q_len: int, kv_len: int, *, sinks, window, q_block: int, kv_block: int,
+                   q_offset: int = 0) -> np.ndarray:
+    """Static bool [N, Tb, Sb]: the blocks a causal sink + window band can touch (numpy, shapes static).
+
+    `sinks` and `window` are ints or int arrays [N]. Block kb is kept for query block tb when some query in tb
+    can see some key in kb: kb holds a sink (kb * kv_block < sinks) or overlaps [q_lo - window + 1, q_hi].
+    """
+    sinks = np.broadcast_to(np.asarray(sinks, np.int64), (num_heads,))
+    window = np.broadcast_to(np.asarray(window, np.int64), (num_heads,))
+    tb, sb = cdiv(q_len, q_block), cdiv(kv_len, kv_block)
+    q_lo = q_offset + np.arange(tb) * q_block
+    q_hi = q_offset + np.minimum((np.arange(tb) + 1) * q_block, q_len) - 1
+    k_lo = np.arange(sb) * kv_block
+    k_hi = np.minimum(k_lo + kv_block, kv_len) - 1
+    causal = k_lo[None, :] <= q_hi[:, None]  # [Tb, Sb]
+    in_sink = k_lo[None, None, :] < sinks[:, None, None]
+    in_win = k_hi[None, None, :] > (q_lo[None, :, None] - window[:, None, None])
+    return causal[None] & (in_sink | in_win)
+
+
+def band_plan(batch: int, num_heads: int, q_len: int, kv_len: int, *, sinks, window, q_block: int,
+              kv_block: int, q_offset: int = 0, lengths=None) -> BlockPlan:
+    """Static plan for heads that see `sinks` + the last `window` tokens (window=FULL_WINDOW: dense causal)."""
+    sel = band_selection(num_heads, q_len, kv_len, sinks=sinks, window=window, q_block=q_block,
+                         kv_block=kv_block, q_offset=q_offset)
+    m = max(int(sel.sum(-1).max()), 1)  # static: the band's widest row, not all Sb blocks
+    sel = jnp.broadcast_to(jnp.asarray(sel), (batch,) + sel.shape)
+    kv_len_arr = kv_len if lengths is None else lengths
+    return plan_from_selection(sel, sinks=sinks, window=window, kv_len=kv_len_arr, q_block=q_block,
+                               kv_block=kv_block, q_offset=q_offset, max_blocks=m)

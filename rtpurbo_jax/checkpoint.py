@@ -1,0 +1,147 @@
+"""Converted checkpoints: an Orbax params pytree + `rtpurbo.json` (model config, sparse config, roles) + tokenizer.
+
+Layout of a converted directory:
+    rtpurbo.json          {"format": "rtpurbo-jax", "version": 1, "model_config": {...}, "sparse_config": ...,
+                           "param_dtype": ..., "source": ..., "extra": {...}}
+    params/               Orbax StandardCheckpointer pytree (see `rtpurbo_jax.params`)
+    tokenizer files       when the source had a tokenizer
+Writes go to a temporary sibling directory renamed into place at the end: a failed run leaves nothing
+half-written, and an existing output is never replaced unless `overwrite=True`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rtpurbo_jax.model_config import ModelConfig
+
+FORMAT, VERSION = "rtpurbo-jax", 1
+META_FILE = "rtpurbo.json"
+
+
+class CheckpointError(ValueError):
+    """A converted checkpoint is missing, foreign, or corrupt; the message names the path."""
+
+
+@dataclasses.dataclass
+class Converted:
+    params: dict
+    model_config: ModelConfig
+    meta: dict[str, Any]
+    path: str
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        if not any(f.startswith("tokenizer") for f in os.listdir(self.path)):
+            raise CheckpointError(f"{self.path} holds no tokenizer files")
+        return AutoTokenizer.from_pretrained(self.path)
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str, overwrite: bool = False) -> Iterator[str]:
+    """Yield a temporary directory that becomes `out_dir` only if the body finishes without error."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"output {out_dir} exists; pass --overwrite (overwrite=True) to replace it")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(out_dir):
+            old = tmp + ".old"
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer()
+
+
+def write_params(path: str, params: dict) -> None:
+    """Save a params pytree with Orbax at `path` (must not exist); blocks until written."""
+    ckpt = _checkpointer()
+    ckpt.save(path, jax.tree.map(jnp.asarray, params))
+    ckpt.wait_until_finished()
+    ckpt.close()
+
+
+def save_converted(out_dir: str, params: dict, cfg: ModelConfig, *, sparse_config: dict | None = None,
+                   extra: dict | None = None, tokenizer=None, source: str | None = None,
+                   overwrite: bool = False, write_extra_files=None) -> str:
+    """Write a converted checkpoint atomically. `write_extra_files(tmp_dir)` may add reports before the rename."""
+    dtypes = {str(np.asarray(x).dtype) if not hasattr(x, "dtype") else str(x.dtype) for x in jax.tree.leaves(params)}
+    meta = {"format": FORMAT, "version": VERSION, "model_config": cfg.to_dict(), "sparse_config": sparse_config,
+            "param_dtype": sorted(dtypes)[0] if len(dtypes) == 1 else sorted(dtypes), "source": source,
+            "extra": extra or {}}
+    with atomic_dir(out_dir, overwrite) as tmp:
+        write_params(os.path.join(tmp, "params"), params)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if write_extra_files is not None:
+            write_extra_files(tmp)
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump(meta, f, indent=2)
+    return os.path.abspath(out_dir)
+
+
+def read_meta(path: str) -> dict:
+    meta_path = os.path.join(path, META_FILE)
+    if not os.path.exists(meta_path):
+        raise CheckpointError(f"{path} is not a converted rtpurbo-jax checkpoint: {META_FILE} is missing "
+                              "(run `python -m convert --model SRC --out DIR` first)")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{meta_path} is corrupt: {e}") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def load_converted(path: str, dtype=None) -> Converted:
+    """Load a converted checkpoint. dtype: cast params (default: as saved)."""
+    from rtpurbo_jax.params import abstract_params
+
+    meta = read_meta(path)
+    cfg = ModelConfig.from_dict(meta["model_config"])
+    saved = meta.get("param_dtype")
+    target = abstract_params(cfg, saved if isinstance(saved, str) else jnp.float32)
+    try:
+        params = _checkpointer().restore(os.path.join(os.path.abspath(path), "params"), target)
+    except Exception as e:
+        raise CheckpointError(f"params under {path} could not be restored ({type(e).__name__}: {e}); "
+                              "the checkpoint is corrupt or was written for another config") from e
+    if dtype is not None:
+        params = jax.tree.map(lambda x: x.astype(dtype), params)
+    return Converted(params=params, model_config=cfg, meta=meta, path=os.path.abspath(path))
+
+
+def update_meta(path: str, **fields) -> None:
+    """Atomically replace top-level fields of rtpurbo.json (e.g. roles after calibration)."""
+    meta = read_meta(path)
+    meta.update(fields)
+    tmp = os.path.join(path, META_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(tmp, os.path.join(path, META_FILE))

@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny random transformers models of each family, saved the ways users have them."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+
+
+def tiny_hf_config(family: str):
+    import transformers as tf
+
+    if family == "llama":
+        return tf.LlamaConfig(**TINY, rope_parameters=dict(
+            rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=32), tie_word_embeddings=False)
+    if family == "llama_linear":
+        return tf.LlamaConfig(**TINY, rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0),
+                              tie_word_embeddings=True)
+    if family == "qwen2":
+        return tf.Qwen2Config(**TINY, tie_word_embeddings=False)
+    if family == "qwen3":
+        return tf.Qwen3Config(**{**TINY, "num_key_value_heads": 1}, head_dim=32, tie_word_embeddings=True)
+    if family == "mistral":
+        return tf.MistralConfig(**TINY, sliding_window=16, tie_word_embeddings=False)
+    raise KeyError(family)
+
+
+def build_hf_model(family: str, seed: int = 0):
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tiny_hf_config(family)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # biases and norms are zero / one at init: randomise them so parity means something
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def save_hf(model, path: str, how: str) -> str:
+    """how: safetensors | sharded | bin."""
+    import torch
+
+    os.makedirs(path, exist_ok=True)
+    if how == "bin":
+        model.config.save_pretrained(path)
+        torch.save(model.state_dict(), os.path.join(path, "pytorch_model.bin"))
+    elif how == "sharded":
+        model.save_pretrained(path, max_shard_size="100KB")
+    else:
+        model.save_pretrained(path)
+    return path
+
+
+def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.as_tensor(tokens)).logits.float().numpy()
+
+
+def assert_logits_close(ours, ref, rel=1e-4):
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    err = np.abs(ours - ref).max()
+    bound = rel * np.abs(ref).max()
+    assert err <= bound, f"max |diff| {err:.3e} > {rel} x max|logit| = {bound:.3e}"
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    from convert.bundled import smollm2_gguf
+
+    return smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    """(ModelConfig, jnp float32 params, tokenizer) of the bundled SmolLM2-135M-Instruct."""
+    import jax.numpy as jnp
+
+    from convert import load_source
+
+    cfg, params, tok = load_source(smollm2_path, dtype="float32")
+    return cfg, jax.tree.map(jnp.asarray, params), tok

@@ -1,0 +1,182 @@
+"""Converter: round trip, the bundled SmolLM2 against transformers' GGUF loader, and clear bad-input errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from convert import ConversionError, load_source
+from convert.__main__ import convert, main
+from convert.gguf_reader import unpermute_rows
+from rtpurbo_jax.checkpoint import CheckpointError, load_converted
+from rtpurbo_jax.model import forward
+from tests.conftest import assert_logits_close, build_hf_model, save_hf, torch_logits
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    model = build_hf_model("llama")
+    return model, save_hf(model, str(tmp_path_factory.mktemp("hf") / "llama"), "safetensors")
+
+
+def test_round_trip_convert_reload_same_logits(tmp_path, llama_dir):
+    model, path = llama_dir
+    out = convert(path, str(tmp_path / "out"), log=lambda *_: None)
+    loaded = load_converted(out)
+    tokens = np.random.default_rng(0).integers(0, 256, size=(1, 24))
+    assert_logits_close(forward(loaded.params, jnp.asarray(tokens), loaded.model_config), torch_logits(model, tokens))
+    assert loaded.meta["model_config"]["model_type"] == "llama"
+    assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+
+
+def test_existing_output_is_not_overwritten(tmp_path, llama_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("user data")
+    assert main(["--model", llama_dir[1], "--out", str(out)]) == 2
+    assert (out / "mine.txt").read_text() == "user data"
+    convert(llama_dir[1], str(out), overwrite=True, log=lambda *_: None)
+    assert not (out / "mine.txt").exists() and (out / "rtpurbo.json").exists()
+
+
+def test_bf16_conversion_keeps_dtype(tmp_path, llama_dir):
+    out = convert(llama_dir[1], str(tmp_path / "o"), dtype="bfloat16", log=lambda *_: None)
+    loaded = load_converted(out)
+    assert {x.dtype for x in jax.tree.leaves(loaded.params)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_missing_shard(tmp_path):
+    path = save_hf(build_hf_model("qwen2"), str(tmp_path / "m"), "sharded")
+    shard = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))[1]
+    os.remove(os.path.join(path, shard))
+    with pytest.raises(ConversionError, match="missing") as e:
+        load_source(path)
+    assert shard in str(e.value)
+
+
+def test_truncated_safetensors(tmp_path, llama_dir):
+    path = _copy(os.path.dirname(llama_dir[1] + "/"), tmp_path / "m")
+    f = os.path.join(path, "model.safetensors")
+    size = os.path.getsize(f)
+    with open(f, "r+b") as fh:
+        fh.truncate(size - 1000)
+    with pytest.raises(ConversionError, match="truncated") as e:
+        load_source(path)
+    assert "model.safetensors" in str(e.value) and "tensor" in str(e.value)
+
+
+def test_corrupt_safetensors_header(tmp_path, llama_dir):
+    path = _copy(llama_dir[1], tmp_path / "m")
+    f = os.path.join(path, "model.safetensors")
+    with open(f, "r+b") as fh:
+        fh.seek(8)
+        fh.write(b"\xff\xfe garbage")
+    with pytest.raises(ConversionError, match="corrupt"):
+        load_source(path)
+
+
+def test_unknown_model_type(tmp_path, llama_dir):
+    path = _copy(llama_dir[1], tmp_path / "m")
+    cfg_path = os.path.join(path, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["model_type"] = "gpt_neox"
+    json.dump(cfg, open(cfg_path, "w"))
+    with pytest.raises(ConversionError, match="gpt_neox.*not supported"):
+        load_source(path)
+
+
+def test_shape_mismatch_names_tensor(tmp_path, llama_dir):
+    path = _copy(llama_dir[1], tmp_path / "m")
+    cfg_path = os.path.join(path, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["intermediate_size"] = 96
+    json.dump(cfg, open(cfg_path, "w"))
+    with pytest.raises(ConversionError, match=r"mlp\.\w+_proj\.weight") as e:
+        load_source(path)
+    assert "96" in str(e.value)
+
+
+def test_missing_weight_names_tensor(tmp_path):
+    import torch
+
+    model = build_hf_model("llama")
+    path = str(tmp_path / "m")
+    model.config.save_pretrained(path)
+    state = {k: v for k, v in model.state_dict().items() if k != "model.layers.1.mlp.up_proj.weight"}
+    torch.save(state, os.path.join(path, "pytorch_model.bin"))
+    with pytest.raises(ConversionError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_source(path)
+
+
+def test_foreign_or_corrupt_converted_checkpoint(tmp_path, llama_dir):
+    with pytest.raises(CheckpointError, match="rtpurbo.json is missing"):
+        load_converted(llama_dir[1])
+    out = convert(llama_dir[1], str(tmp_path / "o"), log=lambda *_: None)
+    for root, _, files in os.walk(os.path.join(out, "params")):
+        for f in files:
+            if os.path.getsize(os.path.join(root, f)) > 1000:
+                open(os.path.join(root, f), "wb").write(b"corrupt")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_converted(out)
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(3 * 8, 5))
+    n_head = 3
+    permuted = w.reshape(n_head, 2, 4, 5).swapaxes(1, 2).reshape(w.shape)  # llama.cpp's convert script
+    np.testing.assert_array_equal(unpermute_rows(permuted, n_head), w)
+
+
+def test_unsupported_gguf_quantization(tmp_path):
+    import gguf
+
+    path = str(tmp_path / "q.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    for k, v in dict(block_count=1, context_length=64, embedding_length=32, feed_forward_length=64).items():
+        getattr(w, f"add_{k}")(v)
+    w.add_head_count(2)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tensor("token_embd.weight", np.ones((16, 292), np.uint8), raw_shape=(16, 292),
+                 raw_dtype=gguf.GGMLQuantizationType.Q8_K)  # Q8_K: no numpy de-quantizer in gguf
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ConversionError, match="Q8_K.*not supported") as e:
+        load_source(path)
+    assert "token_embd.weight" in str(e.value)
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_matches_transformers_and_greedy(smollm2, smollm2_path):
+    import torch
+    import transformers as tf
+
+    cfg, params, tok = smollm2
+    hf = tf.AutoModelForCausalLM.from_pretrained(os.path.dirname(smollm2_path),
+                                                 gguf_file=os.path.basename(smollm2_path), dtype=torch.float32).eval()
+    text = "In the beginning God created the heaven and the earth. And the earth was without form, and void; " * 3
+    ids = tok(text, return_tensors="np")["input_ids"][:, :64]
+    assert ids.shape == (1, 64)
+    assert_logits_close(forward(params, jnp.asarray(ids), cfg), torch_logits(hf, ids))
+    # 16 greedy tokens, recomputing the full forward each step (no cache yet) for both.
+    with torch.no_grad():
+        ref = hf.generate(torch.as_tensor(ids), max_new_tokens=16, do_sample=False).numpy()[0, 64:]
+    step = jax.jit(lambda p, t: forward(p, t, cfg)[:, -1].argmax(-1))
+    seq = jnp.asarray(ids)
+    for _ in range(16):
+        seq = jnp.concatenate([seq, step(params, seq)[:, None]], axis=1)
+    np.testing.assert_array_equal(np.asarray(seq[0, 64:]), ref)
