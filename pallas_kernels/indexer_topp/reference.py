@@ -1,0 +1,149 @@
+"""Pure-jnp indexer scoring and dynamic top-p block selection (exact, sort-based): the kernels' reference.
+
+Indexer (RTPurbo §4): per retrieval query head n, `w_q[n], w_k[n]: [H, I]` map the **pre-RoPE** q and k
+(after Qwen3's q/k norm) to I dims; token score = q_idx · k_idx (no 1/sqrt scale: stage-1 distillation learns
+the temperature). A query's distribution over keys is the softmax of its scores over the tokens it may see
+(causal, within `kv_len`).
+
+Selection policy (documented choice; the paper is silent):
+- *Forced blocks* are always kept and their mass counts toward p: the blocks holding the first `sinks` tokens
+  and the blocks overlapping the query tile's last `keep_recent` tokens (its own diagonal at least).
+- The remaining visible blocks are added by descending mass until the kept mass reaches `top_p`; the result is
+  the smallest such set containing the forced blocks (dropping its lowest-mass added block leaves mass < p).
+- `top_p == 1` keeps every visible block. `max_blocks` caps the total (forced first, then by mass).
+- Prefill (a tile of q_block queries): block mass = the mean over the tile's queries of each query's mass in
+  the block, so one plan serves the whole tile (a kernel tile loads each K/V block once).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.block_plan import BlockPlan, band_selection, cdiv, plan_from_selection
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def index_queries(q_pre, w_q):
+    """fp32 [B, T, N, I] from pre-RoPE q [B, T, N, H] and w_q [N, H, I]."""
+    return jnp.einsum("btnh,nhi->btni", q_pre, w_q, precision=_HI, preferred_element_type=jnp.float32)
+
+
+def index_keys(k_pre, w_k):
+    """fp32 [B, S, N, I] (one index key per *query* head) from pre-RoPE k [B, S, K, H] and w_k [N, H, I]."""
+    n, kh = w_k.shape[0], k_pre.shape[2]
+    kg = jnp.repeat(k_pre, n // kh, axis=2)
+    return jnp.einsum("bsnh,nhi->bsni", kg, w_k, precision=_HI, preferred_element_type=jnp.float32)
+
+
+def block_stats(scores, visible, kv_block: int):
+    """Per key block max and log-sum-exp of token scores.
+
+    scores fp32 [..., S], visible bool [..., S] -> (max, lse) fp32 [..., Sb]; -inf for blocks with no visible
+    token. The last block may be partial (S need not be a multiple of kv_block).
+    """
+    s = scores.shape[-1]
+    sb = cdiv(s, kv_block)
+    pad = sb * kv_block - s
+    x = jnp.where(visible, scores, -jnp.inf)
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=-jnp.inf)
+    x = x.reshape(*x.shape[:-1], sb, kv_block)
+    mx = x.max(-1)
+    safe = jnp.where(jnp.isfinite(mx), mx, 0.0)
+    lse = jnp.log(jnp.exp(x - safe[..., None]).sum(-1)) + safe
+    return mx, jnp.where(jnp.isfinite(mx), lse, -jnp.inf)
+
+
+def topp_select(mass, visible, forced, top_p: float, max_blocks: int | None = None):
+    """Smallest set of visible blocks containing `forced` whose mass reaches top_p.
+
+    mass fp32 [..., Sb] (probabilities summing to ~1 over visible blocks), visible/forced bool [..., Sb].
+    Returns bool [..., Sb]. Sort-based and exact.
+    """
+    forced = forced & visible
+    if top_p >= 1.0:
+        sel = visible
+    else:
+        base = jnp.where(forced, mass, 0.0).sum(-1, keepdims=True)
+        cand = jnp.where(visible & ~forced, mass, -1.0)
+        order = jnp.argsort(-cand, axis=-1, stable=True)
+        sorted_c = jnp.take_along_axis(cand, order, axis=-1)
+        m = jnp.maximum(sorted_c, 0.0)
+        before = base + jnp.cumsum(m, axis=-1) - m
+        keep_sorted = (before < top_p) & (sorted_c >= 0)
+        keep = jnp.zeros_like(keep_sorted)
+        keep = jnp.put_along_axis(keep, order, keep_sorted, axis=-1, inplace=False)
+        sel = forced | keep
+    if max_blocks is not None:
+        prio = jnp.where(forced, 2.0, 0.0) + jnp.where(sel, jnp.clip(mass, 0.0, 1.0), -1.0)
+        rank = jnp.argsort(jnp.argsort(-prio, axis=-1, stable=True), axis=-1)
+        sel = sel & (rank < max_blocks)
+    return sel
+
+
+def _tile_block_mass(q_idx, k_idx, q_pos, kv_len, kv_block):
+    """Mean over a tile's queries of each query's softmax mass per key block.
+
+    q_idx [B, C, N, I], k_idx [B, S, N, I], q_pos int [C] (-1 marks padding rows), kv_len [B] ->
+    (mass fp32 [B, N, Sb], visible bool [B, N, Sb]).
+    """
+    s = k_idx.shape[1]
+    scores = jnp.einsum("bcni,bsni->bncs", q_idx, k_idx, precision=_HI)
+    k_pos = jnp.arange(s)
+    vis = (k_pos[None, None, None, :] <= q_pos[None, None, :, None]) & \
+          (k_pos[None, None, None, :] < kv_len[:, None, None, None])
+    mx, lse = block_stats(scores, vis, kv_block)  # [B, N, C, Sb]
+    tot = jax.nn.logsumexp(lse, axis=-1, keepdims=True)
+    p = jnp.where(jnp.isfinite(lse), jnp.exp(lse - jnp.where(jnp.isfinite(tot), tot, 0.0)), 0.0)
+    valid_q = (q_pos >= 0)[None, None, :, None]
+    n_valid = jnp.maximum(valid_q.sum(-2), 1)
+    mass = jnp.where(valid_q, p, 0.0).sum(-2) / n_valid
+    visible = (jnp.isfinite(lse) & valid_q).any(-2)
+    del mx
+    return mass, visible
+
+
+@functools.partial(jax.jit, static_argnames=("top_p", "q_block", "kv_block", "q_offset", "sinks", "keep_recent",
+                                             "max_blocks"))
+def topp_selection(q_idx, k_idx, kv_len, *, top_p: float, q_block: int, kv_block: int, q_offset: int = 0,
+                   sinks: int = 0, keep_recent: int = 64, max_blocks: int | None = None):
+    """bool [B, N, Tb, Sb]: the top-p block selection for every query tile.
+
+    q_idx fp32 [B, T, N, I] (queries at positions q_offset + t), k_idx fp32 [B, S, N, I], kv_len int [B].
+    Memory O(B · N · q_block · S) per tile.
+    """
+    b, t, n, _ = q_idx.shape
+    s = k_idx.shape[1]
+    tb, sb = cdiv(t, q_block), cdiv(s, kv_block)
+    forced = jnp.asarray(band_selection(1, t, s, sinks=sinks, window=max(keep_recent, 1), q_block=q_block,
+                                        kv_block=kv_block, q_offset=q_offset)[0])  # [Tb, Sb]
+    qp = jnp.pad(q_idx, ((0, 0), (0, tb * q_block - t), (0, 0), (0, 0)))
+
+    def tile(i):
+        rows = i * q_block + jnp.arange(q_block)
+        q_pos = jnp.where(rows < t, q_offset + rows, -1)
+        qc = jax.lax.dynamic_slice_in_dim(qp, i * q_block, q_block, axis=1)
+        mass, visible = _tile_block_mass(qc, k_idx, q_pos, kv_len, kv_block)
+        return topp_select(mass, visible, forced[i][None, None], top_p, max_blocks)
+
+    sel = jax.lax.map(tile, jnp.arange(tb))  # [Tb, B, N, Sb]
+    return jnp.moveaxis(sel, 0, 2)
+
+
+def topp_plan(q_idx, k_idx, kv_len, *, top_p: float, q_block: int, kv_block: int, q_offset: int = 0,
+              sinks: int = 0, keep_recent: int = 64, max_blocks: int | None = None) -> BlockPlan:
+    """BlockPlan of retrieval heads from their index queries/keys (no sink/window restriction inside blocks).
+
+    Decode is the case T = 1 with q_offset = the query's position. Shapes as `topp_selection`.
+    """
+    b, _, n, _ = q_idx.shape
+    sel = topp_selection(q_idx, k_idx, jnp.asarray(kv_len, jnp.int32), top_p=top_p, q_block=q_block,
+                         kv_block=kv_block, q_offset=q_offset, sinks=sinks, keep_recent=keep_recent,
+                         max_blocks=max_blocks)
+    full = np.iinfo(np.int32).max // 2
+    return plan_from_selection(sel, sinks=0, window=full, kv_len=kv_len, q_block=q_block, kv_block=kv_block,
+                               q_offset=q_offset, max_blocks=max_blocks)

@@ -1,0 +1,106 @@
+"""Indexer scoring and dynamic top-p selection: exactness, minimality, forced blocks, budgets, causality."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from pallas_kernels.block_plan import cdiv, plan_to_dense_mask
+from pallas_kernels.indexer_topp.reference import (block_stats, index_keys, index_queries, topp_plan, topp_select,
+                                                   topp_selection)
+
+
+def test_block_stats_match_numpy():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(3, 70)).astype(np.float32) * 4
+    vis = rng.random((3, 70)) < 0.7
+    vis[1, :] = False
+    mx, lse = block_stats(jnp.asarray(scores), jnp.asarray(vis), 16)
+    for r in range(3):
+        for b in range(cdiv(70, 16)):
+            sl = slice(b * 16, min(b * 16 + 16, 70))
+            x = scores[r, sl][vis[r, sl]]
+            if x.size == 0:
+                assert mx[r, b] == -np.inf and lse[r, b] == -np.inf
+            else:
+                np.testing.assert_allclose(mx[r, b], x.max(), rtol=1e-6)
+                np.testing.assert_allclose(lse[r, b], np.log(np.exp(x.astype(np.float64)).sum()), rtol=1e-5)
+
+
+def test_index_projections_use_the_group_kv_head():
+    rng = np.random.default_rng(1)
+    q_pre, k_pre = rng.normal(size=(1, 5, 6, 8)), rng.normal(size=(1, 7, 2, 8))
+    w_q, w_k = rng.normal(size=(6, 8, 4)), rng.normal(size=(6, 8, 4))
+    qi, ki = index_queries(jnp.asarray(q_pre), jnp.asarray(w_q)), index_keys(jnp.asarray(k_pre), jnp.asarray(w_k))
+    np.testing.assert_allclose(qi[0, :, 4], q_pre[0, :, 4] @ w_q[4], rtol=1e-5)
+    np.testing.assert_allclose(ki[0, :, 4], k_pre[0, :, 1] @ w_k[4], rtol=1e-5)  # head 4 of 6 -> kv head 1 of 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(sb=st.integers(1, 40), p=st.floats(0.05, 1.0), seed=st.integers(0, 10**6), budget=st.one_of(st.none(), st.integers(1, 8)))
+def test_topp_select_properties(sb, p, seed, budget):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=sb) * rng.uniform(0.1, 6)
+    visible = rng.random(sb) < 0.8
+    visible[rng.integers(sb)] = True
+    mass = np.where(visible, np.exp(logits), 0)
+    mass = mass / mass.sum()
+    forced = (rng.random(sb) < 0.15) & visible
+    sel = np.asarray(topp_select(jnp.asarray(mass, jnp.float32), jnp.asarray(visible), jnp.asarray(forced), p, budget))
+    assert not (sel & ~visible).any(), "selected an invisible block"
+    if budget is not None:
+        assert sel.sum() <= budget
+        if forced.sum() <= budget:
+            assert (sel | ~forced).all(), "a forced block was dropped under a budget it fits"
+        return
+    assert (sel | ~forced).all(), "a forced block was dropped"
+    if p >= 1.0:
+        np.testing.assert_array_equal(sel, visible)
+        return
+    kept = mass[sel].sum()
+    assert kept >= p - 1e-5 or sel.sum() == visible.sum(), "kept mass below p"
+    added = sel & ~forced
+    if added.any():
+        lowest = np.where(added, mass, np.inf).argmin()
+        assert kept - mass[lowest] < p + 1e-6, "not minimal: dropping the lowest-mass added block keeps mass >= p"
+
+
+def test_forced_blocks_under_budget_come_first():
+    mass = jnp.asarray([0.01, 0.5, 0.3, 0.19])
+    sel = topp_select(mass, jnp.ones(4, bool), jnp.asarray([True, False, False, True]), 0.9, max_blocks=3)
+    np.testing.assert_array_equal(np.asarray(sel), [True, True, False, True])
+
+
+@pytest.mark.parametrize("t,s_extra,qb,kb", [(50, 0, 16, 8), (1, 99, 1, 16), (33, 31, 8, 16)])
+def test_topp_plan_is_causal_and_reaches_p(t, s_extra, qb, kb):
+    rng = np.random.default_rng(t)
+    s, n, i = t + s_extra, 3, 4
+    q_idx = jnp.asarray(rng.normal(size=(2, t, n, i)) * 2, jnp.float32)
+    k_idx = jnp.asarray(rng.normal(size=(2, s, n, i)) * 2, jnp.float32)
+    plan = topp_plan(q_idx, k_idx, jnp.asarray([s, s - 3]), top_p=0.7, q_block=qb, kv_block=kb, q_offset=s_extra,
+                     sinks=2, keep_recent=1)
+    dense = np.asarray(plan_to_dense_mask(plan, t, s))
+    assert not np.triu(np.ones((t, s), bool), k=s_extra + 1)[None, None].__and__(dense).any(), "future token"
+    assert not dense[1, :, :, s - 3:].any(), "padding key selected"
+    # per tile, the mean (over its queries) indexer mass on the selected tokens reaches p
+    scores = np.einsum("btni,bsni->bnts", np.asarray(q_idx, np.float64), np.asarray(k_idx, np.float64))
+    causal = np.arange(s)[None, :] <= (s_extra + np.arange(t))[:, None]
+    lens = np.array([s, s - 3])
+    for b in range(2):
+        vis = causal & (np.arange(s) < lens[b])[None]
+        w = np.where(vis, np.exp(scores[b] - np.where(vis, scores[b], -np.inf).max(-1, keepdims=True)), 0)
+        w = w / w.sum(-1, keepdims=True)
+        for tb in range(cdiv(t, qb)):
+            rows = slice(tb * qb, min(t, tb * qb + qb))
+            got = (w[:, rows] * dense[b, :, rows]).sum(-1).mean(-1)
+            assert (got >= 0.7 - 1e-4).all(), got
+    assert (np.asarray(plan.counts) < cdiv(s, kb)).any(), "p=0.7 should not select everything on random scores"
+
+
+def test_topp_selection_p1_is_dense_causal():
+    rng = np.random.default_rng(3)
+    q_idx = jnp.asarray(rng.normal(size=(1, 40, 2, 4)), jnp.float32)
+    sel = np.asarray(topp_selection(q_idx, q_idx, jnp.asarray([40]), top_p=1.0, q_block=8, kv_block=8))
+    np.testing.assert_array_equal(sel[0, 0], np.tril(np.ones((5, 5), bool)))

@@ -1,0 +1,141 @@
+"""RTPurbo attention and the model in mode="rtpurbo": reductions to full attention, roles, padding, configs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.block_plan import plan_to_dense_mask
+from rtpurbo_jax.lm import CausalLM, apply
+from rtpurbo_jax.model import forward
+from rtpurbo_jax.model_config import SMOLLM2_135M
+from rtpurbo_jax.params import init_params
+from rtpurbo_jax.rtpurbo_attention import init_indexer, layer_plan
+from rtpurbo_jax.sparse_config import SparseConfig, roles_to_kv_granularity
+from tests import np_reference as npr
+
+CFG = dataclasses.replace(SMOLLM2_135M, num_layers=2, vocab_size=97, hidden_size=48, intermediate_size=64,
+                          num_heads=6, num_kv_heads=2, head_dim=8)
+ROLES = np.array([[0, 1, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1]])
+
+
+@pytest.fixture(scope="module")
+def model():
+    params = init_params(CFG, jax.random.key(0), scale=0.4)
+    indexer = init_indexer(2, 6, 8, 4, jax.random.key(1))
+    tokens = jax.random.randint(jax.random.key(2), (2, 141), 0, CFG.vocab_size)  # not a multiple of any block
+    return params, indexer, tokens, forward(params, tokens, CFG)
+
+
+def sparse(**kw):
+    base = dict(roles=ROLES, sinks=4, window=24, kv_block=16, q_block=32, index_dim=4, seqlen_threshold=0)
+    return SparseConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("prefill_mode", ["dense", "indexer"])
+def test_top_p_1_and_covering_window_equals_full(model, prefill_mode):
+    params, indexer, tokens, full = model
+    out = apply(params, tokens, CFG, mode="rtpurbo", sparse=sparse(window=141, top_p=1.0, prefill_mode=prefill_mode),
+                indexer=indexer)
+    np.testing.assert_allclose(out, full, atol=1e-4, rtol=1e-4)
+
+
+def test_all_retrieval_top_p_1_equals_full_with_tiny_window(model):
+    params, indexer, tokens, full = model
+    sp = sparse(roles=np.ones((2, 6), int), window=3, top_p=1.0, prefill_mode="indexer")
+    np.testing.assert_allclose(apply(params, tokens, CFG, mode="rtpurbo", sparse=sp, indexer=indexer), full,
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_short_sequences_run_full_attention(model):
+    params, indexer, tokens, full = model
+    sp = sparse(seqlen_threshold=142, top_p=0.3, prefill_mode="indexer")  # 141 < threshold
+    np.testing.assert_allclose(apply(params, tokens, CFG, mode="rtpurbo", sparse=sp, indexer=indexer), full,
+                               atol=1e-4, rtol=1e-4)
+    sparse_out = apply(params, tokens, CFG, mode="rtpurbo", sparse=dataclasses.replace(sp, seqlen_threshold=141),
+                       indexer=indexer)
+    assert np.abs(np.asarray(sparse_out) - np.asarray(full)).max() > 1e-2, "threshold did not switch sparsity on"
+
+
+def test_layer_plan_gives_each_head_its_role():
+    rng = np.random.default_rng(0)
+    t = 100
+    qkv = {"q_pre": jnp.asarray(rng.normal(size=(1, t, 6, 8)), jnp.float32),
+           "k_pre": jnp.asarray(rng.normal(size=(1, t, 2, 8)), jnp.float32)}
+    ix = init_indexer(1, 6, 8, 4, jax.random.key(0))
+    plan = layer_plan(qkv, jnp.asarray(ROLES[0], bool), ix["w_q"][0], ix["w_k"][0], sparse())
+    dense = np.asarray(plan_to_dense_mask(plan, t, t))[0]
+    np.testing.assert_array_equal(dense[0], npr.band_mask(t, t, 4, 24, 0, 1)[0])  # local head
+    np.testing.assert_array_equal(dense[1], np.tril(np.ones((t, t), bool)))  # retrieval head, dense prefill
+
+
+def test_padding_rows_match_unpadded_runs(model):
+    params, indexer, tokens, _ = model
+    sp = sparse(top_p=0.6, prefill_mode="indexer")
+    lengths = jnp.asarray([141, 90])
+    padded = tokens.at[1, 90:].set(5)
+    out = apply(params, padded, CFG, mode="rtpurbo", sparse=sp, indexer=indexer, lengths=lengths)
+    alone = apply(params, tokens[1:, :90], CFG, mode="rtpurbo", sparse=sp, indexer=indexer)
+    np.testing.assert_allclose(out[1, :90], alone[0], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(out[0], apply(params, tokens[:1], CFG, mode="rtpurbo", sparse=sp, indexer=indexer)[0],
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_nnx_shell_matches_pure_apply(model):
+    params, indexer, tokens, _ = model
+    sp = sparse(top_p=0.5, prefill_mode="indexer")
+    lm = CausalLM(CFG, params, sp, indexer)
+    np.testing.assert_array_equal(lm(tokens, mode="rtpurbo"),
+                                  apply(params, tokens, CFG, mode="rtpurbo", sparse=sp, indexer=indexer))
+
+
+def test_kv_granularity():
+    kv_roles = roles_to_kv_granularity(ROLES, 2)
+    np.testing.assert_array_equal(kv_roles, [[1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]])
+    sparse(roles=kv_roles, granularity="kv").check_model(2, 6, 2)
+    with pytest.raises(ValueError, match="GQA group"):
+        sparse(granularity="kv").check_model(2, 6, 2)
+    with pytest.raises(ValueError, match="2 layers x 6"):
+        sparse(roles=np.ones((3, 6), int)).check_model(2, 6, 2)
+
+
+def test_config_round_trips_and_validation():
+    sp = sparse(top_p=0.8, max_blocks=7)
+    assert SparseConfig.from_dict(sp.to_dict()) == sp
+    hw = sp.to_headwise()
+    assert hw["sink_token_num"] == 4 and hw["swa_token_num"] == 24 and hw["1"] == [0, 0, 0, 0, 1, 1]
+    back = SparseConfig.from_headwise(hw, kv_block=16, q_block=32, index_dim=4, top_p=0.8, max_blocks=7)
+    assert back == sp
+    for bad in (dict(top_p=0.0), dict(top_p=1.01), dict(granularity="group"), dict(prefill_mode="sparse"),
+                dict(roles=[[0, 2]]), dict(window=0)):
+        with pytest.raises(ValueError):
+            sparse(**bad)
+    with pytest.raises(ValueError, match="unknown SparseConfig fields"):
+        SparseConfig.from_dict({**sp.to_dict(), "windw": 3})
+
+
+def test_mode_errors(model):
+    params, _, tokens, _ = model
+    with pytest.raises(ValueError, match="mode must be"):
+        apply(params, tokens, CFG, mode="sparse")
+    with pytest.raises(ValueError, match="needs indexer weights"):
+        apply(params, tokens, CFG, mode="rtpurbo", sparse=sparse(prefill_mode="indexer"))
+
+
+@pytest.mark.slow
+def test_smollm2_rtpurbo_at_4k(smollm2):
+    """The real model in rtpurbo mode at 4K tokens on CPU; positions inside the window equal full attention."""
+    cfg, params, tok = smollm2
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(100, 40000, size=(1, 4096)))
+    roles = np.zeros((cfg.num_layers, cfg.num_heads), int)
+    roles[rng.random(roles.shape) < 0.15] = 1
+    sp = SparseConfig(roles=roles, window=512, seqlen_threshold=0)
+    out = jax.jit(lambda p, t: apply(p, t, cfg, mode="rtpurbo", sparse=sp))(params, tokens)
+    assert out.shape == (1, 4096, cfg.vocab_size) and np.isfinite(np.asarray(out[0, -8:])).all()
+    ref = forward(params, tokens[:, :512], cfg)
+    np.testing.assert_allclose(out[0, :512], ref[0], atol=1e-3 * np.abs(np.asarray(ref)).max())
