@@ -1,8 +1,10 @@
-"""CLI: `python -m convert --model PATH --out DIR [--dtype auto] [--overwrite]`.
+"""CLI: `python -m convert --model PATH --out DIR [calibration flags] [--overwrite]`.
 
 PATH is a Hugging Face checkpoint directory (config.json + safetensors / sharded safetensors / pytorch .bin)
 or a .gguf file; `--model smollm2` names the bundled SmolLM2-135M-Instruct. Writes an Orbax checkpoint plus
-`rtpurbo.json` into DIR atomically (a temporary sibling renamed at the end).
+`rtpurbo.json` into DIR atomically (a temporary sibling renamed at the end). Unless `--no-calibrate`, it
+first finds the retrieval heads (`convert.calibrate`) and writes their roles into `rtpurbo.json` (as a
+SparseConfig and as RTP-LLM's `headwise_config`) with `calibration.json` / `calibration.png` beside it.
 """
 
 from __future__ import annotations
@@ -11,10 +13,16 @@ import argparse
 import sys
 import time
 
+
+import jax
+import jax.numpy as jnp
+
 from convert.bundled import smollm2_gguf
+from convert.calibrate import CalibConfig, calibrate_model, write_report
 from convert.errors import ConversionError
 from convert.load import DTYPES, load_source
 from rtpurbo_jax.checkpoint import save_converted
+from rtpurbo_jax.sparse_config import SparseConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,22 +32,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="param dtype (default: the source's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    c = p.add_argument_group("retrieval-head calibration")
+    c.add_argument("--no-calibrate", action="store_true", help="skip calibration (no roles are written)")
+    c.add_argument("--retrieval-ratio", type=float, default=0.15, help="fraction of query heads (0, 1]")
+    c.add_argument("--retrieval-heads", type=int, default=None, help="exact number of retrieval query heads")
+    c.add_argument("--role-granularity", choices=["query", "kv"], default="query",
+                   help="query: roles per query head (the paper); kv: whole GQA groups (real KV-cache savings)")
+    c.add_argument("--per-layer", action="store_true", help="rank heads within each layer instead of globally")
+    c.add_argument("--calib-len", type=int, default=None, help="tokens per document (default min(4096, positions))")
+    c.add_argument("--calib-docs", type=int, default=4, help="documents to average over")
+    c.add_argument("--needle-len", type=int, default=64, help="tokens in the repeated needle span")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--window", type=int, default=None,
+                   help="local window (default: min(8192, positions // 16), e.g. 512 for an 8K model)")
+    c.add_argument("--sinks", type=int, default=4)
     return p
+
+
+def default_window(max_positions: int) -> int:
+    """The paper's 8192-token window, scaled down for short models: min(8192, positions // 16), >= 64."""
+    return max(64, min(8192, max_positions // 16))
+
+
+def run_calibration(params, cfg, tokenizer, args, log=print):
+    """(SparseConfig, report) for the converted params."""
+    window = args.window or default_window(cfg.max_position_embeddings)
+    calib = CalibConfig(ratio=args.retrieval_ratio, num_retrieval=args.retrieval_heads,
+                        granularity=args.role_granularity, per_layer=args.per_layer,
+                        calib_len=args.calib_len or min(4096, cfg.max_position_embeddings),
+                        calib_docs=args.calib_docs, needle_len=args.needle_len, seed=args.seed, window=window, sinks=args.sinks)
+    calib.validate(cfg)
+    if tokenizer is None:
+        log("[calibrate] warning: the source has no tokenizer; calibrating on random-token documents")
+    log(f"[calibrate] {calib.calib_docs} documents x {calib.calib_len} tokens, {calib.granularity} granularity")
+    t0 = time.time()
+    jparams = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    report = calibrate_model(jparams, cfg, calib, tokenizer, progress=lambda i, n: log(
+        f"[calibrate] document {i}/{n} ({time.time() - t0:.0f}s, {i * calib.calib_len / (time.time() - t0):.0f} tok/s)"))
+    sparse = SparseConfig(roles=report["roles"], sinks=args.sinks, window=window,
+                          seqlen_threshold=min(16384, 2 * window), granularity=args.role_granularity)
+    log(f"[calibrate] {report['num_retrieval']}/{report['total_heads']} retrieval heads; stability (top-k overlap "
+        f"across docs) {report['stability']['pairwise_topk_overlap']}; agreement with long-range score "
+        f"{report['agreement']['topk_overlap']:.2f}")
+    return sparse, report
 
 
 def resolve_model_path(model: str) -> str:
     return smollm2_gguf() if model == "smollm2" else model
 
 
-def convert(model: str, out: str, dtype: str = "auto", overwrite: bool = False, log=print) -> str:
-    """Convert `model` into `out`; returns the output path."""
+def convert(model: str, out: str, dtype: str = "auto", overwrite: bool = False, log=print, args=None) -> str:
+    """Convert `model` into `out` (calibrating unless args.no_calibrate); returns the output path."""
+    args = args or build_parser().parse_args(["--model", model, "--out", out, "--no-calibrate"])
     t0 = time.time()
     path = resolve_model_path(model)
     log(f"[convert] reading {path}")
     cfg, params, tokenizer = load_source(path, dtype)
     log(f"[convert] {cfg.model_type}: {cfg.num_layers} layers, {cfg.num_heads} q / {cfg.num_kv_heads} kv heads, "
         f"head_dim {cfg.head_dim} ({time.time() - t0:.1f}s)")
-    out = save_converted(out, params, cfg, tokenizer=tokenizer, source=path, overwrite=overwrite)
+    sparse, report, extra = None, None, {}
+    if not args.no_calibrate:
+        sparse, report = run_calibration(params, cfg, tokenizer, args, log)
+        extra["headwise_config"] = sparse.to_headwise()
+    out = save_converted(out, params, cfg, tokenizer=tokenizer, source=path, overwrite=overwrite,
+                         sparse_config=None if sparse is None else sparse.to_dict(), extra=extra,
+                         write_extra_files=None if report is None else lambda d: write_report(report, d))
     log(f"[convert] wrote {out} ({time.time() - t0:.1f}s)")
     return out
 
@@ -47,8 +104,8 @@ def convert(model: str, out: str, dtype: str = "auto", overwrite: bool = False, 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        convert(args.model, args.out, args.dtype, args.overwrite)
-    except (ConversionError, FileExistsError, FileNotFoundError) as e:
+        convert(args.model, args.out, args.dtype, args.overwrite, args=args)
+    except (ConversionError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
