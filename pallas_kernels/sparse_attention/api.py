@@ -1,0 +1,71 @@
+"""Public API: block-sparse attention over a BlockPlan with an explicit backend choice.
+
+backend: "reference" (pure jnp, any platform) | "triton" (Pallas Triton lowering, GPU; portable) |
+"mosaic_tpu" (Pallas Mosaic TPU). None picks the best available for the default device and logs the choice;
+a named backend that cannot run raises, saying why. No silent fallback.
+`interpret=True` runs a Pallas backend in interpret mode (CPU tests).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.block_plan import BlockPlan, cdiv
+from pallas_kernels.sparse_attention import reference
+
+log = logging.getLogger(__name__)
+BACKENDS = ("reference", "triton", "mosaic_tpu")
+
+
+def default_backend(platform: str | None = None) -> str:
+    platform = platform or jax.default_backend()
+    return {"gpu": "triton", "cuda": "triton", "tpu": "mosaic_tpu"}.get(platform, "reference")
+
+
+def _check_backend(backend: str, interpret: bool) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    platform = jax.default_backend()
+    need = {"triton": "gpu", "mosaic_tpu": "tpu"}.get(backend)
+    if need and not interpret and platform != need:
+        raise RuntimeError(f"backend {backend!r} needs a {need.upper()} (default device is {platform}); "
+                           "pass interpret=True to run it in interpret mode, or backend='reference'")
+
+
+def block_sparse_attention(q, k, v, plan: BlockPlan, *, backend: str | None = None, interpret: bool = False,
+                           scale=None, return_lse: bool = False, o_init=None):
+    """Exact attention restricted to `plan` (see `reference.block_sparse_attention` for the contract).
+
+    q [B, T, N, H]; k, v [B, S, K, H] -> out [B, T, N, H] (q.dtype) [, lse fp32 [B, N, T]].
+    Lengths that are not multiples of the plan's blocks are padded here (padded keys lie past kv_len).
+    o_init: an output buffer aliased by Pallas backends (tests poison it with NaNs).
+    """
+    if backend is None:
+        backend = default_backend()
+        log.info("block_sparse_attention: backend=%s (platform %s)", backend, jax.default_backend())
+    _check_backend(backend, interpret)
+    if backend == "reference":
+        return reference.block_sparse_attention(q, k, v, plan, scale=scale, return_lse=return_lse)
+    b, t, n, h = q.shape
+    s = k.shape[1]
+    tp, sp = cdiv(t, plan.q_block) * plan.q_block, cdiv(s, plan.kv_block) * plan.kv_block
+    pad = lambda x, to: jnp.pad(x, ((0, 0), (0, to - x.shape[1]), (0, 0), (0, 0)))
+    q, k, v = pad(q, tp), pad(k, sp), pad(v, sp)
+    if o_init is not None:
+        o_init = pad(o_init, tp)
+    if backend == "triton":
+        from pallas_kernels.sparse_attention.triton import block_sparse_attention_triton
+
+        out, lse = block_sparse_attention_triton(q, k, v, plan, scale=scale, interpret=interpret, o_init=o_init)
+    else:
+        from pallas_kernels.sparse_attention.mosaic_tpu import block_sparse_attention_tpu
+
+        hm = lambda x: jnp.swapaxes(x, 1, 2)
+        out, lse = block_sparse_attention_tpu(hm(q), hm(k), hm(v), plan, scale=scale, interpret=interpret,
+                                              o_init=None if o_init is None else hm(o_init))
+        out, lse = hm(out), lse[..., 0]
+    out, lse = out[:, :t], lse[..., :t]
+    return (out, lse) if return_lse else out

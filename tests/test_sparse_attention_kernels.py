@@ -1,0 +1,91 @@
+"""One suite for every Pallas backend of block-sparse attention, in interpret mode on CPU, against the
+reference. Outputs are NaN-poisoned (aliased buffers) so unwritten rows fail. bf16 tolerances are derived:
+kernel error <= 2 x the bf16 reference's own error (vs the fp32 reference) + a small floor."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.block_plan import band_plan, cdiv, plan_from_selection
+from pallas_kernels.sparse_attention.api import block_sparse_attention
+
+BACKENDS = ["triton", "mosaic_tpu"]
+#        b,  t,   s,  n, kh,   h, qb, kb, q_off, plan
+CASES = [(1, 64, 64, 4, 4, 64, 16, 16, 0, "full"),
+         (2, 33, 33, 8, 1, 128, 16, 16, 0, "random"),
+         (1, 63, 65, 4, 1, 64, 16, 32, 2, "random"),
+         (2, 17, 129, 4, 1, 64, 16, 64, 112, "one"),
+         (1, 48, 48, 4, 2, 64, 16, 16, 0, "empty"),
+         (1, 97, 97, 6, 3, 64, 32, 16, 0, "band")]
+
+
+def make_plan(rng, kind, b, n, t, s, qb, kb, off):
+    tb, sb = cdiv(t, qb), cdiv(s, kb)
+    if kind == "band":
+        return band_plan(b, n, t, s, sinks=4, window=20, q_block=qb, kv_block=kb, q_offset=off)
+    sel = {"full": np.ones((b, n, tb, sb), bool), "empty": np.zeros((b, n, tb, sb), bool),
+           "random": rng.random((b, n, tb, sb)) < 0.4}.get(kind)
+    if kind == "one":
+        sel = np.zeros((b, n, tb, sb), bool)
+        sel[..., rng.integers(0, sb)] = True
+    return plan_from_selection(jnp.asarray(sel), sinks=rng.integers(0, 3, n), window=rng.integers(8, s + 8, n),
+                               kv_len=rng.integers(max(1, s - 20), s + 1, b), q_block=qb, kv_block=kb, q_offset=off)
+
+
+def run_case(backend, case, dtype):
+    b, t, s, n, kh, h, qb, kb, off, kind = case
+    rng = np.random.default_rng(hash(case) % 2**32)
+    q, k, v = (rng.normal(size=shape).astype(np.float32) for shape in ((b, t, n, h), (b, s, kh, h), (b, s, kh, h)))
+    plan = make_plan(rng, kind, b, n, t, s, qb, kb, off)
+    ref32, lse32 = block_sparse_attention(*map(jnp.asarray, (q, k, v)), plan, backend="reference", return_lse=True)
+    args = [jnp.asarray(x, dtype) for x in (q, k, v)]
+    poison = jnp.full(args[0].shape, jnp.nan, dtype)
+    out, lse = block_sparse_attention(*args, plan, backend=backend, interpret=True, return_lse=True, o_init=poison)
+    assert not np.isnan(np.asarray(out, np.float32)).any(), "kernel left output rows unwritten"
+    if dtype == jnp.float32:
+        tol = 2e-5
+    else:
+        ref_lp = block_sparse_attention(*args, plan, backend="reference")
+        tol = 2 * float(jnp.abs(ref_lp.astype(jnp.float32) - ref32).max()) + 1e-3
+    err = float(jnp.abs(out.astype(jnp.float32) - ref32).max())
+    assert err <= tol, f"max error {err:.3e} > derived tolerance {tol:.3e}"
+    fin = np.isfinite(np.asarray(lse32))
+    np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), fin)
+    np.testing.assert_allclose(np.asarray(lse)[fin], np.asarray(lse32)[fin], atol=20 * tol)
+    if kind == "empty":
+        assert np.all(np.asarray(out) == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[-1]}-t{c[1]}-s{c[2]}-g{c[3] // c[4]}-h{c[5]}" for c in CASES])
+def test_bf16_matches_reference(backend, case):
+    run_case(backend, case, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES[1:3], ids=["odd-gqa8", "edges"])
+def test_fp32_matches_reference(backend, case):
+    run_case(backend, case, jnp.float32)
+
+
+def test_tpu_kernel_lowers_for_tpu():
+    """The Mosaic TPU backend lowers to a TPU module from CPU (jax.export), bf16, 128-row tiles."""
+    from pallas_kernels.sparse_attention.mosaic_tpu import block_sparse_attention_tpu
+
+    q = jax.ShapeDtypeStruct((1, 8, 512, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 2, 512, 128), jnp.bfloat16)
+    plan = band_plan(1, 8, 512, 512, sinks=4, window=256, q_block=128, kv_block=128)
+    exp = jax.export.export(jax.jit(block_sparse_attention_tpu), platforms=["tpu"])(q, kv, kv, plan)
+    assert "tpu_custom_call" in exp.mlir_module()
+
+
+def test_named_backend_that_cannot_run_raises():
+    plan = band_plan(1, 2, 16, 16, sinks=0, window=16, q_block=16, kv_block=16)
+    x = jnp.ones((1, 16, 2, 64))
+    with pytest.raises(RuntimeError, match="needs a GPU"):
+        block_sparse_attention(x, x, x, plan, backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        block_sparse_attention(x, x, x, plan, backend="cuda")
