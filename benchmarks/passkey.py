@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert.calibrate import CalibConfig, calibrate_model
+from convert.calibrate import CalibConfig, calibrate_model, head_count, select_roles
 from convert.corpus import text_tokens
 from rtpurbo_jax.kv_memory import kv_cache_bytes
 from rtpurbo_jax.model import forward, logits_from_hidden
@@ -70,17 +70,18 @@ def greedy(params, prompts, roles, cfg: ModelConfig, sparse: SparseConfig):
 def run(args) -> dict:
     from convert import load_source
 
-    cfg, params, tok = load_source(args.model, dtype="float32")
+    cfg, params, tok = load_source(args.model, dtype=args.dtype)
     params = jax.tree.map(jnp.asarray, params)
     t0 = time.time()
-    reports = {}
-    for gran in ("query", "kv"):
-        calib = CalibConfig(ratio=args.ratio, granularity=gran, calib_len=args.calib_len, calib_docs=args.calib_docs,
-                            window=512, seed=args.seed)
-        reports[gran] = calibrate_model(params, cfg, calib, tok)
-        print(f"[passkey] calibrated ({gran}): {reports[gran]['num_retrieval']} heads, {time.time() - t0:.0f}s",
-              flush=True)
-    calibrated = np.asarray(reports["query"]["roles"], bool)
+    calib = CalibConfig(ratio=args.ratio, calib_len=args.calib_len, calib_docs=args.calib_docs, window=512,
+                        seed=args.seed)
+    report = calibrate_model(params, cfg, calib, tok,
+                             progress=lambda i, n: print(f"[passkey] calibration doc {i}/{n} ({time.time() - t0:.0f}s)",
+                                                         flush=True))
+    calibrated = np.asarray(report["roles"], bool)
+    kv_roles = select_roles(np.asarray(report["needle_score"]), head_count(args.ratio, calibrated.size), "kv",
+                            cfg.group_size, False)
+    print(f"[passkey] calibrated: {calibrated.sum()} heads (kv: {kv_roles.sum()}), {time.time() - t0:.0f}s", flush=True)
     rng = np.random.default_rng(args.seed + 1)
     random_roles = np.zeros(calibrated.size, bool)
     random_roles[rng.choice(calibrated.size, int(calibrated.sum()), replace=False)] = True
@@ -88,7 +89,7 @@ def run(args) -> dict:
     configs = [("full", np.ones_like(calibrated), 512)]
     for w in args.windows:
         configs += [(f"calibrated_w{w}", calibrated, w), (f"random_w{w}", random_roles, w),
-                    (f"calibrated_kv_w{w}", np.asarray(reports["kv"]["roles"], bool), w)]
+                    (f"calibrated_kv_w{w}", kv_roles, w)]
     results = {name: {} for name, _, _ in configs}
     for length in args.lengths:
         keys = [f"{k:05d}" for k in np.random.default_rng(length).integers(10000, 100000, args.prompts)]
@@ -112,10 +113,11 @@ def run(args) -> dict:
     return {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
             "date": datetime.date.today().isoformat(), "model": os.path.basename(args.model),
             "retrieval_heads": int(calibrated.sum()), "total_heads": int(calibrated.size),
-            "roles_query": calibrated.astype(int).tolist(), "roles_kv": reports["kv"]["roles"],
-            "random_roles": random_roles.astype(int).tolist(), "calibration": {
-                g: {k: reports[g][k] for k in ("stability", "agreement", "calib", "needle_score", "longrange_score")}
-                for g in reports}, "results": results}
+            "dtype": args.dtype, "roles_query": calibrated.astype(int).tolist(),
+            "roles_kv": kv_roles.astype(int).tolist(), "random_roles": random_roles.astype(int).tolist(),
+            "calibration": {k: report[k] for k in ("stability", "agreement", "calib", "needle_score",
+                                                    "needle_score_per_doc", "longrange_score")},
+            "results": results}
 
 
 def plot(res: dict, path: str) -> None:
@@ -155,6 +157,7 @@ def main(argv=None):
     p.add_argument("--calib-len", type=int, default=8192)
     p.add_argument("--calib-docs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
     p.add_argument("--out", default="benchmarks/results/passkey_smollm2")
     args = p.parse_args(argv)
     args.model = args.model or smollm2_gguf()
