@@ -51,15 +51,19 @@ def build_prompt(tok, length: int, key: str, depth: float, seed: int) -> np.ndar
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sparse"))
-def greedy(params, prompts, roles, cfg: ModelConfig, sparse: SparseConfig):
-    """int32 [B, GEN_TOKENS] greedy continuation, recomputing a fixed-size buffer (no cache; causal)."""
+def greedy(params, prompts, roles, cfg: ModelConfig, sparse: SparseConfig, w_q=None, w_k=None):
+    """int32 [B, GEN_TOKENS] greedy continuation, recomputing a fixed-size buffer (no cache; causal).
+
+    w_q, w_k: indexer [L, N, H, I] for prefill_mode="indexer" (default zeros: unused in dense mode)."""
     b, t = prompts.shape
     buf = jnp.concatenate([prompts, jnp.zeros((b, GEN_TOKENS), prompts.dtype)], axis=1)
     zeros = jnp.zeros((cfg.num_layers, cfg.num_heads, cfg.head_dim, sparse.index_dim), jnp.float32)
+    w_q = zeros if w_q is None else w_q
+    w_k = zeros if w_k is None else w_k
     attn = rtpurbo_attn_fn(sparse)
 
     def step(i, buf):
-        h = forward(params, buf, cfg, attn_fn=attn, layer_data=(roles, zeros, zeros), return_hidden=True)
+        h = forward(params, buf, cfg, attn_fn=attn, layer_data=(roles, w_q, w_k), return_hidden=True)
         last = jax.lax.dynamic_slice_in_dim(h, t + i - 1, 1, axis=1)
         nxt = logits_from_hidden(params, last, cfg).argmax(-1).astype(buf.dtype)
         return jax.lax.dynamic_update_slice_in_dim(buf, nxt, t + i, axis=1)

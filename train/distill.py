@@ -1,0 +1,344 @@
+"""`python -m train.distill`: stage-1 indexer distillation (RTPurbo §5), sharded and resumable.
+
+Backbone frozen; only the retrieval heads' indexer maps train, by forward KL to each head's own attention
+(`train.objective`). With no flags it runs the embedded default on CPU: SmolLM2-135M (converted and
+calibrated into the run directory on first use), 512-token windows of the bundled corpus, a few dozen steps,
+then prints recall and pass-key accuracy before and after.
+
+Outputs under --run-dir: config.json (resolved), converted/ (when converting), checkpoints/<step>/ (Orbax,
+atomic, keep-K), metrics.jsonl, curves.png, indexer/ (final [L, N, H, I] maps, Orbax).
+Pod use: gcloud compute tpus tpu-vm ssh NAME --worker=all --command "python -m train.distill --model DIR ..."
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from rtpurbo_jax.checkpoint import CheckpointError, load_converted, write_params
+from rtpurbo_jax.model import forward
+from rtpurbo_jax.params import param_shardings
+from rtpurbo_jax.sparse_config import SparseConfig
+from train.data import PackedWindows
+from train.objective import INITS, gather_heads, init_indexer, kl_loss, recall_metrics, scatter_indexer
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    model: str = "smollm2"  # converted dir, HF dir, .gguf, or smollm2 (bundled)
+    run_dir: str = "runs/distill-smollm2"
+    data: str = "kjv"  # kjv (bundled), a .txt, a dir of .txt, a .jsonl, or a .npy of token ids
+    seq_len: int = 512
+    batch: int = 1  # global batch (sequences per step)
+    steps: int = 30
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    index_dim: int = 16
+    init: str = "rope_lowfreq"
+    top_p: float = 0.9
+    kv_block: int = 64
+    chunk: int = 256
+    mesh: str = "-1,1"  # data,model sizes; -1 fills
+    log_every: int = 5
+    ckpt_every: int = 10
+    keep: int = 2
+    resume: bool = False
+    seed: int = 0
+    calib_len: int = 2048  # when converting on first use
+    eval_passkey: int = 4  # prompts for the before/after pass-key check (0 skips)
+    eval_len: int = 1024
+    stop_at: int | None = None  # stop after this step (a preemption stand-in; --resume continues)
+    skip_distributed: bool = False
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    def validate(self, max_positions: int | None = None):
+        if self.steps < 1 or self.batch < 1 or self.seq_len < 2 or self.log_every < 1 or self.ckpt_every < 1:
+            raise ValueError("--steps, --batch, --log-every, --ckpt-every must be >= 1 and --seq-len >= 2")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.init not in INITS:
+            raise ValueError(f"--init must be one of {INITS}, got {self.init!r}")
+        if self.lr <= 0 or self.warmup < 0 or self.index_dim < 1:
+            raise ValueError("--lr must be > 0, --warmup >= 0, --index-dim >= 1")
+        if max_positions is not None and self.seq_len > max_positions:
+            raise ValueError(f"--seq-len {self.seq_len} exceeds the model's {max_positions} positions")
+
+
+def parse_args(argv=None) -> DistillConfig:
+    p = argparse.ArgumentParser(prog="python -m train.distill", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(DistillConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action="store_true")
+        else:
+            typ = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
+            p.add_argument(flag, type=typ, default=f.default)
+    return DistillConfig(**vars(p.parse_args(argv)))
+
+
+def log0(*a):
+    if jax.process_index() == 0:
+        print(*a, flush=True)
+
+
+def init_distributed(c: DistillConfig):
+    """jax.distributed.initialize before any device use: explicit coordinator flags, automatic on TPU pods."""
+    if c.skip_distributed:
+        return
+    if c.coordinator:
+        jax.distributed.initialize(c.coordinator, c.num_processes, c.process_id)
+    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
+        jax.distributed.initialize()
+
+
+def prepare_model(c: DistillConfig):
+    """A converted checkpoint with roles: `c.model` itself, or converted + calibrated into run_dir/converted."""
+    if os.path.exists(os.path.join(c.model, "rtpurbo.json")):
+        path = c.model
+    else:
+        path = os.path.join(c.run_dir, "converted")
+        if not os.path.exists(os.path.join(path, "rtpurbo.json")):
+            from convert.__main__ import build_parser, convert
+
+            if jax.process_index() == 0:
+                args = build_parser().parse_args(["--model", c.model, "--out", path, "--calib-len",
+                                                  str(c.calib_len), "--calib-docs", "2", "--seed", str(c.seed)])
+                convert(c.model, path, log=log0, args=args)
+    ckpt = load_converted(path)
+    if not ckpt.meta.get("sparse_config"):
+        raise CheckpointError(f"{path} has no retrieval-head roles; convert it with calibration "
+                              "(python -m convert without --no-calibrate)")
+    return ckpt, SparseConfig.from_dict(ckpt.meta["sparse_config"])
+
+
+def make_mesh(spec: str):
+    """Mesh (data, model) from 'D,M' (-1 fills with all devices); a smaller mesh uses the first D·M devices."""
+    try:
+        d, m = (int(x) for x in spec.split(","))
+    except ValueError as e:
+        raise ValueError(f"--mesh must be 'data,model' sizes like -1,1 or 4,2; got {spec!r}") from e
+    n = jax.device_count()
+    if d == -1:
+        d = n // m
+    if m == -1:
+        m = n // d
+    if d < 1 or m < 1 or d * m > n:
+        raise ValueError(f"--mesh {spec} needs {d}x{m} devices but {n} are present")
+    auto = jax.sharding.AxisType.Auto  # the frozen backbone runs under GSPMD propagation
+    devs = np.asarray(jax.devices()[: d * m]).reshape(d, m)
+    return jax.sharding.Mesh(devs, ("data", "model"), axis_types=(auto, auto))
+
+
+def make_teacher(cfg, heads):
+    """tokens -> per retrieval head q, k (post-RoPE) and q_pre, k_pre, each [R, B, T, H]; no gradient."""
+
+    def teacher(params, tokens):
+        _, col = forward(params, tokens, cfg, collect=("q", "k", "q_pre", "k_pre"), return_hidden=True)
+        return jax.lax.stop_gradient(gather_heads(col, heads, cfg.group_size))
+
+    return teacher
+
+
+def build_step(cfg, heads, tx, chunk, shardings):
+    """(jitted train step with NamedSharding in/out and donated state, jitted evaluation)."""
+    teacher = make_teacher(cfg, heads)
+
+    def step(state, params, tokens):
+        hx = teacher(params, tokens)
+        loss, grads = jax.value_and_grad(kl_loss)(state["params"], hx, chunk)
+        updates, opt = tx.update(grads, state["opt_state"], state["params"])
+        new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt}
+        return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    def evaluate(train, params, tokens, top_p, kv_block):
+        hx = teacher(params, tokens)
+        return {"loss": kl_loss(train, hx, chunk), **recall_metrics(train, hx, top_p=top_p, kv_block=kv_block)}
+
+    state_sh, params_sh, tok_sh, rep = shardings
+    step_j = jax.jit(step, in_shardings=(state_sh, params_sh, tok_sh), out_shardings=(state_sh, rep),
+                     donate_argnums=(0,))
+    eval_j = jax.jit(evaluate, static_argnums=(3, 4))
+    return step_j, eval_j
+
+
+def passkey_accuracy(ckpt, sparse: SparseConfig, indexer, c: DistillConfig, tok) -> float:
+    """Pass-key accuracy with retrieval heads on indexer top-p plans (prefill_mode=indexer), local heads windowed."""
+    from benchmarks.passkey import build_prompt, greedy
+
+    keys = [f"{k:05d}" for k in np.random.default_rng(c.seed + 7).integers(10000, 100000, c.eval_passkey)]
+    prompts = np.stack([build_prompt(tok, c.eval_len, k, d, 10 ** 6 + i)
+                        for i, (k, d) in enumerate(zip(keys, np.linspace(0.1, 0.9, c.eval_passkey)))])
+    sp = dataclasses.replace(sparse, prefill_mode="indexer", seqlen_threshold=0, top_p=c.top_p,
+                             kv_block=c.kv_block, index_dim=indexer["w_q"].shape[-1])
+    out = greedy(ckpt.params, jnp.asarray(prompts), jnp.asarray(sparse.roles_array), ckpt.model_config, sp,
+                 indexer["w_q"], indexer["w_k"])
+    return float(np.mean([k in tok.decode(o).replace(" ", "") for k, o in zip(keys, np.asarray(out))]))
+
+
+def save_curves(rows: list[dict], path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    train = [r for r in rows if "loss" in r and "recall" not in r]
+    ev = [r for r in rows if "recall" in r]
+    ax[0].plot([r["step"] for r in train], [r["loss"] for r in train])
+    ax[0].set(xlabel="step", ylabel="KL (summed over retrieval heads)", yscale="log")
+    for key, lab in (("recall", "recall @ top-p"), ("selected_frac", "indexer blocks"), ("oracle_frac", "oracle blocks")):
+        ax[1].plot([r["step"] for r in ev], [r[key] for r in ev], marker="o", label=lab)
+    ax[1].set(xlabel="step", ylim=(0, 1.02))
+    ax[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(c: DistillConfig) -> dict:
+    import orbax.checkpoint as ocp
+    from tqdm import tqdm
+
+    c.validate()
+    init_distributed(c)
+    os.makedirs(c.run_dir, exist_ok=True)
+    ckpt, sparse = prepare_model(c)
+    cfg = ckpt.model_config
+    c.validate(cfg.max_position_embeddings)
+    heads = np.argwhere(sparse.roles_array).astype(np.int32)  # [R, 2] (layer, query head)
+    if c.data.endswith(".npy"):  # pre-tokenized ids
+        tok, data = None, PackedWindows(np.load(c.data).astype(np.int32).ravel(), c.seq_len, c.seed)
+    else:
+        tok = ckpt.tokenizer()
+        data = PackedWindows.from_source(c.data, tok, c.seq_len, c.seed)
+    mesh = make_mesh(c.mesh)
+    r = len(heads)
+    head_axis = "model" if r % mesh.shape["model"] == 0 else None
+    rep = NamedSharding(mesh, P())
+    train_sh = {"w_q": NamedSharding(mesh, P(head_axis)), "w_k": NamedSharding(mesh, P(head_axis))}
+    tok_sh = NamedSharding(mesh, P("data" if c.batch % mesh.shape["data"] == 0 else None))
+    params_sh = param_shardings(cfg, mesh)
+    params = jax.device_put(ckpt.params, params_sh)
+    warmup = min(c.warmup, c.steps // 5)  # capped so that short runs still reach the peak learning rate
+    sched = optax.warmup_cosine_decay_schedule(0.0, c.lr, warmup, max(c.steps, warmup + 1), 0.0)
+    tx = optax.chain(optax.clip_by_global_norm(c.grad_clip), optax.adamw(sched, weight_decay=c.weight_decay))
+    pcount, pidx = jax.process_count(), jax.process_index()
+
+    def global_batch(step):
+        return jax.make_array_from_process_local_data(tok_sh, data.batch(step, c.batch, pidx, pcount))
+
+    calib_x = jax.jit(make_teacher(cfg, heads))(params, global_batch(10 ** 6)) if c.init == "pca" else None
+    train0 = init_indexer(c.init, heads, cfg, c.index_dim, jax.random.key(c.seed), calib_x)
+    init_host = jax.device_get(train0)  # the step donates its state: keep the initial maps for the "before" eval
+    opt0 = tx.init(train0)
+    state_sh = {"params": train_sh, "opt_state": jax.tree.map(lambda _: rep, opt0)}
+    state = jax.device_put({"params": train0, "opt_state": opt0}, state_sh)
+    step_j, eval_j = build_step(cfg, heads, tx, c.chunk, (state_sh, params_sh, tok_sh, rep))
+
+    mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(c.run_dir, "checkpoints")),
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=c.keep, save_interval_steps=c.ckpt_every))
+    start = 0
+    metrics_path = os.path.join(c.run_dir, "metrics.jsonl")
+    if c.resume and mngr.latest_step() is not None:
+        start = mngr.latest_step()
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+                                state_sh)
+        state = mngr.restore(start, args=ocp.args.StandardRestore(abstract))
+        log0(f"[distill] resumed from step {start}")
+    elif mngr.latest_step() is not None:
+        raise FileExistsError(f"{c.run_dir}/checkpoints already holds step {mngr.latest_step()}; pass --resume "
+                              "to continue it or choose another --run-dir")
+    if pidx == 0:
+        with open(os.path.join(c.run_dir, "config.json"), "w") as f:
+            json.dump({**dataclasses.asdict(c), "retrieval_heads": r, "devices": jax.device_count(),
+                       "mesh": dict(mesh.shape)}, f, indent=1)
+        if start == 0 and os.path.exists(metrics_path):
+            os.remove(metrics_path)
+
+    eval_tokens = global_batch(10 ** 6 + 1)  # a fixed window, also used before and after
+
+    def evaluate(step, train):
+        m = {k: float(v) for k, v in eval_j(train, params, eval_tokens, c.top_p, c.kv_block).items()}
+        return {"step": step, **m}
+
+    rows = []
+    before = evaluate(start, state["params"])
+    log0(f"[distill] {r} retrieval heads, index_dim {c.index_dim}, init {c.init}, mesh {dict(mesh.shape)}; "
+         f"before: loss {before['loss']:.4f} recall {before['recall']:.3f} "
+         f"blocks {before['selected_frac']:.3f} (oracle {before['oracle_frac']:.3f})")
+    rows.append(before)
+    bar = tqdm(range(start, c.steps), disable=pidx != 0, desc="distill", dynamic_ncols=True)
+    t0, toks = time.time(), 0
+    for step in bar:
+        if c.stop_at is not None and step >= c.stop_at:
+            log0(f"[distill] stopping at step {step} (--stop-at); continue with --resume")
+            break
+        state, m = step_j(state, params, global_batch(step))
+        toks += c.batch * c.seq_len
+        if (step + 1) % c.log_every == 0 or step + 1 == c.steps:
+            row = {"step": step + 1, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                   "tokens_per_s": toks / (time.time() - t0)}
+            rows.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        mngr.save(step + 1, args=ocp.args.StandardSave(state))
+        if (step + 1) % c.ckpt_every == 0 or step + 1 == c.steps:
+            rows.append(evaluate(step + 1, state["params"]))
+        if pidx == 0:
+            with open(metrics_path, "a") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+        rows = []
+    mngr.wait_until_finished()
+    if c.stop_at is not None and c.stop_at < c.steps:
+        return {"stopped_at": c.stop_at}
+    after = evaluate(c.steps, state["params"])
+    indexer = scatter_indexer(jax.device_get(state["params"]), heads, cfg)
+    if pidx == 0:
+        out = os.path.join(c.run_dir, "indexer")
+        if os.path.exists(out):
+            import shutil
+            shutil.rmtree(out)
+        write_params(out, indexer)
+        history = [json.loads(l) for l in open(metrics_path)] if os.path.exists(metrics_path) else []
+        save_curves([before] + history, os.path.join(c.run_dir, "curves.png"))
+    summary = {"before": before, "after": after, "retrieval_heads": r}
+    log0(f"[distill] after {c.steps} steps: loss {after['loss']:.4f} recall {after['recall']:.3f} "
+         f"blocks {after['selected_frac']:.3f} (oracle {after['oracle_frac']:.3f})")
+    if c.eval_passkey and tok is not None and c.eval_len <= cfg.max_position_embeddings:
+        init_ix = scatter_indexer(init_host, heads, cfg)
+        summary["passkey_before"] = passkey_accuracy(ckpt, sparse, init_ix, c, tok)
+        summary["passkey_after"] = passkey_accuracy(ckpt, sparse, indexer, c, tok)
+        log0(f"[distill] pass-key accuracy at {c.eval_len} tokens (indexer top-p {c.top_p} on retrieval heads, "
+             f"window {sparse.window}): before {summary['passkey_before']:.2f}, after {summary['passkey_after']:.2f}")
+    if pidx == 0:
+        with open(os.path.join(c.run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    return summary
+
+
+def main(argv=None) -> int:
+    try:
+        run(parse_args(argv))
+    except (ValueError, FileExistsError, FileNotFoundError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
