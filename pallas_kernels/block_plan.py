@@ -158,3 +158,13 @@ def band_plan(batch: int, num_heads: int, q_len: int, kv_len: int, *, sinks, win
     kv_len_arr = kv_len if lengths is None else lengths
     return plan_from_selection(sel, sinks=sinks, window=window, kv_len=kv_len_arr, q_block=q_block,
                                kv_block=kv_block, q_offset=q_offset, max_blocks=m)
+
+
+def kernel_plan_args(plan: BlockPlan, q_len: int, kv_len: int) -> tuple[jax.Array, ...]:
+    """Flattened int32 (kv_blocks, counts, sinks, window, kv_len) for a Pallas kernel, after checking that the
+    lengths are whole blocks (the kernels assume it; `sparse_attention.api` pads)."""
+    if q_len % plan.q_block or kv_len % plan.kv_block:
+        raise ValueError(f"T={q_len} and S={kv_len} must be multiples of q_block={plan.q_block} / "
+                         f"kv_block={plan.kv_block} (sparse_attention.api pads)")
+    return tuple(x.reshape(-1).astype(jnp.int32)
+                 for x in (plan.kv_blocks, plan.counts, plan.sinks, plan.window, plan.kv_len))

@@ -20,7 +20,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.block_plan import BlockPlan
+from pallas_kernels.block_plan import BlockPlan, kernel_plan_args
 
 _NEG = -1e30
 
@@ -71,12 +71,9 @@ def block_sparse_attention_tpu(q_hm, k_hm, v_hm, plan: BlockPlan, *, scale=None,
     b, n, t, h = q_hm.shape
     kh, s = k_hm.shape[1], k_hm.shape[2]
     bq, bk = plan.q_block, plan.kv_block
-    if t % bq or s % bk:
-        raise ValueError(f"T={t} and S={s} must be multiples of q_block={bq} / kv_block={bk} (api.py pads)")
+    prefetch = kernel_plan_args(plan, t, s)
     tb, m_max, g = t // bq, plan.kv_blocks.shape[-1], n // kh
     scale = h ** -0.5 if scale is None else scale
-    flat = lambda x: x.reshape(-1).astype(jnp.int32)
-    prefetch = (flat(plan.kv_blocks), flat(plan.counts), flat(plan.sinks), flat(plan.window), flat(plan.kv_len))
 
     def kv_map(bi, ni, ti, ji, blocks, *_):
         return bi, lax.div(ni, g), blocks[((bi * n + ni) * tb + ti) * m_max + ji], 0  # lax.div: no sign op on TPU

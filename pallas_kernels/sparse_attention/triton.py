@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.block_plan import BlockPlan
+from pallas_kernels.block_plan import BlockPlan, kernel_plan_args
 
 _NEG = -1e30  # finite "minus infinity": exp2 of (_NEG - m) underflows to 0 without NaNs
 
@@ -73,16 +73,13 @@ def block_sparse_attention_triton(q, k, v, plan: BlockPlan, *, scale=None, num_w
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     bq, bk = plan.q_block, plan.kv_block
-    if t % bq or s % bk:
-        raise ValueError(f"T={t} and S={s} must be multiples of q_block={bq} / kv_block={bk} (api.py pads)")
+    plan_args = kernel_plan_args(plan, t, s)
     tb, m_max = t // bq, plan.kv_blocks.shape[-1]
     g = n // kh
     scale = h ** -0.5 if scale is None else scale
     kernel = functools.partial(_kernel, scale=scale, q_block=bq, kv_block=bk, q_offset=plan.q_offset,
                                num_heads=n, num_tiles=tb, m_max=m_max)
-    flat = lambda x: x.reshape(-1).astype(jnp.int32)
     whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
-    plan_args = (flat(plan.kv_blocks), flat(plan.counts), flat(plan.sinks), flat(plan.window), flat(plan.kv_len))
     in_specs = [whole(a) for a in plan_args] + [
         pl.BlockSpec((None, bq, None, h), lambda ti, bi, ni: (bi, ti, ni, 0)),
         pl.BlockSpec((None, s, None, h), lambda ti, bi, ni: (bi, 0, ni // g, 0)),
