@@ -78,9 +78,9 @@ def _checkpointer():
 
 
 def write_params(path: str, params: dict) -> None:
-    """Save a params pytree with Orbax at `path` (must not exist); blocks until written."""
+    """Save a params pytree with Orbax at `path` (must not exist; relative paths are fine); blocks until written."""
     ckpt = _checkpointer()
-    ckpt.save(path, jax.tree.map(jnp.asarray, params))
+    ckpt.save(os.path.abspath(path), jax.tree.map(jnp.asarray, params))
     ckpt.wait_until_finished()
     ckpt.close()
 

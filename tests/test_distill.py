@@ -55,6 +55,13 @@ def test_loss_falls_and_recall_rises(tiny, tmp_path):
     assert cfg["retrieval_heads"] == 2 and cfg["steps"] == 30
 
 
+def test_relative_run_dir(tiny, tmp_path, monkeypatch):
+    """The README runs with a relative --run-dir: every writer must accept it."""
+    monkeypatch.chdir(tmp_path)
+    run(parse_args(flags(tiny, "runs/rel", "--steps", "2")))
+    assert (tmp_path / "runs" / "rel" / "indexer").is_dir() and (tmp_path / "runs" / "rel" / "summary.json").exists()
+
+
 def test_resume_gives_the_same_losses(tiny, tmp_path):
     full = tmp_path / "full"
     part = tmp_path / "part"
