@@ -104,3 +104,9 @@ def test_bad_input_fails_clearly(tiny, tmp_path, capsys):
     run(parse_args(flags(tiny, tmp_path / "g", "--steps", "2")))
     assert main(flags(tiny, tmp_path / "g", "--steps", "2")) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("init", ["pca", "rope_lowfreq"])
+def test_every_init_trains(tiny, tmp_path, init):
+    summary = run(parse_args(flags(tiny, tmp_path / init, "--steps", "6", "--init", init)))
+    assert np.isfinite(summary["before"]["loss"]) and summary["after"]["loss"] < summary["before"]["loss"]

@@ -46,7 +46,7 @@ class DistillConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     index_dim: int = 16
-    init: str = "rope_lowfreq"
+    init: str = "pca"  # best start and end of the three on SmolLM2 (benchmarks/results/distill_init_comparison_cpu.json)
     top_p: float = 0.9
     kv_block: int = 64
     chunk: int = 256
