@@ -145,3 +145,17 @@ def update_meta(path: str, **fields) -> None:
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=2)
     os.replace(tmp, os.path.join(path, META_FILE))
+
+
+def load_indexer(path: str, cfg: ModelConfig, index_dim: int) -> dict:
+    """Indexer weights {w_q, w_k: fp32 [L, N, H, I]} written by `train.distill` (its run's `indexer/`)."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"no indexer at {path} (train.distill writes RUN_DIR/indexer when it finishes)")
+    shape = (cfg.num_layers, cfg.num_heads, cfg.head_dim, index_dim)
+    target = {k: jax.ShapeDtypeStruct(shape, jnp.float32) for k in ("w_q", "w_k")}
+    try:
+        out = _checkpointer().restore(os.path.abspath(path), target)
+    except Exception as e:
+        raise CheckpointError(f"indexer under {path} could not be restored as {shape} ({type(e).__name__}: {e}); "
+                              "it is corrupt or belongs to another model / index_dim") from e
+    return out

@@ -88,23 +88,34 @@ def topp_select(mass, visible, forced, top_p: float, max_blocks: int | None = No
 def _tile_block_mass(q_idx, k_idx, q_pos, kv_len, kv_block):
     """Mean over a tile's queries of each query's softmax mass per key block.
 
-    q_idx [B, C, N, I], k_idx [B, S, N, I], q_pos int [C] (-1 marks padding rows), kv_len [B] ->
-    (mass fp32 [B, N, Sb], visible bool [B, N, Sb]).
+    q_idx [B, C, N, I], k_idx [B, S, N, I], q_pos int [C] or [B, C] (-1 marks padding rows), kv_len [B] -> (mass fp32 [B, N, Sb], visible bool [B, N, Sb]).
     """
     s = k_idx.shape[1]
     scores = jnp.einsum("bcni,bsni->bncs", q_idx, k_idx, precision=_HI)
+    q_pos = jnp.broadcast_to(q_pos, (q_idx.shape[0], q_idx.shape[1]))
     k_pos = jnp.arange(s)
-    vis = (k_pos[None, None, None, :] <= q_pos[None, None, :, None]) & \
+    vis = (k_pos[None, None, None, :] <= q_pos[:, None, :, None]) & \
           (k_pos[None, None, None, :] < kv_len[:, None, None, None])
-    mx, lse = block_stats(scores, vis, kv_block)  # [B, N, C, Sb]
+    _, lse = block_stats(scores, vis, kv_block)  # [B, N, C, Sb]
     tot = jax.nn.logsumexp(lse, axis=-1, keepdims=True)
     p = jnp.where(jnp.isfinite(lse), jnp.exp(lse - jnp.where(jnp.isfinite(tot), tot, 0.0)), 0.0)
-    valid_q = (q_pos >= 0)[None, None, :, None]
+    valid_q = (q_pos >= 0)[:, None, :, None]  # [B, 1, C, 1]
     n_valid = jnp.maximum(valid_q.sum(-2), 1)
     mass = jnp.where(valid_q, p, 0.0).sum(-2) / n_valid
     visible = (jnp.isfinite(lse) & valid_q).any(-2)
-    del mx
     return mass, visible
+
+
+def forced_blocks(q_lo, q_hi, num_kv_blocks: int, kv_block: int, sinks: int, keep_recent: int):
+    """bool [..., Sb]: blocks every plan of a tile keeps — sink blocks, and blocks overlapping
+    [q_lo - max(keep_recent, 1) + 1, q_hi] (the tile's own span and the `keep_recent` tokens before it).
+
+    q_lo, q_hi: int arrays [...] (traced is fine): the tile's first and last query positions.
+    """
+    k_lo = jnp.arange(num_kv_blocks) * kv_block
+    k_hi = k_lo + kv_block - 1
+    q_lo, q_hi = jnp.asarray(q_lo)[..., None], jnp.asarray(q_hi)[..., None]
+    return (k_lo <= q_hi) & ((k_lo < sinks) | (k_hi > q_lo - max(keep_recent, 1)))
 
 
 @functools.partial(jax.jit, static_argnames=("top_p", "q_block", "kv_block", "q_offset", "sinks", "keep_recent",
@@ -131,6 +142,41 @@ def topp_selection(q_idx, k_idx, kv_len, *, top_p: float, q_block: int, kv_block
         return topp_select(mass, visible, forced[i][None, None], top_p, max_blocks)
 
     sel = jax.lax.map(tile, jnp.arange(tb))  # [Tb, B, N, Sb]
+    return jnp.moveaxis(sel, 0, 2)
+
+
+def topp_selection_at(q_idx, k_idx, q_pos, kv_len, *, top_p: float, tile: int, kv_block: int, sinks: int = 0,
+                      keep_recent: int = 64, max_blocks: int | None = None):
+    """bool [B, N, C / tile, Sb]: top-p selection for queries at traced positions (serving: decode, prefill chunks).
+
+    q_idx fp32 [B, C, N, I]; k_idx fp32 [B, S, N, I] (positions 0..S-1); q_pos int [B, C], -1 for padding rows;
+    kv_len int [B]. Each run of `tile` consecutive rows shares one plan (decode: tile=1; prefill: q_block with
+    tile-aligned positions, which makes it equal `topp_selection`'s plan for the same tile). Forced blocks come
+    from each row's valid positions. Memory O(B · N · C · S).
+    """
+    b, c, n, i = q_idx.shape
+    if c % tile:
+        raise ValueError(f"{c} query rows are not a whole number of tiles of {tile}")
+    sb = cdiv(k_idx.shape[1], kv_block)
+    nt = c // tile
+    q_pos = jnp.broadcast_to(jnp.asarray(q_pos, jnp.int32), (b, c))
+    kv_len = jnp.asarray(kv_len, jnp.int32)
+    valid = (q_pos >= 0) & (q_pos < kv_len[:, None])
+    pos_t = q_pos.reshape(b, nt, tile)
+    val_t = valid.reshape(b, nt, tile)
+    big = jnp.iinfo(jnp.int32).max
+    q_lo = jnp.where(val_t, pos_t, big).min(-1)
+    q_hi = jnp.where(val_t, pos_t, -1).max(-1)
+    forced = forced_blocks(q_lo, q_hi, sb, kv_block, sinks, keep_recent)  # [B, nt, Sb]
+
+    def one(j):
+        qc = jax.lax.dynamic_slice_in_dim(q_idx, j * tile, tile, axis=1)
+        pc = jnp.where(jax.lax.dynamic_slice_in_dim(valid, j * tile, tile, axis=1),
+                       jax.lax.dynamic_slice_in_dim(q_pos, j * tile, tile, axis=1), -1)
+        mass, visible = _tile_block_mass(qc, k_idx, pc, kv_len, kv_block)
+        return topp_select(mass, visible, forced[:, j][:, None], top_p, max_blocks)
+
+    sel = jax.lax.map(one, jnp.arange(nt))  # [nt, B, N, Sb]
     return jnp.moveaxis(sel, 0, 2)
 
 

@@ -40,7 +40,7 @@ def masked_scores(q_chunk, k, scale):
     return (s * scale).reshape(b, n, c, k.shape[1])
 
 
-def _softmax_av(scores, mask, v):
+def softmax_av(scores, mask, v):
     """Softmax over visible keys and the weighted sum of v: out [B, C, N, H] fp32, lse [B, N, C]."""
     b, n, c, s = scores.shape
     kh = v.shape[2]
@@ -54,6 +54,16 @@ def _softmax_av(scores, mask, v):
     pg = p.reshape(b, kh, n // kh, c, s)
     out = jnp.einsum("bkgcs,bskh->bckgh", pg, v.astype(jnp.float32), precision=_HI)
     return out.reshape(b, c, n, v.shape[-1]), lse
+
+
+def masked_attention(q, k, v, mask, scale=None):
+    """Attention of q [B, C, N, H] over k, v [B, S, K, H] under an explicit mask bool [B|1, N|1, C, S].
+
+    Returns out fp32 [B, C, N, H] and lse fp32 [B, N, C]; fully masked rows give zeros / -inf. O(B·N·C·S).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = masked_scores(q, k, scale)
+    return softmax_av(scores, jnp.broadcast_to(mask, scores.shape), v)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "return_lse"))
@@ -85,7 +95,7 @@ def block_sparse_attention(q, k, v, plan: BlockPlan, *, scale=None, chunk: int =
         block_sel = jnp.take(sel, jnp.minimum(rows // plan.q_block, tb - 1), axis=2)[..., cols]
         mask = token_mask(plan, plan.q_offset + rows, jnp.arange(s), block_sel)
         mask = mask & (rows < t)[None, None, :, None]
-        return _softmax_av(masked_scores(qc, k, scale), mask, v)
+        return softmax_av(masked_scores(qc, k, scale), mask, v)
 
     out, lse = jax.lax.map(one, jnp.arange(nc))  # [nc, B, C, N, H], [nc, B, N, C]
     out = jnp.moveaxis(out, 0, 1).reshape(b, nc * chunk, n, h)[:, :t].astype(q.dtype)

@@ -1,0 +1,127 @@
+"""One layer's attention over the hybrid KV cache, for C new tokens per sequence at traced positions.
+
+The same function serves a prefill chunk (C = chunk) and a decode step (C = 1). Per sequence b the new tokens
+sit at positions `q_pos[b, c]`; rows with `valid[b, c] = False` (right padding) write nothing.
+
+Serving semantics (what `rtpurbo_jax.serving` computes; `lm.apply` matches it under the conditions in the
+tests):
+- **local heads** always see `sinks` + the last `window` positions — the hybrid cache keeps nothing else, so
+  unlike `lm.apply` they do not turn dense below `seqlen_threshold`;
+- **retrieval heads** run dense while the sequence (prompt length in prefill, current length in decode) is
+  shorter than `seqlen_threshold`; past it, prefill follows `prefill_mode` (dense, or indexer top-p per tile of
+  `q_block` rows, tiles counted from the chunk start) and decode keeps each token's own top-p block set
+  (sinks and the last `keep_recent` tokens forced, as in `pallas_kernels.indexer_topp`);
+- a dense cache (`sparse=None`) is plain causal attention (with the model's own sliding window, if any).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.block_plan import FULL_WINDOW
+from pallas_kernels.indexer_topp.reference import topp_selection_at
+from pallas_kernels.sparse_attention.reference import masked_attention
+from rtpurbo_jax.kv_cache import CacheLayout, LayerCache, LayerLayout, ring_positions
+from rtpurbo_jax.model_config import ModelConfig
+from rtpurbo_jax.sparse_config import SparseConfig
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def scatter_rows(buf, new, slot, ok):
+    """buf [B, X, ...] with new [B, C, ...] written at slot int [B, C] where ok; other rows dropped."""
+    idx = jnp.where(ok, slot, buf.shape[1])  # out of bounds -> dropped
+    return buf.at[jnp.arange(buf.shape[0])[:, None], idx].set(new.astype(buf.dtype), mode="drop")
+
+
+def _local_band(sparse: SparseConfig | None, cfg: ModelConfig) -> tuple[int, int]:
+    if sparse is None:
+        return 0, cfg.sliding_window or FULL_WINDOW
+    return sparse.sinks, sparse.window
+
+
+def _retrieval_blocks(q_idx, k_index, q_pos, valid, new_len, total_len, sparse: SparseConfig, *, tile: int,
+                      dense: bool):
+    """bool [B, Nr, C, S]: the key positions each retrieval head's query rows may visit (before causality)."""
+    b, c = q_pos.shape
+    s = k_index.shape[1]
+    if dense:
+        return jnp.ones((1, 1, 1, s), bool)
+    sel = topp_selection_at(q_idx, k_index.astype(jnp.float32), jnp.where(valid, q_pos, -1), new_len,
+                            top_p=sparse.top_p, tile=tile, kv_block=sparse.kv_block, sinks=sparse.sinks,
+                            keep_recent=sparse.keep_recent, max_blocks=sparse.max_blocks)  # [B, Nr, C/tile, Sb]
+    if sparse.seqlen_threshold > 0:
+        sel = sel | (total_len < sparse.seqlen_threshold)[:, None, None, None]
+    sel = jnp.repeat(sel, tile, axis=2)
+    return sel[..., jnp.arange(s) // sparse.kv_block]
+
+
+def layer_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLayout, cfg: ModelConfig,
+                    sparse: SparseConfig | None, w_q, w_k, *, q_pos, valid, start_len, total_len, tile: int,
+                    dense_retrieval: bool):
+    """Attention output fp32 [B, C, N, H] and the updated LayerCache.
+
+    qkv: project_qkv's dict for the new tokens (q, q_pre [B, C, N, H]; k, v, k_pre [B, C, K, H]).
+    w_q, w_k: [Nr, H, I] indexer weights of this layer's retrieval heads (ll.retrieval_q order).
+    q_pos int [B, C]; valid bool [B, C]; start_len int [B] positions cached before this call; total_len int [B]
+    the sequence length that decides `seqlen_threshold`. tile: rows per top-p plan; dense_retrieval: static,
+    retrieval heads skip the indexer.
+    """
+    b, c, n, h = qkv["q"].shape
+    new_len = start_len + valid.sum(-1).astype(jnp.int32)
+    sinks, window = _local_band(sparse, cfg)
+    outs, order = [], []
+
+    if ll.full_kv:
+        kf = jnp.asarray(ll.full_kv)
+        k_full = scatter_rows(lc.k_full, qkv["k"][:, :, kf], q_pos, valid)
+        v_full = scatter_rows(lc.v_full, qkv["v"][:, :, kf], q_pos, valid)
+        qf = ll.q_heads(ll.full_kv)
+        s = k_full.shape[1]
+        kp = jnp.arange(s)[None, None, None, :]
+        qp = q_pos[:, None, :, None]
+        base = (kp <= qp) & (kp < new_len[:, None, None, None]) & valid[:, None, :, None]
+        band = (kp < sinks) | (qp - kp < window)  # [B, 1, C, S]
+        mask = jnp.broadcast_to(band, (b, len(qf), c, s))
+        k_index = lc.k_index
+        if ll.retrieval_q:
+            rq = jnp.asarray(ll.retrieval_q)
+            k_new = jnp.einsum("bcrh,rhi->bcri", qkv["k_pre"][:, :, rq // ll.group], w_k, precision=_HI,
+                               preferred_element_type=jnp.float32)
+            k_index = scatter_rows(lc.k_index, k_new, q_pos, valid)
+            q_idx = jnp.einsum("bcrh,rhi->bcri", qkv["q_pre"][:, :, rq], w_q, precision=_HI,
+                               preferred_element_type=jnp.float32)
+            blocks = _retrieval_blocks(q_idx, k_index, q_pos, valid, new_len, total_len, sparse, tile=tile,
+                                       dense=dense_retrieval)
+            where = jnp.asarray([qf.index(r) for r in ll.retrieval_q])
+            mask = mask.at[:, where].set(jnp.broadcast_to(blocks, (b, len(where), c, s)))
+        out, _ = masked_attention(qkv["q"][:, :, jnp.asarray(qf)], k_full, v_full, mask & base)
+        outs.append(out)
+        order += list(qf)
+        lc = LayerCache(k_full, v_full, lc.k_sink, lc.v_sink, lc.k_ring, lc.v_ring, k_index)
+
+    if ll.local_kv:
+        kl = jnp.asarray(ll.local_kv)
+        k_new, v_new = qkv["k"][:, :, kl], qkv["v"][:, :, kl]
+        sink_pos = jnp.where(jnp.arange(layout.sinks)[None] < start_len[:, None], jnp.arange(layout.sinks)[None], -1)
+        ring_pos = ring_positions(layout, start_len - 1)
+        new_pos = jnp.where(valid, q_pos, -1)
+        k_pos = jnp.concatenate([jnp.broadcast_to(sink_pos, (b, layout.sinks)), ring_pos, new_pos], axis=1)
+        keys = jnp.concatenate([lc.k_sink, lc.k_ring, k_new.astype(lc.k_ring.dtype)], axis=1)
+        vals = jnp.concatenate([lc.v_sink, lc.v_ring, v_new.astype(lc.v_ring.dtype)], axis=1)
+        kp, qp = k_pos[:, None, None, :], q_pos[:, None, :, None]
+        mask = (kp >= 0) & (kp <= qp) & ((kp < sinks) | (qp - kp < window)) & valid[:, None, :, None]
+        ql = ll.q_heads(ll.local_kv)
+        out, _ = masked_attention(qkv["q"][:, :, jnp.asarray(ql)], keys, vals, mask)
+        outs.append(out)
+        order += list(ql)
+        k_sink = scatter_rows(lc.k_sink, k_new, q_pos, valid & (q_pos < layout.sinks))
+        v_sink = scatter_rows(lc.v_sink, v_new, q_pos, valid & (q_pos < layout.sinks))
+        keep = valid & (q_pos >= layout.sinks) & (q_pos > (new_len - 1)[:, None] - layout.ring)
+        slot = jnp.mod(q_pos - layout.sinks, max(layout.ring, 1))
+        lc = LayerCache(lc.k_full, lc.v_full, k_sink, v_sink, scatter_rows(lc.k_ring, k_new, slot, keep),
+                        scatter_rows(lc.v_ring, v_new, slot, keep), lc.k_index)
+
+    inv = jnp.argsort(jnp.asarray(order))
+    return jnp.concatenate(outs, axis=2)[:, :, inv], lc

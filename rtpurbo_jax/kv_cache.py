@@ -1,0 +1,173 @@
+"""The hybrid RTPurbo KV cache: full K/V where a retrieval head needs it, sinks + a ring buffer elsewhere.
+
+Per layer the KV heads split in two (static, from the roles):
+- **full** KV heads (any of their query heads is a retrieval head) keep all `max_len` positions of K and V;
+- **local** KV heads (all their query heads local) keep the first `sinks` positions plus a ring buffer of
+  R = min(window, max_len - sinks) slots: position p >= sinks lives in slot (p - sinks) mod R, so the ring
+  always holds the last R non-sink positions — all a local head can see.
+Each retrieval *query* head also keeps its index keys (`index_dim` values per position). Bytes therefore equal
+`rtpurbo_jax.kv_memory.kv_cache_bytes` exactly (tested).
+
+Layers are a tuple (not stacked): their full/local splits differ, and stacking would pad every layer to the
+widest one and give the savings back.
+
+Axes: B batch, S = max_len, Kf / Kl full / local KV heads of a layer, Nr retrieval query heads, H head_dim,
+I index_dim, R ring slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from rtpurbo_jax.kv_memory import kv_cache_bytes
+from rtpurbo_jax.model_config import ModelConfig
+from rtpurbo_jax.sparse_config import SparseConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerLayout:
+    """Static head split of one layer (ids ascending)."""
+
+    full_kv: tuple[int, ...]  # KV heads with a full cache
+    local_kv: tuple[int, ...]  # KV heads with sinks + ring
+    retrieval_q: tuple[int, ...]  # retrieval query heads (they keep index keys)
+    group: int  # query heads per KV head
+
+    def q_heads(self, kv_heads: tuple[int, ...]) -> tuple[int, ...]:
+        """Query heads served by `kv_heads`, in order."""
+        return tuple(k * self.group + g for k in kv_heads for g in range(self.group))
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheLayout:
+    """Static description of a hybrid cache (hashable: usable as a jit static argument)."""
+
+    layers: tuple[LayerLayout, ...]
+    max_len: int
+    sinks: int  # sink slots stored: min(sinks, max_len)
+    ring: int  # ring slots: min(window, max_len - sinks)
+    window: int
+    index_dim: int
+
+    @classmethod
+    def build(cls, cfg: ModelConfig, sparse: SparseConfig | None, max_len: int) -> "CacheLayout":
+        """Layout for a model; `sparse=None` gives a dense cache (every KV head full, no index keys)."""
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        g = cfg.num_heads // cfg.num_kv_heads
+        if sparse is None:
+            roles = np.ones((cfg.num_layers, cfg.num_heads), bool)
+            layers = tuple(LayerLayout(tuple(range(cfg.num_kv_heads)), (), (), g) for _ in range(cfg.num_layers))
+            return cls(layers, max_len, 0, 0, max_len, 0)
+        sparse.check_model(cfg.num_layers, cfg.num_heads, cfg.num_kv_heads)
+        roles = sparse.roles_array
+        layers = []
+        for r in roles:
+            full = r.reshape(cfg.num_kv_heads, g).any(-1)
+            layers.append(LayerLayout(tuple(int(k) for k in np.flatnonzero(full)),
+                                      tuple(int(k) for k in np.flatnonzero(~full)),
+                                      tuple(int(n) for n in np.flatnonzero(r)), g))
+        sinks = min(sparse.sinks, max_len)
+        return cls(tuple(layers), max_len, sinks, min(sparse.window, max_len - sinks), sparse.window,
+                   sparse.index_dim)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerCache:
+    """One layer's arrays (any of them may have a zero-sized head axis).
+
+    k_full, v_full: [B, S, Kf, H]; k_sink, v_sink: [B, sinks, Kl, H]; k_ring, v_ring: [B, R, Kl, H];
+    k_index: [B, S, Nr, I] (the cache dtype).
+    """
+
+    k_full: jax.Array
+    v_full: jax.Array
+    k_sink: jax.Array
+    v_sink: jax.Array
+    k_ring: jax.Array
+    v_ring: jax.Array
+    k_index: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class HybridCache:
+    """layers: one LayerCache per layer; lengths: int32 [B] positions written so far per sequence."""
+
+    layers: tuple[LayerCache, ...]
+    lengths: jax.Array
+    layout: CacheLayout = dataclasses.field(metadata=dict(static=True))
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, sparse: SparseConfig | None = None,
+               dtype=jnp.bfloat16) -> HybridCache:
+    """An empty cache for `batch` sequences of up to `max_len` positions (sparse=None: a dense cache)."""
+    layout = CacheLayout.build(cfg, sparse, max_len)
+    h = cfg.head_dim
+    z = lambda *shape: jnp.zeros((batch,) + shape, dtype)
+    layers = tuple(
+        LayerCache(k_full=z(max_len, len(ll.full_kv), h), v_full=z(max_len, len(ll.full_kv), h),
+                   k_sink=z(layout.sinks, len(ll.local_kv), h), v_sink=z(layout.sinks, len(ll.local_kv), h),
+                   k_ring=z(layout.ring, len(ll.local_kv), h), v_ring=z(layout.ring, len(ll.local_kv), h),
+                   k_index=z(max_len, len(ll.retrieval_q), layout.index_dim))
+        for ll in layout.layers)
+    return HybridCache(layers, jnp.zeros((batch,), jnp.int32), layout)
+
+
+def cache_bytes(cache: HybridCache) -> dict:
+    """dict(hybrid, dense, ratio, kv, index_keys): bytes held by `cache` next to a dense cache of its shape.
+
+    Works on abstract caches too (`jax.eval_shape(init_cache, ...)`), so 1M-token shapes cost no memory.
+    """
+    nbytes = lambda x: int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+    kv = idx = 0
+    for lc in cache.layers:
+        kv += sum(nbytes(x) for x in (lc.k_full, lc.v_full, lc.k_sink, lc.v_sink, lc.k_ring, lc.v_ring))
+        idx += nbytes(lc.k_index)
+    lc = cache.layers[0]
+    b, s, h = lc.k_full.shape[0], cache.layout.max_len, lc.k_full.shape[-1]
+    kv_heads = len(cache.layout.layers[0].full_kv) + len(cache.layout.layers[0].local_kv)
+    dense = len(cache.layers) * b * s * kv_heads * h * 2 * jnp.dtype(lc.k_full.dtype).itemsize
+    return {"hybrid": kv + idx, "dense": dense, "ratio": (kv + idx) / dense, "kv": kv, "index_keys": idx}
+
+
+def formula_bytes(cfg: ModelConfig, sparse: SparseConfig, max_len: int, batch: int = 1, bytes_per_elem: int = 2):
+    """`kv_memory.kv_cache_bytes` for this model and config (what `cache_bytes` must equal)."""
+    out = kv_cache_bytes(sparse.roles_array, cfg.num_kv_heads, cfg.head_dim, max_len, sinks=sparse.sinks,
+                         window=sparse.window, index_dim=sparse.index_dim, bytes_per_elem=bytes_per_elem)
+    return {k: v * batch if k in ("dense", "rtpurbo", "kv", "index_keys") else v for k, v in out.items()}
+
+
+def ring_positions(layout: CacheLayout, last: jax.Array) -> jax.Array:
+    """int32 [B, R]: the position held by each ring slot when positions 0..last[b] are written; -1 if empty."""
+    r = max(layout.ring, 1)
+    rel = jnp.asarray(last, jnp.int32)[:, None] - layout.sinks  # newest non-sink position, relative
+    j = jnp.arange(layout.ring, dtype=jnp.int32)[None]
+    held = rel - jnp.mod(rel - j, r)
+    return jnp.where((rel >= 0) & (held >= 0), held + layout.sinks, -1)
+
+
+def cache_shardings(cache: HybridCache, mesh, data_axis: str | None = "data", model_axis: str | None = "model"):
+    """NamedShardings for `cache`: batch over `data_axis`, heads over `model_axis` where they divide evenly
+    (a layer whose head count does not divide the axis keeps that array replicated over it)."""
+    names = set(mesh.axis_names)
+    size = lambda a: mesh.shape[a] if a in names else 1
+
+    def spec(x):
+        if x.ndim == 1:
+            return NamedSharding(mesh, P(data_axis if data_axis in names and x.shape[0] % size(data_axis) == 0 else None))
+        d = data_axis if data_axis in names and x.shape[0] % size(data_axis) == 0 else None
+        m = model_axis if model_axis in names and x.shape[2] and x.shape[2] % size(model_axis) == 0 else None
+        return NamedSharding(mesh, P(d, None, m, None))
+
+    return jax.tree.map(spec, cache)
+
+
+__all__ = ["CacheLayout", "HybridCache", "LayerCache", "LayerLayout", "cache_bytes", "cache_shardings",
+           "formula_bytes", "init_cache", "ring_positions"]

@@ -1,0 +1,208 @@
+"""Serving over the hybrid KV cache: chunked `prefill`, `decode_step`, and `generate`.
+
+All three are jitted (configs static, the cache donated) and follow the input shardings: place params with
+`params.param_shardings` and the cache with `kv_cache.cache_shardings` (heads on the `model` axis) and XLA
+keeps them there. Semantics per head kind are in `rtpurbo_jax.cached_attention`; with `sparse=None` the cache
+is dense and the model runs plain causal attention.
+
+Layers run as an unrolled Python loop (each layer's cache has its own head split), tokens of a chunk at traced
+positions, so one compilation serves every chunk and every decode step.
+
+Attention backend: the pure-jnp masked attention (`pallas_kernels.sparse_attention.reference`) on every
+platform for now — O(B · N · chunk · max_len) memory per layer in prefill, O(B · N · max_len) per decode
+step. The choice is logged once per compilation.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.block_plan import cdiv
+from rtpurbo_jax.cached_attention import layer_attention
+from rtpurbo_jax.kv_cache import HybridCache, init_cache
+from rtpurbo_jax.model import _dense, logits_from_hidden, mlp, project_qkv, rms_norm, rope_cos_sin
+from rtpurbo_jax.model_config import ModelConfig
+from rtpurbo_jax.sampling import SamplingConfig, sample
+from rtpurbo_jax.sparse_config import SparseConfig
+
+log = logging.getLogger(__name__)
+
+
+def _log_backend(what: str) -> None:
+    log.info("%s: attention backend=reference (jnp masked attention; platform %s)", what, jax.default_backend())
+
+
+def check_indexer(cfg: ModelConfig, sparse: SparseConfig | None, indexer: dict | None) -> None:
+    """Raise ValueError unless `indexer` fits (needed when the retrieval heads use top-p anywhere)."""
+    if sparse is None:
+        return
+    sparse.check_model(cfg.num_layers, cfg.num_heads, cfg.num_kv_heads)
+    needs = sparse.top_p < 1.0 or sparse.max_blocks is not None or sparse.prefill_mode == "indexer"
+    if indexer is None:
+        if needs and sparse.roles_array.any():
+            raise ValueError("retrieval heads select blocks with the indexer (top_p < 1 or prefill_mode='indexer') "
+                             "but no indexer weights were given (indexer={'w_q', 'w_k'} from train.distill)")
+        return
+    want = (cfg.num_layers, cfg.num_heads, cfg.head_dim, sparse.index_dim)
+    for name in ("w_q", "w_k"):
+        if name not in indexer or tuple(indexer[name].shape) != want:
+            got = tuple(indexer[name].shape) if name in indexer else "missing"
+            raise ValueError(f"indexer {name} is {got}, expected {want} (layers, q heads, head_dim, index_dim)")
+
+
+def _run_tokens(params, cache: HybridCache, tokens, q_pos, valid, total_len, indexer, cfg: ModelConfig,
+                sparse: SparseConfig | None, *, tile: int, dense_retrieval: bool):
+    """Final normed hidden states [B, C, D] of C new tokens per sequence, and the updated cache."""
+    layout = cache.layout
+    cos, sin = rope_cos_sin(q_pos, cfg.rope, cfg.head_dim)
+    x = jnp.take(params["embed"], tokens, axis=0)
+    b, c, _ = x.shape
+    layers = []
+    for li, (lc, ll) in enumerate(zip(cache.layers, layout.layers)):
+        lp = jax.tree.map(lambda a: a[li], params["layers"])
+        w_q = w_k = None
+        if ll.retrieval_q and indexer is not None:
+            rq = jnp.asarray(ll.retrieval_q)
+            w_q, w_k = indexer["w_q"][li][rq], indexer["w_k"][li][rq]
+        elif ll.retrieval_q:  # dense retrieval everywhere: index keys are unused, keep them zero
+            w_q = w_k = jnp.zeros((len(ll.retrieval_q), cfg.head_dim, layout.index_dim), jnp.float32)
+        qkv = project_qkv(lp, rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps), cfg, cos, sin)
+        o, lc = layer_attention(qkv, lc, ll, layout, cfg, sparse, w_q, w_k, q_pos=q_pos, valid=valid,
+                                start_len=cache.lengths, total_len=total_len, tile=tile,
+                                dense_retrieval=dense_retrieval)
+        x = x + _dense(o.astype(x.dtype).reshape(b, c, -1), lp["wo"], lp.get("bo"))
+        x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps))
+        layers.append(lc)
+    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    return x, HybridCache(tuple(layers), cache.lengths + valid.sum(-1).astype(jnp.int32), layout)
+
+
+def _prefill(params, cache, tokens, lengths, indexer, cfg, sparse, chunk):
+    b, t = tokens.shape
+    indexer_mode = sparse is not None and sparse.prefill_mode == "indexer"
+    unit = sparse.q_block if indexer_mode else 1
+    chunk = min(chunk, cdiv(t, unit) * unit)
+    if chunk % unit:
+        raise ValueError(f"prefill chunk {chunk} must be a multiple of q_block={sparse.q_block} in indexer mode")
+    nc = cdiv(t, chunk)
+    tokens = jnp.pad(tokens, ((0, 0), (0, nc * chunk - t)))
+    lengths = jnp.asarray(lengths, jnp.int32)
+    start = cache.lengths
+    total = start + lengths
+
+    def body(carry, i):
+        cache, last_h = carry
+        rel = i * chunk + jnp.arange(chunk, dtype=jnp.int32)
+        valid = rel[None] < lengths[:, None]
+        x, cache = _run_tokens(params, cache, jax.lax.dynamic_slice_in_dim(tokens, i * chunk, chunk, axis=1),
+                               start[:, None] + rel[None], valid, total, indexer, cfg, sparse,
+                               tile=sparse.q_block if indexer_mode else 1, dense_retrieval=not indexer_mode)
+        idx = jnp.clip(lengths - 1 - i * chunk, 0, chunk - 1)
+        here = (lengths - 1 >= i * chunk) & (lengths - 1 < (i + 1) * chunk)
+        h = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
+        return (cache, jnp.where(here[:, None], h, last_h)), None
+
+    init = (cache, jnp.zeros((b, params["final_norm"].shape[-1]), params["final_norm"].dtype))
+    (cache, last_h), _ = jax.lax.scan(body, init, jnp.arange(nc))
+    return logits_from_hidden(params, last_h, cfg), cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sparse", "chunk"), donate_argnames=("cache",))
+def prefill(params, cache: HybridCache, tokens, lengths, indexer=None, *, cfg: ModelConfig,
+            sparse: SparseConfig | None = None, chunk: int = 512):
+    """Append right-padded prompts to the cache, `chunk` tokens at a time.
+
+    tokens int [B, T]; lengths int [B] (1..T) valid tokens per row; the cache may already hold earlier turns
+    (positions continue from `cache.lengths`). Returns fp32 logits [B, V] of each row's last prompt token and the
+    cache with lengths += lengths. Prompt rows must fit: cache.lengths + lengths <= max_len (positions past it
+    are dropped). Memory per layer O(B · N · chunk · max_len).
+    """
+    _log_backend("prefill")
+    return _prefill(params, cache, tokens, lengths, indexer, cfg, sparse, chunk)
+
+
+def _decode(params, cache, tokens, indexer, cfg, sparse):
+    q_pos = cache.lengths[:, None]
+    valid = jnp.ones_like(q_pos, bool)
+    dense = sparse is None or (sparse.top_p >= 1.0 and sparse.max_blocks is None)
+    x, cache = _run_tokens(params, cache, tokens[:, None], q_pos, valid, cache.lengths + 1, indexer, cfg, sparse,
+                           tile=1, dense_retrieval=dense)
+    return logits_from_hidden(params, x[:, 0], cfg), cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sparse"), donate_argnames=("cache",))
+def decode_step(params, cache: HybridCache, tokens, indexer=None, *, cfg: ModelConfig,
+                sparse: SparseConfig | None = None):
+    """One token per sequence: tokens int [B] at position cache.lengths. Returns fp32 logits [B, V] and the cache.
+
+    Retrieval heads score every cached index key, keep their top-p blocks and attend exactly inside them.
+    """
+    _log_backend("decode_step")
+    return _decode(params, cache, tokens, indexer, cfg, sparse)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sparse", "sampling", "max_new_tokens", "stop_tokens",
+                                             "chunk", "max_len", "cache_dtype"))
+def _generate(params, prompts, lengths, indexer, key, *, cfg, sparse, sampling, max_new_tokens, stop_tokens,
+              chunk, max_len, cache_dtype):
+    b = prompts.shape[0]
+    cache = init_cache(cfg, b, max_len, sparse, cache_dtype)
+    logits, cache = _prefill(params, cache, prompts, lengths, indexer, cfg, sparse, chunk)
+    stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
+    pad = stop_tokens[0] if stop_tokens else 0
+    key, sub = jax.random.split(key)
+    first = sample(logits, sub, sampling)
+    done = jnp.isin(first, stops)
+
+    def step(carry, _):
+        cache, tok, done, key, count = carry
+        logits, cache = _decode(params, cache, tok, indexer, cfg, sparse)
+        key, sub = jax.random.split(key)
+        nxt = jnp.where(done, pad, sample(logits, sub, sampling))
+        count = count + (~done).astype(jnp.int32)
+        return (cache, nxt, done | jnp.isin(nxt, stops), key, count), nxt
+
+    init = (cache, first, done, key, jnp.ones((b,), jnp.int32))
+    (cache, _, _, _, count), rest = jax.lax.scan(step, init, None, length=max_new_tokens - 1)
+    return jnp.concatenate([first[:, None], rest.T], axis=1), count, cache
+
+
+def generate(params, prompts, lengths, *, cfg: ModelConfig, max_new_tokens: int, sparse: SparseConfig | None = None,
+             indexer: dict | None = None, sampling: SamplingConfig = SamplingConfig(), stop_tokens=(),
+             key=None, chunk: int = 512, max_len: int | None = None, cache_dtype=None):
+    """Generate up to `max_new_tokens` per prompt (prefill + a scanned decode loop, one jitted program).
+
+    prompts int [B, T] right-padded, lengths int [B]. stop_tokens: ids that end a row (the stop token is kept;
+    later positions repeat the first stop id). Returns dict tokens int32 [B, max_new_tokens], num_tokens int32
+    [B] (generated tokens up to and including a stop), cache (the final HybridCache).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    prompts = jnp.asarray(prompts, jnp.int32)
+    if prompts.ndim != 2:
+        raise ValueError(f"prompts must be int [B, T], got shape {prompts.shape}")
+    lengths = jnp.asarray(lengths, jnp.int32)
+    if lengths.shape != prompts.shape[:1] or bool((lengths < 1).any()) or bool((lengths > prompts.shape[1]).any()):
+        raise ValueError(f"lengths {lengths.tolist()} must be one value in 1..{prompts.shape[1]} per prompt row")
+    need = prompts.shape[1] + max_new_tokens
+    max_len = need if max_len is None else max_len
+    if max_len < need:
+        raise ValueError(f"max_len={max_len} is too small for prompts of {prompts.shape[1]} + {max_new_tokens} new tokens")
+    if max_len > cfg.max_position_embeddings:
+        log.warning("max_len %d exceeds the model's max_position_embeddings %d", max_len, cfg.max_position_embeddings)
+    check_indexer(cfg, sparse, indexer)
+    _log_backend("generate")
+    dtype = jnp.dtype(cache_dtype or params["embed"].dtype)
+    tokens, count, cache = _generate(params, prompts, lengths, indexer,
+                                     jax.random.key(0) if key is None else key, cfg=cfg, sparse=sparse,
+                                     sampling=sampling, max_new_tokens=max_new_tokens,
+                                     stop_tokens=tuple(int(t) for t in stop_tokens), chunk=chunk, max_len=max_len,
+                                     cache_dtype=dtype.name)
+    return {"tokens": tokens, "num_tokens": count, "cache": cache}
+
+
+__all__ = ["check_indexer", "decode_step", "generate", "prefill"]

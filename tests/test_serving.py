@@ -1,0 +1,257 @@
+"""Serving API: hybrid cache bytes, chunked prefill + decode equal to the full-sequence forward, generate."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from rtpurbo_jax.kv_cache import cache_bytes, cache_shardings, formula_bytes, init_cache
+from rtpurbo_jax.lm import apply
+from rtpurbo_jax.model_config import LLAMA3_8B, ModelConfig
+from rtpurbo_jax.params import init_params, param_shardings
+from rtpurbo_jax.rtpurbo_attention import init_indexer
+from rtpurbo_jax.sampling import SamplingConfig, sample
+from rtpurbo_jax.serving import decode_step, generate, prefill
+from rtpurbo_jax.sparse_config import SparseConfig, roles_to_kv_granularity
+from tests.conftest import assert_logits_close
+
+CFG = ModelConfig(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=3,
+                  num_heads=8, num_kv_heads=2, head_dim=16, max_position_embeddings=512)
+ROLES = np.zeros((3, 8), int)
+ROLES[0, 1] = ROLES[1, 4] = ROLES[1, 5] = ROLES[2, 0] = 1  # layer 1: both heads in KV group 1; group 0 local
+
+
+@pytest.fixture(scope="module")
+def model():
+    params = init_params(CFG, jax.random.key(0), scale=0.2)
+    return params, init_indexer(3, 8, 16, 4, jax.random.key(1))
+
+
+def sparse_cfg(**kw):
+    base = dict(roles=ROLES.tolist(), sinks=3, window=20, kv_block=8, q_block=8, index_dim=4, top_p=0.7,
+                seqlen_threshold=0, prefill_mode="indexer", keep_recent=8)
+    return SparseConfig(**{**base, **kw})
+
+
+def tokens(b, t, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, CFG.vocab_size, (b, t)), jnp.int32)
+
+
+def run_prefill_decode(params, ix, toks, prompt_len, sparse, max_len, chunk):
+    """Logits [T - prompt_len + 1, B, V]: the prefill's last-token logits, then one per decode step."""
+    b, t = toks.shape
+    cache = init_cache(CFG, b, max_len, sparse, jnp.float32)
+    lg, cache = prefill(params, cache, toks[:, :prompt_len], jnp.full((b,), prompt_len), ix, cfg=CFG,
+                        sparse=sparse, chunk=chunk)
+    out = [lg]
+    for i in range(prompt_len, t):
+        lg, cache = decode_step(params, cache, toks[:, i], ix, cfg=CFG, sparse=sparse)
+        out.append(lg)
+    assert (np.asarray(cache.lengths) == t).all()
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("prompt_len,chunk,window,sinks", [(37, 8, 20, 3), (41, 16, 5, 4), (9, 32, 64, 0)])
+def test_prefill_decode_match_forward_rtpurbo(model, prompt_len, chunk, window, sinks):
+    """Per-token top-p (q_block=1) makes the full-sequence forward the exact reference for every position; small
+    windows make the ring buffer wrap many times, chunks larger than the window included."""
+    params, ix = model
+    toks = tokens(1, 66, seed=prompt_len)
+    sp = sparse_cfg(q_block=1, window=window, sinks=sinks)
+    ref = np.asarray(apply(params, toks, CFG, mode="rtpurbo", sparse=sp, indexer=ix))
+    got = run_prefill_decode(params, ix, toks, prompt_len, sp, max_len=70, chunk=chunk)
+    assert_logits_close(got[:, 0], ref[0, prompt_len - 1:])
+    # the sparse path really differs from dense attention here (the test could fail)
+    dense = np.asarray(apply(params, toks, CFG))
+    assert np.abs(dense[0, prompt_len - 1:] - ref[0, prompt_len - 1:]).max() > 1e-2
+
+
+def test_prefill_decode_match_forward_full(model):
+    params, _ = model
+    toks = tokens(2, 50, seed=3)
+    ref = np.asarray(apply(params, toks, CFG))
+    got = run_prefill_decode(params, None, toks, 23, None, max_len=50, chunk=7)
+    assert_logits_close(np.swapaxes(got, 0, 1), ref[:, 22:])
+
+
+def test_prefill_tiles_match_forward_indexer_mode(model):
+    """Prefill with q_block tiles (chunk a multiple of q_block) picks the forward's per-tile plans."""
+    params, ix = model
+    sp = sparse_cfg(q_block=8)
+    for t in (24, 45):
+        toks = tokens(1, t, seed=t)
+        ref = np.asarray(apply(params, toks, CFG, mode="rtpurbo", sparse=sp, indexer=ix))
+        cache = init_cache(CFG, 1, 48, sp, jnp.float32)
+        lg, _ = prefill(params, cache, toks, jnp.asarray([t]), ix, cfg=CFG, sparse=sp, chunk=16)
+        assert_logits_close(lg[0], ref[0, -1])
+
+
+def test_two_turn_prefill_continues_positions(model):
+    params, ix = model
+    sp = sparse_cfg(q_block=1)
+    toks = tokens(1, 40, seed=9)
+    ref = np.asarray(apply(params, toks, CFG, mode="rtpurbo", sparse=sp, indexer=ix))
+    cache = init_cache(CFG, 1, 40, sp, jnp.float32)
+    _, cache = prefill(params, cache, toks[:, :17], jnp.asarray([17]), ix, cfg=CFG, sparse=sp, chunk=8)
+    lg, cache = prefill(params, cache, toks[:, 17:], jnp.asarray([23]), ix, cfg=CFG, sparse=sp, chunk=8)
+    assert_logits_close(lg[0], ref[0, -1])
+
+
+def test_ragged_batch_equals_single_rows(model):
+    params, ix = model
+    sp = sparse_cfg(q_block=1)
+    lens = [30, 17, 24]
+    toks = tokens(3, 30, seed=5)
+    cache = init_cache(CFG, 3, 40, sp, jnp.float32)
+    lg, cache = prefill(params, cache, toks, jnp.asarray(lens), ix, cfg=CFG, sparse=sp, chunk=8)
+    nxt = tokens(3, 4, seed=6)
+    steps = [lg]
+    for i in range(4):
+        lg, cache = decode_step(params, cache, nxt[:, i], ix, cfg=CFG, sparse=sp)
+        steps.append(lg)
+    np.testing.assert_array_equal(np.asarray(cache.lengths), np.asarray(lens) + 4)
+    for r, n in enumerate(lens):
+        seq = jnp.concatenate([toks[r:r + 1, :n], nxt[r:r + 1]], axis=1)
+        ref = np.asarray(apply(params, seq, CFG, mode="rtpurbo", sparse=sp, indexer=ix))
+        assert_logits_close(np.stack([s[r] for s in steps]), ref[0, n - 1:])
+
+
+def _greedy_full(params, prompt, n):
+    seq = prompt
+    for _ in range(n):
+        nxt = jnp.argmax(apply(params, seq, CFG)[:, -1], -1).astype(jnp.int32)
+        seq = jnp.concatenate([seq, nxt[:, None]], axis=1)
+    return np.asarray(seq[:, prompt.shape[1]:])
+
+
+def test_generate_equals_full_model_when_nothing_is_dropped(model):
+    """top_p = 1 and window >= max_len: the RTPurbo generation is the dense model's, token for token."""
+    params, ix = model
+    prompt = tokens(1, 21, seed=11)
+    sp = sparse_cfg(top_p=1.0, window=64, prefill_mode="dense")
+    out = generate(params, prompt, [21], cfg=CFG, max_new_tokens=12, sparse=sp, indexer=ix, chunk=8)
+    np.testing.assert_array_equal(np.asarray(out["tokens"]), _greedy_full(params, prompt, 12))
+    assert int(out["num_tokens"][0]) == 12
+
+
+def test_generate_stop_tokens_and_padding(model):
+    params, ix = model
+    prompt = tokens(2, 15, seed=12)
+    free = np.asarray(generate(params, prompt, [15, 9], cfg=CFG, max_new_tokens=8, sparse=sparse_cfg(),
+                               indexer=ix)["tokens"])
+    stop = int(free[0, 2])
+    out = generate(params, prompt, [15, 9], cfg=CFG, max_new_tokens=8, sparse=sparse_cfg(), indexer=ix,
+                   stop_tokens=(stop,))
+    toks, count = np.asarray(out["tokens"]), np.asarray(out["num_tokens"])
+    first = int(np.flatnonzero(free[0] == stop)[0])
+    assert count[0] == first + 1
+    np.testing.assert_array_equal(toks[0, :first + 1], free[0, :first + 1])
+    assert (toks[0, first + 1:] == stop).all()
+
+
+def test_sampling_rules():
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 50)) * 3, jnp.float32)
+    greedy = np.asarray(jnp.argmax(logits, -1))
+    keys = jax.random.split(jax.random.key(0), 20)
+    for cfg in (SamplingConfig(temperature=1.0, top_k=1), SamplingConfig(temperature=1.0, top_p=1e-6)):
+        assert all((np.asarray(sample(logits, k, cfg)) == greedy).all() for k in keys)
+    top3 = np.argsort(-np.asarray(logits), -1)[:, :3]
+    draws = np.stack([np.asarray(sample(logits, k, SamplingConfig(temperature=2.0, top_k=3))) for k in keys])
+    assert all(d in top3[r] for row in draws for r, d in enumerate(row))
+    assert len(set(draws[:, 0].tolist())) > 1, "temperature sampling should not be deterministic"
+    for bad in (dict(top_p=0.0), dict(top_p=1.5), dict(temperature=-1.0), dict(top_k=-2)):
+        with pytest.raises(ValueError):
+            SamplingConfig(**bad)
+
+
+def test_clear_errors(model):
+    params, ix = model
+    prompt = tokens(1, 10)
+    with pytest.raises(ValueError, match="no indexer"):
+        generate(params, prompt, [10], cfg=CFG, max_new_tokens=2, sparse=sparse_cfg())
+    with pytest.raises(ValueError, match="expected"):
+        generate(params, prompt, [10], cfg=CFG, max_new_tokens=2, sparse=sparse_cfg(),
+                 indexer={"w_q": ix["w_q"][..., :2], "w_k": ix["w_k"]})
+    with pytest.raises(ValueError, match="max_len"):
+        generate(params, prompt, [10], cfg=CFG, max_new_tokens=5, max_len=12)
+    with pytest.raises(ValueError, match="lengths"):
+        generate(params, prompt, [11], cfg=CFG, max_new_tokens=2)
+    with pytest.raises(ValueError, match="roles"):
+        init_cache(CFG, 1, 8, SparseConfig(roles=[[0] * 8] * 2))
+
+
+def test_cache_bytes_match_formula_tiny():
+    sp = sparse_cfg()
+    for max_len in (2, 23, 100):
+        got = cache_bytes(init_cache(CFG, 2, max_len, sp, jnp.bfloat16))
+        want = formula_bytes(CFG, sp, max_len, batch=2)
+        assert (got["hybrid"], got["dense"], got["kv"], got["index_keys"]) == \
+            (want["rtpurbo"], want["dense"], want["kv"], want["index_keys"])
+    assert cache_bytes(init_cache(CFG, 2, 100, None, jnp.bfloat16))["ratio"] == 1.0
+
+
+@pytest.mark.parametrize("granularity", ["query", "kv"])
+def test_cache_bytes_llama8b_1m(granularity):
+    """Llama-3.1-8B shape at 1M tokens, 15% retrieval heads (abstract cache: no memory is allocated)."""
+    cfg = LLAMA3_8B
+    rng = np.random.default_rng(0)
+    n_total = cfg.num_layers * cfg.num_heads
+    roles = np.zeros(n_total, bool)
+    if granularity == "query":
+        roles[rng.choice(n_total, round(0.15 * n_total), replace=False)] = True
+        roles = roles.reshape(cfg.num_layers, cfg.num_heads)
+    else:
+        groups = np.zeros(cfg.num_layers * cfg.num_kv_heads, bool)
+        groups[rng.choice(groups.size, round(0.15 * groups.size), replace=False)] = True
+        roles = np.repeat(groups.reshape(cfg.num_layers, cfg.num_kv_heads), cfg.num_heads // cfg.num_kv_heads, 1)
+        np.testing.assert_array_equal(roles_to_kv_granularity(roles, cfg.num_kv_heads), roles)
+    sp = SparseConfig(roles=roles.astype(int).tolist(), granularity=granularity)
+    max_len = 1 << 20
+    abstract = jax.eval_shape(lambda: init_cache(cfg, 1, max_len, sp, jnp.bfloat16))
+    got = cache_bytes(abstract)
+    want = formula_bytes(cfg, sp, max_len)
+    assert got["hybrid"] == want["rtpurbo"] and got["dense"] == want["dense"]
+    assert got["dense"] == 32 * 8 * max_len * 128 * 2 * 2  # 128 GiB
+    print(f"\nLlama-3.1-8B @1M, 15% retrieval heads, {granularity} granularity: hybrid/dense = {got['ratio']:.3f} "
+          f"({got['hybrid'] / 2**30:.1f} GiB of {got['dense'] / 2**30:.0f} GiB)")
+    assert got["ratio"] < (0.7 if granularity == "query" else 0.2)
+
+
+def test_sharded_decode_equals_single_device(model):
+    """Params and cache on a (data 2, model 2) mesh: same logits as one device; the cache stays sharded."""
+    params, ix = model
+    sp = sparse_cfg(q_block=1)
+    toks = tokens(2, 30, seed=21)
+    want = run_prefill_decode(params, ix, toks, 25, sp, max_len=32, chunk=8)
+    mesh = Mesh(np.asarray(jax.devices()[:4]).reshape(2, 2), ("data", "model"))
+    sparams = jax.device_put(params, param_shardings(CFG, mesh))
+    cache = init_cache(CFG, 2, 32, sp, jnp.float32)
+    cache = jax.device_put(cache, cache_shardings(cache, mesh))
+    lg, cache = prefill(sparams, cache, toks[:, :25], jnp.asarray([25, 25]), ix, cfg=CFG, sparse=sp, chunk=8)
+    got = [lg]
+    for i in range(25, 30):
+        lg, cache = decode_step(sparams, cache, toks[:, i], ix, cfg=CFG, sparse=sp)
+        got.append(lg)
+    assert_logits_close(np.stack(got), want)
+    layer = cache.layers[1]  # one full and one local KV head: neither divides 2 -> replicated; batch split
+    assert layer.k_full.sharding.spec[0] == "data"
+    assert cache.layers[0].k_full.shape[2] == 1
+
+
+def test_sharded_dense_cache_keeps_heads_on_model_axis(model):
+    params, _ = model
+    toks = tokens(2, 20, seed=22)
+    mesh = Mesh(np.asarray(jax.devices()[:4]).reshape(2, 2), ("data", "model"))
+    cache = init_cache(CFG, 2, 24, None, jnp.float32)
+    cache = jax.device_put(cache, cache_shardings(cache, mesh))
+    assert tuple(cache.layers[0].k_full.sharding.spec) == ("data", None, "model", None)
+    lg, cache = prefill(jax.device_put(params, param_shardings(CFG, mesh)), cache, toks, jnp.asarray([20, 20]),
+                        cfg=CFG, chunk=8)
+    assert_logits_close(lg, np.asarray(apply(params, toks, CFG))[:, -1])
+    assert cache.layers[0].k_full.sharding.is_equivalent_to(
+        cache_shardings(cache, mesh).layers[0].k_full, 4)
