@@ -119,14 +119,26 @@ def read_meta(path: str) -> dict:
     return meta
 
 
-def load_converted(path: str, dtype=None) -> Converted:
-    """Load a converted checkpoint. dtype: cast params (default: as saved)."""
+def load_converted(path: str, dtype=None, shardings=None) -> Converted:
+    """Load a converted checkpoint. dtype: cast params (default: as saved).
+
+    shardings: optional pytree of `jax.sharding.Sharding` matching the params (e.g. `params.param_shardings`);
+    each host then reads only its shards. In a multi-process run the default is replicated on every device
+    (Orbax needs a global target there).
+    """
     from rtpurbo_jax.params import abstract_params
 
     meta = read_meta(path)
     cfg = ModelConfig.from_dict(meta["model_config"])
     saved = meta.get("param_dtype")
     target = abstract_params(cfg, saved if isinstance(saved, str) else jnp.float32)
+    if shardings is None and jax.process_count() > 1:
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        rep = NamedSharding(Mesh(np.asarray(jax.devices()), ("all",)), PartitionSpec())
+        shardings = jax.tree.map(lambda _: rep, target)
+    if shardings is not None:
+        target = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), target, shardings)
     try:
         params = _checkpointer().restore(os.path.join(os.path.abspath(path), "params"), target)
     except Exception as e:

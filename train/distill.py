@@ -119,6 +119,10 @@ def prepare_model(c: DistillConfig):
                 args = build_parser().parse_args(["--model", c.model, "--out", path, "--calib-len",
                                                   str(c.calib_len), "--calib-docs", "2", "--seed", str(c.seed)])
                 convert(c.model, path, log=log0, args=args)
+    if jax.process_count() > 1:  # the others wait until process 0 has written the converted checkpoint
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("rtpurbo-converted")
     ckpt = load_converted(path)
     if not ckpt.meta.get("sparse_config"):
         raise CheckpointError(f"{path} has no retrieval-head roles; convert it with calibration "
@@ -308,12 +312,18 @@ def run(c: DistillConfig) -> dict:
         return {"stopped_at": c.stop_at}
     after = evaluate(c.steps, state["params"])
     indexer = scatter_indexer(jax.device_get(state["params"]), heads, cfg)
-    if pidx == 0:
-        out = os.path.join(c.run_dir, "indexer")
-        if os.path.exists(out):
-            import shutil
-            shutil.rmtree(out)
+    out = os.path.join(c.run_dir, "indexer")
+    if pidx == 0 and os.path.exists(out):  # this run's own earlier output (e.g. before a --resume)
+        import shutil
+        shutil.rmtree(out)
+    if pcount > 1:  # Orbax saves collectively: every process passes the same replicated global arrays
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("rtpurbo-indexer-dir")
+        write_params(out, jax.device_put(indexer, rep))
+    else:
         write_params(out, indexer)
+    if pidx == 0:
         history = [json.loads(l) for l in open(metrics_path)] if os.path.exists(metrics_path) else []
         save_curves([before] + history, os.path.join(c.run_dir, "curves.png"))
     summary = {"before": before, "after": after, "retrieval_heads": r}

@@ -1,0 +1,65 @@
+"""Two `python -m train.distill` processes on localhost (jax.distributed, 2 CPU devices each, each reading its
+own half of every batch) give the same losses as one process with 4 devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_distill import flags, tiny  # noqa: F401  (module fixture)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
+    return env
+
+
+def _losses(run_dir) -> dict:
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in rows if "grad_norm" in r}
+
+
+def test_two_processes_match_one(tiny, tmp_path):  # noqa: F811
+    common = ["--steps", "4", "--eval-passkey", "0", "--batch", "4", "--mesh=-1,1"]
+    one = tmp_path / "one"
+    subprocess.run([sys.executable, "-m", "train.distill", *flags(tiny, one, *common), "--skip-distributed"],
+                   cwd=ROOT, env=_env(4), check=True, capture_output=True, timeout=600)
+    two = tmp_path / "two"
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "train.distill", *flags(tiny, two, *common),
+                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                              cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=600)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("2-process run timed out")
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, "\n=====\n".join(o[-2500:] for o in outs)
+    cfg = json.load(open(two / "config.json"))
+    assert cfg["devices"] == 4 and cfg["mesh"]["data"] == 4
+    a, b = _losses(one), _losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5 * max(1.0, abs(a[step])), (step, a[step], b[step])
+    assert os.path.isdir(two / "indexer")
+    assert "[distill]" in outs[0] and "[distill]" not in outs[1], "only process 0 logs"
