@@ -74,8 +74,7 @@ def run(args) -> dict:
         sparse = dataclasses.replace(sparse, top_p=1.0, prefill_mode="dense", max_blocks=None)
         print(f"[generate] no indexer at {args.indexer!r}: retrieval heads stay dense")
     ids = jnp.asarray([chat_ids(tok, args.prompt)], jnp.int32)
-    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, tuple) else (cfg.eos_token_id,)
-    kw = dict(max_new_tokens=args.max_new_tokens, chunk=args.chunk, stop_tokens=tuple(e for e in eos if e is not None),
+    kw = dict(max_new_tokens=args.max_new_tokens, chunk=args.chunk, stop_tokens=cfg.eos_tokens,
               sampling=SamplingConfig(args.temperature, args.top_k, args.top_p))
     report = {"model": args.model, "prompt_tokens": int(ids.shape[1]), "platform": jax.default_backend(),
               "device": jax.devices()[0].device_kind, "jax": jax.__version__, "modes": {}}

@@ -68,6 +68,12 @@ class ModelConfig:
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def eos_tokens(self) -> tuple[int, ...]:
+        """The end-of-sequence ids as a tuple (empty when the model names none): `generate`'s stop tokens."""
+        e = self.eos_token_id
+        return () if e is None else tuple(e) if isinstance(e, tuple) else (int(e),)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         if isinstance(self.eos_token_id, tuple):
