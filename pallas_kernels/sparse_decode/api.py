@@ -1,0 +1,45 @@
+"""Public API: sparse decode attention over a DecodePlan, with an explicit backend choice.
+
+backend: "reference" | "triton" (Pallas Triton lowering, GPU, split-K) | "mosaic_tpu". None picks the best for
+the default device and logs it; a named backend that cannot run raises (no silent fallback). interpret=True
+runs a Pallas backend in interpret mode (CPU tests). The cache length is padded to whole blocks here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.block_plan import cdiv
+from pallas_kernels.sparse_attention.api import _check_backend, default_backend
+from pallas_kernels.sparse_decode import reference
+from pallas_kernels.sparse_decode.plan import DecodePlan
+
+log = logging.getLogger(__name__)
+
+
+def sparse_decode_attention(q, k, v, plan: DecodePlan, *, backend: str | None = None, interpret: bool = False,
+                            scale=None, splits: int | None = None):
+    """q [B, N, H] (the token at kv_len - 1), k / v [B, S, K, H] -> (out [B, N, H] q.dtype, lse fp32 [B, N])."""
+    if q.ndim != 3 or k.ndim != 4 or k.shape != v.shape or q.shape[1] % k.shape[2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q must be [B, N, H] and k, v [B, S, K, H] with N a multiple of K; got {q.shape}, "
+                         f"{k.shape}, {v.shape}")
+    if backend is None:
+        backend = default_backend()
+        log.info("sparse_decode_attention: backend=%s (platform %s)", backend, jax.default_backend())
+    _check_backend(backend, interpret)
+    if backend == "reference":
+        return reference.sparse_decode_attention(q, k, v, plan, scale)
+    s = k.shape[1]
+    sp = cdiv(s, plan.kv_block) * plan.kv_block
+    k, v = (jnp.pad(x, ((0, 0), (0, sp - s), (0, 0), (0, 0))) for x in (k, v))
+    if backend == "triton":
+        from pallas_kernels.sparse_decode.triton import sparse_decode_triton
+
+        return sparse_decode_triton(q, k, v, plan, scale=scale, splits=splits, interpret=interpret)
+    from pallas_kernels.sparse_decode.mosaic_tpu import sparse_decode_tpu
+
+    hm = lambda x: jnp.swapaxes(x, 1, 2)
+    return sparse_decode_tpu(q, hm(k), hm(v), plan, scale=scale, interpret=interpret)

@@ -1,0 +1,103 @@
+"""Sparse decode attention, Pallas Mosaic TPU backend (scalar-prefetched union lists).
+
+Grid (B, K, M): the innermost axis walks the group's union entries; the K/V index_map reads entry j's block id
+from SMEM, so only planned blocks are DMA'd (entries past `counts` repeat the last id and are skipped). All G
+query heads of the group (rows padded to a multiple of 8) share each block; `head_mask` (SMEM scalars) masks per
+head. Online-softmax state lives in VMEM scratch across M.
+
+Layouts: q [B, K, Gp, H]; k / v head-major [B, K, S, H] (the api transposes); S a multiple of kv_block.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.sparse_decode.plan import DecodePlan
+
+_NEG = -1e30
+
+
+def _kernel(blocks_ref, counts_ref, hmask_ref, sinks_ref, window_ref, kvlen_ref, q_ref, k_ref, v_ref, o_ref,
+            lse_ref, m_sc, l_sc, acc_sc, *, scale, kv_block, m_max, g, gp, num_kv):
+    b, kh, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    row = b * num_kv + kh
+
+    @pl.when(j == 0)
+    def _init():
+        m_sc[...] = jnp.full(m_sc.shape, _NEG, jnp.float32)
+        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+    @pl.when(j < counts_ref[row])
+    def _visit():
+        start = blocks_ref[row * m_max + j] * kv_block
+        q, k, v = q_ref[...], k_ref[...], v_ref[...]
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+        gi = lax.broadcasted_iota(jnp.int32, s.shape, 0)
+        k_pos = start + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+        q_pos = kvlen_ref[b] - 1
+        vis = jnp.zeros(s.shape, jnp.bool_)
+        for r in range(g):  # per-head scalars from SMEM, spread over the head's row
+            hd = kh * g + r
+            ok = (hmask_ref[(row * m_max + j) * g + r] != 0) & \
+                ((k_pos < sinks_ref[hd]) | (q_pos - k_pos < window_ref[hd]))
+            vis = vis | ((gi == r) & ok)
+        vis = vis & (k_pos < kvlen_ref[b])
+        s = jnp.where(vis, s, _NEG)
+        m_prev = m_sc[...]
+        m_next = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))
+        corr = jnp.exp(m_prev - m_next)
+        p = jnp.where(vis, jnp.exp(s - m_next), 0.0)
+        l_sc[...] = l_sc[...] * corr + p.sum(axis=-1, keepdims=True)
+        acc_sc[...] = acc_sc[...] * corr + lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                                           preferred_element_type=jnp.float32)
+        m_sc[...] = m_next
+
+    @pl.when(j == m_max - 1)
+    def _finish():
+        l = l_sc[...]
+        safe = jnp.where(l > 0, l, 1.0)
+        o_ref[...] = (acc_sc[...] / safe).astype(o_ref.dtype)
+        lse_ref[...] = jnp.where(l > 0, m_sc[...] + jnp.log(safe), -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def sparse_decode_tpu(q, k_hm, v_hm, plan: DecodePlan, *, scale=None, interpret: bool = False):
+    """q [B, N, H], head-major k / v [B, K, S, H] -> (out [B, N, H] q.dtype, lse fp32 [B, N])."""
+    b, n, h = q.shape
+    kh, s = k_hm.shape[1], k_hm.shape[2]
+    g = n // kh
+    bk, m_max = plan.kv_block, plan.kv_blocks.shape[-1]
+    if s % bk:
+        raise ValueError(f"S={s} must be a multiple of kv_block={bk} (the api pads)")
+    gp = -(-g // 8) * 8
+    scale = h ** -0.5 if scale is None else scale
+    qp = jnp.pad(q.reshape(b, kh, g, h), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+    prefetch = (plan.kv_blocks.reshape(-1), plan.counts.reshape(-1), plan.head_mask.astype(jnp.int32).reshape(-1),
+                plan.sinks, plan.window, plan.kv_len.astype(jnp.int32))
+
+    def kv_map(bi, ki, ji, blocks, *_):
+        return bi, ki, blocks[(bi * kh + ki) * m_max + ji], 0
+
+    q_map = lambda bi, ki, ji, *_: (bi, ki, 0, 0)
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=len(prefetch), grid=(b, kh, m_max),
+        in_specs=[pl.BlockSpec((None, None, gp, h), q_map), pl.BlockSpec((None, None, bk, h), kv_map),
+                  pl.BlockSpec((None, None, bk, h), kv_map)],
+        out_specs=[pl.BlockSpec((None, None, gp, h), q_map), pl.BlockSpec((None, None, gp, 1), q_map)],
+        scratch_shapes=[pltpu.VMEM((gp, 1), jnp.float32), pltpu.VMEM((gp, 1), jnp.float32),
+                        pltpu.VMEM((gp, h), jnp.float32)])
+    kernel = functools.partial(_kernel, scale=scale, kv_block=bk, m_max=m_max, g=g, gp=gp, num_kv=kh)
+    out, lse = pl.pallas_call(
+        kernel, grid_spec=grid_spec,
+        out_shape=[jax.ShapeDtypeStruct((b, kh, gp, h), q.dtype), jax.ShapeDtypeStruct((b, kh, gp, 1), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=pltpu.InterpretParams() if interpret else False, name="rtpurbo_sparse_decode_tpu",
+    )(*prefetch, qp, k_hm, v_hm)
+    return out[:, :, :g].reshape(b, n, h), lse[:, :, :g, 0].reshape(b, n)

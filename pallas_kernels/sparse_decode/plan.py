@@ -1,0 +1,72 @@
+"""DecodePlan: the key blocks one decode token visits, per GQA group (KV head), with a per-query-head mask.
+
+A GQA group's query heads may select different blocks (retrieval heads' top-p sets, local heads' sink +
+window band). The group reads the **union** of its heads' blocks once; `head_mask` says which heads use each
+union entry. Token visibility inside a visited block, for query head n of sequence b (query at position
+q_pos = kv_len[b] - 1):
+
+    visible(b, n, s) = head_mask[b, n // G, j, n % G] for the union entry j holding block(s)
+                       and s < kv_len[b]
+                       and (s < sinks[n] or q_pos - s < window[n])
+
+Arrays: kv_blocks int32 [B, K, M] (ascending union ids in the first `counts` entries, then repeats of the last),
+counts int32 [B, K], head_mask bool [B, K, M, G], sinks / window int32 [N], kv_len int32 [B]; static kv_block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+    kv_blocks: jax.Array
+    counts: jax.Array
+    head_mask: jax.Array
+    sinks: jax.Array
+    window: jax.Array
+    kv_len: jax.Array
+    kv_block: int = dataclasses.field(metadata=dict(static=True))
+
+
+def decode_plan(sel: jax.Array, num_kv_heads: int, *, sinks, window, kv_len, kv_block: int,
+                max_blocks: int | None = None) -> DecodePlan:
+    """Pack a per-head block selection bool [B, N, Sb] into a DecodePlan with M = max_blocks or Sb.
+
+    A group keeping more than M union blocks keeps its lowest ids (callers size M to their budgets).
+    """
+    b, n, sb = sel.shape
+    g = n // num_kv_heads
+    grp = sel.reshape(b, num_kv_heads, g, sb)
+    union = grp.any(2)  # [B, K, Sb]
+    m = sb if max_blocks is None else min(max_blocks, sb)
+    ids = jnp.arange(sb, dtype=jnp.int32)
+    order = jnp.sort(jnp.where(union, ids, sb + ids), axis=-1)[..., :m]
+    counts = jnp.minimum(union.sum(-1), m).astype(jnp.int32)
+    blocks = jnp.where(order >= sb, order - sb, order)
+    last = jnp.take_along_axis(blocks, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
+    blocks = jnp.where(jnp.arange(m) < counts[..., None], blocks, jnp.where(counts[..., None] > 0, last, 0))
+    valid = jnp.arange(m) < counts[..., None]  # [B, K, M]
+    hm = jnp.take_along_axis(grp, blocks[:, :, None, :], axis=-1) & valid[:, :, None, :]  # [B, K, G, M]
+    return DecodePlan(kv_blocks=blocks.astype(jnp.int32), counts=counts, head_mask=jnp.moveaxis(hm, 2, 3),
+                      sinks=jnp.broadcast_to(jnp.asarray(sinks, jnp.int32), (n,)),
+                      window=jnp.broadcast_to(jnp.asarray(window, jnp.int32), (n,)),
+                      kv_len=jnp.broadcast_to(jnp.asarray(kv_len, jnp.int32), (b,)), kv_block=kv_block)
+
+
+def token_mask(plan: DecodePlan, seq_len: int) -> jax.Array:
+    """bool [B, N, S]: the exact visibility a plan defines (tests and the reference)."""
+    b, k, m = plan.kv_blocks.shape
+    g = plan.head_mask.shape[-1]
+    sb = -(-seq_len // plan.kv_block)
+    onehot = plan.kv_blocks[..., None] == jnp.arange(sb)  # [B, K, M, Sb]
+    per_head = (onehot[:, :, :, None, :] & plan.head_mask[..., None]).any(2)  # [B, K, G, Sb]
+    blk = per_head.reshape(b, k * g, sb)[..., jnp.arange(seq_len) // plan.kv_block]
+    s = jnp.arange(seq_len)
+    q_pos = (plan.kv_len - 1)[:, None, None]
+    band = (s < plan.sinks[None, :, None]) | (q_pos - s < plan.window[None, :, None])
+    return blk & band & (s < plan.kv_len[:, None, None])

@@ -1,0 +1,114 @@
+"""Sparse decode attention, Pallas with the Triton lowering (portable GPU backend), split-K.
+
+Grid (B, K, splits): one program per (sequence, GQA group, split). The program takes its share of the group's
+union entries (`counts` split evenly at run time, so short plans do not idle most programs), loads each K/V
+block once for all G query heads of the group (q rows padded to at least 16 for the tensor cores), masks per
+head with `head_mask`, and keeps the online-softmax state in fp32. It writes a normalised partial output and
+its log-sum-exp; `combine` merges the splits (one small XLA fusion). Two launches from plan to output.
+
+Layouts: q [B, K, Gp, H] (padded group rows), k / v [B, S, K, H] in place; S a multiple of kv_block.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.sparse_decode.plan import DecodePlan
+
+_NEG = -1e30
+
+
+def _kernel(blocks_ref, counts_ref, hmask_ref, sinks_ref, window_ref, kvlen_ref, q_ref, k_ref, v_ref, o_ref,
+            lse_ref, *, scale, kv_block, m_max, gp, num_kv, splits):
+    b, kh, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    row = b * num_kv + kh
+    count = counts_ref[row]
+    per = (count + splits - 1) // splits
+    lo = sp * per
+    hi = jnp.minimum(lo + per, count)
+    kv_len = kvlen_ref[b]
+    q_pos = kv_len - 1
+    q = q_ref[...]  # [Gp, H]
+    sink = sinks_ref[pl.ds(kh * gp, gp)][:, None]
+    window = window_ref[pl.ds(kh * gp, gp)][:, None]
+    qk_scale = scale * math.log2(math.e)
+
+    def body(j, carry):
+        acc, m_prev, l_prev = carry
+        start = pl.multiple_of(blocks_ref[row * m_max + j] * kv_block, kv_block)
+        use = hmask_ref[pl.ds((row * m_max + j) * gp, gp)][:, None] != 0
+        k = k_ref[pl.ds(start, kv_block), :]
+        s = pltriton.dot(q, k, trans_b=True) * qk_scale  # [Gp, bk] fp32
+        k_pos = start + lax.broadcasted_iota(jnp.int32, (gp, kv_block), 1)
+        vis = use & (k_pos < kv_len) & ((k_pos < sink) | (q_pos - k_pos < window))
+        s = jnp.where(vis, s, _NEG)
+        m_next = jnp.maximum(m_prev, s.max(axis=-1))
+        corr = jnp.exp2(m_prev - m_next)
+        p = jnp.where(vis, jnp.exp2(s - m_next[:, None]), 0.0)
+        v = v_ref[pl.ds(start, kv_block), :]
+        acc = acc * corr[:, None] + pltriton.dot(p.astype(v.dtype), v)
+        return acc, m_next, l_prev * corr + p.sum(axis=-1)
+
+    h = q.shape[-1]
+    init = (jnp.zeros((gp, h), jnp.float32), jnp.full((gp,), _NEG, jnp.float32), jnp.zeros((gp,), jnp.float32))
+    acc, m, l = lax.fori_loop(lo, hi, body, init)
+    safe = jnp.where(l > 0, l, 1.0)
+    o_ref[...] = acc / safe[:, None]
+    lse_ref[...] = jnp.where(l > 0, (m + jnp.log2(safe)) / math.log2(math.e), -jnp.inf)
+
+
+def combine(o_parts, lse_parts):
+    """Merge split partials: o_parts fp32 [..., splits, G, H], lse_parts [..., splits, G] -> ([..., G, H], [..., G])."""
+    lse = jax.nn.logsumexp(lse_parts, axis=-2)
+    w = jnp.where(jnp.isfinite(lse_parts), jnp.exp(lse_parts - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None, :]), 0.0)
+    return (w[..., None] * o_parts).sum(-3), lse
+
+
+def default_splits(batch: int, num_kv_heads: int, m_max: int, target_programs: int = 264) -> int:
+    """Splits so that B · K · splits fills about two waves of an H100's 132 SMs (at most one per entry)."""
+    return max(1, min(m_max, -(-target_programs // (batch * num_kv_heads))))
+
+
+@functools.partial(jax.jit, static_argnames=("splits", "num_warps", "num_stages", "interpret"))
+def sparse_decode_triton(q, k, v, plan: DecodePlan, *, scale=None, splits: int | None = None,
+                         num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
+    """q [B, N, H], k / v [B, S, K, H] (S a multiple of kv_block) -> (out [B, N, H] q.dtype, lse fp32 [B, N])."""
+    b, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    g = n // kh
+    bk, m_max = plan.kv_block, plan.kv_blocks.shape[-1]
+    if s % bk:
+        raise ValueError(f"S={s} must be a multiple of kv_block={bk} (the api pads)")
+    gp = max(16, 1 << (g - 1).bit_length())
+    splits = splits or default_splits(b, kh, m_max)
+    scale = h ** -0.5 if scale is None else scale
+    pad_g = lambda x, fill: jnp.pad(x.reshape(*x.shape[:-1], kh, g), [(0, 0)] * (x.ndim - 1) + [(0, 0), (0, gp - g)],
+                                    constant_values=fill)
+    qp = jnp.pad(q.reshape(b, kh, g, h), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+    hm = jnp.pad(plan.head_mask, ((0, 0), (0, 0), (0, 0), (0, gp - g))).astype(jnp.int32).reshape(-1)
+    args = (plan.kv_blocks.reshape(-1), plan.counts.reshape(-1), hm, pad_g(plan.sinks, 0).reshape(-1),
+            pad_g(plan.window, 0).reshape(-1), plan.kv_len.astype(jnp.int32))
+    whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+    kernel = functools.partial(_kernel, scale=scale, kv_block=bk, m_max=m_max, gp=gp, num_kv=kh, splits=splits)
+    o_parts, lse_parts = pl.pallas_call(
+        kernel, grid=(b, kh, splits),
+        in_specs=[whole(a) for a in args] + [
+            pl.BlockSpec((None, None, gp, h), lambda bi, ki, si: (bi, ki, 0, 0)),
+            pl.BlockSpec((None, s, None, h), lambda bi, ki, si: (bi, 0, ki, 0)),
+            pl.BlockSpec((None, s, None, h), lambda bi, ki, si: (bi, 0, ki, 0))],
+        out_specs=[pl.BlockSpec((None, None, None, gp, h), lambda bi, ki, si: (bi, ki, si, 0, 0)),
+                   pl.BlockSpec((None, None, None, gp), lambda bi, ki, si: (bi, ki, si, 0))],
+        out_shape=[jax.ShapeDtypeStruct((b, kh, splits, gp, h), jnp.float32),
+                   jax.ShapeDtypeStruct((b, kh, splits, gp), jnp.float32)],
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret, name="rtpurbo_sparse_decode",
+    )(*args, qp, k, v)
+    out, lse = combine(o_parts, lse_parts)  # [B, K, Gp, H], [B, K, Gp]
+    return out[:, :, :g].reshape(b, n, h).astype(q.dtype), lse[:, :, :g].reshape(b, n)
