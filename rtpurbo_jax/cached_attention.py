@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from pallas_kernels.block_plan import FULL_WINDOW
 from pallas_kernels.indexer_topp.reference import topp_selection_at
 from pallas_kernels.sparse_attention.reference import masked_attention
+from pallas_kernels.sparse_decode.api import sparse_decode_attention
+from pallas_kernels.sparse_decode.plan import decode_plan
 from rtpurbo_jax.kv_cache import CacheLayout, LayerCache, LayerLayout, ring_positions
 from rtpurbo_jax.model_config import ModelConfig
 from rtpurbo_jax.sparse_config import SparseConfig
@@ -41,32 +43,50 @@ def _local_band(sparse: SparseConfig | None, cfg: ModelConfig) -> tuple[int, int
     return sparse.sinks, sparse.window
 
 
-def _retrieval_blocks(q_idx, k_index, q_pos, valid, new_len, total_len, sparse: SparseConfig, *, tile: int,
-                      dense: bool):
-    """bool [B, Nr, C, S]: the key positions each retrieval head's query rows may visit (before causality)."""
-    b, c = q_pos.shape
-    s = k_index.shape[1]
-    if dense:
-        return jnp.ones((1, 1, 1, s), bool)
+def _retrieval_blocks(q_idx, k_index, q_pos, valid, new_len, total_len, sparse: SparseConfig, *, tile: int):
+    """bool [B, Nr, C / tile, Sb]: the key blocks each retrieval head's query tiles visit."""
     sel = topp_selection_at(q_idx, k_index.astype(jnp.float32), jnp.where(valid, q_pos, -1), new_len,
                             top_p=sparse.top_p, tile=tile, kv_block=sparse.kv_block, sinks=sparse.sinks,
-                            keep_recent=sparse.keep_recent, max_blocks=sparse.max_blocks)  # [B, Nr, C/tile, Sb]
+                            keep_recent=sparse.keep_recent, max_blocks=sparse.max_blocks)
     if sparse.seqlen_threshold > 0:
         sel = sel | (total_len < sparse.seqlen_threshold)[:, None, None, None]
-    sel = jnp.repeat(sel, tile, axis=2)
-    return sel[..., jnp.arange(s) // sparse.kv_block]
+    return sel
+
+
+def _decode_kernel_attention(q, k_full, v_full, ll: LayerLayout, qf, sel, new_len, sinks, window, kv_block,
+                             backend, interpret):
+    """Decode (C = 1) over the full KV heads with the sparse decode kernel: out fp32 [B, 1, Nf, H].
+
+    sel: bool [B, Nr, Sb] retrieval blocks or None (dense); local heads get their sink + window blocks.
+    """
+    b, s = k_full.shape[:2]
+    sb = -(-s // kv_block)
+    q_pos = (new_len - 1)[:, None]
+    k_lo = jnp.arange(sb) * kv_block
+    band = (k_lo <= q_pos) & ((k_lo < sinks) | (k_lo + kv_block - 1 > q_pos - window))  # [B, Sb]
+    is_r = jnp.asarray([n in ll.retrieval_q for n in qf])
+    blocks = jnp.broadcast_to(band[:, None], (b, len(qf), sb))
+    if ll.retrieval_q:
+        where = jnp.asarray([qf.index(r) for r in ll.retrieval_q])
+        rsel = jnp.ones((b, len(where), sb), bool) if sel is None else sel
+        blocks = blocks.at[:, where].set(rsel & (k_lo <= q_pos)[:, None])
+    plan = decode_plan(blocks, len(ll.full_kv), sinks=jnp.where(is_r, 0, sinks),
+                       window=jnp.where(is_r, FULL_WINDOW, window), kv_len=new_len, kv_block=kv_block)
+    out, _ = sparse_decode_attention(q[:, 0], k_full, v_full, plan, backend=backend, interpret=interpret)
+    return out[:, None].astype(jnp.float32)
 
 
 def layer_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLayout, cfg: ModelConfig,
                     sparse: SparseConfig | None, w_q, w_k, *, q_pos, valid, start_len, total_len, tile: int,
-                    dense_retrieval: bool):
+                    dense_retrieval: bool, backend: str = "reference", interpret: bool = False):
     """Attention output fp32 [B, C, N, H] and the updated LayerCache.
 
     qkv: project_qkv's dict for the new tokens (q, q_pre [B, C, N, H]; k, v, k_pre [B, C, K, H]).
     w_q, w_k: [Nr, H, I] indexer weights of this layer's retrieval heads (ll.retrieval_q order).
     q_pos int [B, C]; valid bool [B, C]; start_len int [B] positions cached before this call; total_len int [B]
     the sequence length that decides `seqlen_threshold`. tile: rows per top-p plan; dense_retrieval: static,
-    retrieval heads skip the indexer.
+    retrieval heads skip the indexer. backend: attention of a decode step (C = 1) over the full KV heads —
+    "reference" (masked jnp) or a `pallas_kernels.sparse_decode` backend; prefill chunks always use the reference.
     """
     b, c, n, h = qkv["q"].shape
     new_len = start_len + valid.sum(-1).astype(jnp.int32)
@@ -84,19 +104,27 @@ def layer_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLay
         base = (kp <= qp) & (kp < new_len[:, None, None, None]) & valid[:, None, :, None]
         band = (kp < sinks) | (qp - kp < window)  # [B, 1, C, S]
         mask = jnp.broadcast_to(band, (b, len(qf), c, s))
-        k_index = lc.k_index
+        k_index, sel = lc.k_index, None
         if ll.retrieval_q:
             rq = jnp.asarray(ll.retrieval_q)
             k_new = jnp.einsum("bcrh,rhi->bcri", qkv["k_pre"][:, :, rq // ll.group], w_k, precision=_HI,
                                preferred_element_type=jnp.float32)
             k_index = scatter_rows(lc.k_index, k_new, q_pos, valid)
-            q_idx = jnp.einsum("bcrh,rhi->bcri", qkv["q_pre"][:, :, rq], w_q, precision=_HI,
-                               preferred_element_type=jnp.float32)
-            blocks = _retrieval_blocks(q_idx, k_index, q_pos, valid, new_len, total_len, sparse, tile=tile,
-                                       dense=dense_retrieval)
-            where = jnp.asarray([qf.index(r) for r in ll.retrieval_q])
-            mask = mask.at[:, where].set(jnp.broadcast_to(blocks, (b, len(where), c, s)))
-        out, _ = masked_attention(qkv["q"][:, :, jnp.asarray(qf)], k_full, v_full, mask & base)
+            if not dense_retrieval:
+                q_idx = jnp.einsum("bcrh,rhi->bcri", qkv["q_pre"][:, :, rq], w_q, precision=_HI,
+                                   preferred_element_type=jnp.float32)
+                sel = _retrieval_blocks(q_idx, k_index, q_pos, valid, new_len, total_len, sparse, tile=tile)
+        qf_q = qkv["q"][:, :, jnp.asarray(qf)]
+        if backend != "reference" and c == 1:
+            kv_block = sparse.kv_block if sparse is not None else 64
+            out = _decode_kernel_attention(qf_q, k_full, v_full, ll, qf, None if sel is None else sel[:, :, 0],
+                                           new_len, sinks, window, kv_block, backend, interpret)
+        else:
+            if ll.retrieval_q:  # retrieval heads: their blocks (or everything), no band
+                where = jnp.asarray([qf.index(r) for r in ll.retrieval_q])
+                blocks = True if sel is None else jnp.repeat(sel, tile, axis=2)[..., jnp.arange(s) // sparse.kv_block]
+                mask = mask.at[:, where].set(jnp.broadcast_to(blocks, (b, len(ll.retrieval_q), c, s)))
+            out, _ = masked_attention(qf_q, k_full, v_full, mask & base)
         outs.append(out)
         order += list(qf)
         lc = LayerCache(k_full, v_full, lc.k_sink, lc.v_sink, lc.k_ring, lc.v_ring, k_index)

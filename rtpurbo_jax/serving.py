@@ -8,9 +8,11 @@ is dense and the model runs plain causal attention.
 Layers run as an unrolled Python loop (each layer's cache has its own head split), tokens of a chunk at traced
 positions, so one compilation serves every chunk and every decode step.
 
-Attention backend: the pure-jnp masked attention (`pallas_kernels.sparse_attention.reference`) on every
-platform for now — O(B · N · chunk · max_len) memory per layer in prefill, O(B · N · max_len) per decode
-step. The choice is logged once per compilation.
+Attention backends: a decode step over the full KV heads runs `pallas_kernels.sparse_decode` (`backend=None`
+picks Triton on GPUs, Mosaic on TPUs, the jnp reference on CPU, and logs it; `interpret=True` runs a Pallas
+backend in interpret mode). Local KV heads (sinks + ring, a few thousand tokens) and prefill chunks use the
+jnp masked attention: O(B · N · chunk · max_len) memory per layer in prefill. Keep max_len a multiple of
+kv_block so the kernel needs no padded copy of the cache.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_plan import cdiv
+from pallas_kernels.sparse_attention.api import default_backend
 from rtpurbo_jax.cached_attention import layer_attention
 from rtpurbo_jax.kv_cache import HybridCache, init_cache
 from rtpurbo_jax.model import _dense, logits_from_hidden, mlp, project_qkv, rms_norm, rope_cos_sin
@@ -32,8 +35,13 @@ from rtpurbo_jax.sparse_config import SparseConfig
 log = logging.getLogger(__name__)
 
 
-def _log_backend(what: str) -> None:
-    log.info("%s: attention backend=reference (jnp masked attention; platform %s)", what, jax.default_backend())
+def resolve_backend(backend: str | None) -> str:
+    """The decode-attention backend: a named one, or the best for the default device (logged)."""
+    if backend is None:
+        backend = default_backend()
+        log.info("serving: decode attention backend=%s (platform %s); prefill chunks use the jnp reference",
+                 backend, jax.default_backend())
+    return backend
 
 
 def check_indexer(cfg: ModelConfig, sparse: SparseConfig | None, indexer: dict | None) -> None:
@@ -55,7 +63,8 @@ def check_indexer(cfg: ModelConfig, sparse: SparseConfig | None, indexer: dict |
 
 
 def _run_tokens(params, cache: HybridCache, tokens, q_pos, valid, total_len, indexer, cfg: ModelConfig,
-                sparse: SparseConfig | None, *, tile: int, dense_retrieval: bool):
+                sparse: SparseConfig | None, *, tile: int, dense_retrieval: bool, backend: str = "reference",
+                interpret: bool = False):
     """Final normed hidden states [B, C, D] of C new tokens per sequence, and the updated cache."""
     layout = cache.layout
     cos, sin = rope_cos_sin(q_pos, cfg.rope, cfg.head_dim)
@@ -73,7 +82,7 @@ def _run_tokens(params, cache: HybridCache, tokens, q_pos, valid, total_len, ind
         qkv = project_qkv(lp, rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps), cfg, cos, sin)
         o, lc = layer_attention(qkv, lc, ll, layout, cfg, sparse, w_q, w_k, q_pos=q_pos, valid=valid,
                                 start_len=cache.lengths, total_len=total_len, tile=tile,
-                                dense_retrieval=dense_retrieval)
+                                dense_retrieval=dense_retrieval, backend=backend, interpret=interpret)
         x = x + _dense(o.astype(x.dtype).reshape(b, c, -1), lp["wo"], lp.get("bo"))
         x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps))
         layers.append(lc)
@@ -121,34 +130,32 @@ def prefill(params, cache: HybridCache, tokens, lengths, indexer=None, *, cfg: M
     cache with lengths += lengths. Prompt rows must fit: cache.lengths + lengths <= max_len (positions past it
     are dropped). Memory per layer O(B · N · chunk · max_len).
     """
-    _log_backend("prefill")
     return _prefill(params, cache, tokens, lengths, indexer, cfg, sparse, chunk)
 
 
-def _decode(params, cache, tokens, indexer, cfg, sparse):
+def _decode(params, cache, tokens, indexer, cfg, sparse, backend="reference", interpret=False):
     q_pos = cache.lengths[:, None]
     valid = jnp.ones_like(q_pos, bool)
     dense = sparse is None or (sparse.top_p >= 1.0 and sparse.max_blocks is None)
     x, cache = _run_tokens(params, cache, tokens[:, None], q_pos, valid, cache.lengths + 1, indexer, cfg, sparse,
-                           tile=1, dense_retrieval=dense)
+                           tile=1, dense_retrieval=dense, backend=backend, interpret=interpret)
     return logits_from_hidden(params, x[:, 0], cfg), cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sparse"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "sparse", "backend", "interpret"), donate_argnames=("cache",))
 def decode_step(params, cache: HybridCache, tokens, indexer=None, *, cfg: ModelConfig,
-                sparse: SparseConfig | None = None):
+                sparse: SparseConfig | None = None, backend: str | None = None, interpret: bool = False):
     """One token per sequence: tokens int [B] at position cache.lengths. Returns fp32 logits [B, V] and the cache.
 
     Retrieval heads score every cached index key, keep their top-p blocks and attend exactly inside them.
     """
-    _log_backend("decode_step")
-    return _decode(params, cache, tokens, indexer, cfg, sparse)
+    return _decode(params, cache, tokens, indexer, cfg, sparse, resolve_backend(backend), interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sparse", "sampling", "max_new_tokens", "stop_tokens",
-                                             "chunk", "max_len", "cache_dtype"))
+                                             "chunk", "max_len", "cache_dtype", "backend", "interpret"))
 def _generate(params, prompts, lengths, indexer, key, *, cfg, sparse, sampling, max_new_tokens, stop_tokens,
-              chunk, max_len, cache_dtype):
+              chunk, max_len, cache_dtype, backend, interpret):
     b = prompts.shape[0]
     cache = init_cache(cfg, b, max_len, sparse, cache_dtype)
     logits, cache = _prefill(params, cache, prompts, lengths, indexer, cfg, sparse, chunk)
@@ -160,7 +167,7 @@ def _generate(params, prompts, lengths, indexer, key, *, cfg, sparse, sampling, 
 
     def step(carry, _):
         cache, tok, done, key, count = carry
-        logits, cache = _decode(params, cache, tok, indexer, cfg, sparse)
+        logits, cache = _decode(params, cache, tok, indexer, cfg, sparse, backend, interpret)
         key, sub = jax.random.split(key)
         nxt = jnp.where(done, pad, sample(logits, sub, sampling))
         count = count + (~done).astype(jnp.int32)
@@ -173,12 +180,14 @@ def _generate(params, prompts, lengths, indexer, key, *, cfg, sparse, sampling, 
 
 def generate(params, prompts, lengths, *, cfg: ModelConfig, max_new_tokens: int, sparse: SparseConfig | None = None,
              indexer: dict | None = None, sampling: SamplingConfig = SamplingConfig(), stop_tokens=(),
-             key=None, chunk: int = 512, max_len: int | None = None, cache_dtype=None):
+             key=None, chunk: int = 512, max_len: int | None = None, cache_dtype=None, backend: str | None = None,
+             interpret: bool = False):
     """Generate up to `max_new_tokens` per prompt (prefill + a scanned decode loop, one jitted program).
 
     prompts int [B, T] right-padded, lengths int [B]. stop_tokens: ids that end a row (the stop token is kept;
     later positions repeat the first stop id). Returns dict tokens int32 [B, max_new_tokens], num_tokens int32
-    [B] (generated tokens up to and including a stop), cache (the final HybridCache).
+    [B] (generated tokens up to and including a stop), cache (the final HybridCache). backend / interpret: the
+    decode attention backend (see the module docstring).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -195,13 +204,13 @@ def generate(params, prompts, lengths, *, cfg: ModelConfig, max_new_tokens: int,
     if max_len > cfg.max_position_embeddings:
         log.warning("max_len %d exceeds the model's max_position_embeddings %d", max_len, cfg.max_position_embeddings)
     check_indexer(cfg, sparse, indexer)
-    _log_backend("generate")
+    backend = resolve_backend(backend)
     dtype = jnp.dtype(cache_dtype or params["embed"].dtype)
     tokens, count, cache = _generate(params, prompts, lengths, indexer,
                                      jax.random.key(0) if key is None else key, cfg=cfg, sparse=sparse,
                                      sampling=sampling, max_new_tokens=max_new_tokens,
                                      stop_tokens=tuple(int(t) for t in stop_tokens), chunk=chunk, max_len=max_len,
-                                     cache_dtype=dtype.name)
+                                     cache_dtype=dtype.name, backend=backend, interpret=interpret)
     return {"tokens": tokens, "num_tokens": count, "cache": cache}
 
 

@@ -50,7 +50,7 @@ def run_prefill_decode(params, ix, toks, prompt_len, sparse, max_len, chunk):
                         sparse=sparse, chunk=chunk)
     out = [lg]
     for i in range(prompt_len, t):
-        lg, cache = decode_step(params, cache, toks[:, i], ix, cfg=CFG, sparse=sparse)
+        lg, cache = decode_step(params, cache, toks[:, i], ix, cfg=CFG, sparse=sparse, backend="reference")
         out.append(lg)
     assert (np.asarray(cache.lengths) == t).all()
     return np.stack(out)
@@ -255,3 +255,22 @@ def test_sharded_dense_cache_keeps_heads_on_model_axis(model):
     assert_logits_close(lg, np.asarray(apply(params, toks, CFG))[:, -1])
     assert cache.layers[0].k_full.sharding.is_equivalent_to(
         cache_shardings(cache, mesh).layers[0].k_full, 4)
+
+
+@pytest.mark.parametrize("backend", ["triton", "mosaic_tpu"])
+def test_decode_with_kernel_backends_matches_reference(model, backend):
+    """decode_step's full-KV-head attention through the sparse decode kernels (interpret mode) = the jnp path,
+    in RTPurbo mode (top-p retrieval heads, banded local heads sharing their group) and with a dense cache."""
+    params, ix = model
+    toks = tokens(2, 40, seed=31)
+    for sp in (sparse_cfg(q_block=1, window=9, sinks=2), None):
+        want = run_prefill_decode(params, ix if sp else None, toks, 30, sp, max_len=48, chunk=8)
+        cache = init_cache(CFG, 2, 48, sp, jnp.float32)
+        lg, cache = prefill(params, cache, toks[:, :30], jnp.asarray([30, 30]), ix if sp else None, cfg=CFG,
+                            sparse=sp, chunk=8)
+        got = [lg]
+        for i in range(30, 40):
+            lg, cache = decode_step(params, cache, toks[:, i], ix if sp else None, cfg=CFG, sparse=sp,
+                                    backend=backend, interpret=True)
+            got.append(lg)
+        assert_logits_close(np.stack(got), want)

@@ -1,0 +1,143 @@
+"""Sparse decode microbenchmarks on the GPU against cuDNN dense decode, in one run.
+
+    python -m benchmarks.decode [--lengths 32768 131072] [--batches 1 8] [--out benchmarks/results/decode_h100]
+
+Shapes: 32 query / 8 KV heads, head_dim 128, bf16 (Llama-3.1-8B attention), one query token per sequence.
+Every variant is checked against the jnp reference before it is timed (calls enqueued back to back, median of 3).
+Bytes = K + V of the blocks a kernel must read (each group's union once); GB/s over those bytes, and as a
+fraction of a device copy's bandwidth measured in the same run. Also timed: the exact XLA indexer scoring +
+top-p selection + plan packing for one layer's retrieval heads (its share of the sparse attention time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.kernels import bench
+from pallas_kernels.block_plan import FULL_WINDOW, cdiv
+from pallas_kernels.indexer_topp.reference import topp_selection_at
+from pallas_kernels.sparse_decode.api import sparse_decode_attention
+from pallas_kernels.sparse_decode.plan import decode_plan
+
+N, K, H, KB = 32, 8, 128, 64
+G = N // K
+
+
+def copy_bandwidth(n: int = 1 << 30) -> float:
+    """Bytes/s of a device copy of n bf16 values (read + write)."""
+    x = jnp.ones((n,), jnp.bfloat16)
+    f = jax.jit(lambda a: a * 2)
+    return 2 * x.nbytes / bench(f, x, reps=5)
+
+
+def selection(kind: str, b: int, s: int, density: float, rng) -> np.ndarray:
+    """bool [B, N, Sb]: 'group' = one random set per GQA group (kv granularity), 'head' = per query head,
+    'dense' = everything. The last block is always kept (the query's own)."""
+    sb = cdiv(s, KB)
+    if kind == "dense":
+        return np.ones((b, N, sb), bool)
+    shape = (b, K, 1, sb) if kind == "group" else (b, K, G, sb)
+    sel = np.broadcast_to(rng.random(shape) < density, (b, K, G, sb)).reshape(b, N, sb).copy()
+    sel[..., -1] = True
+    return sel
+
+
+def read_bytes(plan) -> int:
+    return int(np.asarray(plan.counts).sum()) * KB * H * 2 * 2
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--densities", type=float, nargs="+", default=[0.10, 0.05, 0.02])
+    p.add_argument("--out", default="benchmarks/results/decode_h100")
+    p.add_argument("--dry-run", action="store_true", help="CPU check of the script: XLA baseline, interpret mode")
+    args = p.parse_args(argv)
+    impl, interp = ("xla", True) if args.dry_run else ("cudnn", False)
+    rng = np.random.default_rng(0)
+    bw = copy_bandwidth(1 << 20 if args.dry_run else 1 << 30)
+    res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+           "date": datetime.date.today().isoformat(), "shape": dict(q_heads=N, kv_heads=K, head_dim=H, kv_block=KB),
+           "copy_GBps": bw / 1e9, "rows": []}
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    for s in args.lengths:
+        for b in args.batches:
+            kq = jax.random.split(jax.random.key(s + b), 3)
+            q = jax.random.normal(kq[0], (b, N, H), jnp.bfloat16)
+            k = jax.random.normal(kq[1], (b, s, K, H), jnp.bfloat16)
+            v = jax.random.normal(kq[2], (b, s, K, H), jnp.bfloat16)
+            dense_bytes = b * s * K * H * 2 * 2
+            cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q[:, None], k, v, implementation=impl)[:, 0])
+            t_cudnn = bench(cudnn, q, k, v)
+            row0 = {"S": s, "B": b, "variant": f"{impl} dense", "us": t_cudnn * 1e6, "GBps": dense_bytes / t_cudnn / 1e9}
+            res["rows"].append(row0)
+            print(row0, flush=True)
+            variants = [("dense", 1.0)] + [(kind, d) for d in args.densities for kind in ("group", "head")]
+            for kind, dens in variants:
+                sel = selection(kind, b, s, dens, rng)
+                plan = decode_plan(jnp.asarray(sel), K, sinks=0, window=FULL_WINDOW, kv_len=s, kv_block=KB)
+                ref, _ = sparse_decode_attention(q, k, v, plan, backend="reference")
+                fn = jax.jit(lambda q, k, v, plan: sparse_decode_attention(q, k, v, plan, backend="triton",
+                                                                             interpret=interp)[0])
+                out = fn(q, k, v, plan)
+                err = float(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)).max())
+                t = bench(fn, q, k, v, plan)
+                nbytes = read_bytes(plan)
+                row = {"S": s, "B": b, "variant": f"ours {kind}", "density": dens,
+                       "union_frac": float(np.asarray(plan.counts).mean() / cdiv(s, KB)), "us": t * 1e6,
+                       "GBps": nbytes / t / 1e9, "frac_copy_bw": nbytes / t / bw, "speedup_vs_cudnn": t_cudnn / t,
+                       "max_abs_err_vs_ref": err}
+                res["rows"].append(row)
+                print(row, flush=True)
+            # indexer scoring + exact top-p selection + packing for one retrieval group (G heads), 16-dim keys
+            qi = jax.random.normal(kq[0], (b, 1, G, 16), jnp.float32)
+            ki = jax.random.normal(kq[1], (b, s, G, 16), jnp.float32)
+
+            def select(qi, ki):
+                sel = topp_selection_at(qi, ki, jnp.full((b, 1), s - 1), jnp.full((b,), s), top_p=0.9, tile=1,
+                                        kv_block=KB, sinks=4, keep_recent=64)[:, :, 0]
+                return decode_plan(sel, 1, sinks=0, window=FULL_WINDOW, kv_len=s, kv_block=KB)
+
+            t_sel = bench(jax.jit(select), qi, ki)
+            row = {"S": s, "B": b, "variant": "XLA indexer + top-p + plan (one group)", "us": t_sel * 1e6}
+            res["rows"].append(row)
+            print(row, flush=True)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(res, f, indent=1)
+    plot(res, args.out + ".png")
+    return res
+
+
+def plot(res, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(r["S"], r["B"]) for r in res["rows"]})
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 4), squeeze=False)
+    for ax, (s, b) in zip(axes[0], keys):
+        rows = [r for r in res["rows"] if r["S"] == s and r["B"] == b and "us" in r]
+        labels = [r["variant"].replace("ours ", "") + (f" {r['density']:.0%}" if "density" in r and r["density"] < 1 else "")
+                  for r in rows]
+        ax.barh(range(len(rows)), [r["us"] for r in rows])
+        ax.set_yticks(range(len(rows)), labels, fontsize=7)
+        ax.set_xlabel("µs per decode step (one layer)")
+        ax.set_title(f"S={s // 1024}K, B={b}")
+    fig.suptitle(f"sparse decode vs cuDNN dense, {res['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
