@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_plan import FULL_WINDOW
+from pallas_kernels.indexer_topp.api import decode_selection
 from pallas_kernels.indexer_topp.reference import topp_selection_at
 from pallas_kernels.sparse_attention.reference import masked_attention
 from pallas_kernels.sparse_decode.api import sparse_decode_attention
@@ -43,11 +44,17 @@ def _local_band(sparse: SparseConfig | None, cfg: ModelConfig) -> tuple[int, int
     return sparse.sinks, sparse.window
 
 
-def _retrieval_blocks(q_idx, k_index, q_pos, valid, new_len, total_len, sparse: SparseConfig, *, tile: int):
-    """bool [B, Nr, C / tile, Sb]: the key blocks each retrieval head's query tiles visit."""
-    sel = topp_selection_at(q_idx, k_index.astype(jnp.float32), jnp.where(valid, q_pos, -1), new_len,
-                            top_p=sparse.top_p, tile=tile, kv_block=sparse.kv_block, sinks=sparse.sinks,
-                            keep_recent=sparse.keep_recent, max_blocks=sparse.max_blocks)
+def _retrieval_blocks(q_idx, k_index, q_pos, valid, new_len, total_len, sparse: SparseConfig, *, tile: int,
+                      backend: str = "reference", interpret: bool = False):
+    """bool [B, Nr, C / tile, Sb]: the key blocks each retrieval head's query tiles visit (a decode step on a GPU
+    backend scores with the fused Pallas kernel; same selection)."""
+    kw = dict(top_p=sparse.top_p, kv_block=sparse.kv_block, sinks=sparse.sinks, keep_recent=sparse.keep_recent,
+              max_blocks=sparse.max_blocks)
+    if backend == "triton" and q_idx.shape[1] == 1:
+        sel = decode_selection(q_idx[:, 0], k_index, new_len, backend="triton", interpret=interpret, **kw)[:, :, None]
+    else:
+        sel = topp_selection_at(q_idx, k_index.astype(jnp.float32), jnp.where(valid, q_pos, -1), new_len,
+                                tile=tile, **kw)
     if sparse.seqlen_threshold > 0:
         sel = sel | (total_len < sparse.seqlen_threshold)[:, None, None, None]
     return sel
@@ -113,7 +120,8 @@ def layer_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLay
             if not dense_retrieval:
                 q_idx = jnp.einsum("bcrh,rhi->bcri", qkv["q_pre"][:, :, rq], w_q, precision=_HI,
                                    preferred_element_type=jnp.float32)
-                sel = _retrieval_blocks(q_idx, k_index, q_pos, valid, new_len, total_len, sparse, tile=tile)
+                sel = _retrieval_blocks(q_idx, k_index, q_pos, valid, new_len, total_len, sparse, tile=tile,
+                                        backend=backend, interpret=interpret)
         qf_q = qkv["q"][:, :, jnp.asarray(qf)]
         if backend != "reference" and c == 1:
             kv_block = sparse.kv_block if sparse is not None else 64

@@ -104,3 +104,31 @@ def test_topp_selection_p1_is_dense_causal():
     q_idx = jnp.asarray(rng.normal(size=(1, 40, 2, 4)), jnp.float32)
     sel = np.asarray(topp_selection(q_idx, q_idx, jnp.asarray([40]), top_p=1.0, q_block=8, kv_block=8))
     np.testing.assert_array_equal(sel[0, 0], np.tril(np.ones((5, 5), bool)))
+
+
+@pytest.mark.parametrize("b,r,s,kb,bpp", [(2, 3, 200, 16, 4), (1, 4, 1000, 64, 8), (3, 1, 77, 8, 2), (1, 2, 64, 64, 1)])
+def test_fused_decode_scoring_selects_like_the_reference(b, r, s, kb, bpp):
+    """The Pallas (Triton lowering, interpret mode) scoring + block-LSE kernel gives the reference's top-p blocks."""
+    from pallas_kernels.indexer_topp.api import decode_selection
+    from pallas_kernels.indexer_topp.triton import block_lse_triton
+
+    rng = np.random.default_rng(s)
+    q = jnp.asarray(rng.normal(size=(b, r, 16)) * 1.5, jnp.float32)
+    k = jnp.asarray(rng.normal(size=(b, s, r, 16)), jnp.float32)
+    kvl = jnp.asarray(rng.integers(s // 2, s + 1, b))
+    kw = dict(top_p=0.8, kv_block=kb, sinks=4, keep_recent=10)
+    want = np.asarray(decode_selection(q, k, kvl, backend="reference", **kw))
+    got = np.asarray(decode_selection(q, k, kvl, backend="triton", interpret=True, bpp=bpp, **kw))
+    np.testing.assert_array_equal(got, want)
+    assert want.any() and (cdiv(s, kb) == 1 or not want.all()), "a selection test needs a real choice"
+    # the kernel's block LSE against numpy
+    sp = cdiv(s, kb * bpp) * kb * bpp
+    kp = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
+    lse = np.asarray(block_lse_triton(q, kp, kvl, kv_block=kb, bpp=bpp, interpret=True))
+    sc = np.einsum("bri,bsri->brs", np.asarray(q, np.float64), np.asarray(kp, np.float64))
+    sc = np.where(np.arange(sp) < np.asarray(kvl)[:, None, None], sc, -np.inf).reshape(b, r, sp // kb, kb)
+    with np.errstate(divide="ignore"):
+        ref = np.log(np.exp(sc).sum(-1))
+    fin = np.isfinite(ref)
+    np.testing.assert_array_equal(np.isfinite(lse), fin)
+    np.testing.assert_allclose(lse[fin], ref[fin], rtol=1e-5, atol=1e-5)
