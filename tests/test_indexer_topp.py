@@ -132,3 +132,30 @@ def test_fused_decode_scoring_selects_like_the_reference(b, r, s, kb, bpp):
     fin = np.isfinite(ref)
     np.testing.assert_array_equal(np.isfinite(lse), fin)
     np.testing.assert_allclose(lse[fin], ref[fin], rtol=1e-5, atol=1e-5)
+
+
+def test_topp_select_with_ties_matches_stable_sort_definition():
+    """Exact semantics with tied masses: keep forced blocks, then candidates in stable descending order (lower
+    block id first among ties) while the mass kept before each one is below p."""
+    rng = np.random.default_rng(7)
+    for it in range(60):
+        n = int(rng.integers(1, 30))
+        vis = rng.random((4, n)) < 0.8
+        raw = rng.integers(0, 4, (4, n)).astype(np.float64)
+        mass = np.where(vis, raw, 0.0)
+        mass = mass / np.maximum(mass.sum(-1, keepdims=True), 1e-9)
+        forced = rng.random((4, n)) < 0.15
+        p = float(rng.choice([0.3, 0.6, 0.9, 0.999]))
+        got = np.asarray(topp_select(jnp.asarray(mass, jnp.float32), jnp.asarray(vis), jnp.asarray(forced), p))
+        m32 = mass.astype(np.float32)
+        for r in range(4):
+            f = forced[r] & vis[r]
+            want = f.copy()
+            kept = np.float32(m32[r][f].sum(dtype=np.float32))
+            cand = [i for i in sorted(np.flatnonzero(vis[r] & ~f), key=lambda i: (-m32[r][i], i))]
+            for i in cand:
+                if kept >= p:
+                    break
+                want[i] = True
+                kept = np.float32(kept + m32[r][i])
+            np.testing.assert_array_equal(got[r], want, err_msg=f"case {it} row {r} p={p}")

@@ -75,8 +75,14 @@ def topp_select(mass, visible, forced, top_p: float, max_blocks: int | None = No
         m = jnp.maximum(sorted_c, 0.0)
         before = base + jnp.cumsum(m, axis=-1) - m
         keep_sorted = (before < top_p) & (sorted_c >= 0)
-        keep = jnp.zeros_like(keep_sorted)
-        keep = jnp.put_along_axis(keep, order, keep_sorted, axis=-1, inplace=False)
+        # kept = the first L entries of the stable descending order; map back without a scatter: everything
+        # above the L-th value, plus the lowest-index ties at that value until L is reached
+        n_keep = keep_sorted.sum(-1, keepdims=True)
+        tau = jnp.take_along_axis(sorted_c, jnp.maximum(n_keep - 1, 0), axis=-1)
+        above = (cand > tau) & (cand >= 0)
+        tie = (cand == tau) & (cand >= 0)
+        tie_rank = jnp.cumsum(tie, axis=-1) - 1
+        keep = (n_keep > 0) & (above | (tie & (tie_rank < n_keep - above.sum(-1, keepdims=True))))
         sel = forced | keep
     if max_blocks is not None:
         prio = jnp.where(forced, 2.0, 0.0) + jnp.where(sel, jnp.clip(mass, 0.0, 1.0), -1.0)
