@@ -89,3 +89,46 @@ def test_named_backend_that_cannot_run_raises():
         block_sparse_attention(x, x, x, plan, backend="triton")
     with pytest.raises(ValueError, match="backend must be one of"):
         block_sparse_attention(x, x, x, plan, backend="cuda")
+
+
+# Mosaic GPU (Hopper) backend: 128-row query tiles; run in GPU interpret mode (simulated warpgroups, TMA and
+# barriers; fresh buffers start as NaN; the race detector is on).
+#              b,   t,   s,  n, kh,   h,  qb,  kb, q_off, plan
+MOSAIC_CASES = [(1, 128, 128, 2, 2, 64, 128, 64, 0, "full"),
+                (1, 200, 263, 8, 1, 128, 128, 64, 63, "random"),
+                (2, 129, 191, 4, 1, 64, 128, 64, 0, "band"),
+                (1, 256, 256, 4, 1, 64, 128, 128, 0, "random"),
+                (1, 128, 130, 2, 1, 64, 128, 64, 2, "one"),
+                (1, 128, 128, 2, 1, 64, 128, 64, 0, "empty")]
+
+
+@pytest.mark.parametrize("case", MOSAIC_CASES, ids=[f"{c[-1]}-t{c[1]}-s{c[2]}-g{c[3] // c[4]}-h{c[5]}-kb{c[7]}"
+                                                    for c in MOSAIC_CASES])
+def test_mosaic_gpu_bf16_matches_reference(case):
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as gpu_interpret
+
+    run_case("mosaic_gpu", case, jnp.bfloat16)
+    assert not gpu_interpret.get_races().races_found, "GPU interpret mode detected a data race"
+
+
+def test_mosaic_gpu_rejects_unsupported_plans():
+    from pallas_kernels.sparse_attention.mosaic_gpu import check_supported
+
+    x = jnp.ones((1, 128, 2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="q_block == 128"):
+        check_supported(x, x, band_plan(1, 2, 128, 128, sinks=0, window=128, q_block=64, kv_block=64))
+    with pytest.raises(ValueError, match="bf16/f16"):
+        check_supported(x.astype(jnp.float32), x, band_plan(1, 2, 128, 128, sinks=0, window=128, q_block=128,
+                                                            kv_block=64))
+
+
+def test_mosaic_gpu_fused_kernel_lowers_for_cuda():
+    """The GPU path (P in registers, PV accumulated in place), which interpret mode cannot run, lowers for CUDA."""
+    from pallas_kernels.sparse_attention.mosaic_gpu import block_sparse_attention_mosaic_gpu
+
+    q = jax.ShapeDtypeStruct((1, 256, 4, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 256, 1, 128), jnp.bfloat16)
+    plan = band_plan(1, 4, 256, 256, sinks=4, window=128, q_block=128, kv_block=64)
+    fn = jax.jit(lambda q, k, v, p: block_sparse_attention_mosaic_gpu(q, k, v, p, fused_pv=True))
+    exp = jax.export.export(fn, platforms=["cuda"])(q, kv, kv, plan)
+    assert "mosaic_gpu" in exp.mlir_module()

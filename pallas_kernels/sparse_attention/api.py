@@ -1,9 +1,11 @@
 """Public API: block-sparse attention over a BlockPlan with an explicit backend choice.
 
-backend: "reference" (pure jnp, any platform) | "triton" (Pallas Triton lowering, GPU; portable) |
-"mosaic_tpu" (Pallas Mosaic TPU). None picks the best available for the default device and logs the choice;
-a named backend that cannot run raises, saying why. No silent fallback.
-`interpret=True` runs a Pallas backend in interpret mode (CPU tests).
+backend: "reference" (pure jnp, any platform) | "mosaic_gpu" (Pallas Mosaic GPU, Hopper; the fast path) |
+"triton" (Pallas Triton lowering, any CUDA GPU; portable) | "mosaic_tpu" (Pallas Mosaic TPU). None picks the
+best available for the default device and plan (mosaic_gpu on sm90 when the plan has 128-row query tiles,
+64/128-key blocks, head_dim 64/128 and 16-bit inputs; else triton on GPU) and logs the choice; a named backend
+that cannot run raises, saying why. No silent fallback.
+`interpret=True` runs a Pallas backend in interpret mode (CPU tests; GPU interpret mode for mosaic_gpu).
 """
 
 from __future__ import annotations
@@ -17,19 +19,35 @@ from pallas_kernels.block_plan import BlockPlan, cdiv
 from pallas_kernels.sparse_attention import reference
 
 log = logging.getLogger(__name__)
-BACKENDS = ("reference", "triton", "mosaic_tpu")
+BACKENDS = ("reference", "mosaic_gpu", "triton", "mosaic_tpu")
 
 
-def default_backend(platform: str | None = None) -> str:
+def _is_hopper() -> bool:
+    dev = jax.devices()[0]
+    return getattr(dev, "compute_capability", "").startswith("9.")
+
+
+def default_backend(platform: str | None = None, q=None, k=None, plan: BlockPlan | None = None) -> str:
+    """The backend None resolves to; with (q, k, plan) given, mosaic_gpu only where it supports them."""
     platform = platform or jax.default_backend()
-    return {"gpu": "triton", "cuda": "triton", "tpu": "mosaic_tpu"}.get(platform, "reference")
+    if platform in ("gpu", "cuda"):
+        if q is not None and _is_hopper():
+            from pallas_kernels.sparse_attention.mosaic_gpu import check_supported
+
+            try:
+                check_supported(q, k, plan)
+                return "mosaic_gpu"
+            except ValueError as why:
+                log.info("block_sparse_attention: mosaic_gpu not used (%s)", why)
+        return "triton"
+    return {"tpu": "mosaic_tpu"}.get(platform, "reference")
 
 
 def _check_backend(backend: str, interpret: bool) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     platform = jax.default_backend()
-    need = {"triton": "gpu", "mosaic_tpu": "tpu"}.get(backend)
+    need = {"triton": "gpu", "mosaic_gpu": "gpu", "mosaic_tpu": "tpu"}.get(backend)
     if need and not interpret and platform != need:
         raise RuntimeError(f"backend {backend!r} needs a {need.upper()} (default device is {platform}); "
                            "pass interpret=True to run it in interpret mode, or backend='reference'")
@@ -41,10 +59,11 @@ def block_sparse_attention(q, k, v, plan: BlockPlan, *, backend: str | None = No
 
     q [B, T, N, H]; k, v [B, S, K, H] -> out [B, T, N, H] (q.dtype) [, lse fp32 [B, N, T]].
     Lengths that are not multiples of the plan's blocks are padded here (padded keys lie past kv_len).
-    o_init: an output buffer aliased by Pallas backends (tests poison it with NaNs).
+    o_init: an output buffer aliased by the triton / mosaic_tpu backends (tests poison it with NaNs); mosaic_gpu
+    ignores it (GPU interpret mode already starts fresh buffers as NaN).
     """
     if backend is None:
-        backend = default_backend()
+        backend = default_backend(None, q, k, plan)
         log.info("block_sparse_attention: backend=%s (platform %s)", backend, jax.default_backend())
     _check_backend(backend, interpret)
     if backend == "reference":
@@ -56,7 +75,11 @@ def block_sparse_attention(q, k, v, plan: BlockPlan, *, backend: str | None = No
     q, k, v = pad(q, tp), pad(k, sp), pad(v, sp)
     if o_init is not None:
         o_init = pad(o_init, tp)
-    if backend == "triton":
+    if backend == "mosaic_gpu":
+        from pallas_kernels.sparse_attention.mosaic_gpu import block_sparse_attention_mosaic_gpu
+
+        out, lse = block_sparse_attention_mosaic_gpu(q, k, v, plan, scale=scale, interpret=interpret)
+    elif backend == "triton":
         from pallas_kernels.sparse_attention.triton import block_sparse_attention_triton
 
         out, lse = block_sparse_attention_triton(q, k, v, plan, scale=scale, interpret=interpret, o_init=o_init)
