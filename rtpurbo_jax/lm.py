@@ -15,11 +15,15 @@ MODES = ("full", "rtpurbo")
 
 
 def apply(params: dict, tokens, cfg: ModelConfig, *, mode: str = "full", sparse: SparseConfig | None = None,
-          indexer: dict | None = None, lengths=None, chunk: int = 512, **kw):
+          indexer: dict | None = None, lengths=None, chunk: int = 512, attn_backend: str | None = "reference",
+          **kw):
     """Logits fp32 [B, T, V] (or what `forward`'s options return) for tokens int [B, T].
 
     mode "rtpurbo" needs `sparse` (roles must fit the model) and, for prefill_mode "indexer", `indexer`
     ({w_q, w_k: [L, N, H, I]}). lengths int [B]: right padding.
+    attn_backend: the block-sparse attention backend of the rtpurbo layers. "reference" (default) is the jnp path
+    and the only differentiable one (training); None picks the Pallas kernel for the device (inference; on an
+    H100 the Mosaic GPU kernel when the plan fits it), or name one (`pallas_kernels.sparse_attention.api`).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -38,7 +42,7 @@ def apply(params: dict, tokens, cfg: ModelConfig, *, mode: str = "full", sparse:
         if tuple(indexer[name].shape) != want:
             raise ValueError(f"indexer {name} has shape {tuple(indexer[name].shape)}, expected {want}")
     layer_data = (jnp.asarray(sparse.roles_array), indexer["w_q"], indexer["w_k"])
-    return forward(params, tokens, cfg, lengths=lengths, attn_fn=rtpurbo_attn_fn(sparse, lengths, chunk),
+    return forward(params, tokens, cfg, lengths=lengths, attn_fn=rtpurbo_attn_fn(sparse, lengths, chunk, attn_backend),
                    layer_data=layer_data, chunk=chunk, **kw)
 
 

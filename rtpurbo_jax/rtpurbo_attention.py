@@ -58,18 +58,29 @@ def layer_plan(qkv: dict, roles: jax.Array, w_q, w_k, cfg: SparseConfig, lengths
     return plan_from_selection(sel, sinks=sinks, window=window, kv_len=kv_len, q_block=qb, kv_block=kb)
 
 
-def rtpurbo_attention(qkv: dict, roles, w_q, w_k, cfg: SparseConfig, lengths=None, chunk: int = 512):
-    """RTPurbo attention output [B, T, N, H] (dtype of q) for one layer's q/k/v (post-RoPE) and q_pre/k_pre."""
+def rtpurbo_attention(qkv: dict, roles, w_q, w_k, cfg: SparseConfig, lengths=None, chunk: int = 512,
+                      backend: str | None = "reference", interpret: bool = False):
+    """RTPurbo attention output [B, T, N, H] (dtype of q) for one layer's q/k/v (post-RoPE) and q_pre/k_pre.
+
+    backend: "reference" (jnp, differentiable, `chunk` query rows per step) or a Pallas backend of
+    `pallas_kernels.sparse_attention.api` (None = the best one for the device; forward only). interpret: run a
+    Pallas backend in interpret mode (CPU tests).
+    """
     plan = layer_plan(qkv, roles, w_q, w_k, cfg, lengths)
-    return block_sparse_attention(qkv["q"], qkv["k"], qkv["v"], plan, chunk=chunk)
+    if backend == "reference":
+        return block_sparse_attention(qkv["q"], qkv["k"], qkv["v"], plan, chunk=chunk)
+    from pallas_kernels.sparse_attention.api import block_sparse_attention as kernel_attention
+
+    return kernel_attention(qkv["q"], qkv["k"], qkv["v"], plan, backend=backend, interpret=interpret)
 
 
-def rtpurbo_attn_fn(cfg: SparseConfig, lengths=None, chunk: int = 512):
+def rtpurbo_attn_fn(cfg: SparseConfig, lengths=None, chunk: int = 512, backend: str | None = "reference",
+                    interpret: bool = False):
     """`attn_fn` for `rtpurbo_jax.model.forward`; its layer_data is (roles [L, N], w_q, w_k [L, N, H, I])."""
 
     def attn(qkv, layer_data):
         roles, w_q, w_k = layer_data
-        return rtpurbo_attention(qkv, roles, w_q, w_k, cfg, lengths, chunk)
+        return rtpurbo_attention(qkv, roles, w_q, w_k, cfg, lengths, chunk, backend, interpret)
 
     return attn
 
