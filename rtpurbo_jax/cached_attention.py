@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_plan import FULL_WINDOW
-from pallas_kernels.indexer_topp.api import decode_selection
+from pallas_kernels.indexer_topp.api import decode_plan_select
 from pallas_kernels.indexer_topp.reference import topp_selection_at
 from pallas_kernels.sparse_attention.reference import masked_attention
 from pallas_kernels.sparse_decode.api import sparse_decode_attention
@@ -44,41 +44,46 @@ def _local_band(sparse: SparseConfig | None, cfg: ModelConfig) -> tuple[int, int
     return sparse.sinks, sparse.window
 
 
-def _retrieval_blocks(q_idx, k_index, q_pos, valid, new_len, total_len, sparse: SparseConfig, *, tile: int,
-                      backend: str = "reference", interpret: bool = False):
-    """bool [B, Nr, C / tile, Sb]: the key blocks each retrieval head's query tiles visit (a decode step on a GPU
-    backend scores with the fused Pallas kernel; same selection)."""
+def _retrieval_blocks(q_idx, k_index, q_pos, valid, new_len, total_len, sparse: SparseConfig, *, tile: int):
+    """bool [B, Nr, C / tile, Sb]: the key blocks each retrieval head's query tiles visit (jnp path)."""
     kw = dict(top_p=sparse.top_p, kv_block=sparse.kv_block, sinks=sparse.sinks, keep_recent=sparse.keep_recent,
               max_blocks=sparse.max_blocks)
-    if backend == "triton" and q_idx.shape[1] == 1:
-        sel = decode_selection(q_idx[:, 0], k_index, new_len, backend="triton", interpret=interpret, **kw)[:, :, None]
-    else:
-        sel = topp_selection_at(q_idx, k_index.astype(jnp.float32), jnp.where(valid, q_pos, -1), new_len,
-                                tile=tile, **kw)
+    sel = topp_selection_at(q_idx, k_index.astype(jnp.float32), jnp.where(valid, q_pos, -1), new_len, tile=tile,
+                            **kw)
     if sparse.seqlen_threshold > 0:
         sel = sel | (total_len < sparse.seqlen_threshold)[:, None, None, None]
     return sel
 
 
-def _decode_kernel_attention(q, k_full, v_full, ll: LayerLayout, qf, sel, new_len, sinks, window, kv_block,
-                             backend, interpret):
+def _decode_kernel_attention(q, k_full, v_full, ll: LayerLayout, qf, q_idx, k_index, new_len, total_len, sinks,
+                             window, sparse: SparseConfig | None, backend, interpret):
     """Decode (C = 1) over the full KV heads with the sparse decode kernel: out fp32 [B, 1, Nf, H].
 
-    sel: bool [B, Nr, Sb] retrieval blocks or None (dense); local heads get their sink + window blocks.
+    q_idx fp32 [B, 1, Nr, I] retrieval heads' index queries, or None (retrieval heads dense); local heads get
+    their sink + window blocks. The plan comes from `decode_plan_select`: with the triton backend the fused
+    scoring kernel and the sort-free top-p + packing kernel, else the XLA selection.
     """
     b, s = k_full.shape[:2]
-    sb = -(-s // kv_block)
-    q_pos = (new_len - 1)[:, None]
-    k_lo = jnp.arange(sb) * kv_block
-    band = (k_lo <= q_pos) & ((k_lo < sinks) | (k_lo + kv_block - 1 > q_pos - window))  # [B, Sb]
-    is_r = jnp.asarray([n in ll.retrieval_q for n in qf])
-    blocks = jnp.broadcast_to(band[:, None], (b, len(qf), sb))
-    if ll.retrieval_q:
-        where = jnp.asarray([qf.index(r) for r in ll.retrieval_q])
-        rsel = jnp.ones((b, len(where), sb), bool) if sel is None else sel
-        blocks = blocks.at[:, where].set(rsel & (k_lo <= q_pos)[:, None])
-    plan = decode_plan(blocks, len(ll.full_kv), sinks=jnp.where(is_r, 0, sinks),
-                       window=jnp.where(is_r, FULL_WINDOW, window), kv_len=new_len, kv_block=kv_block)
+    kv_block = sparse.kv_block if sparse is not None else 64
+    n = len(qf)
+    retrieval = tuple(qf.index(r) for r in ll.retrieval_q)
+    if q_idx is not None:
+        dense = (total_len < sparse.seqlen_threshold) if sparse.seqlen_threshold > 0 else None
+        plan = decode_plan_select(q_idx[:, 0], k_index, new_len, retrieval=retrieval, num_kv_heads=len(ll.full_kv),
+                                  head_sinks=[sinks] * n, head_window=[window] * n, top_p=sparse.top_p,
+                                  kv_block=kv_block, sinks=sparse.sinks, keep_recent=sparse.keep_recent, dense=dense,
+                                  max_blocks=sparse.max_blocks, interpret=interpret,
+                                  backend="triton" if backend == "triton" else "reference")
+    else:  # every retrieval head dense: the plan is static bands + whole causal ranges
+        sb = -(-s // kv_block)
+        q_pos = (new_len - 1)[:, None]
+        k_lo = jnp.arange(sb) * kv_block
+        causal = k_lo <= q_pos
+        band = causal & ((k_lo < sinks) | (k_lo + kv_block - 1 > q_pos - window))  # [B, Sb]
+        is_r = jnp.asarray([i in retrieval for i in range(n)])
+        blocks = jnp.where(is_r[None, :, None], causal[:, None], band[:, None])
+        plan = decode_plan(blocks, len(ll.full_kv), sinks=jnp.where(is_r, 0, sinks),
+                           window=jnp.where(is_r, FULL_WINDOW, window), kv_len=new_len, kv_block=kv_block)
     out, _ = sparse_decode_attention(q[:, 0], k_full, v_full, plan, backend=backend, interpret=interpret)
     return out[:, None].astype(jnp.float32)
 
@@ -112,6 +117,7 @@ def layer_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLay
         band = (kp < sinks) | (qp - kp < window)  # [B, 1, C, S]
         mask = jnp.broadcast_to(band, (b, len(qf), c, s))
         k_index, sel = lc.k_index, None
+        q_idx = None
         if ll.retrieval_q:
             rq = jnp.asarray(ll.retrieval_q)
             k_new = jnp.einsum("bcrh,rhi->bcri", qkv["k_pre"][:, :, rq // ll.group], w_k, precision=_HI,
@@ -120,14 +126,13 @@ def layer_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLay
             if not dense_retrieval:
                 q_idx = jnp.einsum("bcrh,rhi->bcri", qkv["q_pre"][:, :, rq], w_q, precision=_HI,
                                    preferred_element_type=jnp.float32)
-                sel = _retrieval_blocks(q_idx, k_index, q_pos, valid, new_len, total_len, sparse, tile=tile,
-                                        backend=backend, interpret=interpret)
         qf_q = qkv["q"][:, :, jnp.asarray(qf)]
         if backend != "reference" and c == 1:
-            kv_block = sparse.kv_block if sparse is not None else 64
-            out = _decode_kernel_attention(qf_q, k_full, v_full, ll, qf, None if sel is None else sel[:, :, 0],
-                                           new_len, sinks, window, kv_block, backend, interpret)
+            out = _decode_kernel_attention(qf_q, k_full, v_full, ll, qf, q_idx, k_index, new_len, total_len,
+                                           sinks, window, sparse, backend, interpret)
         else:
+            if q_idx is not None:
+                sel = _retrieval_blocks(q_idx, k_index, q_pos, valid, new_len, total_len, sparse, tile=tile)
             if ll.retrieval_q:  # retrieval heads: their blocks (or everything), no band
                 where = jnp.asarray([qf.index(r) for r in ll.retrieval_q])
                 blocks = True if sel is None else jnp.repeat(sel, tile, axis=2)[..., jnp.arange(s) // sparse.kv_block]

@@ -159,3 +159,113 @@ def test_topp_select_with_ties_matches_stable_sort_definition():
                 want[i] = True
                 kept = np.float32(kept + m32[r][i])
             np.testing.assert_array_equal(got[r], want, err_msg=f"case {it} row {r} p={p}")
+
+
+def _plans_equal(got, want, seq_len):
+    from pallas_kernels.sparse_decode.plan import token_mask
+
+    np.testing.assert_array_equal(np.asarray(got.counts), np.asarray(want.counts))
+    c = np.asarray(want.counts)
+    for b, k in np.ndindex(*c.shape):
+        np.testing.assert_array_equal(np.asarray(got.kv_blocks)[b, k, :c[b, k]], np.asarray(want.kv_blocks)[b, k, :c[b, k]])
+        np.testing.assert_array_equal(np.asarray(got.head_mask)[b, k, :c[b, k]], np.asarray(want.head_mask)[b, k, :c[b, k]])
+        # padding entries repeat the last id and use no head (the DecodePlan contract)
+        assert np.all(np.asarray(got.kv_blocks)[b, k, c[b, k]:] == (np.asarray(want.kv_blocks)[b, k, c[b, k] - 1]
+                                                                    if c[b, k] else 0))
+        assert not np.asarray(got.head_mask)[b, k, c[b, k]:].any()
+    np.testing.assert_array_equal(np.asarray(token_mask(got, seq_len)), np.asarray(token_mask(want, seq_len)))
+
+
+@pytest.mark.parametrize("b,n,kh,s,kb,p,retrieval", [(2, 8, 2, 1000, 16, 0.9, (0, 3, 6, 7)),
+                                                     (1, 6, 2, 500, 16, 0.8, (0, 4)),
+                                                     (1, 4, 4, 333, 32, 0.5, (1,)),
+                                                     (3, 8, 1, 700, 64, 0.95, (0, 1, 2, 3, 4, 5, 6, 7)),
+                                                     (2, 4, 1, 129, 8, 1.0, (2,))])
+def test_fused_topp_plan_kernel_matches_the_reference(b, n, kh, s, kb, p, retrieval):
+    """Scoring kernel + sort-free top-p / packing kernel (Triton lowering, interpret mode) build the same
+    DecodePlan as the sort-based reference: mixed retrieval / local heads per group, ragged lengths, a row below
+    seqlen_threshold (dense), block counts that are not powers of two."""
+    from pallas_kernels.indexer_topp.api import decode_plan_select
+
+    rng = np.random.default_rng(s + n)
+    r = len(retrieval)
+    q = jnp.asarray(rng.normal(size=(b, r, 16)) * 1.5, jnp.float32)
+    k = jnp.asarray(rng.normal(size=(b, s, r, 16)), jnp.float32)
+    kvl = jnp.asarray(rng.integers(s // 3, s + 1, b))
+    kw = dict(retrieval=retrieval, num_kv_heads=kh, head_sinks=rng.integers(0, 9, n),
+              head_window=rng.integers(20, 200, n), top_p=p, kv_block=kb, sinks=4, keep_recent=10,
+              dense=jnp.arange(b) == 1)
+    want = decode_plan_select(q, k, kvl, backend="reference", **kw)
+    got = decode_plan_select(q, k, kvl, backend="triton", interpret=True, **kw)
+    _plans_equal(got, want, s)
+    assert 0 < np.asarray(want.counts).min() and np.asarray(want.counts).max() < cdiv(s, kb) or p == 1.0
+
+
+def test_fused_topp_plan_kernel_ties_follow_the_stable_sort_rule():
+    """Masses with many exact ties (lse from 3 integer weights): the bisection boundary plus index-order tie
+    ranks keep exactly the stable descending order's prefix; p is kept away from every partial sum."""
+    from pallas_kernels.indexer_topp.plan_triton import decode_plan_triton
+
+    rng = np.random.default_rng(11)
+    g, sbp, kb = 4, 64, 16
+    for it in range(8):
+        w = rng.integers(1, 4, (1, g, sbp)).astype(np.float64)
+        kv_len = int(rng.integers(200, sbp * kb + 1))
+        nb = cdiv(kv_len, kb)
+        w[..., nb:] = 0
+        forced = np.zeros(sbp, bool)
+        forced[0] = True
+        forced[(kv_len - 1) // kb] = True
+        forced[nb:] = False
+        # choose p away from every partial sum of every head (stable order: weight desc, then block id)
+        cums = []
+        for h in range(g):
+            tot = w[0, h].sum()
+            cand = sorted(np.flatnonzero(~forced[:nb]), key=lambda i: (-w[0, h, i], i))
+            cums.append((w[0, h, forced].sum() + np.cumsum([w[0, h, i] for i in cand])) / tot)
+        p = next(x for x in rng.uniform(0.2, 0.95, 100) if min(np.abs(c - x).min() for c in cums) > 1e-3)
+        with np.errstate(divide="ignore"):
+            lse = jnp.asarray(np.log(w), jnp.float32)
+        blocks, counts, hm = decode_plan_triton(
+            lse, jnp.ones(g, jnp.int32), jnp.zeros(g, jnp.int32), jnp.zeros(g, jnp.int32), jnp.asarray([kv_len]),
+            jnp.zeros(1, jnp.int32), num_kv_heads=1, top_p=float(p), kv_block=kb, sinks=1, keep_recent=1,
+            interpret=True)
+        for h in range(g):
+            tot = w[0, h].sum()
+            want = forced[:sbp].copy()
+            kept = w[0, h, forced].sum() / tot
+            for i in sorted(np.flatnonzero(~forced[:nb]), key=lambda i: (-w[0, h, i], i)):
+                if kept >= p:
+                    break
+                want[i] = True
+                kept += w[0, h, i] / tot
+            c = int(counts[0, 0])
+            got = np.zeros(sbp, bool)
+            got[np.asarray(blocks)[0, 0, :c][np.asarray(hm)[0, 0, h, :c] != 0]] = True
+            np.testing.assert_array_equal(got, want)
+
+
+def test_decode_selection_kernels_lower_for_an_h100():
+    """Both decode selection kernels lower through Pallas' Triton lowering for an abstract H100 (catches
+    primitives the lowering lacks, which interpret mode does not)."""
+    import jax
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+
+    from pallas_kernels.indexer_topp.plan_triton import decode_plan_triton
+    from pallas_kernels.indexer_topp.triton import block_lse_triton
+
+    b, r, sbp, kb = 8, 4, 2048, 64
+    i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
+
+    def both(q, k, kv_len, isr, hs, hw, dense):
+        lse = block_lse_triton(q, k, kv_len, kv_block=kb, bpp=8)
+        return decode_plan_triton(lse, isr, hs, hw, kv_len, dense, num_kv_heads=1, top_p=0.9, kv_block=kb,
+                                  sinks=4, keep_recent=64)
+
+    dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=dev)):
+        low = jax.jit(both).trace(jax.ShapeDtypeStruct((b, r, 16), jnp.float32),
+                                  jax.ShapeDtypeStruct((b, sbp * kb, r, 16), jnp.bfloat16), i32(b), i32(r), i32(r),
+                                  i32(r), i32(b)).lower(lowering_platforms=("cuda",))
+    text = low.as_text()
+    assert "rtpurbo_decode_topp_plan" in text and "rtpurbo_index_block_lse" in text

@@ -50,3 +50,68 @@ def decode_selection(q_idx, k_idx, kv_len, *, top_p: float, kv_block: int, sinks
     mass = jnp.where(jnp.isfinite(lse), jnp.exp(lse - jnp.where(jnp.isfinite(tot), tot, 0.0)), 0.0)
     forced = forced_blocks(kv_len - 1, kv_len - 1, sb, kv_block, sinks, keep_recent)[:, None]  # [B, 1, Sb]
     return topp_select(mass, jnp.isfinite(lse), forced, top_p, max_blocks)
+
+
+def decode_plan_select(q_idx, k_idx, kv_len, *, retrieval: tuple[int, ...], num_kv_heads: int, head_sinks,
+                       head_window, top_p: float, kv_block: int, sinks: int = 0, keep_recent: int = 64,
+                       dense=None, max_blocks: int | None = None, backend: str | None = None,
+                       interpret: bool = False, bpp: int = 8):
+    """The DecodePlan of one decode step for N query heads (G = N / num_kv_heads per group), from index keys.
+
+    q_idx fp32 [B, R, I] and k_idx [B, S, R, I]: the R retrieval heads, which sit at rows `retrieval` (static)
+    of the N heads; the other heads are local: `head_sinks` / `head_window` int [N] give their band (entries of
+    retrieval rows are ignored). kv_len int [B] (the query sits at kv_len - 1). dense: optional bool [B], rows
+    whose retrieval heads keep every visible block (below `seqlen_threshold`).
+    backend "reference": exact sort-based top-p (XLA) + `decode_plan`; "triton": the fused scoring kernel, then
+    one sort-free top-p + packing kernel (`plan_triton.py`) — two launches from index keys to the plan. With
+    `max_blocks` (a per-head cap the kernel does not implement) triton scores and XLA selects and packs.
+    """
+    from pallas_kernels.block_plan import FULL_WINDOW
+    from pallas_kernels.sparse_decode.plan import DecodePlan, decode_plan
+
+    if not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if backend is None:
+        backend = "triton" if jax.default_backend() in ("gpu", "cuda") else "reference"
+        log.info("decode_plan_select: backend=%s (platform %s)", backend, jax.default_backend())
+    if backend not in ("reference", "triton"):
+        raise ValueError(f"backend must be 'reference' or 'triton', got {backend!r}")
+    _check_backend(backend, interpret)
+    n = len(head_sinks)
+    b, s = k_idx.shape[:2]
+    sb = cdiv(s, kv_block)
+    kv_len = jnp.asarray(kv_len, jnp.int32)
+    is_r = jnp.zeros((n,), bool).at[jnp.asarray(retrieval, jnp.int32)].set(True)
+    plan_sinks = jnp.where(is_r, 0, jnp.asarray(head_sinks, jnp.int32))
+    plan_window = jnp.where(is_r, FULL_WINDOW, jnp.asarray(head_window, jnp.int32))
+    dense = jnp.zeros((b,), bool) if dense is None else jnp.asarray(dense, bool)
+    if backend == "reference" or max_blocks is not None:
+        sel_r = decode_selection(q_idx, k_idx, kv_len, top_p=top_p, kv_block=kv_block, sinks=sinks,
+                                 keep_recent=keep_recent, max_blocks=max_blocks, backend=backend,
+                                 interpret=interpret, bpp=bpp) | dense[:, None, None]
+        q_pos = (kv_len - 1)[:, None]
+        k_lo = jnp.arange(sb) * kv_block
+        causal = k_lo <= q_pos  # [B, Sb]
+        band = causal[:, None] & ((k_lo < plan_sinks[:, None]) | (k_lo + kv_block - 1 > q_pos[:, :, None]
+                                                                   - plan_window[:, None]))  # [B, N, Sb]
+        sel = band.at[:, jnp.asarray(retrieval, jnp.int32)].set(sel_r & causal[:, None])
+        return decode_plan(sel, num_kv_heads, sinks=plan_sinks, window=plan_window, kv_len=kv_len,
+                           kv_block=kv_block)
+    from pallas_kernels.indexer_topp.plan_triton import decode_plan_triton
+    from pallas_kernels.indexer_topp.triton import block_lse_triton
+
+    sbp = max(1 << (sb - 1).bit_length(), bpp)
+    kp = jnp.pad(k_idx, ((0, 0), (0, sbp * kv_block - s), (0, 0), (0, 0)))
+    lse = block_lse_triton(q_idx, kp, kv_len, kv_block=kv_block, bpp=bpp, interpret=interpret)  # [B, R, Sbp]
+    rows = jnp.full((b, n, sbp), -jnp.inf, jnp.float32).at[:, jnp.asarray(retrieval, jnp.int32)].set(lse)
+    g, kh = n // num_kv_heads, num_kv_heads
+    gp = 1 << (g - 1).bit_length()  # the kernel wants a power-of-two group: pad with heads that select nothing
+    pad_heads = lambda x, fill: jnp.pad(x.reshape(kh, g, *x.shape[1:]), ((0, 0), (0, gp - g)) + ((0, 0),) *
+                                        (x.ndim - 1), constant_values=fill).reshape(kh * gp, *x.shape[1:])
+    rows = jax.vmap(lambda r: pad_heads(r, -jnp.inf))(rows)
+    blocks, counts, hm = decode_plan_triton(rows, pad_heads(is_r.astype(jnp.int32), 0), pad_heads(plan_sinks, 0),
+                                            pad_heads(plan_window, -(1 << 30)), kv_len, dense.astype(jnp.int32),
+                                            num_kv_heads=kh, top_p=top_p, kv_block=kv_block, sinks=sinks,
+                                            keep_recent=keep_recent, interpret=interpret)
+    return DecodePlan(kv_blocks=blocks, counts=counts, head_mask=jnp.moveaxis(hm[:, :, :g], 2, 3) != 0,
+                      sinks=plan_sinks, window=plan_window, kv_len=kv_len, kv_block=kv_block)
