@@ -22,10 +22,10 @@ import numpy as np
 
 from benchmarks.kernels import bench
 from pallas_kernels.block_plan import FULL_WINDOW, cdiv
-from pallas_kernels.indexer_topp.api import decode_selection
+from pallas_kernels.indexer_topp.api import decode_plan_select, decode_selection
 from pallas_kernels.indexer_topp.reference import forced_blocks, topp_select, topp_selection_at
 from pallas_kernels.sparse_decode.api import sparse_decode_attention
-from pallas_kernels.sparse_decode.plan import decode_plan
+from pallas_kernels.sparse_decode.plan import decode_plan, token_mask
 
 N, K, H, KB = 32, 8, 128, 64
 G = N // K
@@ -121,18 +121,78 @@ def main(argv=None):
             res["rows"].append({"S": s, "B": b, "variant": "XLA top-p + plan only (given block masses)",
                                 "us": t_only * 1e6})
             print(res["rows"][-1], flush=True)
-            same = float((jax.jit(select)(qi, ki).head_mask == jax.jit(select_fused)(qi, ki).head_mask).mean())
+            def select_kernels(qi, ki):  # two launches: scoring + sort-free top-p / packing
+                return decode_plan_select(qi[:, 0], ki, jnp.full((b,), s), retrieval=tuple(range(G)),
+                                          num_kv_heads=1, head_sinks=[0] * G, head_window=[0] * G, top_p=0.9,
+                                          kv_block=KB, sinks=4, keep_recent=64, backend="triton", interpret=interp)
+
+            ref_mask = token_mask(jax.jit(select)(qi, ki), s)
             for name, f in (("XLA indexer + top-p + plan (one group)", select),
-                            ("fused Pallas scoring + XLA top-p + plan (one group)", select_fused)):
+                            ("fused Pallas scoring + XLA top-p + plan (one group)", select_fused),
+                            ("Pallas scoring + Pallas sort-free top-p/plan (one group)", select_kernels)):
+                same = float((token_mask(jax.jit(f)(qi, ki), s) == ref_mask).mean())
                 t_sel = bench(jax.jit(f), qi, ki)
                 row = {"S": s, "B": b, "variant": name, "us": t_sel * 1e6, "plan_agreement": same}
                 res["rows"].append(row)
                 print(row, flush=True)
+            res["rows"].append(histogram_overselection(qi, ki, s, b))
+            print(res["rows"][-1], flush=True)
+            layer_rows(res, q, k, v, s, b, t_cudnn, interp)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(res, f, indent=1)
     plot(res, args.out + ".png")
     return res
+
+
+def histogram_overselection(qi, ki, s, b, bins: int = 256, span: float = 32.0) -> dict:
+    """The histogram-only selection (RTPurbo's one-pass design: 256 bins of log2 block mass over [-span, 0],
+    keep every bin down to the one where the cumulative mass reaches p, the boundary bin whole) against the
+    exact top-p, on the same masses: mean extra blocks per head."""
+    sel = jax.jit(lambda qi, ki: decode_selection(qi[:, 0], ki, jnp.full((b,), s), top_p=0.9, kv_block=KB,
+                                                  sinks=4, keep_recent=64, backend="reference"))(qi, ki)
+    sc = jnp.einsum("bri,bsri->brs", qi[:, 0], ki)
+    lse = jax.nn.logsumexp(sc.reshape(b, G, -1, KB), axis=-1)
+    mass = jax.nn.softmax(lse, axis=-1)
+    forced = forced_blocks(jnp.full((b,), s - 1), jnp.full((b,), s - 1), mass.shape[-1], KB, 4, 64)[:, None]
+    lvl = jnp.clip(((jnp.log2(jnp.maximum(mass, 1e-30)) + span) / span * bins).astype(jnp.int32), 0, bins - 1)
+    hist = jnp.zeros((b, G, bins)).at[jnp.arange(b)[:, None, None], jnp.arange(G)[None, :, None], lvl].add(
+        jnp.where(forced, 0.0, mass))
+    base = jnp.where(forced, mass, 0.0).sum(-1, keepdims=True)
+    above = base + jnp.cumsum(hist[..., ::-1], axis=-1)[..., ::-1]  # mass in bins >= each bin
+    thr = jnp.max(jnp.where(above >= 0.9, jnp.arange(bins), -1), axis=-1, keepdims=True)
+    hsel = forced | (lvl >= thr)
+    exact, hist_n = float(sel.sum(-1).mean()), float(hsel.sum(-1).mean())
+    return {"S": s, "B": b, "variant": "histogram-only top-p (256 log2 bins) vs exact", "exact_blocks": exact,
+            "histogram_blocks": hist_n, "overselection": hist_n / exact - 1.0}
+
+
+def layer_rows(res, q, k, v, s, b, t_cudnn, interp):
+    """One whole layer's decode step: 5 of 32 heads retrieval (indexer top-p), the rest sinks 4 + window 8192 in
+    the full cache; plan (both kernels) + sparse decode attention, against cuDNN dense decode."""
+    retrieval = (0, 7, 13, 22, 29)
+    kq = jax.random.split(jax.random.key(s + 7 * b), 2)
+    qi = 2.5 * jax.random.normal(kq[0], (b, len(retrieval), 16), jnp.float32)  # peaked: a real top-p choice
+    ki = jax.random.normal(kq[1], (b, s, len(retrieval), 16), jnp.bfloat16)
+    kw = dict(retrieval=retrieval, num_kv_heads=K, head_sinks=[4] * N, head_window=[8192] * N, top_p=0.9,
+              kv_block=KB, sinks=4, keep_recent=64, interpret=interp)
+    for sel_backend in ("reference", "triton"):
+        def step(q, k, v, qi, ki, sel_backend=sel_backend):
+            plan = decode_plan_select(qi, ki, jnp.full((b,), s), backend=sel_backend, **kw)
+            return sparse_decode_attention(q, k, v, plan, backend="triton", interpret=interp)[0]
+
+        f = jax.jit(step)
+        out = f(q, k, v, qi, ki)
+        plan = decode_plan_select(qi, ki, jnp.full((b,), s), backend="reference", **kw)
+        ref, _ = sparse_decode_attention(q, k, v, plan, backend="reference")
+        err = float(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)).max())
+        t = bench(f, q, k, v, qi, ki)
+        row = {"S": s, "B": b, "variant": f"layer: {sel_backend} selection + sparse decode (5 retrieval heads)",
+               "us": t * 1e6, "speedup_vs_cudnn": t_cudnn / t, "union_frac": float(np.asarray(plan.counts).mean()
+                                                                                   / cdiv(s, KB)),
+               "max_abs_err_vs_ref": err}
+        res["rows"].append(row)
+        print(row, flush=True)
 
 
 def plot(res, path):
