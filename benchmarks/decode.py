@@ -193,6 +193,14 @@ def layer_rows(res, q, k, v, s, b, t_cudnn, interp):
                "max_abs_err_vs_ref": err}
         res["rows"].append(row)
         print(row, flush=True)
+    att = jax.jit(lambda q, k, v, plan: sparse_decode_attention(q, k, v, plan, backend="triton", interpret=interp)[0])
+    t_att = bench(att, q, k, v, plan)
+    sel = jax.jit(lambda qi, ki: decode_plan_select(qi, ki, jnp.full((b,), s), backend="triton", **kw))
+    t_sel = bench(sel, qi, ki)
+    row = {"S": s, "B": b, "variant": "layer: sparse decode attention only (same plan)", "us": t_att * 1e6,
+           "speedup_vs_cudnn": t_cudnn / t_att, "selection_us": t_sel * 1e6, "selection_share": t_sel / t_att}
+    res["rows"].append(row)
+    print(row, flush=True)
 
 
 def plot(res, path):
