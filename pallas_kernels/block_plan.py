@@ -4,8 +4,9 @@ A plan is data, apart from the kernels: plan builders (the static sink + window 
 builder in `pallas_kernels.indexer_topp`) produce a `BlockPlan`; kernels only consume it. `plan_to_dense_mask`
 turns a plan into a boolean [B, N, T, S] mask so any kernel can be checked against dense masked attention.
 
-Positions. Query row t sits at absolute position `q_offset + t`; key column s at position s. For a prefill
-`q_offset = 0`; for decode or a later prefill chunk `q_offset = S - T`.
+Positions. Query row t of sequence b sits at absolute position `q_offset + q_start[b] + t`; key column s at
+position s. `q_offset` is static (0 for a prefill); `q_start` int32 [B] is traced (serving: each sequence's
+cached length before a prefill chunk) and defaults to zeros.
 
 Token visibility (elementwise, applied inside every visited block):
     visible(b, n, t, s) = block(s) selected for (b, n, block(t))      # the plan
@@ -47,6 +48,7 @@ class BlockPlan:
       sinks:     int32 [N] — sink tokens per query head (always visible, still causal).
       window:    int32 [N] — a query sees keys with q_pos - s < window (its own token included).
       kv_len:    int32 [B] — valid keys per sequence (right padding beyond).
+      q_start:   int32 [B] or None (zeros) — traced per-sequence offset of query row 0, added to q_offset.
     Static: q_block, kv_block (tokens per block), q_offset (absolute position of query row 0).
     Tb = ceil(T / q_block); M <= ceil(S / kv_block).
     """
@@ -59,6 +61,13 @@ class BlockPlan:
     q_block: int = dataclasses.field(metadata=dict(static=True))
     kv_block: int = dataclasses.field(metadata=dict(static=True))
     q_offset: int = dataclasses.field(default=0, metadata=dict(static=True))
+    q_start: jax.Array | None = None
+
+    def query_starts(self) -> jax.Array:
+        """int32 [B]: absolute position of query row 0 per sequence (q_offset + q_start)."""
+        b = self.kv_blocks.shape[0]
+        start = jnp.zeros((b,), jnp.int32) if self.q_start is None else jnp.asarray(self.q_start, jnp.int32)
+        return self.q_offset + jnp.broadcast_to(start, (b,))
 
     @property
     def num_kv_blocks_max(self) -> int:
@@ -78,7 +87,7 @@ def selection_from_plan(plan: BlockPlan, num_kv_blocks: int) -> jax.Array:
 
 
 def plan_from_selection(sel: jax.Array, *, sinks, window, kv_len, q_block: int, kv_block: int,
-                        q_offset: int = 0, max_blocks: int | None = None) -> BlockPlan:
+                        q_offset: int = 0, max_blocks: int | None = None, q_start=None) -> BlockPlan:
     """Pack a boolean block selection bool [B, N, Tb, Sb] into a BlockPlan with M = max_blocks or Sb.
 
     Keeps the lowest block ids when a row selects more than M blocks (callers enforce budgets before this).
@@ -99,22 +108,22 @@ def plan_from_selection(sel: jax.Array, *, sinks, window, kv_len, q_block: int, 
         sinks=jnp.broadcast_to(jnp.asarray(sinks, jnp.int32), (n,)),
         window=jnp.broadcast_to(jnp.asarray(window, jnp.int32), (n,)),
         kv_len=jnp.broadcast_to(jnp.asarray(kv_len, jnp.int32), (b,)),
-        q_block=q_block, kv_block=kv_block, q_offset=q_offset)
+        q_block=q_block, kv_block=kv_block, q_offset=q_offset,
+        q_start=None if q_start is None else jnp.broadcast_to(jnp.asarray(q_start, jnp.int32), (b,)))
 
 
 def token_mask(plan: BlockPlan, q_pos: jax.Array, k_pos: jax.Array, block_sel: jax.Array) -> jax.Array:
-    """bool [B, N, C, S'] for query positions q_pos int [C] and key positions k_pos int [S'].
+    """bool [B, N, C, S'] for query positions q_pos int [C] or [B, C] and key positions k_pos int [S'].
 
     `block_sel` bool [B, N, C, S'] says whether (query row, key) lies in a selected block.
     """
-    qp = q_pos[:, None]
-    kp = k_pos[None, :]
+    q_pos = jnp.asarray(q_pos)
+    qp = (q_pos if q_pos.ndim == 2 else q_pos[None])[:, None, :, None]  # [B|1, 1, C, 1]
+    kp = k_pos[None, None, None, :]
     causal = kp <= qp
-    sink = kp < plan.sinks[:, None, None]
-    win = (qp - kp) < plan.window[:, None, None]
-    band = (sink | win)[None]  # [1, N, C, S']
-    inlen = (kp[None] < plan.kv_len[:, None, None])[:, None]  # [B, 1, 1, S']
-    return block_sel & causal[None, None] & band & inlen
+    band = (kp < plan.sinks[None, :, None, None]) | ((qp - kp) < plan.window[None, :, None, None])
+    inlen = kp < plan.kv_len[:, None, None, None]
+    return block_sel & causal & band & inlen
 
 
 def plan_to_dense_mask(plan: BlockPlan, q_len: int, kv_len: int) -> jax.Array:
@@ -124,7 +133,7 @@ def plan_to_dense_mask(plan: BlockPlan, q_len: int, kv_len: int) -> jax.Array:
     rows = jnp.arange(q_len) // plan.q_block
     cols = jnp.arange(kv_len) // plan.kv_block
     block_sel = sel[:, :, rows][:, :, :, cols]
-    q_pos = plan.q_offset + jnp.arange(q_len)
+    q_pos = plan.query_starts()[:, None] + jnp.arange(q_len)[None]
     return token_mask(plan, q_pos, jnp.arange(kv_len), block_sel)
 
 
@@ -161,10 +170,11 @@ def band_plan(batch: int, num_heads: int, q_len: int, kv_len: int, *, sinks, win
 
 
 def kernel_plan_args(plan: BlockPlan, q_len: int, kv_len: int) -> tuple[jax.Array, ...]:
-    """Flattened int32 (kv_blocks, counts, sinks, window, kv_len) for a Pallas kernel, after checking that the
-    lengths are whole blocks (the kernels assume it; `sparse_attention.api` pads)."""
+    """Flattened int32 (kv_blocks, counts, sinks, window, kv_len, query starts [B]) for a Pallas kernel, after
+    checking that the lengths are whole blocks (the kernels assume it; `sparse_attention.api` pads). The query
+    starts include the static q_offset, so kernels use them alone."""
     if q_len % plan.q_block or kv_len % plan.kv_block:
         raise ValueError(f"T={q_len} and S={kv_len} must be multiples of q_block={plan.q_block} / "
                          f"kv_block={plan.kv_block} (sparse_attention.api pads)")
     return tuple(x.reshape(-1).astype(jnp.int32)
-                 for x in (plan.kv_blocks, plan.counts, plan.sinks, plan.window, plan.kv_len))
+                 for x in (plan.kv_blocks, plan.counts, plan.sinks, plan.window, plan.kv_len, plan.query_starts()))

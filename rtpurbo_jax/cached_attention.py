@@ -19,9 +19,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.block_plan import FULL_WINDOW
+from pallas_kernels.block_plan import FULL_WINDOW, plan_from_selection
 from pallas_kernels.indexer_topp.api import decode_plan_select
 from pallas_kernels.indexer_topp.reference import topp_selection_at
+from pallas_kernels.sparse_attention.api import block_sparse_attention
+from pallas_kernels.sparse_attention.api import default_backend as default_prefill_backend
 from pallas_kernels.sparse_attention.reference import masked_attention
 from pallas_kernels.sparse_decode.api import sparse_decode_attention
 from pallas_kernels.sparse_decode.plan import decode_plan
@@ -88,6 +90,41 @@ def _decode_kernel_attention(q, k_full, v_full, ll: LayerLayout, qf, q_idx, k_in
     return out[:, None].astype(jnp.float32)
 
 
+def prefill_backend(backend: str, interpret: bool, q, k, plan) -> str:
+    """The block-sparse prefill backend that goes with a decode backend: mosaic_tpu with mosaic_tpu; with triton
+    the best GPU kernel for the plan (Mosaic GPU on Hopper when it supports the plan), triton in interpret mode."""
+    if backend == "triton" and not interpret:
+        return default_prefill_backend("gpu", q, k, plan)
+    return backend
+
+
+def _prefill_kernel_attention(q, k_full, v_full, ll: LayerLayout, qf, sel, q_pos, new_len, sinks, window,
+                              sparse: SparseConfig | None, tile: int, backend: str, interpret: bool):
+    """A prefill chunk (C rows from q_pos[:, 0], contiguous) over the full KV heads with the block-sparse
+    prefill kernel: out fp32 [B, C, Nf, H]. sel: bool [B, Nr, C / tile, Sb] retrieval blocks per `tile` rows,
+    or None (retrieval heads dense); local heads get their sink + window blocks per query tile."""
+    b, c = q.shape[:2]
+    s = k_full.shape[1]
+    kv_block = sparse.kv_block if sparse is not None else 64
+    q_block = tile if sel is not None else 128
+    tb, sb = -(-c // q_block), -(-s // kv_block)
+    q_lo = q_pos[:, :1] + jnp.arange(tb)[None] * q_block  # [B, Tb]
+    k_lo = jnp.arange(sb) * kv_block
+    causal = k_lo <= (q_lo + q_block - 1)[..., None]  # [B, Tb, Sb]
+    band = causal & ((k_lo < sinks) | (k_lo + kv_block - 1 > q_lo[..., None] - window))
+    blocks = jnp.broadcast_to(band[:, None], (b, len(qf), tb, sb))
+    is_r = jnp.asarray([n in ll.retrieval_q for n in qf])
+    if ll.retrieval_q:
+        where = jnp.asarray([qf.index(r) for r in ll.retrieval_q])
+        rsel = causal[:, None] if sel is None else sel & causal[:, None]
+        blocks = blocks.at[:, where].set(jnp.broadcast_to(rsel, (b, len(where), tb, sb)))
+    plan = plan_from_selection(blocks, sinks=jnp.where(is_r, 0, sinks), window=jnp.where(is_r, FULL_WINDOW, window),
+                               kv_len=new_len, q_block=q_block, kv_block=kv_block, q_start=q_pos[:, 0])
+    out = block_sparse_attention(q, k_full, v_full, plan, interpret=interpret,
+                                 backend=prefill_backend(backend, interpret, q, k_full, plan))
+    return out.astype(jnp.float32)
+
+
 def layer_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLayout, cfg: ModelConfig,
                     sparse: SparseConfig | None, w_q, w_k, *, q_pos, valid, start_len, total_len, tile: int,
                     dense_retrieval: bool, backend: str = "reference", interpret: bool = False):
@@ -97,8 +134,9 @@ def layer_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLay
     w_q, w_k: [Nr, H, I] indexer weights of this layer's retrieval heads (ll.retrieval_q order).
     q_pos int [B, C]; valid bool [B, C]; start_len int [B] positions cached before this call; total_len int [B]
     the sequence length that decides `seqlen_threshold`. tile: rows per top-p plan; dense_retrieval: static,
-    retrieval heads skip the indexer. backend: attention of a decode step (C = 1) over the full KV heads —
-    "reference" (masked jnp) or a `pallas_kernels.sparse_decode` backend; prefill chunks always use the reference.
+    retrieval heads skip the indexer. backend: attention over the full KV heads — "reference" (masked jnp) or a
+    `pallas_kernels.sparse_decode` backend name: a decode step (C = 1) runs that sparse decode kernel, a prefill
+    chunk the block-sparse prefill kernel that goes with it (`prefill_backend`). Local KV heads use jnp.
     """
     b, c, n, h = qkv["q"].shape
     new_len = start_len + valid.sum(-1).astype(jnp.int32)
@@ -130,6 +168,11 @@ def layer_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLay
         if backend != "reference" and c == 1:
             out = _decode_kernel_attention(qf_q, k_full, v_full, ll, qf, q_idx, k_index, new_len, total_len,
                                            sinks, window, sparse, backend, interpret)
+        elif backend != "reference":
+            if q_idx is not None:
+                sel = _retrieval_blocks(q_idx, k_index, q_pos, valid, new_len, total_len, sparse, tile=tile)
+            out = _prefill_kernel_attention(qf_q, k_full, v_full, ll, qf, sel, q_pos, new_len, sinks, window,
+                                            sparse, tile, backend, interpret)
         else:
             if q_idx is not None:
                 sel = _retrieval_blocks(q_idx, k_index, q_pos, valid, new_len, total_len, sparse, tile=tile)

@@ -8,11 +8,13 @@ is dense and the model runs plain causal attention.
 Layers run as an unrolled Python loop (each layer's cache has its own head split), tokens of a chunk at traced
 positions, so one compilation serves every chunk and every decode step.
 
-Attention backends: a decode step over the full KV heads runs `pallas_kernels.sparse_decode` (`backend=None`
-picks Triton on GPUs, Mosaic on TPUs, the jnp reference on CPU, and logs it; `interpret=True` runs a Pallas
-backend in interpret mode). Local KV heads (sinks + ring, a few thousand tokens) and prefill chunks use the
-jnp masked attention: O(B · N · chunk · max_len) memory per layer in prefill. Keep max_len a multiple of
-kv_block so the kernel needs no padded copy of the cache.
+Attention backends (`backend=None` picks Triton on GPUs, Mosaic on TPUs, the jnp reference on CPU, and logs it;
+`interpret=True` runs a Pallas backend in interpret mode): over the full KV heads a decode step runs
+`pallas_kernels.sparse_decode` (plans from the fused selection kernels on GPUs) and a prefill chunk runs the
+block-sparse prefill kernel (`pallas_kernels.sparse_attention`; Mosaic GPU on Hopper when the plan fits it,
+with traced per-sequence query starts). Local KV heads (sinks + ring, a few thousand tokens) use the jnp masked
+attention; with backend="reference" everything does: O(B · N · chunk · max_len) memory per layer in prefill.
+Keep max_len a multiple of kv_block so the kernels need no padded copy of the cache.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def resolve_backend(backend: str | None) -> str:
     """The decode-attention backend: a named one, or the best for the default device (logged)."""
     if backend is None:
         backend = default_backend()
-        log.info("serving: decode attention backend=%s (platform %s); prefill chunks use the jnp reference",
+        log.info("serving: attention backend=%s (platform %s) for decode steps and prefill chunks",
                  backend, jax.default_backend())
     return backend
 
@@ -90,7 +92,7 @@ def _run_tokens(params, cache: HybridCache, tokens, q_pos, valid, total_len, ind
     return x, HybridCache(tuple(layers), cache.lengths + valid.sum(-1).astype(jnp.int32), layout)
 
 
-def _prefill(params, cache, tokens, lengths, indexer, cfg, sparse, chunk):
+def _prefill(params, cache, tokens, lengths, indexer, cfg, sparse, chunk, backend="reference", interpret=False):
     b, t = tokens.shape
     indexer_mode = sparse is not None and sparse.prefill_mode == "indexer"
     unit = sparse.q_block if indexer_mode else 1
@@ -109,7 +111,8 @@ def _prefill(params, cache, tokens, lengths, indexer, cfg, sparse, chunk):
         valid = rel[None] < lengths[:, None]
         x, cache = _run_tokens(params, cache, jax.lax.dynamic_slice_in_dim(tokens, i * chunk, chunk, axis=1),
                                start[:, None] + rel[None], valid, total, indexer, cfg, sparse,
-                               tile=sparse.q_block if indexer_mode else 1, dense_retrieval=not indexer_mode)
+                               tile=sparse.q_block if indexer_mode else 1, dense_retrieval=not indexer_mode,
+                               backend=backend, interpret=interpret)
         idx = jnp.clip(lengths - 1 - i * chunk, 0, chunk - 1)
         here = (lengths - 1 >= i * chunk) & (lengths - 1 < (i + 1) * chunk)
         h = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
@@ -120,17 +123,21 @@ def _prefill(params, cache, tokens, lengths, indexer, cfg, sparse, chunk):
     return logits_from_hidden(params, last_h, cfg), cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sparse", "chunk"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "sparse", "chunk", "backend", "interpret"),
+                   donate_argnames=("cache",))
 def prefill(params, cache: HybridCache, tokens, lengths, indexer=None, *, cfg: ModelConfig,
-            sparse: SparseConfig | None = None, chunk: int = 512):
+            sparse: SparseConfig | None = None, chunk: int = 512, backend: str | None = None,
+            interpret: bool = False):
     """Append right-padded prompts to the cache, `chunk` tokens at a time.
 
     tokens int [B, T]; lengths int [B] (1..T) valid tokens per row; the cache may already hold earlier turns
     (positions continue from `cache.lengths`). Returns fp32 logits [B, V] of each row's last prompt token and the
     cache with lengths += lengths. Prompt rows must fit: cache.lengths + lengths <= max_len (positions past it
-    are dropped). Memory per layer O(B · N · chunk · max_len).
+    are dropped). backend: as `decode_step` (None: the device's kernels; "reference": jnp, memory per layer
+    O(B · N · chunk · max_len)); on a GPU the full KV heads run the block-sparse prefill kernel.
     """
-    return _prefill(params, cache, tokens, lengths, indexer, cfg, sparse, chunk)
+    return _prefill(params, cache, tokens, lengths, indexer, cfg, sparse, chunk, resolve_backend(backend),
+                    interpret)
 
 
 def _decode(params, cache, tokens, indexer, cfg, sparse, backend="reference", interpret=False):
@@ -158,7 +165,7 @@ def _generate(params, prompts, lengths, indexer, key, *, cfg, sparse, sampling, 
               chunk, max_len, cache_dtype, backend, interpret):
     b = prompts.shape[0]
     cache = init_cache(cfg, b, max_len, sparse, cache_dtype)
-    logits, cache = _prefill(params, cache, prompts, lengths, indexer, cfg, sparse, chunk)
+    logits, cache = _prefill(params, cache, prompts, lengths, indexer, cfg, sparse, chunk, backend, interpret)
     stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
     pad = stop_tokens[0] if stop_tokens else 0
     key, sub = jax.random.split(key)
@@ -187,7 +194,7 @@ def generate(params, prompts, lengths, *, cfg: ModelConfig, max_new_tokens: int,
     prompts int [B, T] right-padded, lengths int [B]. stop_tokens: ids that end a row (the stop token is kept;
     later positions repeat the first stop id). Returns dict tokens int32 [B, max_new_tokens], num_tokens int32
     [B] (generated tokens up to and including a stop), cache (the final HybridCache). backend / interpret: the
-    decode attention backend (see the module docstring).
+    attention backend of prefill and decode (see the module docstring).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

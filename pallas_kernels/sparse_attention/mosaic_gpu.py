@@ -54,8 +54,8 @@ def check_supported(q, k, plan: BlockPlan) -> None:
         raise ValueError(f"mosaic_gpu backend needs bf16/f16 q, k, v of one dtype, got {q.dtype}, {k.dtype}")
 
 
-def _kernel(blocks_ref, counts_ref, sinks_ref, window_ref, kvlen_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
-            scoped, *, scale: float, kv_block: int, q_offset: int, num_heads: int, num_tiles: int, m_max: int,
+def _kernel(blocks_ref, counts_ref, sinks_ref, window_ref, kvlen_ref, qstart_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+            scoped, *, scale: float, kv_block: int, num_heads: int, num_tiles: int, m_max: int,
             group: int, stages: int, fused_pv: bool):
     (q_smem2, k_smem, v_smem, lse_smem2, p_smem2), (k_ready, v_ready, q_ready), (k_free, v_free), sched = scoped
     ni, ti, bi = lax.axis_index("heads"), lax.axis_index("tiles"), lax.axis_index("batch")
@@ -78,7 +78,7 @@ def _kernel(blocks_ref, counts_ref, sinks_ref, window_ref, kvlen_ref, q_ref, k_r
         q_start = ti * (WG_ROWS * COMPUTE_WGS) + wg * WG_ROWS
         plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q_start, WG_ROWS), ni], q_smem, q_ready.at[wg])
         sink, window, kv_len = sinks_ref[ni], window_ref[ni], kvlen_ref[bi]
-        q_lo = q_offset + q_start
+        q_lo = qstart_ref[bi] + q_start
         q_hi = q_lo + (WG_ROWS - 1)
         plgpu.barrier_wait(q_ready.at[wg])
 
@@ -216,7 +216,7 @@ def block_sparse_attention_mosaic_gpu(q, k, v, plan: BlockPlan, *, scale=None, n
     tb, m_max = t // plan.q_block, plan.kv_blocks.shape[-1]
     scale = h ** -0.5 if scale is None else scale
     stages = max(2, min(num_stages, m_max))
-    body = functools.partial(_kernel, scale=scale, kv_block=bk, q_offset=plan.q_offset, num_heads=n,
+    body = functools.partial(_kernel, scale=scale, kv_block=bk, num_heads=n,
                              num_tiles=tb, m_max=m_max, group=n // kh, stages=stages, fused_pv=fused_pv)
     tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 

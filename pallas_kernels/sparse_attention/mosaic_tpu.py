@@ -25,8 +25,8 @@ from pallas_kernels.block_plan import BlockPlan, kernel_plan_args
 _NEG = -1e30
 
 
-def _kernel(blocks_ref, counts_ref, sinks_ref, window_ref, kvlen_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
-            m_sc, l_sc, acc_sc, *, scale, q_block, kv_block, q_offset, num_heads, num_tiles, m_max):
+def _kernel(blocks_ref, counts_ref, sinks_ref, window_ref, kvlen_ref, qstart_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+            m_sc, l_sc, acc_sc, *, scale, q_block, kv_block, num_heads, num_tiles, m_max):
     b, n, t, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
     row = (b * num_heads + n) * num_tiles + t
 
@@ -41,7 +41,7 @@ def _kernel(blocks_ref, counts_ref, sinks_ref, window_ref, kvlen_ref, q_ref, k_r
         start = blocks_ref[row * m_max + j] * kv_block
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-        q_pos = q_offset + t * q_block + lax.broadcasted_iota(jnp.int32, s.shape, 0)
+        q_pos = qstart_ref[b] + t * q_block + lax.broadcasted_iota(jnp.int32, s.shape, 0)
         k_pos = start + lax.broadcasted_iota(jnp.int32, s.shape, 1)
         vis = (k_pos <= q_pos) & (k_pos < kvlen_ref[b]) & ((k_pos < sinks_ref[n]) | (q_pos - k_pos < window_ref[n]))
         s = jnp.where(vis, s, _NEG)
@@ -91,11 +91,10 @@ def block_sparse_attention_tpu(q_hm, k_hm, v_hm, plan: BlockPlan, *, scale=None,
         out_specs=[pl.BlockSpec((None, None, bq, h), q_map), pl.BlockSpec((None, None, bq, 1), q_map)],
         scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                         pltpu.VMEM((bq, h), jnp.float32)])
-    kernel = functools.partial(_kernel, scale=scale, q_block=bq, kv_block=bk, q_offset=plan.q_offset,
-                               num_heads=n, num_tiles=tb, m_max=m_max)
+    kernel = functools.partial(_kernel, scale=scale, q_block=bq, kv_block=bk, num_heads=n, num_tiles=tb, m_max=m_max)
     if o_init is not None:
         inner = kernel
-        kernel = lambda *refs: inner(*refs[:8], *refs[9:])  # drop the aliased buffer's input ref
+        kernel = lambda *refs: inner(*refs[:9], *refs[10:])  # drop the aliased buffer's input ref
     return pl.pallas_call(
         kernel, grid_spec=grid_spec, input_output_aliases=aliases,
         out_shape=[jax.ShapeDtypeStruct(q_hm.shape, q_hm.dtype), jax.ShapeDtypeStruct((b, n, t, 1), jnp.float32)],

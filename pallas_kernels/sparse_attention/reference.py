@@ -93,7 +93,7 @@ def block_sparse_attention(q, k, v, plan: BlockPlan, *, scale=None, chunk: int =
         rows = ci * chunk + jnp.arange(chunk)
         qc = jax.lax.dynamic_slice_in_dim(qp, ci * chunk, chunk, axis=1)
         block_sel = jnp.take(sel, jnp.minimum(rows // plan.q_block, tb - 1), axis=2)[..., cols]
-        mask = token_mask(plan, plan.q_offset + rows, jnp.arange(s), block_sel)
+        mask = token_mask(plan, plan.query_starts()[:, None] + rows[None], jnp.arange(s), block_sel)
         mask = mask & (rows < t)[None, None, :, None]
         return softmax_av(masked_scores(qc, k, scale), mask, v)
 

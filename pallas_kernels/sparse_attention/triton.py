@@ -27,14 +27,14 @@ from pallas_kernels.block_plan import BlockPlan, kernel_plan_args
 _NEG = -1e30  # finite "minus infinity": exp2 of (_NEG - m) underflows to 0 without NaNs
 
 
-def _kernel(blocks_ref, counts_ref, sinks_ref, window_ref, kvlen_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
-            scale: float, q_block: int, kv_block: int, q_offset: int, num_heads: int, num_tiles: int, m_max: int):
+def _kernel(blocks_ref, counts_ref, sinks_ref, window_ref, kvlen_ref, qstart_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
+            scale: float, q_block: int, kv_block: int, num_heads: int, num_tiles: int, m_max: int):
     t, b, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     row = (b * num_heads + n) * num_tiles + t
     count = counts_ref[row]
     sink, window, kv_len = sinks_ref[n], window_ref[n], kvlen_ref[b]
     q = q_ref[...]  # [bq, H]
-    q_pos = q_offset + t * q_block + lax.broadcasted_iota(jnp.int32, (q_block, kv_block), 0)
+    q_pos = qstart_ref[b] + t * q_block + lax.broadcasted_iota(jnp.int32, (q_block, kv_block), 0)
     qk_scale = scale * math.log2(math.e)
 
     def body(j, carry):
@@ -77,8 +77,7 @@ def block_sparse_attention_triton(q, k, v, plan: BlockPlan, *, scale=None, num_w
     tb, m_max = t // bq, plan.kv_blocks.shape[-1]
     g = n // kh
     scale = h ** -0.5 if scale is None else scale
-    kernel = functools.partial(_kernel, scale=scale, q_block=bq, kv_block=bk, q_offset=plan.q_offset,
-                               num_heads=n, num_tiles=tb, m_max=m_max)
+    kernel = functools.partial(_kernel, scale=scale, q_block=bq, kv_block=bk, num_heads=n, num_tiles=tb, m_max=m_max)
     whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
     in_specs = [whole(a) for a in plan_args] + [
         pl.BlockSpec((None, bq, None, h), lambda ti, bi, ni: (bi, ti, ni, 0)),
