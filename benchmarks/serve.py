@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import logging
 import os
 import time
 
@@ -68,6 +69,9 @@ def main(argv=None):
     p.add_argument("--out", default="benchmarks/results/serve")
     p.add_argument("--small", action="store_true", help="tiny shapes for a CPU check of the script")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    for name in ("pallas_kernels", "rtpurbo_jax"):  # print which kernel each op resolved to
+        logging.getLogger(name).setLevel(logging.INFO)
     cfg = dataclasses.replace(LLAMA3_8B, num_layers=args.layers)
     if args.small:
         cfg = dataclasses.replace(cfg, hidden_size=256, intermediate_size=512, num_heads=8, num_kv_heads=2,
