@@ -16,6 +16,8 @@ tests):
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 
@@ -32,6 +34,7 @@ from rtpurbo_jax.model_config import ModelConfig
 from rtpurbo_jax.sparse_config import SparseConfig
 
 _HI = jax.lax.Precision.HIGHEST
+log = logging.getLogger(__name__)
 
 
 def scatter_rows(buf, new, slot, ok):
@@ -120,8 +123,10 @@ def _prefill_kernel_attention(q, k_full, v_full, ll: LayerLayout, qf, sel, q_pos
         blocks = blocks.at[:, where].set(jnp.broadcast_to(rsel, (b, len(where), tb, sb)))
     plan = plan_from_selection(blocks, sinks=jnp.where(is_r, 0, sinks), window=jnp.where(is_r, FULL_WINDOW, window),
                                kv_len=new_len, q_block=q_block, kv_block=kv_block, q_start=q_pos[:, 0])
-    out = block_sparse_attention(q, k_full, v_full, plan, interpret=interpret,
-                                 backend=prefill_backend(backend, interpret, q, k_full, plan))
+    kernel = prefill_backend(backend, interpret, q, k_full, plan)
+    log.info("prefill chunk: block-sparse attention backend=%s (q %s, q_block %d, kv_block %d)", kernel, q.dtype,
+             q_block, kv_block)
+    out = block_sparse_attention(q, k_full, v_full, plan, interpret=interpret, backend=kernel)
     return out.astype(jnp.float32)
 
 
