@@ -61,6 +61,8 @@ def main(argv=None):
     p.add_argument("--densities", type=float, nargs="+", default=[0.10, 0.05, 0.02])
     p.add_argument("--out", default="benchmarks/results/decode_h100")
     p.add_argument("--dry-run", action="store_true", help="CPU check of the script: XLA baseline, interpret mode")
+    p.add_argument("--tokens", type=int, default=0,
+                   help="only time C query tokens per sequence in one call vs C one-token calls")
     args = p.parse_args(argv)
     impl, interp = ("xla", True) if args.dry_run else ("cudnn", False)
     rng = np.random.default_rng(0)
@@ -73,6 +75,9 @@ def main(argv=None):
     cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q[:, None], k, v, implementation=impl)[:, 0])
     for s in args.lengths:
         for b in args.batches:
+            if args.tokens:
+                res["rows"] += multi_token_rows(s, b, args.tokens, args.densities[0], rng, impl, interp)
+                continue
             kq = jax.random.split(jax.random.key(s + b), 3)
             q = jax.random.normal(kq[0], (b, N, H), jnp.bfloat16)
             k = jax.random.normal(kq[1], (b, s, K, H), jnp.bfloat16)
@@ -201,6 +206,39 @@ def layer_rows(res, q, k, v, s, b, t_cudnn, interp):
            "speedup_vs_cudnn": t_cudnn / t_att, "selection_us": t_sel * 1e6, "selection_share": t_sel / t_att}
     res["rows"].append(row)
     print(row, flush=True)
+
+
+def multi_token_rows(s, b, c, density, rng, impl, interp) -> list[dict]:
+    """C tokens per sequence (speculative / chunked decode), each head x token with its own blocks at `density`
+    (per group, shared by the group's heads): one folded call vs C one-token calls vs dense masked attention."""
+    from pallas_kernels.sparse_decode.api import sparse_decode_tokens
+    from pallas_kernels.sparse_decode.plan import fold_tokens, token_shifts
+
+    kq = jax.random.split(jax.random.key(s + b + c), 3)
+    q = jax.random.normal(kq[0], (b, c, N, H), jnp.bfloat16)
+    k = jax.random.normal(kq[1], (b, s, K, H), jnp.bfloat16)
+    v = jax.random.normal(kq[2], (b, s, K, H), jnp.bfloat16)
+    sel = np.stack([selection("group", b, s, density, rng) for _ in range(c)], axis=1)  # [B, C, N, Sb]
+    plan = decode_plan(fold_tokens(jnp.asarray(sel), K), K, sinks=0, window=FULL_WINDOW, kv_len=s, kv_block=KB,
+                       q_shift=token_shifts(N, c))
+    plans1 = [decode_plan(jnp.asarray(sel[:, i]), K, sinks=0, window=FULL_WINDOW, kv_len=s - (c - 1 - i),
+                          kv_block=KB) for i in range(c)]
+    many = jax.jit(lambda q, k, v, plan: sparse_decode_tokens(q, k, v, plan, backend="triton", interpret=interp)[0])
+    ones = jax.jit(lambda q, k, v, plans: jnp.stack([sparse_decode_attention(q[:, i], k, v, p, backend="triton",
+                                                                             interpret=interp)[0]
+                                                     for i, p in enumerate(plans)], axis=1))
+    err = float(jnp.abs(many(q, k, v, plan).astype(jnp.float32) - ones(q, k, v, plans1).astype(jnp.float32)).max())
+    mask = jnp.tril(jnp.ones((c, s), bool), s - c)[None, None]  # token i sees keys <= s - c + i
+    dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask))  # jax picks the backend
+    t_many, t_ones, t_dense = bench(many, q, k, v, plan), bench(ones, q, k, v, plans1), bench(dense, q, k, v)
+    rows = [{"S": s, "B": b, "variant": f"{c} tokens, one folded call, {density:.0%} per group", "us": t_many * 1e6,
+             "speedup_vs_dense": t_dense / t_many, "max_abs_diff_vs_separate": err,
+             "union_frac": float(np.asarray(plan.counts).mean() / cdiv(s, KB))},
+            {"S": s, "B": b, "variant": f"{c} tokens, {c} one-token calls", "us": t_ones * 1e6},
+            {"S": s, "B": b, "variant": f"{c} tokens, dense masked attention (jax.nn, auto backend)", "us": t_dense * 1e6}]
+    for r in rows:
+        print(r, flush=True)
+    return rows
 
 
 def plot(res, path):

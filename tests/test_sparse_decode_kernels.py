@@ -111,3 +111,50 @@ def test_bad_shapes_and_backends_raise():
         sparse_decode_attention(jnp.ones((1, 3, 64)), kv, kv, plan)
     with pytest.raises(RuntimeError, match="needs a GPU"):
         sparse_decode_attention(q, kv, kv, plan, backend="triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("c,n,kh", [(3, 8, 2), (4, 4, 1), (2, 2, 2)])
+def test_a_few_query_tokens_equal_one_token_at_a_time(backend, c, n, kh):
+    """C tokens per sequence in one call (rows folded so a group holds its heads x tokens, q_shift per row)
+    equal C separate one-token decodes at their own positions, each with its own per-head block selection."""
+    from pallas_kernels.sparse_decode.api import sparse_decode_tokens
+    from pallas_kernels.sparse_decode.plan import fold_tokens, token_shifts
+
+    b, s, h, kb = 2, 300, 64, 16
+    rng = np.random.default_rng(c * 10 + n)
+    q = jnp.asarray(rng.normal(size=(b, c, n, h)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(b, s, kh, h)), jnp.float32) for _ in range(2))
+    kv_len = jnp.asarray([s, s - 37])
+    sel = jnp.asarray(rng.random((b, c, n, cdiv(s, kb))) < 0.4)
+    sinks, window = rng.integers(0, 20, n), rng.integers(30, 400, n)
+    plan = decode_plan(fold_tokens(sel, kh), kh, sinks=np.repeat(sinks, c), window=np.repeat(window, c),
+                       kv_len=kv_len, kv_block=kb, q_shift=token_shifts(n, c))
+    out, lse = sparse_decode_tokens(q, k, v, plan, backend=backend, interpret=True)
+    for ci in range(c):
+        one = decode_plan(sel[:, ci], kh, sinks=sinks, window=window, kv_len=kv_len - (c - 1 - ci), kv_block=kb)
+        want, want_lse = sparse_decode_attention(q[:, ci], k, v, one, backend="reference")
+        np.testing.assert_allclose(np.asarray(out[:, ci]), np.asarray(want), atol=2e-5)
+        np.testing.assert_array_equal(np.isfinite(lse[:, ci]), np.isfinite(want_lse))
+
+
+def test_triton_decode_kernel_lowers_for_an_h100():
+    """The Triton-lowered decode kernel (with per-row shifts) lowers for an abstract H100 from CPU."""
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+
+    from pallas_kernels.sparse_decode.plan import DecodePlan
+    from pallas_kernels.sparse_decode.triton import sparse_decode_triton
+
+    b, n, kh, s, h, kb, m = 2, 32, 8, 4096, 128, 64, 64
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    bf = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+
+    def run(q, k, v, blocks, counts, hm, sinks, window, kv_len, shift):
+        return sparse_decode_triton(q, k, v, DecodePlan(blocks, counts, hm, sinks, window, kv_len, kb, shift))
+
+    dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=dev)):
+        low = jax.jit(run).trace(bf(b, n, h), bf(b, s, kh, h), bf(b, s, kh, h), i32(b, kh, m), i32(b, kh),
+                                 jax.ShapeDtypeStruct((b, kh, m, n // kh), jnp.bool_), i32(n), i32(n), i32(b),
+                                 i32(n)).lower(lowering_platforms=("cuda",))
+    assert "rtpurbo_sparse_decode" in low.as_text()

@@ -43,3 +43,20 @@ def sparse_decode_attention(q, k, v, plan: DecodePlan, *, backend: str | None = 
 
     hm = lambda x: jnp.swapaxes(x, 1, 2)
     return sparse_decode_tpu(q, hm(k), hm(v), plan, scale=scale, interpret=interpret)
+
+
+def sparse_decode_tokens(q, k, v, plan: DecodePlan, *, backend: str | None = None, interpret: bool = False,
+                         scale=None, splits: int | None = None):
+    """A few query tokens per sequence (chunked or speculative decoding) in one call.
+
+    q [B, C, N, H]: tokens at positions kv_len - C .. kv_len - 1; `plan` over the N·C folded rows
+    (`plan.fold_tokens` order, `q_shift = plan.token_shifts(N, C)`); each GQA group reads its union once for
+    all G·C rows. Returns out [B, C, N, H] (q.dtype), lse fp32 [B, C, N].
+    """
+    from pallas_kernels.sparse_decode.plan import fold_tokens, unfold_tokens
+
+    b, c, n, h = q.shape
+    kh = k.shape[2]
+    out, lse = sparse_decode_attention(fold_tokens(q, kh), k, v, plan, backend=backend, interpret=interpret,
+                                       scale=scale, splits=splits)
+    return unfold_tokens(out, c, kh), unfold_tokens(lse, c, kh)

@@ -23,8 +23,8 @@ from pallas_kernels.sparse_decode.plan import DecodePlan
 _NEG = -1e30
 
 
-def _kernel(blocks_ref, counts_ref, hmask_ref, sinks_ref, window_ref, kvlen_ref, q_ref, k_ref, v_ref, o_ref,
-            lse_ref, m_sc, l_sc, acc_sc, *, scale, kv_block, m_max, g, gp, num_kv):
+def _kernel(blocks_ref, counts_ref, hmask_ref, sinks_ref, window_ref, shift_ref, kvlen_ref, q_ref, k_ref, v_ref,
+            o_ref, lse_ref, m_sc, l_sc, acc_sc, *, scale, kv_block, m_max, g, gp, num_kv):
     b, kh, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     row = b * num_kv + kh
 
@@ -41,14 +41,13 @@ def _kernel(blocks_ref, counts_ref, hmask_ref, sinks_ref, window_ref, kvlen_ref,
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
         gi = lax.broadcasted_iota(jnp.int32, s.shape, 0)
         k_pos = start + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-        q_pos = kvlen_ref[b] - 1
         vis = jnp.zeros(s.shape, jnp.bool_)
         for r in range(g):  # per-head scalars from SMEM, spread over the head's row
             hd = kh * g + r
-            ok = (hmask_ref[(row * m_max + j) * g + r] != 0) & \
+            q_pos = kvlen_ref[b] - 1 - shift_ref[hd]
+            ok = (hmask_ref[(row * m_max + j) * g + r] != 0) & (k_pos <= q_pos) & \
                 ((k_pos < sinks_ref[hd]) | (q_pos - k_pos < window_ref[hd]))
             vis = vis | ((gi == r) & ok)
-        vis = vis & (k_pos < kvlen_ref[b])
         s = jnp.where(vis, s, _NEG)
         m_prev = m_sc[...]
         m_next = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))
@@ -80,7 +79,7 @@ def sparse_decode_tpu(q, k_hm, v_hm, plan: DecodePlan, *, scale=None, interpret:
     scale = h ** -0.5 if scale is None else scale
     qp = jnp.pad(q.reshape(b, kh, g, h), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
     prefetch = (plan.kv_blocks.reshape(-1), plan.counts.reshape(-1), plan.head_mask.astype(jnp.int32).reshape(-1),
-                plan.sinks, plan.window, plan.kv_len.astype(jnp.int32))
+                plan.sinks, plan.window, plan.shifts(), plan.kv_len.astype(jnp.int32))
 
     def kv_map(bi, ki, ji, blocks, *_):
         return bi, ki, blocks[(bi * kh + ki) * m_max + ji], 0

@@ -6,11 +6,18 @@ union entry. Token visibility inside a visited block, for query head n of sequen
 q_pos = kv_len[b] - 1):
 
     visible(b, n, s) = head_mask[b, n // G, j, n % G] for the union entry j holding block(s)
-                       and s < kv_len[b]
-                       and (s < sinks[n] or q_pos - s < window[n])
+                       and s <= q_pos(b, n) and s < kv_len[b]
+                       and (s < sinks[n] or q_pos(b, n) - s < window[n])
+    q_pos(b, n) = kv_len[b] - 1 - q_shift[n]
 
 Arrays: kv_blocks int32 [B, K, M] (ascending union ids in the first `counts` entries, then repeats of the last),
-counts int32 [B, K], head_mask bool [B, K, M, G], sinks / window int32 [N], kv_len int32 [B]; static kv_block.
+counts int32 [B, K], head_mask bool [B, K, M, G], sinks / window int32 [N], kv_len int32 [B], q_shift int32 [N]
+or None (zeros); static kv_block.
+
+A few query tokens per sequence (chunked or speculative decoding): the C tokens at positions kv_len - C .. kv_len
+- 1 become C·N query rows, `fold_tokens` orders them so that each GQA group holds its G heads × C tokens, and
+`q_shift` = C - 1 - c puts row c at its own position. The group then reads the union of all its rows' blocks
+once.
 """
 
 from __future__ import annotations
@@ -31,10 +38,16 @@ class DecodePlan:
     window: jax.Array
     kv_len: jax.Array
     kv_block: int = dataclasses.field(metadata=dict(static=True))
+    q_shift: jax.Array | None = None
+
+    def shifts(self) -> jax.Array:
+        """int32 [N]: q_shift, zeros when unset."""
+        n = self.sinks.shape[0]
+        return jnp.zeros((n,), jnp.int32) if self.q_shift is None else jnp.asarray(self.q_shift, jnp.int32)
 
 
 def decode_plan(sel: jax.Array, num_kv_heads: int, *, sinks, window, kv_len, kv_block: int,
-                max_blocks: int | None = None) -> DecodePlan:
+                max_blocks: int | None = None, q_shift=None) -> DecodePlan:
     """Pack a per-head block selection bool [B, N, Sb] into a DecodePlan with M = max_blocks or Sb.
 
     A group keeping more than M union blocks keeps its lowest ids (callers size M to their budgets).
@@ -55,7 +68,8 @@ def decode_plan(sel: jax.Array, num_kv_heads: int, *, sinks, window, kv_len, kv_
     return DecodePlan(kv_blocks=blocks.astype(jnp.int32), counts=counts, head_mask=jnp.moveaxis(hm, 2, 3),
                       sinks=jnp.broadcast_to(jnp.asarray(sinks, jnp.int32), (n,)),
                       window=jnp.broadcast_to(jnp.asarray(window, jnp.int32), (n,)),
-                      kv_len=jnp.broadcast_to(jnp.asarray(kv_len, jnp.int32), (b,)), kv_block=kv_block)
+                      kv_len=jnp.broadcast_to(jnp.asarray(kv_len, jnp.int32), (b,)), kv_block=kv_block,
+                      q_shift=None if q_shift is None else jnp.broadcast_to(jnp.asarray(q_shift, jnp.int32), (n,)))
 
 
 def token_mask(plan: DecodePlan, seq_len: int) -> jax.Array:
@@ -67,6 +81,29 @@ def token_mask(plan: DecodePlan, seq_len: int) -> jax.Array:
     per_head = (onehot[:, :, :, None, :] & plan.head_mask[..., None]).any(2)  # [B, K, G, Sb]
     blk = per_head.reshape(b, k * g, sb)[..., jnp.arange(seq_len) // plan.kv_block]
     s = jnp.arange(seq_len)
-    q_pos = (plan.kv_len - 1)[:, None, None]
+    q_pos = (plan.kv_len - 1)[:, None, None] - plan.shifts()[None, :, None]
     band = (s < plan.sinks[None, :, None]) | (q_pos - s < plan.window[None, :, None])
-    return blk & band & (s < plan.kv_len[:, None, None])
+    return blk & band & (s <= q_pos) & (s < plan.kv_len[:, None, None])
+
+
+def fold_tokens(x: jax.Array, num_kv_heads: int) -> jax.Array:
+    """[B, C, N, ...] per-token head rows -> [B, N·C, ...] with row (k, g, c) at (k·G + g)·C + c, so a GQA
+    group of the folded rows holds its G heads × C tokens."""
+    b, c, n = x.shape[:3]
+    g = n // num_kv_heads
+    x = x.reshape(b, c, num_kv_heads, g, *x.shape[3:])
+    return jnp.moveaxis(x, 1, 3).reshape(b, n * c, *x.shape[4:])
+
+
+def unfold_tokens(x: jax.Array, num_tokens: int, num_kv_heads: int) -> jax.Array:
+    """Inverse of `fold_tokens`: [B, N·C, ...] -> [B, C, N, ...]."""
+    b, nc = x.shape[:2]
+    n = nc // num_tokens
+    x = x.reshape(b, num_kv_heads, n // num_kv_heads, num_tokens, *x.shape[2:])
+    return jnp.moveaxis(x, 3, 1).reshape(b, num_tokens, n, *x.shape[4:])
+
+
+def token_shifts(num_heads: int, num_tokens: int) -> jax.Array:
+    """int32 [N·C]: q_shift of the folded rows (token c of C sits C - 1 - c positions before the last)."""
+    c = jnp.arange(num_tokens, dtype=jnp.int32)
+    return jnp.tile(num_tokens - 1 - c, num_heads)

@@ -25,8 +25,8 @@ from pallas_kernels.sparse_decode.plan import DecodePlan
 _NEG = -1e30
 
 
-def _kernel(blocks_ref, counts_ref, hmask_ref, sinks_ref, window_ref, kvlen_ref, q_ref, k_ref, v_ref, o_ref,
-            lse_ref, *, scale, kv_block, m_max, gp, num_kv, splits):
+def _kernel(blocks_ref, counts_ref, hmask_ref, sinks_ref, window_ref, shift_ref, kvlen_ref, q_ref, k_ref, v_ref,
+            o_ref, lse_ref, *, scale, kv_block, m_max, gp, num_kv, splits):
     b, kh, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     row = b * num_kv + kh
     count = counts_ref[row]
@@ -34,7 +34,7 @@ def _kernel(blocks_ref, counts_ref, hmask_ref, sinks_ref, window_ref, kvlen_ref,
     lo = sp * per
     hi = jnp.minimum(lo + per, count)
     kv_len = kvlen_ref[b]
-    q_pos = kv_len - 1
+    q_pos = kv_len - 1 - shift_ref[pl.ds(kh * gp, gp)][:, None]  # [Gp, 1]: each row's own position
     q = q_ref[...]  # [Gp, H]
     sink = sinks_ref[pl.ds(kh * gp, gp)][:, None]
     window = window_ref[pl.ds(kh * gp, gp)][:, None]
@@ -47,7 +47,7 @@ def _kernel(blocks_ref, counts_ref, hmask_ref, sinks_ref, window_ref, kvlen_ref,
         k = k_ref[pl.ds(start, kv_block), :]
         s = pltriton.dot(q, k, trans_b=True) * qk_scale  # [Gp, bk] fp32
         k_pos = start + lax.broadcasted_iota(jnp.int32, (gp, kv_block), 1)
-        vis = use & (k_pos < kv_len) & ((k_pos < sink) | (q_pos - k_pos < window))
+        vis = use & (k_pos <= q_pos) & ((k_pos < sink) | (q_pos - k_pos < window))
         s = jnp.where(vis, s, _NEG)
         m_next = jnp.maximum(m_prev, s.max(axis=-1))
         corr = jnp.exp2(m_prev - m_next)
@@ -94,7 +94,7 @@ def sparse_decode_triton(q, k, v, plan: DecodePlan, *, scale=None, splits: int |
     qp = jnp.pad(q.reshape(b, kh, g, h), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
     hm = jnp.pad(plan.head_mask, ((0, 0), (0, 0), (0, 0), (0, gp - g))).astype(jnp.int32).reshape(-1)
     args = (plan.kv_blocks.reshape(-1), plan.counts.reshape(-1), hm, pad_g(plan.sinks, 0).reshape(-1),
-            pad_g(plan.window, 0).reshape(-1), plan.kv_len.astype(jnp.int32))
+            pad_g(plan.window, 0).reshape(-1), pad_g(plan.shifts(), 0).reshape(-1), plan.kv_len.astype(jnp.int32))
     whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
     kernel = functools.partial(_kernel, scale=scale, kv_block=bk, m_max=m_max, gp=gp, num_kv=kh, splits=splits)
     o_parts, lse_parts = pl.pallas_call(
