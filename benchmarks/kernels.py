@@ -94,6 +94,8 @@ def main(argv=None):
     p.add_argument("--reference-max-length", type=int, default=32768,
                    help="check sparse plans against the jnp reference up to this length")
     p.add_argument("--no-decode", action="store_true", help="skip the decode context rows")
+    p.add_argument("--only", nargs="*", default=None, metavar="VARIANT",
+                   help="run only these variants (names as in the JSON, e.g. dense_plan)")
     args = p.parse_args(argv)
     dev = jax.devices()[0]
     res = {"device": dev.device_kind, "jax": jax.__version__, "date": datetime.date.today().isoformat(),
@@ -118,7 +120,10 @@ def main(argv=None):
                                                                   local_window_size=(8191, 0)))
         t_win = bench(win, q, k, v, reps=reps, rounds=rounds)
         record(length=t, variant="cudnn_window8192_all_heads", ms=t_win * 1e3, speedup=t_cudnn / t_win)
+        tokamax_row(q, k, v, ref_dense, t_cudnn, dense_flops, t, reps, rounds, record)
         for name, backend, kb, kw in variants(t, args.triton_max_length):
+            if args.only is not None and name not in args.only:
+                continue
             plan, visited = layer_plan(t=t, num_heads=N, kb=kb, **kw)
             causal_blocks = causal_block_count(t, 128, kb)
             fn = kernel_fn(backend)
@@ -145,6 +150,22 @@ def main(argv=None):
         save(res, args.out)  # after every length: a crash at 1M keeps the shorter lengths
     plot(res, args.out + ".png")
     print(f"wrote {args.out}.json / .png")
+
+
+def tokamax_row(q, k, v, ref_dense, t_cudnn, dense_flops, t, reps, rounds, record) -> None:
+    """tokamax's Mosaic GPU flash attention (dense causal) as a same-run baseline, when tokamax is importable
+    (it is not a dependency: carry its wheels to the GPU machine)."""
+    try:
+        import tokamax
+    except ImportError:
+        return
+    fn = jax.jit(lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=True, implementation="mosaic"))
+    err = rel_err(fn(q, k, v), ref_dense)
+    if not err < 2e-2:
+        raise SystemExit(f"tokamax at {t}: relative error {err} vs cuDNN: not timing it")
+    sec = bench(fn, q, k, v, reps=reps, rounds=rounds)
+    record(length=t, variant="tokamax_mosaic_dense", ms=sec * 1e3, tflops=dense_flops / sec / 1e12,
+           speedup=t_cudnn / sec, rel_err=err)
 
 
 def save(res: dict, out: str) -> None:
