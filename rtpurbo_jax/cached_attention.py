@@ -60,6 +60,20 @@ def _retrieval_blocks(q_idx, k_index, q_pos, valid, new_len, total_len, sparse: 
     return sel
 
 
+def _selection_inputs(qkv, k_full, w_q, lc_index, ll: LayerLayout, sparse: SparseConfig):
+    """(queries fp32 [B, C, Nr, X], keys [B, S, Nr, X]) that score the retrieval heads' blocks: the indexer's
+    index queries and cached index keys (X = index_dim), or with `selector="oracle"` the head's own post-RoPE
+    q / sqrt(H) and its KV head's full keys (X = H) — top-p over the exact attention's block masses."""
+    rq = jnp.asarray(ll.retrieval_q)
+    if sparse.selector == "oracle":
+        h = qkv["q"].shape[-1]
+        kv_slot = jnp.asarray([ll.full_kv.index(r // ll.group) for r in ll.retrieval_q])
+        return qkv["q"][:, :, rq].astype(jnp.float32) * h ** -0.5, k_full[:, :, kv_slot]
+    q_idx = jnp.einsum("bcrh,rhi->bcri", qkv["q_pre"][:, :, rq], w_q, precision=_HI,
+                       preferred_element_type=jnp.float32)
+    return q_idx, lc_index
+
+
 def _decode_kernel_attention(q, k_full, v_full, ll: LayerLayout, qf, q_idx, k_index, new_len, total_len, sinks,
                              window, sparse: SparseConfig | None, backend, interpret):
     """Decode (C = 1) over the full KV heads with the sparse decode kernel: out fp32 [B, 1, Nf, H].
@@ -78,7 +92,8 @@ def _decode_kernel_attention(q, k_full, v_full, ll: LayerLayout, qf, q_idx, k_in
                                   head_sinks=[sinks] * n, head_window=[window] * n, top_p=sparse.top_p,
                                   kv_block=kv_block, sinks=sparse.sinks, keep_recent=sparse.keep_recent, dense=dense,
                                   max_blocks=sparse.max_blocks, interpret=interpret,
-                                  backend="triton" if backend == "triton" else "reference")
+                                  backend="triton" if backend == "triton" and sparse.selector == "indexer"
+                                  else "reference")
     else:  # every retrieval head dense: the plan is static bands + whole causal ranges
         sb = -(-s // kv_block)
         q_pos = (new_len - 1)[:, None]
@@ -90,7 +105,12 @@ def _decode_kernel_attention(q, k_full, v_full, ll: LayerLayout, qf, q_idx, k_in
         plan = decode_plan(blocks, len(ll.full_kv), sinks=jnp.where(is_r, 0, sinks),
                            window=jnp.where(is_r, FULL_WINDOW, window), kv_len=new_len, kv_block=kv_block)
     out, _ = sparse_decode_attention(q[:, 0], k_full, v_full, plan, backend=backend, interpret=interpret)
-    return out[:, None].astype(jnp.float32)
+    g = len(qf) // len(ll.full_kv)
+    used = plan.head_mask & (jnp.arange(plan.head_mask.shape[2])[None, None, :, None] < plan.counts[..., None, None])
+    per_head = used.sum(2).reshape(b, n)  # [B, N] blocks each head visits
+    rows = jnp.asarray(retrieval, jnp.int32) if retrieval else None
+    frac = None if rows is None else (per_head[:, rows] / -(-new_len[:, None] // kv_block)).mean(-1)
+    return out[:, None].astype(jnp.float32), frac
 
 
 def prefill_backend(backend: str, interpret: bool, q, k, plan) -> str:
@@ -133,7 +153,10 @@ def _prefill_kernel_attention(q, k_full, v_full, ll: LayerLayout, qf, sel, q_pos
 def layer_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLayout, cfg: ModelConfig,
                     sparse: SparseConfig | None, w_q, w_k, *, q_pos, valid, start_len, total_len, tile: int,
                     dense_retrieval: bool, backend: str = "reference", interpret: bool = False):
-    """Attention output fp32 [B, C, N, H] and the updated LayerCache.
+    """(attention output fp32 [B, C, N, H], the updated LayerCache, blocks_frac fp32 [B] or None).
+
+    blocks_frac: for a decode step (C = 1), the mean over this layer's retrieval heads of the fraction of
+    visible key blocks each visits (1.0 when they run dense); None when the layer has no retrieval head.
 
     qkv: project_qkv's dict for the new tokens (q, q_pre [B, C, N, H]; k, v, k_pre [B, C, K, H]).
     w_q, w_k: [Nr, H, I] indexer weights of this layer's retrieval heads (ll.retrieval_q order).
@@ -147,6 +170,7 @@ def layer_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLay
     new_len = start_len + valid.sum(-1).astype(jnp.int32)
     sinks, window = _local_band(sparse, cfg)
     outs, order = [], []
+    frac = jnp.ones((b,), jnp.float32) if ll.retrieval_q else None  # dense retrieval heads visit every block
 
     if ll.full_kv:
         kf = jnp.asarray(ll.full_kv)
@@ -167,20 +191,22 @@ def layer_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLay
                                preferred_element_type=jnp.float32)
             k_index = scatter_rows(lc.k_index, k_new, q_pos, valid)
             if not dense_retrieval:
-                q_idx = jnp.einsum("bcrh,rhi->bcri", qkv["q_pre"][:, :, rq], w_q, precision=_HI,
-                                   preferred_element_type=jnp.float32)
+                q_idx, k_sel = _selection_inputs(qkv, k_full, w_q, k_index, ll, sparse)
         qf_q = qkv["q"][:, :, jnp.asarray(qf)]
         if backend != "reference" and c == 1:
-            out = _decode_kernel_attention(qf_q, k_full, v_full, ll, qf, q_idx, k_index, new_len, total_len,
-                                           sinks, window, sparse, backend, interpret)
+            out, frac = _decode_kernel_attention(qf_q, k_full, v_full, ll, qf, q_idx,
+                                                 None if q_idx is None else k_sel, new_len, total_len, sinks, window,
+                                                 sparse, backend, interpret)
         elif backend != "reference":
             if q_idx is not None:
-                sel = _retrieval_blocks(q_idx, k_index, q_pos, valid, new_len, total_len, sparse, tile=tile)
+                sel = _retrieval_blocks(q_idx, k_sel, q_pos, valid, new_len, total_len, sparse, tile=tile)
             out = _prefill_kernel_attention(qf_q, k_full, v_full, ll, qf, sel, q_pos, new_len, sinks, window,
                                             sparse, tile, backend, interpret)
         else:
             if q_idx is not None:
-                sel = _retrieval_blocks(q_idx, k_index, q_pos, valid, new_len, total_len, sparse, tile=tile)
+                sel = _retrieval_blocks(q_idx, k_sel, q_pos, valid, new_len, total_len, sparse, tile=tile)
+                if c == 1:
+                    frac = (sel.sum(-1)[:, :, 0] / -(-new_len[:, None] // sparse.kv_block)).mean(-1)
             if ll.retrieval_q:  # retrieval heads: their blocks (or everything), no band
                 where = jnp.asarray([qf.index(r) for r in ll.retrieval_q])
                 blocks = True if sel is None else jnp.repeat(sel, tile, axis=2)[..., jnp.arange(s) // sparse.kv_block]
@@ -213,4 +239,4 @@ def layer_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLay
                         scatter_rows(lc.v_ring, v_new, slot, keep), lc.k_index)
 
     inv = jnp.argsort(jnp.asarray(order))
-    return jnp.concatenate(outs, axis=2)[:, :, inv], lc
+    return jnp.concatenate(outs, axis=2)[:, :, inv], lc, frac

@@ -51,7 +51,8 @@ def check_indexer(cfg: ModelConfig, sparse: SparseConfig | None, indexer: dict |
     if sparse is None:
         return
     sparse.check_model(cfg.num_layers, cfg.num_heads, cfg.num_kv_heads)
-    needs = sparse.top_p < 1.0 or sparse.max_blocks is not None or sparse.prefill_mode == "indexer"
+    needs = sparse.selector == "indexer" and (sparse.top_p < 1.0 or sparse.max_blocks is not None
+                                              or sparse.prefill_mode == "indexer")
     if indexer is None:
         if needs and sparse.roles_array.any():
             raise ValueError("retrieval heads select blocks with the indexer (top_p < 1 or prefill_mode='indexer') "
@@ -67,12 +68,13 @@ def check_indexer(cfg: ModelConfig, sparse: SparseConfig | None, indexer: dict |
 def _run_tokens(params, cache: HybridCache, tokens, q_pos, valid, total_len, indexer, cfg: ModelConfig,
                 sparse: SparseConfig | None, *, tile: int, dense_retrieval: bool, backend: str = "reference",
                 interpret: bool = False):
-    """Final normed hidden states [B, C, D] of C new tokens per sequence, and the updated cache."""
+    """Final normed hidden states [B, C, D] of C new tokens per sequence, the updated cache, and fp32 [B]: the
+    mean over retrieval heads (all layers) of the fraction of visible key blocks visited (decode; 0 if none)."""
     layout = cache.layout
     cos, sin = rope_cos_sin(q_pos, cfg.rope, cfg.head_dim)
     x = jnp.take(params["embed"], tokens, axis=0)
     b, c, _ = x.shape
-    layers = []
+    layers, fracs = [], []
     for li, (lc, ll) in enumerate(zip(cache.layers, layout.layers)):
         lp = jax.tree.map(lambda a: a[li], params["layers"])
         w_q = w_k = None
@@ -82,14 +84,17 @@ def _run_tokens(params, cache: HybridCache, tokens, q_pos, valid, total_len, ind
         elif ll.retrieval_q:  # dense retrieval everywhere: index keys are unused, keep them zero
             w_q = w_k = jnp.zeros((len(ll.retrieval_q), cfg.head_dim, layout.index_dim), jnp.float32)
         qkv = project_qkv(lp, rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps), cfg, cos, sin)
-        o, lc = layer_attention(qkv, lc, ll, layout, cfg, sparse, w_q, w_k, q_pos=q_pos, valid=valid,
-                                start_len=cache.lengths, total_len=total_len, tile=tile,
-                                dense_retrieval=dense_retrieval, backend=backend, interpret=interpret)
+        o, lc, frac = layer_attention(qkv, lc, ll, layout, cfg, sparse, w_q, w_k, q_pos=q_pos, valid=valid,
+                                      start_len=cache.lengths, total_len=total_len, tile=tile,
+                                      dense_retrieval=dense_retrieval, backend=backend, interpret=interpret)
+        if frac is not None:
+            fracs.append(frac)
         x = x + _dense(o.astype(x.dtype).reshape(b, c, -1), lp["wo"], lp.get("bo"))
         x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps))
         layers.append(lc)
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    return x, HybridCache(tuple(layers), cache.lengths + valid.sum(-1).astype(jnp.int32), layout)
+    frac = jnp.stack(fracs).mean(0) if fracs else jnp.zeros((b,), jnp.float32)
+    return x, HybridCache(tuple(layers), cache.lengths + valid.sum(-1).astype(jnp.int32), layout), frac
 
 
 def _prefill(params, cache, tokens, lengths, indexer, cfg, sparse, chunk, backend="reference", interpret=False):
@@ -109,7 +114,7 @@ def _prefill(params, cache, tokens, lengths, indexer, cfg, sparse, chunk, backen
         cache, last_h = carry
         rel = i * chunk + jnp.arange(chunk, dtype=jnp.int32)
         valid = rel[None] < lengths[:, None]
-        x, cache = _run_tokens(params, cache, jax.lax.dynamic_slice_in_dim(tokens, i * chunk, chunk, axis=1),
+        x, cache, _ = _run_tokens(params, cache, jax.lax.dynamic_slice_in_dim(tokens, i * chunk, chunk, axis=1),
                                start[:, None] + rel[None], valid, total, indexer, cfg, sparse,
                                tile=sparse.q_block if indexer_mode else 1, dense_retrieval=not indexer_mode,
                                backend=backend, interpret=interpret)
@@ -144,19 +149,24 @@ def _decode(params, cache, tokens, indexer, cfg, sparse, backend="reference", in
     q_pos = cache.lengths[:, None]
     valid = jnp.ones_like(q_pos, bool)
     dense = sparse is None or (sparse.top_p >= 1.0 and sparse.max_blocks is None)
-    x, cache = _run_tokens(params, cache, tokens[:, None], q_pos, valid, cache.lengths + 1, indexer, cfg, sparse,
-                           tile=1, dense_retrieval=dense, backend=backend, interpret=interpret)
-    return logits_from_hidden(params, x[:, 0], cfg), cache
+    x, cache, frac = _run_tokens(params, cache, tokens[:, None], q_pos, valid, cache.lengths + 1, indexer, cfg,
+                                 sparse, tile=1, dense_retrieval=dense, backend=backend, interpret=interpret)
+    return logits_from_hidden(params, x[:, 0], cfg), cache, frac
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sparse", "backend", "interpret"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "sparse", "backend", "interpret", "stats"),
+                   donate_argnames=("cache",))
 def decode_step(params, cache: HybridCache, tokens, indexer=None, *, cfg: ModelConfig,
-                sparse: SparseConfig | None = None, backend: str | None = None, interpret: bool = False):
-    """One token per sequence: tokens int [B] at position cache.lengths. Returns fp32 logits [B, V] and the cache.
+                sparse: SparseConfig | None = None, backend: str | None = None, interpret: bool = False,
+                stats: bool = False):
+    """One token per sequence: tokens int [B] at position cache.lengths. Returns fp32 logits [B, V] and the cache
+    (and with stats=True a dict: blocks_frac fp32 [B], the mean over retrieval heads of the fraction of visible
+    64-token key blocks this step visited).
 
     Retrieval heads score every cached index key, keep their top-p blocks and attend exactly inside them.
     """
-    return _decode(params, cache, tokens, indexer, cfg, sparse, resolve_backend(backend), interpret)
+    logits, cache, frac = _decode(params, cache, tokens, indexer, cfg, sparse, resolve_backend(backend), interpret)
+    return (logits, cache, {"blocks_frac": frac}) if stats else (logits, cache)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sparse", "sampling", "max_new_tokens", "stop_tokens",
@@ -174,7 +184,7 @@ def _generate(params, prompts, lengths, indexer, key, *, cfg, sparse, sampling, 
 
     def step(carry, _):
         cache, tok, done, key, count = carry
-        logits, cache = _decode(params, cache, tok, indexer, cfg, sparse, backend, interpret)
+        logits, cache, _ = _decode(params, cache, tok, indexer, cfg, sparse, backend, interpret)
         key, sub = jax.random.split(key)
         nxt = jnp.where(done, pad, sample(logits, sub, sampling))
         count = count + (~done).astype(jnp.int32)

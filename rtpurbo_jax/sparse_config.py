@@ -15,6 +15,7 @@ import numpy as np
 
 GRANULARITIES = ("query", "kv")
 PREFILL_MODES = ("dense", "indexer")
+SELECTORS = ("indexer", "oracle")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,10 @@ class SparseConfig:
     prefill_mode: str = "dense"  # retrieval heads in prefill: dense (the paper) or indexer (top-p per q tile)
     max_blocks: int | None = None  # optional budget of key blocks per retrieval row (forced blocks included)
     keep_recent: int = 64  # retrieval heads always keep blocks overlapping the last `keep_recent` tokens
+    # what scores the blocks of retrieval heads: the learned indexer, or "oracle" — the head's exact attention
+    # logits (post-RoPE q·k / sqrt(H) over the full keys). The oracle is the ceiling any indexer can reach, an
+    # instrument for accuracy benchmarks: it reads every key, so it saves no work.
+    selector: str = "indexer"
 
     def __post_init__(self):
         roles = tuple(tuple(int(r) for r in layer) for layer in self.roles)
@@ -51,6 +56,8 @@ class SparseConfig:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.prefill_mode not in PREFILL_MODES:
             raise ValueError(f"prefill_mode must be one of {PREFILL_MODES}, got {self.prefill_mode!r}")
+        if self.selector not in SELECTORS:
+            raise ValueError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
         if self.max_blocks is not None and self.max_blocks < 1:
             raise ValueError(f"max_blocks must be >= 1 or None, got {self.max_blocks}")
 

@@ -29,8 +29,8 @@ from rtpurbo_jax.checkpoint import CheckpointError, load_converted, write_params
 from rtpurbo_jax.model import forward
 from rtpurbo_jax.params import param_shardings
 from rtpurbo_jax.sparse_config import SparseConfig
-from train.data import PackedWindows
-from train.objective import INITS, gather_heads, init_indexer, kl_loss, recall_metrics, scatter_indexer
+from train.data import EventWindows, PackedWindows, held_out_retrieval
+from train.objective import INITS, LOSS_LEVELS, LOSS_WEIGHTS, gather_heads, init_indexer, kl_loss, recall_metrics, scatter_indexer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +38,9 @@ class DistillConfig:
     model: str = "smollm2"  # converted dir, HF dir, .gguf, or smollm2 (bundled)
     run_dir: str = "runs/distill-smollm2"
     data: str = "kjv"  # kjv (bundled), a .txt, a dir of .txt, a .jsonl, or a .npy of token ids
+    events: float = 1.0  # retrieval events written into each window per 1K tokens (train.data.insert_events); 0: none
+    loss_level: str = "block"  # token (the paper's eq. 6) or block (KL of 64-token block masses)
+    loss_weight: str = "longrange"  # uniform, or longrange (rows weighted by the teacher's far mass)
     seq_len: int = 512
     batch: int = 1  # global batch (sequences per step)
     steps: int = 30
@@ -72,6 +75,10 @@ class DistillConfig:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.init not in INITS:
             raise ValueError(f"--init must be one of {INITS}, got {self.init!r}")
+        if self.loss_level not in LOSS_LEVELS or self.loss_weight not in LOSS_WEIGHTS:
+            raise ValueError(f"--loss-level must be one of {LOSS_LEVELS} and --loss-weight one of {LOSS_WEIGHTS}")
+        if not self.events >= 0:
+            raise ValueError(f"--events must be >= 0, got {self.events}")
         if self.lr <= 0 or self.warmup < 0 or self.index_dim < 1:
             raise ValueError("--lr must be > 0, --warmup >= 0, --index-dim >= 1")
         if max_positions is not None and self.seq_len > max_positions:
@@ -158,20 +165,23 @@ def make_teacher(cfg, heads):
     return teacher
 
 
-def build_step(cfg, heads, tx, chunk, shardings):
-    """(jitted train step with NamedSharding in/out and donated state, jitted evaluation)."""
+def build_step(cfg, heads, tx, chunk, shardings, loss_kw=None):
+    """(jitted train step with NamedSharding in/out and donated state, jitted evaluation). loss_kw: kl_loss's
+    level / weight / kv_block / sinks / recent."""
     teacher = make_teacher(cfg, heads)
+    loss_kw = loss_kw or {}
 
     def step(state, params, tokens):
         hx = teacher(params, tokens)
-        loss, grads = jax.value_and_grad(kl_loss)(state["params"], hx, chunk)
+        loss, grads = jax.value_and_grad(lambda p: kl_loss(p, hx, chunk, **loss_kw))(state["params"])
         updates, opt = tx.update(grads, state["opt_state"], state["params"])
         new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt}
         return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
-    def evaluate(train, params, tokens, top_p, kv_block):
+    def evaluate(train, params, tokens, top_p, kv_block, rows=None):
         hx = teacher(params, tokens)
-        return {"loss": kl_loss(train, hx, chunk), **recall_metrics(train, hx, top_p=top_p, kv_block=kv_block)}
+        return {"loss": kl_loss(train, hx, chunk, **loss_kw),
+                **recall_metrics(train, hx, top_p=top_p, kv_block=kv_block, rows=rows)}
 
     state_sh, params_sh, tok_sh, rep = shardings
     step_j = jax.jit(step, in_shardings=(state_sh, params_sh, tok_sh), out_shardings=(state_sh, rep),
@@ -194,6 +204,17 @@ def passkey_accuracy(ckpt, sparse: SparseConfig, indexer, c: DistillConfig, tok)
     return float(np.mean([k in tok.decode(o).replace(" ", "") for k, o in zip(keys, np.asarray(out))]))
 
 
+def describe(m: dict) -> str:
+    """One log line of an evaluation row."""
+    out = (f"loss {m['loss']:.4f} recall {m['recall']:.3f} blocks {m['selected_frac']:.3f} "
+           f"(oracle {m['oracle_frac']:.3f})")
+    if "heldout_recall" in m:
+        out += (f"; held-out retrieval rows: recall {m['heldout_recall']:.3f} needle-block hit "
+                f"{m['heldout_top_hit']:.3f} blocks {m['heldout_selected_frac']:.3f} (oracle "
+                f"{m['heldout_oracle_frac']:.3f})")
+    return out
+
+
 def save_curves(rows: list[dict], path: str):
     import matplotlib
 
@@ -205,8 +226,10 @@ def save_curves(rows: list[dict], path: str):
     ev = [r for r in rows if "recall" in r]
     ax[0].plot([r["step"] for r in train], [r["loss"] for r in train])
     ax[0].set(xlabel="step", ylabel="KL (summed over retrieval heads)", yscale="log")
-    for key, lab in (("recall", "recall @ top-p"), ("selected_frac", "indexer blocks"), ("oracle_frac", "oracle blocks")):
-        ax[1].plot([r["step"] for r in ev], [r[key] for r in ev], marker="o", label=lab)
+    for key, lab in (("recall", "recall @ top-p"), ("selected_frac", "indexer blocks"), ("oracle_frac", "oracle blocks"),
+                     ("heldout_top_hit", "needle-block hit (held-out)"), ("heldout_recall", "recall (held-out)")):
+        if ev and key in ev[-1]:
+            ax[1].plot([r["step"] for r in ev if key in r], [r[key] for r in ev if key in r], marker="o", label=lab)
     ax[1].set(xlabel="step", ylim=(0, 1.02))
     ax[1].legend(fontsize=7)
     fig.tight_layout()
@@ -230,6 +253,8 @@ def run(c: DistillConfig) -> dict:
     else:
         tok = ckpt.tokenizer()
         data = PackedWindows.from_source(c.data, tok, c.seq_len, c.seed)
+        if c.events > 0:
+            data = EventWindows(data.windows.ravel(), c.seq_len, c.seed, tok, c.events)
     mesh = make_mesh(c.mesh)
     r = len(heads)
     head_axis = "model" if r % mesh.shape["model"] == 0 else None
@@ -252,7 +277,9 @@ def run(c: DistillConfig) -> dict:
     opt0 = tx.init(train0)
     state_sh = {"params": train_sh, "opt_state": jax.tree.map(lambda _: rep, opt0)}
     state = jax.device_put({"params": train0, "opt_state": opt0}, state_sh)
-    step_j, eval_j = build_step(cfg, heads, tx, c.chunk, (state_sh, params_sh, tok_sh, rep))
+    loss_kw = dict(level=c.loss_level, weight=c.loss_weight, kv_block=c.kv_block, sinks=sparse.sinks,
+                   recent=sparse.keep_recent)
+    step_j, eval_j = build_step(cfg, heads, tx, c.chunk, (state_sh, params_sh, tok_sh, rep), loss_kw)
 
     mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(c.run_dir, "checkpoints")),
                                  options=ocp.CheckpointManagerOptions(max_to_keep=c.keep, save_interval_steps=c.ckpt_every))
@@ -274,17 +301,22 @@ def run(c: DistillConfig) -> dict:
         if start == 0 and os.path.exists(metrics_path):
             os.remove(metrics_path)
 
-    eval_tokens = global_batch(10 ** 6 + 1)  # a fixed window, also used before and after
+    eval_tokens = global_batch(10 ** 6 + 1)  # a fixed training-distribution window, also used before and after
+    if tok is not None:  # held-out prose with retrieval events: recall where retrieval happens
+        ho_tokens, ho_rows = held_out_retrieval(tok, c.seq_len, c.seed)
+        ho_tokens = jax.device_put(np.broadcast_to(ho_tokens, (c.batch, c.seq_len)), tok_sh)
 
     def evaluate(step, train):
         m = {k: float(v) for k, v in eval_j(train, params, eval_tokens, c.top_p, c.kv_block).items()}
+        if tok is not None:
+            ho = eval_j(train, params, ho_tokens, c.top_p, c.kv_block, jnp.asarray(ho_rows))
+            m.update({f"heldout_{k}": float(v) for k, v in ho.items() if k != "loss"})
         return {"step": step, **m}
 
     rows = []
     before = evaluate(start, state["params"])
-    log0(f"[distill] {r} retrieval heads, index_dim {c.index_dim}, init {c.init}, mesh {dict(mesh.shape)}; "
-         f"before: loss {before['loss']:.4f} recall {before['recall']:.3f} "
-         f"blocks {before['selected_frac']:.3f} (oracle {before['oracle_frac']:.3f})")
+    log0(f"[distill] {r} retrieval heads, index_dim {c.index_dim}, init {c.init}, mesh {dict(mesh.shape)}, "
+         f"loss {c.loss_level}/{c.loss_weight}, {c.events} events per 1K tokens; before: {describe(before)}")
     rows.append(before)
     bar = tqdm(range(start, c.steps), disable=pidx != 0, desc="distill", dynamic_ncols=True)
     t0, toks = time.time(), 0
@@ -327,8 +359,7 @@ def run(c: DistillConfig) -> dict:
         history = [json.loads(l) for l in open(metrics_path)] if os.path.exists(metrics_path) else []
         save_curves([before] + history, os.path.join(c.run_dir, "curves.png"))
     summary = {"before": before, "after": after, "retrieval_heads": r}
-    log0(f"[distill] after {c.steps} steps: loss {after['loss']:.4f} recall {after['recall']:.3f} "
-         f"blocks {after['selected_frac']:.3f} (oracle {after['oracle_frac']:.3f})")
+    log0(f"[distill] after {c.steps} steps: {describe(after)}")
     if c.eval_passkey and tok is not None and c.eval_len <= cfg.max_position_embeddings:
         init_ix = scatter_indexer(init_host, heads, cfg)
         summary["passkey_before"] = passkey_accuracy(ckpt, sparse, init_ix, c, tok)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.block_plan import cdiv
-from pallas_kernels.indexer_topp.reference import topp_select
+from pallas_kernels.indexer_topp.reference import forced_blocks, topp_select
 from rtpurbo_jax.model import rope_inv_freq
 from rtpurbo_jax.model_config import ModelConfig
 
@@ -57,8 +57,54 @@ def _causal(chunk_start, chunk, s, t):
     return (jnp.arange(s)[None, :] <= rows[:, None]) & (rows < t)[:, None]
 
 
-def kl_loss(train: dict, heads_x: dict, chunk: int = 256):
-    """Mean over (batch, position) of the KL summed over retrieval heads; fp32 scalar."""
+LOSS_LEVELS = ("token", "block")
+LOSS_WEIGHTS = ("uniform", "longrange")
+
+
+_NEG = -1e30  # finite masking: rows or blocks with no visible key stay NaN-free in value and gradient
+
+
+def _row_kl(tl, sl, mask, level: str, kv_block: int):
+    """Forward KL per query row fp32 [R, B, C] between teacher and student logits [R, B, C, S] under `mask`:
+    over tokens, or over the `kv_block`-token block masses (the unit top-p selects)."""
+    log_p = jax.nn.log_softmax(jnp.where(mask, tl, _NEG), axis=-1)
+    log_q = jax.nn.log_softmax(jnp.where(mask, sl, _NEG), axis=-1)
+    mask = jnp.broadcast_to(mask, log_p.shape)
+    if level == "block":
+        s = tl.shape[-1]
+        sb = cdiv(s, kv_block)
+        pad = [(0, 0)] * 3 + [(0, sb * kv_block - s)]
+        blk = lambda x, v: jax.nn.logsumexp(jnp.pad(x, pad, constant_values=_NEG).reshape(*x.shape[:3], sb, kv_block),
+                                            axis=-1, b=jnp.pad(v, pad).reshape(*x.shape[:3], sb, kv_block))
+        log_p, log_q = blk(log_p, mask), blk(log_q, mask)
+        mask = jnp.pad(mask, pad).reshape(*mask.shape[:3], sb, kv_block).any(-1)
+        log_p, log_q = jnp.where(mask, log_p, 0.0), jnp.where(mask, log_q, 0.0)
+    p = jnp.where(mask, jnp.exp(log_p), 0.0)
+    return (p * jnp.where(mask, log_p - log_q, 0.0)).sum(-1)
+
+
+def _longrange_mass(tl, mask, rows, sinks: int, recent: int):
+    """fp32 [R, B, C]: the teacher's attention mass outside the keys top-p always keeps (the first `sinks`
+    tokens and the last `recent` before each query) — the mass only the indexer can find."""
+    p = jnp.where(mask, jax.nn.softmax(jnp.where(mask, tl, _NEG), axis=-1), 0.0)
+    k = jnp.arange(tl.shape[-1])
+    far = (k[None, :] >= sinks) & (rows[:, None] - k[None, :] >= recent)
+    return jnp.where(far[None, None], p, 0.0).sum(-1)
+
+
+def kl_loss(train: dict, heads_x: dict, chunk: int = 256, *, level: str = "token", weight: str = "uniform",
+            kv_block: int = 64, sinks: int = 4, recent: int = 64):
+    """Stage-1 loss, fp32 scalar: forward KL summed over retrieval heads, averaged over (batch, position).
+
+    level "token": over the full token-level distribution (the paper's eq. 6); "block": over 64-token block
+    masses, the quantity top-p ranks (the indexer need not order tokens inside a block).
+    weight "uniform": every query row counts the same; "longrange": rows weighted by the teacher's mass outside
+    the always-kept sink and recent keys (`_longrange_mass`), normalised by the total weight — the rows where
+    the head retrieves from far away, which prose windows hold few of, dominate.
+    """
+    if level not in LOSS_LEVELS or weight not in LOSS_WEIGHTS:
+        raise ValueError(f"loss level must be one of {LOSS_LEVELS} and weight one of {LOSS_WEIGHTS}; "
+                         f"got {level!r}, {weight!r}")
     r, b, t, h = heads_x["q"].shape
     chunk = min(chunk, t)
     nc = cdiv(t, chunk)
@@ -69,35 +115,47 @@ def kl_loss(train: dict, heads_x: dict, chunk: int = 256):
         start = ci * chunk
         tl, sl = _chunk_logits(start, chunk, padded, train, h ** -0.5)
         mask = _causal(start, chunk, t, t)[None, None]
-        log_p = jax.nn.log_softmax(jnp.where(mask, tl, -jnp.inf), axis=-1)
-        log_q = jax.nn.log_softmax(jnp.where(mask, sl, -jnp.inf), axis=-1)
-        p = jnp.exp(log_p)
-        kl = jnp.where(mask, p * (log_p - log_q), 0.0).sum(-1)  # [R, B, C]
-        return kl.sum(0).sum()
+        kl = _row_kl(tl, sl, mask, level, kv_block)  # [R, B, C]
+        if weight == "uniform":
+            return jnp.stack([kl.sum(), jnp.float32(0.0)])
+        w = jax.lax.stop_gradient(_longrange_mass(tl, mask, start + jnp.arange(chunk), sinks, recent))
+        return jnp.stack([(w * kl).sum(), w.sum()])
 
-    return jax.lax.map(one, jnp.arange(nc)).sum() / (b * t)
+    tot = jax.lax.map(one, jnp.arange(nc)).sum(0)
+    if weight == "uniform":
+        return tot[0] / (b * t)
+    return r * tot[0] / jnp.maximum(tot[1], 1e-6)
 
 
-def recall_metrics(train: dict, heads_x: dict, *, top_p: float = 0.9, kv_block: int = 64, probe: int = 128) -> dict:
-    """For the last `probe` query positions: teacher mass inside the indexer's top-p block set (recall), the
-    fraction of visible blocks it selects, and the same fraction for the oracle (teacher's own top-p set)."""
+def recall_metrics(train: dict, heads_x: dict, *, top_p: float = 0.9, kv_block: int = 64, probe: int = 128,
+                   rows=None, sinks: int = 4, keep_recent: int = 64) -> dict:
+    """Selection quality at probe rows (the last `probe` positions, or int `rows` [P]), with serving's policy
+    (sink and recent blocks forced, their mass counted toward p):
+    recall — teacher mass inside the indexer's top-p block set; selected_frac / oracle_frac — fraction of
+    visible blocks the indexer / the teacher's own top-p set keep; top_hit — how often the teacher's heaviest
+    non-forced block (the needle, at a retrieval row) is inside the indexer's set (the oracle's is by definition).
+    """
     r, b, t, h = heads_x["q"].shape
-    probe = min(probe, t)
-    start = t - probe
-    tl, sl = _chunk_logits(start, probe, heads_x, train, h ** -0.5)
-    mask = _causal(start, probe, t, t)[None, None]
+    rows = jnp.arange(t - min(probe, t), t) if rows is None else jnp.asarray(rows, jnp.int32)
+    sel_rows = {k: (v[:, :, rows] if k.startswith("q") else v) for k, v in heads_x.items()}
+    tl, sl = _chunk_logits(0, rows.shape[0], sel_rows, train, h ** -0.5)
+    mask = (jnp.arange(t)[None, :] <= rows[:, None])[None, None]
     p_t = jax.nn.softmax(jnp.where(mask, tl, -jnp.inf), axis=-1)
     p_s = jax.nn.softmax(jnp.where(mask, sl, -jnp.inf), axis=-1)
     sb = cdiv(t, kv_block)
     blk = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, sb * kv_block - t)]).reshape(*x.shape[:3], sb, kv_block).sum(-1)
     bt, bs = blk(p_t), blk(p_s)
     vis = blk(mask.astype(jnp.float32) * jnp.ones_like(p_t)) > 0
-    none = jnp.zeros_like(vis)
-    sel = topp_select(bs, vis, none, top_p)
-    oracle = topp_select(bt, vis, none, top_p)
+    forced = forced_blocks(rows, rows, sb, kv_block, sinks, keep_recent)[None, None] & vis
+    sel = topp_select(bs, vis, forced, top_p)
+    oracle = topp_select(bt, vis, forced, top_p)
+    top = jnp.argmax(jnp.where(vis & ~forced, bt, -1.0), axis=-1)
+    has_far = (vis & ~forced).any(-1)
+    hit = jnp.take_along_axis(sel, top[..., None], axis=-1)[..., 0]
     nvis = vis.sum(-1)
     return {"recall": (bt * sel).sum(-1).mean(), "selected_frac": (sel.sum(-1) / nvis).mean(),
-            "oracle_frac": (oracle.sum(-1) / nvis).mean()}
+            "oracle_frac": (oracle.sum(-1) / nvis).mean(),
+            "top_hit": (hit & has_far).sum() / jnp.maximum(has_far.sum(), 1)}
 
 
 def init_indexer(kind: str, heads: np.ndarray, cfg: ModelConfig, index_dim: int, key, calib_x: dict | None = None):

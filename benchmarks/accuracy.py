@@ -1,0 +1,282 @@
+"""`python -m benchmarks.accuracy`: does sparse attention answer like full attention? RULER-style tasks
+(`benchmarks.tasks`) and held-out perplexity, through the public serving API (`prefill` then `decode_step`
+over the hybrid KV cache), several attention modes on the same prompts.
+
+    python -m benchmarks.accuracy --converted runs/x/converted --indexer runs/x/indexer \\
+        [--indexer prose=runs/y/indexer] [--lengths 2048 4096 8000] [--prompts 20] [--windows 512 1024]
+
+Modes (every sparse mode runs the split at every length: `seqlen_threshold` is set to 0, stated in `config`):
+- full: dense cache, plain causal attention;
+- dense_retrieval: the calibrated retrieval heads dense, the other heads sinks + window;
+  dense_retrieval_w<W>: the same with window W (the window sweep);
+- local_only: every head sinks + window; random_heads: as many random heads dense, the rest local;
+- rtpurbo: the shipped config (roles, window, top-p from `rtpurbo.json`) with the first indexer, top-p at
+  decode; rtpurbo_p0.95 / rtpurbo_p0.99; rtpurbo_indexer_prefill (retrieval heads' prefill on indexer top-p
+  plans too); rtpurbo@NAME for every further `--indexer NAME=DIR`;
+- oracle_topp: top-p over the head's exact attention block masses, same p (the ceiling of any indexer);
+- topk_same_budget: a fixed number of blocks per retrieval head, equal to rtpurbo's mean at that length.
+Rows: {mode, task, kind, length, n, score, blocks_frac}; score is 0-100 (mean per-prompt score), for kind
+"ppl" it is the perplexity of the last 64 tokens of held-out text (decoded token by token, teacher-forced).
+blocks_frac: mean over decode steps and retrieval heads of the fraction of visible key blocks visited.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.tasks import TASKS, Builder, make_prompt, max_new_tokens, score
+from rtpurbo_jax.kv_cache import init_cache
+from rtpurbo_jax.serving import check_indexer, decode_step, prefill
+from rtpurbo_jax.sparse_config import SparseConfig
+
+PPL_TOKENS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    name: str
+    sparse: SparseConfig | None  # None: full attention over a dense cache
+    indexer: str | None = None  # name of the indexer it runs with
+
+
+def build_modes(shipped: SparseConfig, indexers: list[str], windows: list[int], seed: int,
+                only: list[str] | None = None) -> list[Mode]:
+    """The benchmark's modes (see the module docstring), in the order they run."""
+    base = dataclasses.replace(shipped, seqlen_threshold=0)
+    dense = dataclasses.replace(base, top_p=1.0, max_blocks=None)
+    roles = shipped.roles_array
+    rnd = np.zeros(roles.size, bool)
+    rnd[np.random.default_rng(seed).choice(roles.size, int(roles.sum()), replace=False)] = True
+    first = indexers[0] if indexers else None
+    modes = [Mode("full", None), Mode("dense_retrieval", dense, first),
+             Mode("local_only", dataclasses.replace(dense, roles=np.zeros_like(roles))),
+             Mode("random_heads", dataclasses.replace(dense, roles=rnd.reshape(roles.shape)))]
+    modes += [Mode(f"dense_retrieval_w{w}", dataclasses.replace(dense, window=w)) for w in windows if w != base.window]
+    if first is not None:
+        modes += [Mode("rtpurbo", base, first),
+                  Mode("rtpurbo_p0.95", dataclasses.replace(base, top_p=0.95), first),
+                  Mode("rtpurbo_p0.99", dataclasses.replace(base, top_p=0.99), first),
+                  Mode("rtpurbo_indexer_prefill", dataclasses.replace(base, prefill_mode="indexer"), first)]
+        modes += [Mode(f"rtpurbo@{n}", base, n) for n in indexers[1:]]
+    modes += [Mode("oracle_topp", dataclasses.replace(base, selector="oracle"), first)]
+    if first is not None:
+        modes += [Mode("topk_same_budget", None, first)]  # sparse filled per length from rtpurbo's blocks
+    return [m for m in modes if only is None or m.name in only]
+
+
+def _prefill_key(m: Mode):
+    """Modes whose prefills write the same cache share one prefill."""
+    s = m.sparse
+    if s is None:
+        return ("full",)
+    return (s.roles, s.window, s.sinks, s.prefill_mode, s.top_p if s.prefill_mode == "indexer" else 1.0, m.indexer)
+
+
+def _prefill_sparse(s: SparseConfig | None):
+    return s if s is None or s.prefill_mode == "indexer" else dataclasses.replace(s, top_p=1.0, selector="indexer",
+                                                                                  max_blocks=None)
+
+
+def run_batch(params, cfg, mode: Mode, indexer, tokens: np.ndarray, lengths: np.ndarray, max_len: int, steps: int,
+              forced: np.ndarray | None = None, cache=None):
+    """Prefill (unless `cache` is given) then `steps` decode steps, greedy or teacher-forced by `forced`
+    int [B, steps]. Returns (generated int [B, steps], nll fp64 [B] of `forced`, mean blocks_frac, prefill cache)."""
+    dsp = None if mode.sparse is None else dataclasses.replace(mode.sparse, prefill_mode="dense")
+    if cache is None:
+        psp = _prefill_sparse(mode.sparse)
+        cache = init_cache(cfg, tokens.shape[0], max_len, psp, params["embed"].dtype)
+        logits, cache = prefill(params, cache, jnp.asarray(tokens), jnp.asarray(lengths), indexer, cfg=cfg, sparse=psp)
+        keep = (logits, jax.tree.map(jnp.copy, cache))
+    else:
+        keep = cache
+        logits, cache = cache[0], jax.tree.map(jnp.copy, cache[1])
+    out, nll, fracs = [], np.zeros(tokens.shape[0]), []
+    for i in range(steps):
+        nxt = jnp.argmax(logits, -1).astype(jnp.int32) if forced is None else jnp.asarray(forced[:, i])
+        if forced is not None:
+            nll -= np.asarray(jax.nn.log_softmax(logits, -1)[jnp.arange(len(nxt)), nxt], np.float64)
+        out.append(np.asarray(nxt))
+        if i + 1 < steps:
+            logits, cache, st = decode_step(params, cache, nxt, indexer, cfg=cfg, sparse=dsp, stats=True)
+            fracs.append(np.asarray(st["blocks_frac"]))
+    frac = float(np.mean(fracs)) if fracs and mode.sparse is not None and mode.sparse.roles_array.any() else None
+    return np.stack(out, 1), nll, frac, keep
+
+
+def ppl_prompts(tok, length: int, n: int, seed: int):
+    """(tokens int32 [n, length], lengths [n]): held-out text (corpus `eval` split) whose last PPL_TOKENS tokens
+    are scored; prefill takes the first length - PPL_TOKENS."""
+    from convert.corpus import text_tokens
+
+    toks = np.stack([text_tokens(tok, length, 10 ** 7 + 7919 * seed + i, "eval") for i in range(n)])
+    return toks, np.full((n,), length - PPL_TOKENS, np.int32)
+
+
+def evaluate(params, cfg, tok, modes: list[Mode], indexers: dict, lengths: list[int], tasks: list[str], n: int,
+             seed: int, log=print) -> list[dict]:
+    """Rows of every mode x task x length (plus ppl) on the same prompts."""
+    b = Builder(tok)
+    rows: list[dict] = []
+    gen = max(max_new_tokens(t) for t in tasks) if tasks else 0
+    t0 = time.time()
+    for length in lengths:
+        max_len = -(-(length + max(gen, PPL_TOKENS)) // 64) * 64
+        prompts = {t: [make_prompt(tok, t, length, i, seed, b) for i in range(n)] for t in tasks}
+        ppl = ppl_prompts(tok, length, n, seed)
+        static = [m for m in modes if m.name != "topk_same_budget"]
+        groups: dict = {}
+        for m in static:
+            groups.setdefault(_prefill_key(m), []).append(m)
+        frac_rtp = []
+        for key, group in groups.items():
+            for task in tasks + ["ppl"]:
+                if task == "ppl":
+                    toks, lens, steps = ppl[0], ppl[1], PPL_TOKENS
+                    forced = ppl[0][:, length - PPL_TOKENS:]
+                else:
+                    toks = np.stack([p.tokens for p in prompts[task]])
+                    lens, steps, forced = np.full((n,), length, np.int32), max_new_tokens(task), None
+                cache = None
+                for m in group:
+                    ix = indexers.get(m.indexer)
+                    out, nll, frac, cache = run_batch(params, cfg, m, ix, toks, lens, max_len, steps, forced, cache)
+                    rows.append(_row(m.name, task, length, n, out, nll, frac, prompts, tok, steps))
+                    if m.name == "rtpurbo" and frac is not None:
+                        frac_rtp.append(frac)
+                    log(f"[accuracy] {length:>6} {m.name:<26} {task:<18} score {rows[-1]['score']:8.2f} "
+                        f"blocks {rows[-1]['blocks_frac']} ({time.time() - t0:.0f}s)")
+        topk = [m for m in modes if m.name == "topk_same_budget"]
+        if topk and frac_rtp:
+            base = next(m for m in modes if m.name == "rtpurbo").sparse
+            k = max(1, math.ceil(float(np.mean(frac_rtp)) * -(-length // base.kv_block)))
+            m = Mode("topk_same_budget", dataclasses.replace(base, top_p=1.0, max_blocks=k), topk[0].indexer)
+            for task in tasks + ["ppl"]:
+                if task == "ppl":
+                    toks, lens, steps, forced = ppl[0], ppl[1], PPL_TOKENS, ppl[0][:, length - PPL_TOKENS:]
+                else:
+                    toks, lens = np.stack([p.tokens for p in prompts[task]]), np.full((n,), length, np.int32)
+                    steps, forced = max_new_tokens(task), None
+                out, nll, frac, _ = run_batch(params, cfg, m, indexers.get(m.indexer), toks, lens, max_len, steps,
+                                              forced)
+                rows.append({**_row(m.name, task, length, n, out, nll, frac, prompts, tok, steps), "max_blocks": k})
+                log(f"[accuracy] {length:>6} {m.name:<26} {task:<18} score {rows[-1]['score']:8.2f} (k={k})")
+    return rows
+
+
+def _row(mode, task, length, n, out, nll, frac, prompts, tok, steps) -> dict:
+    if task == "ppl":
+        return {"mode": mode, "task": "ppl", "kind": "ppl", "length": length, "n": n,
+                "score": float(np.exp(nll.sum() / (n * steps))), "blocks_frac": frac}
+    eos = tok.eos_token_id
+    texts = []
+    for o in out:
+        o = list(o)
+        texts.append(tok.decode(o[: o.index(eos)] if eos in o else o))
+    scores = [score(t, p.answers) for t, p in zip(texts, prompts[task])]
+    return {"mode": mode, "task": task, "kind": TASKS[task], "length": length, "n": n,
+            "score": float(np.mean(scores)), "blocks_frac": frac, "sample": texts[0][:120]}
+
+
+def plot(res: dict, path: str) -> None:
+    """Heat map task x length per mode (retrieval and aggregation scores)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in res["rows"] if r["kind"] != "ppl"]
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    lengths = sorted({r["length"] for r in rows})
+    cols = min(4, len(modes))
+    fig, axes = plt.subplots(-(-len(modes) // cols), cols, figsize=(3.2 * cols, 0.3 * len(tasks) * -(-len(modes) // cols) + 1.5),
+                             squeeze=False)
+    for ax, m in zip(axes.flat, modes):
+        grid = np.full((len(tasks), len(lengths)), np.nan)
+        for r in rows:
+            if r["mode"] == m:
+                grid[tasks.index(r["task"]), lengths.index(r["length"])] = r["score"]
+        ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+        for (i, j), v in np.ndenumerate(grid):
+            ax.text(j, i, "" if np.isnan(v) else f"{v:.0f}", ha="center", va="center", fontsize=6)
+        ax.set_title(m, fontsize=8)
+        ax.set_xticks(range(len(lengths)), [f"{L // 1024}K" if L >= 1024 else str(L) for L in lengths], fontsize=6)
+        ax.set_yticks(range(len(tasks)), tasks if ax in axes[:, 0] else [""] * len(tasks), fontsize=6)
+    for ax in list(axes.flat)[len(modes):]:
+        ax.axis("off")
+    fig.suptitle(f"{res['model']} on {res['device']}: score 0-100 per task x length", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    from rtpurbo_jax.checkpoint import load_converted, load_indexer
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--converted", required=True, help="a converted checkpoint with roles (python -m convert)")
+    p.add_argument("--indexer", action="append", default=[],
+                   help="DIR or NAME=DIR of a trained indexer (train.distill's indexer/); the first is the shipped one")
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8000])
+    p.add_argument("--prompts", type=int, default=20)
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--modes", nargs="+", default=None, help="run only these modes")
+    p.add_argument("--windows", type=int, nargs="*", default=[], help="extra windows for dense_retrieval_w<W>")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None, help="param dtype (default: as converted)")
+    p.add_argument("--out", default=None, help="output prefix (default benchmarks/results/accuracy_<model>_<device>)")
+    args = p.parse_args(argv)
+    ckpt = load_converted(args.converted)
+    cfg, tok = ckpt.model_config, ckpt.tokenizer()
+    params = ckpt.params if args.dtype is None else jax.tree.map(lambda x: jnp.asarray(x, args.dtype), ckpt.params)
+    shipped = SparseConfig.from_dict(ckpt.meta["sparse_config"])
+    indexers = {}
+    for spec in args.indexer:
+        name, _, path = spec.rpartition("=")
+        indexers[name or "shipped"] = load_indexer(path, cfg, shipped.index_dim)
+    for ix in indexers.values():
+        check_indexer(cfg, shipped, ix)
+    for length in args.lengths:
+        if length + 64 > cfg.max_position_embeddings:
+            raise ValueError(f"--lengths {length} + generated tokens exceed the model's {cfg.max_position_embeddings}")
+    modes = build_modes(shipped, list(indexers), args.windows, args.seed, args.modes)
+    device = jax.devices()[0].device_kind
+    model = os.path.basename(os.path.normpath(ckpt.meta.get("source", args.converted))).split(".")[0].lower()
+    print(f"[accuracy] {model} on {device}: {len(modes)} modes x {len(args.tasks)} tasks x {args.lengths}, "
+          f"{args.prompts} prompts per cell", flush=True)
+    out = args.out or f"benchmarks/results/accuracy_{model}_{device.lower().replace(' ', '_')}"
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    rows: list[dict] = []
+    for length in args.lengths:  # the JSON is rewritten after each length: a cut-off run keeps what it measured
+        rows += evaluate(params, cfg, tok, modes, indexers, [length], args.tasks, args.prompts, args.seed,
+                         log=lambda s: print(s, flush=True))
+        res = _result(model, device, shipped, args, params, rows)
+        with open(out + ".json", "w") as f:
+            json.dump(res, f, indent=1)
+    plot(res, out + ".png")
+    print(f"[accuracy] wrote {out}.json / .png")
+    return 0
+
+
+def _result(model, device, shipped, args, params, rows) -> dict:
+    return {"model": model, "device": device, "jax": jax.__version__, "date": datetime.date.today().isoformat(),
+           "config": {"shipped_sparse": {k: v for k, v in shipped.to_dict().items() if k != "roles"},
+                      "retrieval_heads": int(shipped.roles_array.sum()), "total_heads": int(shipped.roles_array.size),
+                      "seqlen_threshold_in_benchmark": 0, "indexers": args.indexer, "prompts": args.prompts,
+                      "seed": args.seed, "dtype": str(jnp.dtype(params["embed"].dtype))},
+           "rows": rows}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
