@@ -49,10 +49,11 @@ def _local_band(sparse: SparseConfig | None, cfg: ModelConfig) -> tuple[int, int
     return sparse.sinks, sparse.window
 
 
-def _retrieval_blocks(q_idx, k_index, q_pos, valid, new_len, total_len, sparse: SparseConfig, *, tile: int):
+def _retrieval_blocks(q_idx, k_index, q_pos, valid, new_len, total_len, sparse: SparseConfig, *, tile: int,
+                      local_bias=None):
     """bool [B, Nr, C / tile, Sb]: the key blocks each retrieval head's query tiles visit (jnp path)."""
     kw = dict(top_p=sparse.top_p, kv_block=sparse.kv_block, sinks=sparse.sinks, keep_recent=sparse.keep_recent,
-              max_blocks=sparse.max_blocks)
+              max_blocks=sparse.max_blocks, local_bias=local_bias)
     sel = topp_selection_at(q_idx, k_index.astype(jnp.float32), jnp.where(valid, q_pos, -1), new_len, tile=tile,
                             **kw)
     if sparse.seqlen_threshold > 0:
@@ -60,22 +61,27 @@ def _retrieval_blocks(q_idx, k_index, q_pos, valid, new_len, total_len, sparse: 
     return sel
 
 
-def _selection_inputs(qkv, k_full, w_q, lc_index, ll: LayerLayout, sparse: SparseConfig):
-    """(queries fp32 [B, C, Nr, X], keys [B, S, Nr, X]) that score the retrieval heads' blocks: the indexer's
-    index queries and cached index keys (X = index_dim), or with `selector="oracle"` the head's own post-RoPE
-    q / sqrt(H) and its KV head's full keys (X = H) — top-p over the exact attention's block masses."""
+def _selection_inputs(qkv, k_full, ix, lc_index, ll: LayerLayout, sparse: SparseConfig):
+    """(queries fp32 [B, C, Nr, X], keys [B, S, Nr, X], local prior fp32 [B, C, Nr] or None) that score the
+    retrieval heads' blocks: the indexer's index queries, cached index keys (X = index_dim) and, when the indexer
+    has one, its local prior (`pallas_kernels.indexer_topp.reference`); or with `selector="oracle"` the head's
+    own post-RoPE q / sqrt(H) and its KV head's full keys (X = H) — top-p over the exact attention's blocks."""
     rq = jnp.asarray(ll.retrieval_q)
     if sparse.selector == "oracle":
         h = qkv["q"].shape[-1]
         kv_slot = jnp.asarray([ll.full_kv.index(r // ll.group) for r in ll.retrieval_q])
-        return qkv["q"][:, :, rq].astype(jnp.float32) * h ** -0.5, k_full[:, :, kv_slot]
-    q_idx = jnp.einsum("bcrh,rhi->bcri", qkv["q_pre"][:, :, rq], w_q, precision=_HI,
-                       preferred_element_type=jnp.float32)
-    return q_idx, lc_index
+        return qkv["q"][:, :, rq].astype(jnp.float32) * h ** -0.5, k_full[:, :, kv_slot], None
+    q_pre = qkv["q_pre"][:, :, rq]
+    q_idx = jnp.einsum("bcrh,rhi->bcri", q_pre, ix["w_q"], precision=_HI, preferred_element_type=jnp.float32)
+    bias = None
+    if "w_local" in ix:
+        bias = jnp.einsum("bcrh,rh->bcr", q_pre, ix["w_local"], precision=_HI,
+                          preferred_element_type=jnp.float32) + ix["b_local"]
+    return q_idx, lc_index, bias
 
 
 def _decode_kernel_attention(q, k_full, v_full, ll: LayerLayout, qf, q_idx, k_index, new_len, total_len, sinks,
-                             window, sparse: SparseConfig | None, backend, interpret):
+                             window, sparse: SparseConfig | None, backend, interpret, local_bias=None):
     """Decode (C = 1) over the full KV heads with the sparse decode kernel: out fp32 [B, 1, Nf, H].
 
     q_idx fp32 [B, 1, Nr, I] retrieval heads' index queries, or None (retrieval heads dense); local heads get
@@ -92,6 +98,7 @@ def _decode_kernel_attention(q, k_full, v_full, ll: LayerLayout, qf, q_idx, k_in
                                   head_sinks=[sinks] * n, head_window=[window] * n, top_p=sparse.top_p,
                                   kv_block=kv_block, sinks=sparse.sinks, keep_recent=sparse.keep_recent, dense=dense,
                                   max_blocks=sparse.max_blocks, interpret=interpret,
+                                  local_bias=None if local_bias is None else local_bias[:, 0],
                                   backend="triton" if backend == "triton" and sparse.selector == "indexer"
                                   else "reference")
     else:  # every retrieval head dense: the plan is static bands + whole causal ranges
@@ -151,7 +158,7 @@ def _prefill_kernel_attention(q, k_full, v_full, ll: LayerLayout, qf, sel, q_pos
 
 
 def layer_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLayout, cfg: ModelConfig,
-                    sparse: SparseConfig | None, w_q, w_k, *, q_pos, valid, start_len, total_len, tile: int,
+                    sparse: SparseConfig | None, ix: dict | None, *, q_pos, valid, start_len, total_len, tile: int,
                     dense_retrieval: bool, backend: str = "reference", interpret: bool = False):
     """(attention output fp32 [B, C, N, H], the updated LayerCache, blocks_frac fp32 [B] or None).
 
@@ -159,7 +166,8 @@ def layer_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLay
     visible key blocks each visits (1.0 when they run dense); None when the layer has no retrieval head.
 
     qkv: project_qkv's dict for the new tokens (q, q_pre [B, C, N, H]; k, v, k_pre [B, C, K, H]).
-    w_q, w_k: [Nr, H, I] indexer weights of this layer's retrieval heads (ll.retrieval_q order).
+    ix: this layer's retrieval heads' indexer (ll.retrieval_q order): w_q, w_k [Nr, H, I], optionally the local
+    prior w_local [Nr, H], b_local [Nr]; None when the layer has no retrieval head.
     q_pos int [B, C]; valid bool [B, C]; start_len int [B] positions cached before this call; total_len int [B]
     the sequence length that decides `seqlen_threshold`. tile: rows per top-p plan; dense_retrieval: static,
     retrieval heads skip the indexer. backend: attention over the full KV heads — "reference" (masked jnp) or a
@@ -184,27 +192,29 @@ def layer_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLay
         band = (kp < sinks) | (qp - kp < window)  # [B, 1, C, S]
         mask = jnp.broadcast_to(band, (b, len(qf), c, s))
         k_index, sel = lc.k_index, None
-        q_idx = None
+        q_idx = bias = None
         if ll.retrieval_q:
             rq = jnp.asarray(ll.retrieval_q)
-            k_new = jnp.einsum("bcrh,rhi->bcri", qkv["k_pre"][:, :, rq // ll.group], w_k, precision=_HI,
+            k_new = jnp.einsum("bcrh,rhi->bcri", qkv["k_pre"][:, :, rq // ll.group], ix["w_k"], precision=_HI,
                                preferred_element_type=jnp.float32)
             k_index = scatter_rows(lc.k_index, k_new, q_pos, valid)
             if not dense_retrieval:
-                q_idx, k_sel = _selection_inputs(qkv, k_full, w_q, k_index, ll, sparse)
+                q_idx, k_sel, bias = _selection_inputs(qkv, k_full, ix, k_index, ll, sparse)
         qf_q = qkv["q"][:, :, jnp.asarray(qf)]
         if backend != "reference" and c == 1:
             out, frac = _decode_kernel_attention(qf_q, k_full, v_full, ll, qf, q_idx,
                                                  None if q_idx is None else k_sel, new_len, total_len, sinks, window,
-                                                 sparse, backend, interpret)
+                                                 sparse, backend, interpret, bias)
         elif backend != "reference":
             if q_idx is not None:
-                sel = _retrieval_blocks(q_idx, k_sel, q_pos, valid, new_len, total_len, sparse, tile=tile)
+                sel = _retrieval_blocks(q_idx, k_sel, q_pos, valid, new_len, total_len, sparse, tile=tile,
+                                        local_bias=bias)
             out = _prefill_kernel_attention(qf_q, k_full, v_full, ll, qf, sel, q_pos, new_len, sinks, window,
                                             sparse, tile, backend, interpret)
         else:
             if q_idx is not None:
-                sel = _retrieval_blocks(q_idx, k_sel, q_pos, valid, new_len, total_len, sparse, tile=tile)
+                sel = _retrieval_blocks(q_idx, k_sel, q_pos, valid, new_len, total_len, sparse, tile=tile,
+                                        local_bias=bias)
                 if c == 1:
                     frac = (sel.sum(-1)[:, :, 0] / -(-new_len[:, None] // sparse.kv_block)).mean(-1)
             if ll.retrieval_q:  # retrieval heads: their blocks (or everything), no band

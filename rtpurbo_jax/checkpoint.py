@@ -160,14 +160,19 @@ def update_meta(path: str, **fields) -> None:
 
 
 def load_indexer(path: str, cfg: ModelConfig, index_dim: int) -> dict:
-    """Indexer weights {w_q, w_k: fp32 [L, N, H, I]} written by `train.distill` (its run's `indexer/`)."""
+    """Indexer weights written by `train.distill` (its run's `indexer/`): {w_q, w_k: fp32 [L, N, H, I]} and, when
+    it was trained with one, the local prior {w_local: [L, N, H], b_local: [L, N]}."""
     if not os.path.isdir(path):
         raise CheckpointError(f"no indexer at {path} (train.distill writes RUN_DIR/indexer when it finishes)")
-    shape = (cfg.num_layers, cfg.num_heads, cfg.head_dim, index_dim)
-    target = {k: jax.ShapeDtypeStruct(shape, jnp.float32) for k in ("w_q", "w_k")}
-    try:
-        out = _checkpointer().restore(os.path.abspath(path), target)
-    except Exception as e:
-        raise CheckpointError(f"indexer under {path} could not be restored as {shape} ({type(e).__name__}: {e}); "
-                              "it is corrupt or belongs to another model / index_dim") from e
-    return out
+    l, n, h = cfg.num_layers, cfg.num_heads, cfg.head_dim
+    shape = (l, n, h, index_dim)
+    maps = {k: jax.ShapeDtypeStruct(shape, jnp.float32) for k in ("w_q", "w_k")}
+    prior = {"w_local": jax.ShapeDtypeStruct((l, n, h), jnp.float32), "b_local": jax.ShapeDtypeStruct((l, n), jnp.float32)}
+    errors = []
+    for target in ({**maps, **prior}, maps):  # with the local prior, then without (indexers trained before it)
+        try:
+            return _checkpointer().restore(os.path.abspath(path), target)
+        except Exception as e:  # noqa: BLE001 - reported below with both attempts
+            errors.append(f"{type(e).__name__}: {e}")
+    raise CheckpointError(f"indexer under {path} could not be restored as {shape} ({errors[-1]}); it is corrupt or "
+                          "belongs to another model / index_dim")

@@ -58,11 +58,17 @@ def check_indexer(cfg: ModelConfig, sparse: SparseConfig | None, indexer: dict |
             raise ValueError("retrieval heads select blocks with the indexer (top_p < 1 or prefill_mode='indexer') "
                              "but no indexer weights were given (indexer={'w_q', 'w_k'} from train.distill)")
         return
-    want = (cfg.num_layers, cfg.num_heads, cfg.head_dim, sparse.index_dim)
-    for name in ("w_q", "w_k"):
-        if name not in indexer or tuple(indexer[name].shape) != want:
-            got = tuple(indexer[name].shape) if name in indexer else "missing"
-            raise ValueError(f"indexer {name} is {got}, expected {want} (layers, q heads, head_dim, index_dim)")
+    l, n, h = cfg.num_layers, cfg.num_heads, cfg.head_dim
+    want = {"w_q": (l, n, h, sparse.index_dim), "w_k": (l, n, h, sparse.index_dim), "w_local": (l, n, h),
+            "b_local": (l, n)}
+    unknown = set(indexer) - set(want)
+    if unknown or ("w_local" in indexer) != ("b_local" in indexer):
+        raise ValueError(f"indexer holds {sorted(indexer)}; expected w_q, w_k and optionally both w_local, b_local")
+    for name, shape in want.items():
+        if name in ("w_q", "w_k") and name not in indexer:
+            raise ValueError(f"indexer {name} is missing (expected {shape}: layers, q heads, head_dim, index_dim)")
+        if name in indexer and tuple(indexer[name].shape) != shape:
+            raise ValueError(f"indexer {name} is {tuple(indexer[name].shape)}, expected {shape}")
 
 
 def _run_tokens(params, cache: HybridCache, tokens, q_pos, valid, total_len, indexer, cfg: ModelConfig,
@@ -77,14 +83,15 @@ def _run_tokens(params, cache: HybridCache, tokens, q_pos, valid, total_len, ind
     layers, fracs = [], []
     for li, (lc, ll) in enumerate(zip(cache.layers, layout.layers)):
         lp = jax.tree.map(lambda a: a[li], params["layers"])
-        w_q = w_k = None
+        ix = None
         if ll.retrieval_q and indexer is not None:
             rq = jnp.asarray(ll.retrieval_q)
-            w_q, w_k = indexer["w_q"][li][rq], indexer["w_k"][li][rq]
+            ix = {k: v[li][rq] for k, v in indexer.items()}
         elif ll.retrieval_q:  # dense retrieval everywhere: index keys are unused, keep them zero
-            w_q = w_k = jnp.zeros((len(ll.retrieval_q), cfg.head_dim, layout.index_dim), jnp.float32)
+            zero = jnp.zeros((len(ll.retrieval_q), cfg.head_dim, layout.index_dim), jnp.float32)
+            ix = {"w_q": zero, "w_k": zero}
         qkv = project_qkv(lp, rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps), cfg, cos, sin)
-        o, lc, frac = layer_attention(qkv, lc, ll, layout, cfg, sparse, w_q, w_k, q_pos=q_pos, valid=valid,
+        o, lc, frac = layer_attention(qkv, lc, ll, layout, cfg, sparse, ix, q_pos=q_pos, valid=valid,
                                       start_len=cache.lengths, total_len=total_len, tile=tile,
                                       dense_retrieval=dense_retrieval, backend=backend, interpret=interpret)
         if frac is not None:

@@ -41,6 +41,7 @@ class DistillConfig:
     events: float = 1.0  # retrieval events written into each window per 1K tokens (train.data.insert_events); 0: none
     loss_level: str = "block"  # token (the paper's eq. 6) or block (KL of 64-token block masses)
     loss_weight: str = "longrange"  # uniform, or longrange (rows weighted by the teacher's far mass)
+    local_prior: str = "query"  # query: learn the forced blocks' log-mass bias (linear in pre-RoPE q); none
     seq_len: int = 512
     batch: int = 1  # global batch (sequences per step)
     steps: int = 30
@@ -77,6 +78,8 @@ class DistillConfig:
             raise ValueError(f"--init must be one of {INITS}, got {self.init!r}")
         if self.loss_level not in LOSS_LEVELS or self.loss_weight not in LOSS_WEIGHTS:
             raise ValueError(f"--loss-level must be one of {LOSS_LEVELS} and --loss-weight one of {LOSS_WEIGHTS}")
+        if self.local_prior not in ("query", "none"):
+            raise ValueError(f"--local-prior must be 'query' or 'none', got {self.local_prior!r}")
         if not self.events >= 0:
             raise ValueError(f"--events must be >= 0, got {self.events}")
         if self.lr <= 0 or self.warmup < 0 or self.index_dim < 1:
@@ -181,7 +184,8 @@ def build_step(cfg, heads, tx, chunk, shardings, loss_kw=None):
     def evaluate(train, params, tokens, top_p, kv_block, rows=None):
         hx = teacher(params, tokens)
         return {"loss": kl_loss(train, hx, chunk, **loss_kw),
-                **recall_metrics(train, hx, top_p=top_p, kv_block=kv_block, rows=rows)}
+                **recall_metrics(train, hx, top_p=top_p, kv_block=kv_block, rows=rows, sinks=loss_kw.get("sinks", 4),
+                                 keep_recent=loss_kw.get("recent", 64))}
 
     state_sh, params_sh, tok_sh, rep = shardings
     step_j = jax.jit(step, in_shardings=(state_sh, params_sh, tok_sh), out_shardings=(state_sh, rep),
@@ -259,7 +263,8 @@ def run(c: DistillConfig) -> dict:
     r = len(heads)
     head_axis = "model" if r % mesh.shape["model"] == 0 else None
     rep = NamedSharding(mesh, P())
-    train_sh = {"w_q": NamedSharding(mesh, P(head_axis)), "w_k": NamedSharding(mesh, P(head_axis))}
+    train_sh = {k: NamedSharding(mesh, P(head_axis))
+                for k in ("w_q", "w_k") + (("w_local", "b_local") if c.local_prior == "query" else ())}
     tok_sh = NamedSharding(mesh, P("data" if c.batch % mesh.shape["data"] == 0 else None))
     params_sh = param_shardings(cfg, mesh)
     params = jax.device_put(ckpt.params, params_sh)
@@ -272,7 +277,8 @@ def run(c: DistillConfig) -> dict:
         return jax.make_array_from_process_local_data(tok_sh, data.batch(step, c.batch, pidx, pcount))
 
     calib_x = jax.jit(make_teacher(cfg, heads))(params, global_batch(10 ** 6)) if c.init == "pca" else None
-    train0 = init_indexer(c.init, heads, cfg, c.index_dim, jax.random.key(c.seed), calib_x)
+    train0 = init_indexer(c.init, heads, cfg, c.index_dim, jax.random.key(c.seed), calib_x,
+                          local_prior=c.local_prior == "query")
     init_host = jax.device_get(train0)  # the step donates its state: keep the initial maps for the "before" eval
     opt0 = tx.init(train0)
     state_sh = {"params": train_sh, "opt_state": jax.tree.map(lambda _: rep, opt0)}

@@ -40,15 +40,28 @@ def gather_heads(collected: dict, heads: np.ndarray, group: int) -> dict:
     return out
 
 
-def _chunk_logits(chunk_start, chunk, heads_x, train, scale):
-    """Teacher and student logits fp32 [R, B, C, S] for queries [chunk_start, chunk_start + chunk)."""
+def forced_token_mask(rows, s: int, kv_block: int, sinks: int, recent: int):
+    """bool [C, S]: keys in the blocks top-p always keeps for query rows int [C] (`forced_blocks`, per token)."""
+    blocks = forced_blocks(rows, rows, cdiv(s, kv_block), kv_block, sinks, recent)  # [C, Sb]
+    return jnp.repeat(blocks, kv_block, axis=-1)[:, :s]
+
+
+def _chunk_logits(chunk_start, chunk, heads_x, train, scale, local=None):
+    """Teacher and student logits fp32 [R, B, C, S] for queries [chunk_start, chunk_start + chunk).
+
+    local: (kv_block, sinks, recent) — with `w_local` / `b_local` in `train`, the student's local prior
+    (q_pre · w_local + b_local, per row and head) is added to the logits of keys in the forced blocks."""
     q = jax.lax.dynamic_slice_in_dim(heads_x["q"], chunk_start, chunk, axis=2)
-    qp = jax.lax.dynamic_slice_in_dim(heads_x["q_pre"], chunk_start, chunk, axis=2)
+    qp = jax.lax.dynamic_slice_in_dim(heads_x["q_pre"], chunk_start, chunk, axis=2).astype(jnp.float32)
     t_logits = jnp.einsum("rbch,rbsh->rbcs", q, heads_x["k"], precision=_HI,
                           preferred_element_type=jnp.float32) * scale
-    qi = jnp.einsum("rbch,rhi->rbci", qp.astype(jnp.float32), train["w_q"], precision=_HI)
+    qi = jnp.einsum("rbch,rhi->rbci", qp, train["w_q"], precision=_HI)
     ki = jnp.einsum("rbsh,rhi->rbsi", heads_x["k_pre"].astype(jnp.float32), train["w_k"], precision=_HI)
     s_logits = jnp.einsum("rbci,rbsi->rbcs", qi, ki, precision=_HI)
+    if "w_local" in train and local is not None:
+        bias = jnp.einsum("rbch,rh->rbc", qp, train["w_local"], precision=_HI) + train["b_local"][:, None, None]
+        mask = forced_token_mask(chunk_start + jnp.arange(chunk), s_logits.shape[-1], *local)
+        s_logits = s_logits + jnp.where(mask[None, None], bias[..., None], 0.0)
     return t_logits, s_logits
 
 
@@ -113,7 +126,7 @@ def kl_loss(train: dict, heads_x: dict, chunk: int = 256, *, level: str = "token
 
     def one(ci):
         start = ci * chunk
-        tl, sl = _chunk_logits(start, chunk, padded, train, h ** -0.5)
+        tl, sl = _chunk_logits(start, chunk, padded, train, h ** -0.5, (kv_block, sinks, recent))
         mask = _causal(start, chunk, t, t)[None, None]
         kl = _row_kl(tl, sl, mask, level, kv_block)  # [R, B, C]
         if weight == "uniform":
@@ -139,6 +152,10 @@ def recall_metrics(train: dict, heads_x: dict, *, top_p: float = 0.9, kv_block: 
     rows = jnp.arange(t - min(probe, t), t) if rows is None else jnp.asarray(rows, jnp.int32)
     sel_rows = {k: (v[:, :, rows] if k.startswith("q") else v) for k, v in heads_x.items()}
     tl, sl = _chunk_logits(0, rows.shape[0], sel_rows, train, h ** -0.5)
+    if "w_local" in train:  # the prior at the probe rows' own positions
+        qp = sel_rows["q_pre"].astype(jnp.float32)
+        bias = jnp.einsum("rbch,rh->rbc", qp, train["w_local"], precision=_HI) + train["b_local"][:, None, None]
+        sl = sl + jnp.where(forced_token_mask(rows, t, kv_block, sinks, keep_recent)[None, None], bias[..., None], 0.0)
     mask = (jnp.arange(t)[None, :] <= rows[:, None])[None, None]
     p_t = jax.nn.softmax(jnp.where(mask, tl, -jnp.inf), axis=-1)
     p_s = jax.nn.softmax(jnp.where(mask, sl, -jnp.inf), axis=-1)
@@ -158,14 +175,22 @@ def recall_metrics(train: dict, heads_x: dict, *, top_p: float = 0.9, kv_block: 
             "top_hit": (hit & has_far).sum() / jnp.maximum(has_far.sum(), 1)}
 
 
-def init_indexer(kind: str, heads: np.ndarray, cfg: ModelConfig, index_dim: int, key, calib_x: dict | None = None):
-    """Initial {w_q, w_k: fp32 [R, H, I]}.
+def init_indexer(kind: str, heads: np.ndarray, cfg: ModelConfig, index_dim: int, key, calib_x: dict | None = None,
+                 local_prior: bool = True):
+    """Initial {w_q, w_k: fp32 [R, H, I]} (+ the local prior w_local fp32 [R, H], b_local [R], zeros: no prior).
 
     random: normal(0, 1/sqrt(H)). rope_lowfreq: select the I dims of the I/2 lowest-frequency rotary pairs
     (half-split layout: pair j = dims j and j + H/2), scaled by H^-1/4 each side so the score equals the
     teacher's low-frequency part of q·k/sqrt(H) at distance 0. pca: per head, the top-I right singular vectors
     of the stacked pre-RoPE q and k rows of calibration text (`calib_x` from `gather_heads`), same scale.
     """
+    out = _init_maps(kind, heads, cfg, index_dim, key, calib_x)
+    if local_prior:
+        out.update(w_local=jnp.zeros((len(heads), cfg.head_dim), jnp.float32), b_local=jnp.zeros((len(heads),), jnp.float32))
+    return out
+
+
+def _init_maps(kind: str, heads: np.ndarray, cfg: ModelConfig, index_dim: int, key, calib_x: dict | None):
     r, h = len(heads), cfg.head_dim
     if kind not in INITS:
         raise ValueError(f"--init must be one of {INITS}, got {kind!r}")
@@ -193,10 +218,10 @@ def init_indexer(kind: str, heads: np.ndarray, cfg: ModelConfig, index_dim: int,
 
 
 def scatter_indexer(train: dict, heads: np.ndarray, cfg: ModelConfig) -> dict:
-    """Full-model indexer {w_q, w_k: [L, N, H, I]} (zeros for local heads) from the trained [R, H, I] maps."""
-    i = train["w_q"].shape[-1]
+    """Full-model indexer {w_q, w_k: [L, N, H, I]; w_local [L, N, H], b_local [L, N] when trained} (zeros for
+    local heads) from the trained per-retrieval-head arrays ([R, ...])."""
     out = {}
     for name, w in train.items():
-        full = jnp.zeros((cfg.num_layers, cfg.num_heads, cfg.head_dim, i), jnp.float32)
+        full = jnp.zeros((cfg.num_layers, cfg.num_heads) + tuple(w.shape[1:]), jnp.float32)
         out[name] = full.at[heads[:, 0], heads[:, 1]].set(w)
     return out

@@ -20,12 +20,20 @@ from pallas_kernels.sparse_attention.api import _check_backend
 log = logging.getLogger(__name__)
 
 
+def add_local_bias(lse, forced, local_bias):
+    """Block log-masses fp32 [B, R, Sb] with the local prior local_bias [B, R] added where forced [B, 1, Sb]."""
+    if local_bias is None:
+        return lse
+    return lse + jnp.where(forced, local_bias[..., None], 0.0)
+
+
 def decode_selection(q_idx, k_idx, kv_len, *, top_p: float, kv_block: int, sinks: int = 0, keep_recent: int = 64,
                      max_blocks: int | None = None, backend: str | None = None, interpret: bool = False,
-                     bpp: int = 8):
+                     bpp: int = 8, local_bias=None):
     """bool [B, R, Sb]: each decode token's top-p blocks.
 
-    q_idx fp32 [B, R, I] (the token at position kv_len - 1), k_idx [B, S, R, I], kv_len int [B].
+    q_idx fp32 [B, R, I] (the token at position kv_len - 1), k_idx [B, S, R, I], kv_len int [B]. local_bias fp32
+    [B, R] or None: the local prior added to the forced blocks' log-mass (`reference` module docstring).
     """
     if not (0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
@@ -39,29 +47,32 @@ def decode_selection(q_idx, k_idx, kv_len, *, top_p: float, kv_block: int, sinks
     b, s = k_idx.shape[:2]
     if backend == "reference":
         return topp_selection_at(q_idx[:, None], k_idx, (kv_len - 1)[:, None], kv_len, top_p=top_p, tile=1,
-                                 kv_block=kv_block, sinks=sinks, keep_recent=keep_recent, max_blocks=max_blocks)[:, :, 0]
+                                 kv_block=kv_block, sinks=sinks, keep_recent=keep_recent, max_blocks=max_blocks,
+                                 local_bias=None if local_bias is None else local_bias[:, None])[:, :, 0]
     from pallas_kernels.indexer_topp.triton import block_lse_triton
 
     sb = cdiv(s, kv_block)
     sp = cdiv(s, kv_block * bpp) * kv_block * bpp
     kp = jnp.pad(k_idx, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
     lse = block_lse_triton(q_idx, kp, kv_len, kv_block=kv_block, bpp=bpp, interpret=interpret)[..., :sb]
+    forced = forced_blocks(kv_len - 1, kv_len - 1, sb, kv_block, sinks, keep_recent)[:, None]  # [B, 1, Sb]
+    lse = add_local_bias(lse, forced, local_bias)
     tot = jax.nn.logsumexp(lse, axis=-1, keepdims=True)
     mass = jnp.where(jnp.isfinite(lse), jnp.exp(lse - jnp.where(jnp.isfinite(tot), tot, 0.0)), 0.0)
-    forced = forced_blocks(kv_len - 1, kv_len - 1, sb, kv_block, sinks, keep_recent)[:, None]  # [B, 1, Sb]
     return topp_select(mass, jnp.isfinite(lse), forced, top_p, max_blocks)
 
 
 def decode_plan_select(q_idx, k_idx, kv_len, *, retrieval: tuple[int, ...], num_kv_heads: int, head_sinks,
                        head_window, top_p: float, kv_block: int, sinks: int = 0, keep_recent: int = 64,
                        dense=None, max_blocks: int | None = None, backend: str | None = None,
-                       interpret: bool = False, bpp: int = 8):
+                       interpret: bool = False, bpp: int = 8, local_bias=None):
     """The DecodePlan of one decode step for N query heads (G = N / num_kv_heads per group), from index keys.
 
     q_idx fp32 [B, R, I] and k_idx [B, S, R, I]: the R retrieval heads, which sit at rows `retrieval` (static)
     of the N heads; the other heads are local: `head_sinks` / `head_window` int [N] give their band (entries of
     retrieval rows are ignored). kv_len int [B] (the query sits at kv_len - 1). dense: optional bool [B], rows
-    whose retrieval heads keep every visible block (below `seqlen_threshold`).
+    whose retrieval heads keep every visible block (below `seqlen_threshold`). local_bias fp32 [B, R] or None:
+    the local prior (`decode_selection`).
     backend "reference": exact sort-based top-p (XLA) + `decode_plan`; "triton": the fused scoring kernel, then
     one sort-free top-p + packing kernel (`plan_triton.py`) — two launches from index keys to the plan. With
     `max_blocks` (a per-head cap the kernel does not implement) triton scores and XLA selects and packs.
@@ -88,7 +99,7 @@ def decode_plan_select(q_idx, k_idx, kv_len, *, retrieval: tuple[int, ...], num_
     if backend == "reference" or max_blocks is not None:
         sel_r = decode_selection(q_idx, k_idx, kv_len, top_p=top_p, kv_block=kv_block, sinks=sinks,
                                  keep_recent=keep_recent, max_blocks=max_blocks, backend=backend,
-                                 interpret=interpret, bpp=bpp) | dense[:, None, None]
+                                 interpret=interpret, bpp=bpp, local_bias=local_bias) | dense[:, None, None]
         q_pos = (kv_len - 1)[:, None]
         k_lo = jnp.arange(sb) * kv_block
         causal = k_lo <= q_pos  # [B, Sb]
@@ -103,6 +114,8 @@ def decode_plan_select(q_idx, k_idx, kv_len, *, retrieval: tuple[int, ...], num_
     sbp = max(1 << (sb - 1).bit_length(), bpp)
     kp = jnp.pad(k_idx, ((0, 0), (0, sbp * kv_block - s), (0, 0), (0, 0)))
     lse = block_lse_triton(q_idx, kp, kv_len, kv_block=kv_block, bpp=bpp, interpret=interpret)  # [B, R, Sbp]
+    lse = add_local_bias(lse, forced_blocks(kv_len - 1, kv_len - 1, sbp, kv_block, sinks, keep_recent)[:, None],
+                         local_bias)
     rows = jnp.full((b, n, sbp), -jnp.inf, jnp.float32).at[:, jnp.asarray(retrieval, jnp.int32)].set(lse)
     g, kh = n // num_kv_heads, num_kv_heads
     gp = 1 << (g - 1).bit_length()  # the kernel wants a power-of-two group: pad with heads that select nothing

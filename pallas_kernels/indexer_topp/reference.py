@@ -13,6 +13,10 @@ Selection policy (documented choice; the paper is silent):
 - `top_p == 1` keeps every visible block. `max_blocks` caps the total (forced first, then by mass).
 - Prefill (a tile of q_block queries): block mass = the mean over the tile's queries of each query's mass in
   the block, so one plan serves the whole tile (a kernel tile loads each K/V block once).
+- Local prior (optional `local_bias`, fp32 per query row and head): added to the log-mass of the forced blocks
+  before normalising. Index scores come from pre-RoPE q and k, so they cannot tell a recent key from a far one;
+  the head's attention to its sinks and recent tokens is positional. Stage 1 learns the bias (linear in the
+  pre-RoPE query) so that the indexer's forced mass matches the head's and top-p adds only what is missing.
 """
 
 from __future__ import annotations
@@ -91,10 +95,11 @@ def topp_select(mass, visible, forced, top_p: float, max_blocks: int | None = No
     return sel
 
 
-def _tile_block_mass(q_idx, k_idx, q_pos, kv_len, kv_block):
+def _tile_block_mass(q_idx, k_idx, q_pos, kv_len, kv_block, forced=None, local_bias=None):
     """Mean over a tile's queries of each query's softmax mass per key block.
 
     q_idx [B, C, N, I], k_idx [B, S, N, I], q_pos int [C] or [B, C] (-1 marks padding rows), kv_len [B] -> (mass fp32 [B, N, Sb], visible bool [B, N, Sb]).
+    forced bool [B, 1 or N, Sb] and local_bias fp32 [B, C, N] (optional): the local prior added to forced blocks.
     """
     s = k_idx.shape[1]
     scores = jnp.einsum("bcni,bsni->bncs", q_idx, k_idx, precision=_HI)
@@ -103,6 +108,8 @@ def _tile_block_mass(q_idx, k_idx, q_pos, kv_len, kv_block):
     vis = (k_pos[None, None, None, :] <= q_pos[:, None, :, None]) & \
           (k_pos[None, None, None, :] < kv_len[:, None, None, None])
     _, lse = block_stats(scores, vis, kv_block)  # [B, N, C, Sb]
+    if local_bias is not None:
+        lse = lse + jnp.where(forced[:, :, None, :], jnp.moveaxis(local_bias, 1, 2)[..., None], 0.0)
     tot = jax.nn.logsumexp(lse, axis=-1, keepdims=True)
     p = jnp.where(jnp.isfinite(lse), jnp.exp(lse - jnp.where(jnp.isfinite(tot), tot, 0.0)), 0.0)
     valid_q = (q_pos >= 0)[:, None, :, None]  # [B, 1, C, 1]
@@ -152,13 +159,14 @@ def topp_selection(q_idx, k_idx, kv_len, *, top_p: float, q_block: int, kv_block
 
 
 def topp_selection_at(q_idx, k_idx, q_pos, kv_len, *, top_p: float, tile: int, kv_block: int, sinks: int = 0,
-                      keep_recent: int = 64, max_blocks: int | None = None):
+                      keep_recent: int = 64, max_blocks: int | None = None, local_bias=None):
     """bool [B, N, C / tile, Sb]: top-p selection for queries at traced positions (serving: decode, prefill chunks).
 
     q_idx fp32 [B, C, N, I]; k_idx fp32 [B, S, N, I] (positions 0..S-1); q_pos int [B, C], -1 for padding rows;
     kv_len int [B]. Each run of `tile` consecutive rows shares one plan (decode: tile=1; prefill: q_block with
     tile-aligned positions, which makes it equal `topp_selection`'s plan for the same tile). Forced blocks come
-    from each row's valid positions. Memory O(B · N · C · S).
+    from each row's valid positions. local_bias fp32 [B, C, N] or None: the local prior (module docstring),
+    added to the tile's forced blocks. Memory O(B · N · C · S).
     """
     b, c, n, i = q_idx.shape
     if c % tile:
@@ -179,7 +187,8 @@ def topp_selection_at(q_idx, k_idx, q_pos, kv_len, *, top_p: float, tile: int, k
         qc = jax.lax.dynamic_slice_in_dim(q_idx, j * tile, tile, axis=1)
         pc = jnp.where(jax.lax.dynamic_slice_in_dim(valid, j * tile, tile, axis=1),
                        jax.lax.dynamic_slice_in_dim(q_pos, j * tile, tile, axis=1), -1)
-        mass, visible = _tile_block_mass(qc, k_idx, pc, kv_len, kv_block)
+        bias = None if local_bias is None else jax.lax.dynamic_slice_in_dim(local_bias, j * tile, tile, axis=1)
+        mass, visible = _tile_block_mass(qc, k_idx, pc, kv_len, kv_block, forced[:, j][:, None], bias)
         return topp_select(mass, visible, forced[:, j][:, None], top_p, max_blocks)
 
     sel = jax.lax.map(one, jnp.arange(nt))  # [nt, B, N, Sb]
