@@ -210,7 +210,7 @@ def plot(res: dict, path: str) -> None:
         for (i, j), v in np.ndenumerate(grid):
             ax.text(j, i, "" if np.isnan(v) else f"{v:.0f}", ha="center", va="center", fontsize=6)
         ax.set_title(m, fontsize=8)
-        ax.set_xticks(range(len(lengths)), [f"{L // 1024}K" if L >= 1024 else str(L) for L in lengths], fontsize=6)
+        ax.set_xticks(range(len(lengths)), [f"{round(L / 1024)}K" if L >= 1024 else str(L) for L in lengths], fontsize=6)
         ax.set_yticks(range(len(tasks)), tasks if ax in axes[:, 0] else [""] * len(tasks), fontsize=6)
     for ax in list(axes.flat)[len(modes):]:
         ax.axis("off")

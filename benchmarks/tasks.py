@@ -16,7 +16,7 @@ values are 7-digit numbers, corpus words or UUIDs drawn from the seed.
 | niah_multivalue | retrieval | 4 values under one key, all asked | % of values in the output |
 | niah_multiquery | retrieval | 4 needles, all 4 asked | % of values in the output |
 | variable_tracking | retrieval | a 4-hop chain of assignments in noise | % of chain variables in the output |
-| common_words | aggregation | 10 words repeated max(4, length/256)x among words seen once | % of the 10 in the output |
+| common_words | aggregation | 10 words each repeated (a 25th of the list) among words seen once | % of the 10 in the output |
 | frequent_words | aggregation | 3 most frequent words of a skewed list | % of the 3 in the output |
 
 Seeds: a prompt's randomness comes from (`seed`, task, length, index) only, so any mode sees the same prompts.
@@ -38,7 +38,7 @@ TASKS = {
     "niah_multiquery": "retrieval", "variable_tracking": "retrieval", "common_words": "aggregation",
     "frequent_words": "aggregation",
 }
-MAX_NEW = {"niah_single_uuid": 32, "niah_multivalue": 40, "niah_multiquery": 40, "variable_tracking": 24,
+MAX_NEW = {"niah_single_uuid": 40, "niah_multivalue": 48, "niah_multiquery": 48, "variable_tracking": 40,
            "common_words": 48, "frequent_words": 16}  # generated tokens per task (default 12)
 
 
@@ -160,9 +160,20 @@ def _variable_tracking(b: Builder, length, rng, hops: int = 4):
     return b.build(length, intro, "noise", inserts, question, prefix, rng), tuple(names)
 
 
+def _fill(items: list[str], b: Builder, budget: int) -> tuple[list[int], int]:
+    """Tokens of the leading whole items that fit in `budget`, and how many items that is."""
+    ids: list[int] = []
+    for used, item in enumerate(items):
+        x = b.enc(item)
+        if len(ids) + len(x) > budget:
+            return ids, used
+        ids += x
+    return ids, len(items)
+
+
 def _word_list_prompt(b: Builder, length, rng, *, top: int):
     """A word list filling the prompt. top=10 (common words): a numbered list where 10 words appear
-    max(4, length / 256) times each and the others once. top=3 (frequent words): words drawn from a Zipf(1.3)
+    equally often (a 25th of the items, at least 3 times each) and the others once. top=3 (frequent words): words drawn from a Zipf(1.3)
     law over 200 words; the answer is the 3 most frequent in the final list."""
     vocab = word_list()
     pick = rng.choice(len(vocab), 4000, replace=False)
@@ -177,23 +188,23 @@ def _word_list_prompt(b: Builder, length, rng, *, top: int):
         prefix = "Answer: According to the coded text above, the three most frequently appeared words are:"
     pre, post = b.enc(b.head + intro), b.enc(question + b.tail + prefix)
     budget = length - len(pre) - len(post)
-    if top == 10:
-        words = [w for w in common for _ in range(max(4, length // 256))] + rare
-        rng.shuffle(words)
-        items = [f" {i + 1}. {w}" for i, w in enumerate(words)]
+    if top == 10:  # size the list so that every item fits: each common word then appears `reps` times
+        n_items = budget // 4
+        for _ in range(8):
+            reps = max(3, n_items // 25)
+            words = [w for w in common for _ in range(reps)] + rare[: max(0, n_items - 10 * reps)]
+            rng.shuffle(words)
+            ids, used = _fill([f" {i + 1}. {w}" for i, w in enumerate(words)], b, budget)
+            if used == len(words):
+                break
+            n_items = int(used * 0.97)
+        else:
+            raise ValueError(f"could not fit a common-words list into {length} tokens")
     else:
         p = 1.0 / np.arange(1, 201) ** 1.3
         words = [(common + rare)[i] for i in rng.choice(200, 4 * length, p=p / p.sum())]
-        items = [" " + w for w in words]
-    ids: list[int] = []
-    used = 0
-    for item in items:  # whole items while they fit
-        x = b.enc(item)
-        if len(ids) + len(x) > budget:
-            break
-        ids += x
-        used += 1
-    ids += b.enc(" " + NOISE * 4)[: budget - len(ids)]
+        ids, used = _fill([" " + w for w in words], b, budget)
+    ids += b.haystack("noise", budget - len(ids), rng) if budget > len(ids) else []
     out = np.asarray(pre + ids + post, np.int32)
     if len(out) != length:
         raise ValueError(f"could not fill a {length}-token word-list prompt")

@@ -1,0 +1,210 @@
+"""The fidelity instrument and the stage-1 changes it motivated: RULER-style task generators and scorer, the
+accuracy suite end to end through serving, the oracle selector, block-level / long-range-weighted KL, the
+local prior, and retrieval events in the training windows."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import accuracy
+from benchmarks.tasks import TASKS, Builder, make_prompt, max_new_tokens, score
+from train.objective import _row_kl, kl_loss
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2_path):
+    from convert.gguf_reader import gguf_tokenizer
+
+    return gguf_tokenizer(smollm2_path)
+
+
+def test_scorer_can_fail():
+    assert score("The number is 1234567.", ("1234567",)) == 100.0
+    assert score("The number is 7654321.", ("1234567",)) == 0.0
+    assert score("alpha and Beta", ("alpha", "beta", "gamma", "delta")) == 50.0
+    with pytest.raises(ValueError, match="at least one answer"):
+        score("x", ())
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_tasks_exact_length_deterministic_answers_inside(tok, task):
+    b = Builder(tok)
+    p = make_prompt(tok, task, 700, 3, seed=5, builder=b)
+    assert p.tokens.shape == (700,) and p.tokens.dtype == np.int32
+    again = make_prompt(tok, task, 700, 3, seed=5, builder=b)
+    other = make_prompt(tok, task, 700, 4, seed=5, builder=b)
+    assert np.array_equal(p.tokens, again.tokens) and p.answers == again.answers
+    assert not np.array_equal(p.tokens, other.tokens)
+    text = tok.decode(p.tokens)
+    if task != "frequent_words":  # (the answer of frequent_words is counted from the list itself)
+        assert all(a.lower() in text.lower() for a in p.answers), (task, p.answers)
+    assert max_new_tokens(task) >= 8
+
+
+@pytest.mark.parametrize("length", [2048, 4096, 8000])
+def test_word_list_tasks_fill_long_prompts(tok, length):
+    """The word lists of common / frequent words fill any length exactly (they once fell short at 4K+)."""
+    b = Builder(tok)
+    for task in ("common_words", "frequent_words"):
+        p = make_prompt(tok, task, length, 0, builder=b)
+        assert len(p.tokens) == length
+        text = tok.decode(p.tokens)
+        assert all(a in text for a in p.answers)
+
+
+def _fake_run_batch(right: bool, prompts_by_tokens, tok):
+    """A stand-in model: emits every answer of the prompt (right) or a fixed wrong string."""
+
+    def run(params, cfg, mode, indexer, tokens, lengths, max_len, steps, forced=None, cache=None):
+        outs = []
+        for row in tokens:
+            ans = prompts_by_tokens.get(row.tobytes(), ("zzz",))
+            ids = tok.encode(" " + ", ".join(ans) if right else " nothing here", add_special_tokens=False)
+            outs.append((ids + [tok.eos_token_id] * steps)[:steps])
+        nll = np.full(len(tokens), 2.0 * steps)
+        return np.asarray(outs), nll, 0.5, cache
+
+    return run
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_suite_scores_right_model_100_wrong_model_0(tok, monkeypatch, right):
+    """evaluate() with a model right by construction scores 100 on every task, a wrong one 0 (the scorer path,
+    prompts, answer bookkeeping and ppl arithmetic, without the cost of a real model)."""
+    tasks = ["niah_single_noise", "niah_multivalue", "variable_tracking", "common_words"]
+    b = Builder(tok)
+    by_tokens = {make_prompt(tok, t, 600, i, 0, b).tokens.tobytes(): make_prompt(tok, t, 600, i, 0, b).answers
+                 for t in tasks for i in range(2)}
+    monkeypatch.setattr(accuracy, "run_batch", _fake_run_batch(right, by_tokens, tok))
+    rows = accuracy.evaluate(None, None, tok, [accuracy.Mode("full", None)], {}, [600], tasks, 2, 0, log=lambda s: None)
+    scores = {r["task"]: r["score"] for r in rows}
+    for t in tasks:
+        assert scores[t] == (100.0 if right else 0.0), (t, rows)
+    assert scores["ppl"] == pytest.approx(np.exp(2.0))
+    assert {r["kind"] for r in rows} == {"retrieval", "aggregation", "ppl"}
+
+
+def test_suite_end_to_end_tiny_model(tok, tmp_path):
+    """The real path (serving prefill + decode_step over the hybrid cache) on a tiny random model: the schema,
+    blocks_frac bounds, and full == dense_retrieval == oracle at p=1 when the window covers the prompt."""
+    from rtpurbo_jax.model_config import ModelConfig
+    from rtpurbo_jax.params import init_params
+    from rtpurbo_jax.rtpurbo_attention import init_indexer
+    from rtpurbo_jax.sparse_config import SparseConfig
+
+    cfg = ModelConfig(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=1024)
+    params = init_params(cfg, jax.random.key(0), scale=0.3)
+    roles = np.zeros((2, 4), int)
+    roles[0, 1] = roles[1, 2] = 1
+    wide = SparseConfig(roles=roles.tolist(), window=1024, index_dim=4, seqlen_threshold=0)
+    ix = {"shipped": init_indexer(2, 4, 8, 4, jax.random.key(1))}
+    modes = accuracy.build_modes(wide, ["shipped"], [], seed=0,
+                                 only=["full", "dense_retrieval", "rtpurbo", "oracle_topp", "topk_same_budget"])
+    modes.append(accuracy.Mode("oracle_p1", dataclasses.replace(wide, selector="oracle", top_p=1.0), "shipped"))
+    rows = accuracy.evaluate(params, cfg, tok, modes, ix, [400], ["niah_single_noise"], 2, 0, log=lambda s: None)
+    keys = {"mode", "task", "kind", "length", "n", "score", "blocks_frac"}
+    assert all(keys <= set(r) for r in rows)
+    by = {(r["mode"], r["task"]): r for r in rows}
+    for m in ("rtpurbo", "oracle_topp", "topk_same_budget"):
+        assert 0.0 < by[(m, "niah_single_noise")]["blocks_frac"] <= 1.0
+    assert by[("dense_retrieval", "ppl")]["blocks_frac"] == 1.0
+    for m in ("dense_retrieval", "oracle_p1"):  # nothing dropped: the same perplexity as full attention
+        assert by[(m, "ppl")]["score"] == pytest.approx(by[("full", "ppl")]["score"], rel=1e-4)
+        assert by[(m, "niah_single_noise")]["sample"] == by[("full", "niah_single_noise")]["sample"]
+    assert by[("rtpurbo", "ppl")]["score"] != pytest.approx(by[("full", "ppl")]["score"], rel=1e-6)
+
+
+def test_oracle_selection_holds_top_p_of_exact_attention():
+    """selector='oracle' selects from the head's exact attention: the kept blocks hold >= p of its mass."""
+    from rtpurbo_jax.cached_attention import _retrieval_blocks, _selection_inputs
+    from rtpurbo_jax.kv_cache import LayerLayout
+    from rtpurbo_jax.sparse_config import SparseConfig
+
+    rng = np.random.default_rng(0)
+    b, s, h = 2, 200, 16
+    ll = LayerLayout(full_kv=(0, 1), local_kv=(), retrieval_q=(1, 2), group=2)
+    qkv = {"q": jnp.asarray(rng.normal(size=(b, 1, 4, h)) * 2, jnp.float32)}
+    k_full = jnp.asarray(rng.normal(size=(b, s, 2, h)), jnp.float32)
+    sp = SparseConfig(roles=[[0, 1, 1, 0]], selector="oracle", top_p=0.8, kv_block=16, sinks=0, keep_recent=1,
+                      seqlen_threshold=0)
+    q_sel, k_sel, bias = _selection_inputs(qkv, k_full, None, None, ll, sp)
+    kv_len = jnp.asarray([s, 150])
+    q_pos = (kv_len - 1)[:, None]
+    sel = np.asarray(_retrieval_blocks(q_sel, k_sel, q_pos, jnp.ones((b, 1), bool), kv_len, kv_len, sp, tile=1))
+    assert bias is None
+    for bi in range(b):
+        for j, n in enumerate(ll.retrieval_q):
+            L = int(kv_len[bi])
+            logits = np.asarray(qkv["q"][bi, 0, n]) @ np.asarray(k_full[bi, :L, n // 2]).T / np.sqrt(h)
+            p = np.exp(logits - logits.max())
+            p /= p.sum()
+            blocks = np.repeat(sel[bi, j, 0], 16)[:L]
+            assert p[blocks].sum() >= 0.8 - 1e-5
+            assert blocks.mean() < 1.0  # and it is a real selection
+
+
+def test_block_kl_is_zero_for_equal_logits_and_below_token_kl():
+    rng = np.random.default_rng(1)
+    tl = jnp.asarray(rng.normal(size=(2, 1, 5, 40)) * 3, jnp.float32)
+    sl = jnp.asarray(rng.normal(size=(2, 1, 5, 40)) * 3, jnp.float32)
+    mask = (jnp.arange(40)[None, :] <= 20 + jnp.arange(5)[:, None])[None, None]
+    assert float(jnp.abs(_row_kl(tl, tl, mask, "block", 8)).max()) < 1e-5
+    tok_kl, blk_kl = _row_kl(tl, sl, mask, "token", 8), _row_kl(tl, sl, mask, "block", 8)
+    assert bool((blk_kl <= tok_kl + 1e-5).all()) and float(blk_kl.mean()) < float(tok_kl.mean())
+
+
+def test_longrange_weight_counts_only_rows_that_look_far():
+    """Rows whose teacher attends only to sinks + recent keys get weight 0: changing the student there does not
+    change the loss; changing it at a far-looking row does."""
+    r, b, t, h, i = 1, 1, 48, 8, 4
+    rng = np.random.default_rng(2)
+    q = np.zeros((r, b, t, h), np.float32)
+    k = rng.normal(size=(r, b, t, h)).astype(np.float32)
+    q[0, 0, 40] = 30 * k[0, 0, 5]  # row 40 looks 35 keys back; others are flat (q = 0): mass mostly local? no:
+    hx = {"q": jnp.asarray(q), "k": jnp.asarray(k), "q_pre": jnp.asarray(rng.normal(size=(r, b, t, h)), jnp.float32),
+          "k_pre": jnp.asarray(k)}
+    tr = {"w_q": jnp.asarray(rng.normal(size=(r, h, i)), jnp.float32), "w_k": jnp.asarray(rng.normal(size=(r, h, i)), jnp.float32)}
+    kw = dict(level="token", weight="longrange", kv_block=8, sinks=0, recent=48)  # everything is "recent" ...
+    assert float(kl_loss(tr, hx, 16, **kw)) == 0.0  # ... so no row has far mass and nothing is weighted
+    kw["recent"] = 8
+    full = float(kl_loss(tr, hx, 16, **kw))
+    hx2 = dict(hx, q_pre=hx["q_pre"].at[0, 0, 40].multiply(-1.0))  # perturb the student at the far row
+    assert float(kl_loss(tr, hx2, 16, **kw)) != pytest.approx(full)
+
+
+def test_local_prior_moves_forced_mass_and_grads_flow():
+    from train.objective import recall_metrics
+
+    rng = np.random.default_rng(3)
+    r, b, t, h, i = 2, 1, 96, 8, 4
+    hx = {n: jnp.asarray(rng.normal(size=(r, b, t, h)), jnp.float32) for n in ("q", "k", "q_pre", "k_pre")}
+    tr = {"w_q": jnp.asarray(rng.normal(size=(r, h, i)), jnp.float32) * 0.3,
+          "w_k": jnp.asarray(rng.normal(size=(r, h, i)), jnp.float32) * 0.3,
+          "w_local": jnp.zeros((r, h)), "b_local": jnp.zeros((r,))}
+    kw = dict(level="block", weight="uniform", kv_block=8, sinks=4, recent=8)
+    g = jax.grad(lambda p: kl_loss(p, hx, 32, **kw))(tr)
+    assert float(jnp.abs(g["b_local"]).sum()) > 0 and float(jnp.abs(g["w_local"]).sum()) > 0
+    m0 = recall_metrics(tr, hx, top_p=0.9, kv_block=8, sinks=4, keep_recent=8)
+    m1 = recall_metrics(dict(tr, b_local=jnp.full((r,), 5.0)), hx, top_p=0.9, kv_block=8, sinks=4, keep_recent=8)
+    assert float(m1["selected_frac"]) < float(m0["selected_frac"])  # forced blocks carry more mass: fewer added
+
+
+def test_retrieval_events_deterministic_and_answer_rows(tok):
+    from train.data import EventWindows, corpus_words, insert_events
+
+    words = corpus_words("train")
+    base = np.asarray(tok.encode(" In the beginning God created the heaven and the earth." * 200,
+                                 add_special_tokens=False)[:1500], np.int32)
+    a, rows_a = insert_events(base, tok, np.random.default_rng(0), words, 2.0)
+    b2, rows_b = insert_events(base, tok, np.random.default_rng(0), words, 2.0)
+    assert np.array_equal(a, b2) and rows_a == rows_b and len(a) == len(base) and rows_a
+    assert "What is the code of" in tok.decode(a) and "The code of" in tok.decode(a)
+    assert max(rows_a) < len(a) - 1
+    ew = EventWindows(np.tile(base, 4), 512, 0, tok, 2.0)
+    assert np.array_equal(ew.batch(3, 2), ew.batch(3, 2)) and not np.array_equal(ew.batch(3, 2), ew.batch(4, 2))
