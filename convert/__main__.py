@@ -10,6 +10,7 @@ SparseConfig and as RTP-LLM's `headwise_config`) with `calibration.json` / `cali
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -21,7 +22,7 @@ from convert.bundled import smollm2_gguf
 from convert.calibrate import CalibConfig, calibrate_model, write_report
 from convert.errors import ConversionError
 from convert.load import DTYPES, load_source
-from rtpurbo_jax.checkpoint import save_converted
+from rtpurbo_jax.checkpoint import check_replaceable, save_converted
 from rtpurbo_jax.sparse_config import SparseConfig
 
 
@@ -60,6 +61,8 @@ def default_window(max_positions: int) -> int:
 
 def run_calibration(params, cfg, tokenizer, args, log=print):
     """(SparseConfig, report) for the converted params."""
+    if args.window is not None and args.window < 1:
+        raise ValueError(f"--window must be >= 1, got {args.window}")
     window = args.window or default_window(cfg.max_position_embeddings)
     calib = CalibConfig(ratio=args.retrieval_ratio, num_retrieval=args.retrieval_heads,
                         granularity=args.role_granularity, per_layer=args.per_layer,
@@ -90,6 +93,10 @@ def convert(model: str, out: str, dtype: str = "auto", overwrite: bool = False, 
     args = args or build_parser().parse_args(["--model", model, "--out", out, "--no-calibrate"])
     t0 = time.time()
     path = resolve_model_path(model)
+    if os.path.exists(out):  # refuse before the expensive part; save_converted checks again at the rename
+        if not overwrite:
+            raise FileExistsError(f"output {os.path.abspath(out)} exists; pass --overwrite to replace it")
+        check_replaceable(out, protect=(path,))
     log(f"[convert] reading {path}")
     cfg, params, tokenizer = load_source(path, dtype)
     log(f"[convert] {cfg.model_type}: {cfg.num_layers} layers, {cfg.num_heads} q / {cfg.num_kv_heads} kv heads, "

@@ -48,12 +48,42 @@ class Converted:
         return AutoTokenizer.from_pretrained(self.path)
 
 
+# what save_converted writes into a converted checkpoint (prefixes): anything else there is the user's
+_OUR_FILES = ("params", "rtpurbo.json", "calibration.", "tokenizer", "special_tokens_map", "chat_template",
+              "vocab.", "merges.", "added_tokens", "generation_config")
+
+
+def check_replaceable(out_dir: str, protect: tuple[str, ...] = ()) -> None:
+    """Raise unless `out_dir` may be replaced by a new converted checkpoint: it must be one of ours (it holds
+    rtpurbo.json) and must not be, contain, or sit inside any path in `protect` (the source) or the working
+    directory. Whatever a user made is never deleted by --overwrite."""
+    out = os.path.realpath(out_dir)
+    if not os.path.exists(out):
+        return
+    inside = lambda a, b: a == b or a.startswith(b.rstrip(os.sep) + os.sep)  # a is b or lies inside b
+    for p in protect:
+        rp = os.path.realpath(p)
+        if inside(rp, out):
+            raise FileExistsError(f"refusing to overwrite {out}: it is or holds the source {rp}")
+    if inside(os.path.realpath(os.getcwd()), out):
+        raise FileExistsError(f"refusing to overwrite {out}: it is or holds the current directory")
+    if not os.path.isdir(out) or not os.path.exists(os.path.join(out, META_FILE)):
+        raise FileExistsError(f"refusing to overwrite {out}: it is not a converted checkpoint (no {META_FILE}); "
+                              "--overwrite only replaces an earlier output of python -m convert")
+    foreign = sorted(f for f in os.listdir(out) if not f.startswith(_OUR_FILES))
+    if foreign:
+        raise FileExistsError(f"refusing to overwrite {out}: it holds files a conversion does not write "
+                              f"({', '.join(foreign[:5])}); move them or choose another --out")
+
+
 @contextlib.contextmanager
-def atomic_dir(out_dir: str, overwrite: bool = False) -> Iterator[str]:
-    """Yield a temporary directory that becomes `out_dir` only if the body finishes without error."""
+def atomic_dir(out_dir: str, overwrite: bool = False, protect: tuple[str, ...] = ()) -> Iterator[str]:
+    """Yield a temporary directory that becomes `out_dir` only if the body finishes without error. With
+    overwrite, an existing `out_dir` is replaced only if `check_replaceable(out_dir, protect)` allows it."""
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"output {out_dir} exists; pass --overwrite (overwrite=True) to replace it")
+    check_replaceable(out_dir, protect)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
@@ -88,12 +118,13 @@ def write_params(path: str, params: dict) -> None:
 def save_converted(out_dir: str, params: dict, cfg: ModelConfig, *, sparse_config: dict | None = None,
                    extra: dict | None = None, tokenizer=None, source: str | None = None,
                    overwrite: bool = False, write_extra_files=None) -> str:
-    """Write a converted checkpoint atomically. `write_extra_files(tmp_dir)` may add reports before the rename."""
+    """Write a converted checkpoint atomically. `write_extra_files(tmp_dir)` may add reports before the rename.
+    overwrite replaces only an earlier converted checkpoint, never `source` or a directory holding it."""
     dtypes = {str(np.asarray(x).dtype) if not hasattr(x, "dtype") else str(x.dtype) for x in jax.tree.leaves(params)}
     meta = {"format": FORMAT, "version": VERSION, "model_config": cfg.to_dict(), "sparse_config": sparse_config,
             "param_dtype": sorted(dtypes)[0] if len(dtypes) == 1 else sorted(dtypes), "source": source,
             "extra": extra or {}}
-    with atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite, protect=(source,) if source else ()) as tmp:
         write_params(os.path.join(tmp, "params"), params)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -135,11 +135,49 @@ def _prefill(params, cache, tokens, lengths, indexer, cfg, sparse, chunk, backen
     return logits_from_hidden(params, last_h, cfg), cache
 
 
+def _concrete(*xs) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def check_call(cache: HybridCache, tokens, cfg: ModelConfig, sparse: SparseConfig | None, indexer, *,
+               lengths=None) -> None:
+    """The serving API's input checks (once per call, outside the compiled step; values only on concrete
+    inputs, in one device-to-host read): shapes, token ids in [0, vocab), prompt lengths in 1..T, room in the
+    cache, the indexer's fit. Raise ValueError naming the argument."""
+    check_indexer(cfg, sparse, indexer)
+    tokens = jnp.asarray(tokens)
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    b = cache.lengths.shape[0]
+    want = 2 if lengths is not None else 1
+    if tokens.ndim != want or tokens.shape[0] != b:
+        raise ValueError(f"tokens must be int [{b}{', T' if want == 2 else ''}] for this cache of batch {b}, "
+                         f"got shape {tokens.shape}")
+    if lengths is not None and jnp.shape(lengths) != (b,):
+        raise ValueError(f"lengths must be int [{b}], got shape {jnp.shape(lengths)}")
+    if not _concrete(tokens, cache.lengths, lengths):
+        return
+    new = jnp.ones((b,), jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+    stats = [x.astype(jnp.int32) for x in (tokens.min(), tokens.max(), new.min(), new.max(), (cache.lengths + new).max())]
+    lo, hi, nmin, nmax, end = (int(v) for v in jax.device_get(jnp.stack(stats)))
+    if lo < 0 or hi >= cfg.vocab_size:
+        raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}) (the model's vocab), got [{lo}, {hi}]")
+    if lengths is not None and (nmin < 1 or nmax > tokens.shape[1]):
+        raise ValueError(f"lengths must lie in 1..{tokens.shape[1]} (the prompt width), got [{nmin}, {nmax}]")
+    if end > cache.layout.max_len:
+        raise ValueError(f"the cache holds {cache.layout.max_len} positions per sequence but this call would fill "
+                         f"{end}: init_cache with a larger max_len")
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "sparse", "chunk", "backend", "interpret"),
                    donate_argnames=("cache",))
+def _prefill_jit(params, cache, tokens, lengths, indexer, *, cfg, sparse, chunk, backend, interpret):
+    return _prefill(params, cache, tokens, lengths, indexer, cfg, sparse, chunk, resolve_backend(backend), interpret)
+
+
 def prefill(params, cache: HybridCache, tokens, lengths, indexer=None, *, cfg: ModelConfig,
             sparse: SparseConfig | None = None, chunk: int = 512, backend: str | None = None,
-            interpret: bool = False):
+            interpret: bool = False, check: bool = True):
     """Append right-padded prompts to the cache, `chunk` tokens at a time.
 
     tokens int [B, T]; lengths int [B] (1..T) valid tokens per row; the cache may already hold earlier turns
@@ -147,9 +185,14 @@ def prefill(params, cache: HybridCache, tokens, lengths, indexer=None, *, cfg: M
     cache with lengths += lengths. Prompt rows must fit: cache.lengths + lengths <= max_len (positions past it
     are dropped). backend: as `decode_step` (None: the device's kernels; "reference": jnp, memory per layer
     O(B · N · chunk · max_len)); on a GPU the full KV heads run the block-sparse prefill kernel.
+    check: validate the inputs first (`check_call`; one small host read); pass False inside your own jit.
     """
-    return _prefill(params, cache, tokens, lengths, indexer, cfg, sparse, chunk, resolve_backend(backend),
-                    interpret)
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if check:
+        check_call(cache, tokens, cfg, sparse, indexer, lengths=lengths)
+    return _prefill_jit(params, cache, tokens, lengths, indexer, cfg=cfg, sparse=sparse, chunk=chunk,
+                        backend=backend, interpret=interpret)
 
 
 def _decode(params, cache, tokens, indexer, cfg, sparse, backend="reference", interpret=False):
@@ -163,17 +206,26 @@ def _decode(params, cache, tokens, indexer, cfg, sparse, backend="reference", in
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sparse", "backend", "interpret", "stats"),
                    donate_argnames=("cache",))
+def _decode_jit(params, cache, tokens, indexer, *, cfg, sparse, backend, interpret, stats):
+    logits, cache, frac = _decode(params, cache, tokens, indexer, cfg, sparse, resolve_backend(backend), interpret)
+    return (logits, cache, {"blocks_frac": frac}) if stats else (logits, cache)
+
+
 def decode_step(params, cache: HybridCache, tokens, indexer=None, *, cfg: ModelConfig,
                 sparse: SparseConfig | None = None, backend: str | None = None, interpret: bool = False,
-                stats: bool = False):
+                stats: bool = False, check: bool = True):
     """One token per sequence: tokens int [B] at position cache.lengths. Returns fp32 logits [B, V] and the cache
     (and with stats=True a dict: blocks_frac fp32 [B], the mean over retrieval heads of the fraction of visible
     64-token key blocks this step visited).
 
     Retrieval heads score every cached index key, keep their top-p blocks and attend exactly inside them.
+    check: validate the inputs first (`check_call`: ids in range, room in the cache; one small host read per
+    step); pass False in a latency-critical loop whose inputs you trust, or inside your own jit.
     """
-    logits, cache, frac = _decode(params, cache, tokens, indexer, cfg, sparse, resolve_backend(backend), interpret)
-    return (logits, cache, {"blocks_frac": frac}) if stats else (logits, cache)
+    if check:
+        check_call(cache, tokens, cfg, sparse, indexer)
+    return _decode_jit(params, cache, tokens, indexer, cfg=cfg, sparse=sparse, backend=backend, interpret=interpret,
+                       stats=stats)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sparse", "sampling", "max_new_tokens", "stop_tokens",
@@ -228,6 +280,12 @@ def generate(params, prompts, lengths, *, cfg: ModelConfig, max_new_tokens: int,
     if max_len > cfg.max_position_embeddings:
         log.warning("max_len %d exceeds the model's max_position_embeddings %d", max_len, cfg.max_position_embeddings)
     check_indexer(cfg, sparse, indexer)
+    if _concrete(prompts):
+        lo, hi = (int(v) for v in jax.device_get(jnp.stack([prompts.min(), prompts.max()])))
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"prompt token ids must lie in [0, {cfg.vocab_size}) (the model's vocab), got [{lo}, {hi}]")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
     backend = resolve_backend(backend)
     dtype = jnp.dtype(cache_dtype or params["embed"].dtype)
     tokens, count, cache = _generate(params, prompts, lengths, indexer,
@@ -238,4 +296,4 @@ def generate(params, prompts, lengths, *, cfg: ModelConfig, max_new_tokens: int,
     return {"tokens": tokens, "num_tokens": count, "cache": cache}
 
 
-__all__ = ["check_indexer", "decode_step", "generate", "prefill"]
+__all__ = ["check_call", "check_indexer", "decode_step", "generate", "prefill"]

@@ -40,9 +40,11 @@ def test_existing_output_is_not_overwritten(tmp_path, llama_dir):
     out.mkdir()
     (out / "mine.txt").write_text("user data")
     assert main(["--model", llama_dir[1], "--out", str(out)]) == 2
+    assert main(["--model", llama_dir[1], "--out", str(out), "--overwrite"]) == 2  # not a converted output
     assert (out / "mine.txt").read_text() == "user data"
-    convert(llama_dir[1], str(out), overwrite=True, log=lambda *_: None)
-    assert not (out / "mine.txt").exists() and (out / "rtpurbo.json").exists()
+    convert(llama_dir[1], str(tmp_path / "conv"), log=lambda *_: None)
+    convert(llama_dir[1], str(tmp_path / "conv"), overwrite=True, log=lambda *_: None)  # an earlier output: fine
+    assert (tmp_path / "conv" / "rtpurbo.json").exists() and not [f for f in os.listdir(tmp_path) if ".old" in f]
 
 
 def test_bf16_conversion_keeps_dtype(tmp_path, llama_dir):

@@ -82,8 +82,16 @@ class DistillConfig:
             raise ValueError(f"--local-prior must be 'query' or 'none', got {self.local_prior!r}")
         if not self.events >= 0:
             raise ValueError(f"--events must be >= 0, got {self.events}")
-        if self.lr <= 0 or self.warmup < 0 or self.index_dim < 1:
-            raise ValueError("--lr must be > 0, --warmup >= 0, --index-dim >= 1")
+        if not (0 < self.lr < float("inf")) or self.warmup < 0 or self.index_dim < 1:
+            raise ValueError(f"--lr must be a finite number > 0 (got {self.lr}), --warmup >= 0, --index-dim >= 1")
+        if not (0 < self.grad_clip < float("inf")):
+            raise ValueError(f"--grad-clip must be a finite number > 0, got {self.grad_clip}")
+        if not (0 <= self.weight_decay < float("inf")):
+            raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.kv_block < 1 or self.chunk < 1 or self.keep < 1:
+            raise ValueError(f"--kv-block, --chunk and --keep must be >= 1, got {self.kv_block}, {self.chunk}, {self.keep}")
+        if not self.events < float("inf"):
+            raise ValueError(f"--events must be finite, got {self.events}")
         if max_positions is not None and self.seq_len > max_positions:
             raise ValueError(f"--seq-len {self.seq_len} exceeds the model's {max_positions} positions")
 
@@ -98,7 +106,38 @@ def parse_args(argv=None) -> DistillConfig:
         else:
             typ = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
             p.add_argument(flag, type=typ, default=f.default)
-    return DistillConfig(**vars(p.parse_args(argv)))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # "--mesh -1,1": argparse reads a value that starts with "-" as a flag; bind such values to their flag
+    joined, i = [], 0
+    while i < len(argv):
+        if argv[i].startswith("--") and "=" not in argv[i] and i + 1 < len(argv) and argv[i + 1][:2].replace(".", "0")[:2] in {f"-{d}" for d in "0123456789"}:
+            joined.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            joined.append(argv[i])
+            i += 1
+    return DistillConfig(**vars(p.parse_args(joined)))
+
+
+# flags that define a run: a --resume must repeat them (others, like --log-every, may change)
+FINGERPRINT = ("model", "data", "seq_len", "batch", "steps", "lr", "warmup", "weight_decay", "grad_clip", "index_dim",
+               "init", "kv_block", "events", "loss_level", "loss_weight", "local_prior", "seed", "top_p")
+
+
+def check_resume(c: DistillConfig) -> None:
+    """Refuse --resume when the run directory's recorded config differs in a run-defining flag."""
+    path = os.path.join(c.run_dir, "config.json")
+    if not os.path.exists(path):
+        return
+    try:
+        old = json.load(open(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is corrupt ({e}); it records the run being resumed") from e
+    diff = [f"--{k.replace('_', '-')} {old[k]!r} -> {getattr(c, k)!r}" for k in FINGERPRINT
+            if k in old and old[k] != getattr(c, k)]
+    if diff:
+        raise ValueError(f"--resume of {c.run_dir} with other flags than the run it continues: {'; '.join(diff)}. "
+                         "Repeat the original flags, or start a new --run-dir")
 
 
 def log0(*a):
@@ -122,7 +161,14 @@ def prepare_model(c: DistillConfig):
         path = c.model
     else:
         path = os.path.join(c.run_dir, "converted")
-        if not os.path.exists(os.path.join(path, "rtpurbo.json")):
+        if os.path.exists(os.path.join(path, "rtpurbo.json")):
+            from convert.__main__ import resolve_model_path
+            from rtpurbo_jax.checkpoint import read_meta
+
+            made_from, want = read_meta(path).get("source"), resolve_model_path(c.model)
+            if made_from and os.path.realpath(made_from) != os.path.realpath(want):
+                raise ValueError(f"{path} was converted from {made_from}, not --model {want}; use another --run-dir")
+        else:
             from convert.__main__ import build_parser, convert
 
             if jax.process_index() == 0:
@@ -292,6 +338,7 @@ def run(c: DistillConfig) -> dict:
     start = 0
     metrics_path = os.path.join(c.run_dir, "metrics.jsonl")
     if c.resume and mngr.latest_step() is not None:
+        check_resume(c)
         start = mngr.latest_step()
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
                                 state_sh)
@@ -306,6 +353,11 @@ def run(c: DistillConfig) -> dict:
                        "mesh": dict(mesh.shape)}, f, indent=1)
         if start == 0 and os.path.exists(metrics_path):
             os.remove(metrics_path)
+        elif os.path.exists(metrics_path):  # a resume: drop rows logged after the restored checkpoint
+            kept = [l for l in open(metrics_path) if l.strip() and json.loads(l)["step"] <= start]
+            with open(metrics_path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(metrics_path + ".tmp", metrics_path)
 
     eval_tokens = global_batch(10 ** 6 + 1)  # a fixed training-distribution window, also used before and after
     if tok is not None:  # held-out prose with retrieval events: recall where retrieval happens
@@ -320,10 +372,12 @@ def run(c: DistillConfig) -> dict:
         return {"step": step, **m}
 
     rows = []
-    before = evaluate(start, state["params"])
+    first = json.loads(open(metrics_path).readline()) if start and os.path.exists(metrics_path) else None
+    before = first if first is not None and first.get("step") == 0 and "recall" in first else evaluate(start, state["params"])
     log0(f"[distill] {r} retrieval heads, index_dim {c.index_dim}, init {c.init}, mesh {dict(mesh.shape)}, "
          f"loss {c.loss_level}/{c.loss_weight}, {c.events} events per 1K tokens; before: {describe(before)}")
-    rows.append(before)
+    if start == 0:
+        rows.append(before)
     bar = tqdm(range(start, c.steps), disable=pidx != 0, desc="distill", dynamic_ncols=True)
     t0, toks = time.time(), 0
     for step in bar:
@@ -332,6 +386,10 @@ def run(c: DistillConfig) -> dict:
             break
         state, m = step_j(state, params, global_batch(step))
         toks += c.batch * c.seq_len
+        if not np.isfinite(float(m["loss"])):  # stop before saving it: the last checkpoint stays the last good one
+            raise ValueError(f"non-finite loss at step {step + 1}; the last good checkpoint is step "
+                             f"{mngr.latest_step()} in {c.run_dir}/checkpoints (lower --lr or --grad-clip, then "
+                             "--resume)")
         if (step + 1) % c.log_every == 0 or step + 1 == c.steps:
             row = {"step": step + 1, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
                    "tokens_per_s": toks / (time.time() - t0)}

@@ -1,0 +1,154 @@
+"""Issue 14: nothing a user made is deleted, and bad input fails at the API boundary with a clear error
+naming the argument — convert --overwrite, serving inputs, train.distill flags and run directories."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from convert.__main__ import main as convert_main
+from tests.conftest import build_hf_model, save_hf
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    return save_hf(build_hf_model("llama"), str(tmp_path_factory.mktemp("src") / "llama"), "safetensors")
+
+
+def _snapshot(path):
+    return sorted((os.path.relpath(os.path.join(d, f), path), os.path.getsize(os.path.join(d, f)))
+                  for d, _, fs in os.walk(path) for f in fs)
+
+
+def test_overwrite_never_deletes_the_source(src, capsys):
+    before = _snapshot(src)
+    assert convert_main(["--model", src, "--out", src, "--overwrite"]) == 2
+    assert "source" in capsys.readouterr().err
+    assert convert_main(["--model", src, "--out", os.path.dirname(src), "--overwrite"]) == 2  # holds the source
+    assert _snapshot(src) == before
+
+
+def test_overwrite_never_deletes_the_working_directory(src, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    assert convert_main(["--model", src, "--out", ".", "--overwrite"]) == 2
+    assert "current directory" in capsys.readouterr().err and (work / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_refuses_a_converted_dir_with_user_files(src, tmp_path, capsys):
+    out = tmp_path / "conv"
+    assert convert_main(["--model", src, "--out", str(out), "--no-calibrate"]) == 0
+    (out / "my_eval_results.json").write_text("{}")
+    assert convert_main(["--model", src, "--out", str(out), "--no-calibrate", "--overwrite"]) == 2
+    assert "my_eval_results.json" in capsys.readouterr().err and (out / "my_eval_results.json").exists()
+    os.remove(out / "my_eval_results.json")
+    assert convert_main(["--model", src, "--out", str(out), "--no-calibrate", "--overwrite"]) == 0
+
+
+@pytest.fixture(scope="module")
+def served():
+    from rtpurbo_jax.model_config import ModelConfig
+    from rtpurbo_jax.params import init_params
+    from rtpurbo_jax.rtpurbo_attention import init_indexer
+    from rtpurbo_jax.sparse_config import SparseConfig
+
+    cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=128)
+    roles = np.zeros((2, 4), int)
+    roles[0, 1] = 1
+    sp = SparseConfig(roles=roles.tolist(), window=8, index_dim=4, kv_block=8, q_block=8, seqlen_threshold=0)
+    return cfg, init_params(cfg, jax.random.key(0), scale=0.2), sp, init_indexer(2, 4, 8, 4, jax.random.key(1))
+
+
+@pytest.mark.parametrize("case,match", [
+    ("past_capacity", "cache holds 24 positions"), ("length_zero", "lengths must lie in 1..16"),
+    ("length_over_T", "lengths must lie in 1..16"), ("id_over_vocab", r"\[0, 64\)"), ("id_negative", r"\[0, 64\)"),
+    ("float_tokens", "integer ids"), ("no_indexer", "no indexer weights"), ("wrong_index_dim", "expected"),
+])
+def test_prefill_refuses_what_it_cannot_do(served, case, match):
+    from rtpurbo_jax.kv_cache import init_cache
+    from rtpurbo_jax.serving import prefill
+
+    cfg, params, sp, ix = served
+    cache = init_cache(cfg, 2, 24, sp, jnp.float32)
+    toks = np.random.default_rng(0).integers(0, 64, (2, 16)).astype(np.int32)
+    lengths = np.asarray([16, 10], np.int32)
+    if case == "past_capacity":
+        toks, lengths = np.tile(toks, 2), np.asarray([30, 10], np.int32)
+    elif case == "length_zero":
+        lengths = np.asarray([0, 10], np.int32)
+    elif case == "length_over_T":
+        lengths = np.asarray([17, 10], np.int32)
+    elif case == "id_over_vocab":
+        toks[1, 3] = 64
+    elif case == "id_negative":
+        toks[0, 0] = -1
+    elif case == "float_tokens":
+        toks = toks.astype(np.float32)
+    elif case == "no_indexer":
+        ix = None
+    elif case == "wrong_index_dim":
+        ix = {k: v[..., :2] for k, v in ix.items()}
+    with pytest.raises(ValueError, match=match):
+        prefill(params, cache, jnp.asarray(toks), jnp.asarray(lengths), ix, cfg=cfg, sparse=sp, chunk=8)
+
+
+def test_decode_step_refuses_past_max_len_and_bad_ids(served):
+    from rtpurbo_jax.kv_cache import init_cache
+    from rtpurbo_jax.serving import decode_step, prefill
+
+    cfg, params, sp, ix = served
+    cache = init_cache(cfg, 1, 17, sp, jnp.float32)
+    toks = jnp.asarray(np.random.default_rng(1).integers(0, 64, (1, 16)), jnp.int32)
+    lg, cache = prefill(params, cache, toks, jnp.asarray([16]), ix, cfg=cfg, sparse=sp, chunk=8)
+    with pytest.raises(ValueError, match=r"\[0, 64\)"):
+        decode_step(params, cache, jnp.asarray([99]), ix, cfg=cfg, sparse=sp)
+    lg, cache = decode_step(params, cache, jnp.asarray([3]), ix, cfg=cfg, sparse=sp)  # position 16: the last slot
+    with pytest.raises(ValueError, match="cache holds 17 positions"):
+        decode_step(params, cache, jnp.asarray([3]), ix, cfg=cfg, sparse=sp)
+
+
+def test_sampling_refuses_nan_temperature():
+    from rtpurbo_jax.sampling import SamplingConfig
+
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="temperature"):
+            SamplingConfig(temperature=bad)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(top_p=float("nan"))
+
+
+from tests.test_distill import flags, tiny  # noqa: E402,F401  (the tiny converted model fixture)
+
+
+def test_distill_cli_reads_negative_mesh_and_refuses_bad_numbers():
+    from train.distill import parse_args
+
+    assert parse_args(["--mesh", "-1,1"]).mesh == "-1,1"  # the README's own form
+    for argv, match in ((["--lr", "nan"], "--lr"), (["--grad-clip", "-1"], "--grad-clip"),
+                        (["--kv-block", "0"], "--kv-block"), (["--chunk", "0"], "--chunk"),
+                        (["--lr", "inf"], "--lr"), (["--weight-decay", "nan"], "--weight-decay")):
+        with pytest.raises(ValueError, match=match):
+            parse_args(argv).validate()
+
+
+def test_distill_resume_refuses_changed_flags_and_stops_on_nan(tiny, tmp_path, capsys):
+    from train.distill import main
+
+    run = tmp_path / "r"
+    assert main(flags(tiny, run, "--steps", "4", "--stop-at", "2")) == 0
+    assert main(flags(tiny, run, "--steps", "6", "--resume")) == 2  # another schedule
+    assert "--steps 4 -> 6" in capsys.readouterr().err
+    assert main(flags(tiny, run, "--steps", "4", "--resume")) == 0
+    steps = [__import__("json").loads(l)["step"] for l in open(run / "metrics.jsonl")]
+    assert steps == sorted(steps) and len([s for s in steps if s == 3]) <= 2  # no repeated rows after the resume
+    bad = tmp_path / "nan"
+    assert main(flags(tiny, bad, "--steps", "6", "--lr", "1e30", "--grad-clip", "1e30", "--warmup", "0")) == 2
+    assert "non-finite loss" in capsys.readouterr().err and not (bad / "indexer").exists()
