@@ -58,7 +58,10 @@ def read_gguf(path: str) -> tuple[dict, dict[str, np.ndarray]]:
         raise ConversionError(f"GGUF architecture {arch!r} is not supported; supported: "
                               f"{', '.join(_ARCH_TO_MODEL_TYPE)}", file=path)
     a = arch
-    heads, kv_heads = int(_field(reader, f"{a}.attention.head_count")), int(_field(reader, f"{a}.attention.head_count_kv"))
+    if _field(reader, f"{a}.attention.head_count") is None:
+        raise ConversionError(f"GGUF metadata lacks {a}.attention.head_count", file=path)
+    heads = int(_field(reader, f"{a}.attention.head_count"))
+    kv_heads = int(_field(reader, f"{a}.attention.head_count_kv", heads))  # absent = no GQA (the GGUF spec's default)
     hidden = int(_field(reader, f"{a}.embedding_length"))
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     names = {t.name for t in reader.tensors}

@@ -60,5 +60,20 @@ def load_source(path: str, dtype: str = "auto") -> tuple[ModelConfig, dict, obje
         cfg = from_hf(raw_cfg)
     except UnsupportedModelError as e:
         raise ConversionError(str(e), file=path) from e
-    params = families.for_model_type(cfg.model_type).to_params(tensors, cfg, _resolve_dtype(dtype, tensors), path)
+    target = _resolve_dtype(dtype, tensors)
+    params = families.for_model_type(cfg.model_type).to_params(tensors, cfg, target, path)
+    _check_finite(params, target, path)
     return cfg, params, tokenizer
+
+
+def _check_finite(params: dict, dtype: np.dtype, path: str) -> None:
+    """Refuse non-finite weights (e.g. values past float16's 65504 that became inf in the cast)."""
+    import jax
+
+    for keypath, leaf in jax.tree_util.tree_leaves_with_path(params):
+        a = np.asarray(leaf)
+        if a.dtype.kind in "fV" or a.dtype == ml_dtypes.bfloat16:
+            if not np.isfinite(a.astype(np.float32)).all():
+                hint = " (values beyond float16's range: use --dtype bfloat16 or float32)" if dtype == np.float16 else ""
+                raise ConversionError(f"weights hold inf or NaN after conversion to {dtype}{hint}", file=path,
+                                      tensor=jax.tree_util.keystr(keypath))

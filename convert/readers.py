@@ -36,8 +36,35 @@ def _safetensors_header(path: str) -> tuple[dict, int]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ConversionError(f"safetensors header is not valid JSON ({e}): corrupt", file=path) from e
+    if not isinstance(header, dict):
+        raise ConversionError(f"safetensors header must be a JSON object, got {type(header).__name__}", file=path)
     header.pop("__metadata__", None)
+    _check_layout(header, size - 8 - n, path)
     return header, 8 + n
+
+
+def _check_layout(header: dict, data_bytes: int, path: str) -> None:
+    """What the official library checks: every entry has dtype / shape / data_offsets, and the tensors tile the
+    data buffer exactly — in bounds, contiguous, no overlap, no alias, nothing left over."""
+    spans = []
+    for name, info in header.items():
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise ConversionError("header entry needs dtype, shape and data_offsets", file=path, tensor=name)
+        off, shape = info["data_offsets"], info["shape"]
+        if (not isinstance(off, list) or len(off) != 2 or not all(isinstance(x, int) for x in off)
+                or not 0 <= off[0] <= off[1]):
+            raise ConversionError(f"data_offsets {off!r} must be two integers 0 <= begin <= end", file=path, tensor=name)
+        if not isinstance(shape, list) or not all(isinstance(x, int) and x >= 0 for x in shape):
+            raise ConversionError(f"shape {shape!r} must be a list of integers >= 0", file=path, tensor=name)
+        spans.append((off[0], off[1], name))
+    pos = 0
+    for begin, end, name in sorted(spans):
+        if begin != pos:
+            what = "overlaps or aliases another tensor" if begin < pos else f"leaves a gap at byte {pos}"
+            raise ConversionError(f"data_offsets [{begin}, {end}] {what}: the header is corrupt", file=path, tensor=name)
+        pos = end
+    if pos != data_bytes:
+        raise ConversionError(f"tensors cover {pos} of the {data_bytes} data bytes: truncated or corrupt", file=path)
 
 
 def iter_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
@@ -104,10 +131,33 @@ def checkpoint_files(model_dir: str) -> list[str]:
     raise ConversionError("no model.safetensors, sharded index, or pytorch_model.bin found", file=model_dir)
 
 
+def _weight_map(model_dir: str) -> dict | None:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = os.path.join(model_dir, index_name)
+        if os.path.exists(index):
+            with open(index) as f:
+                return json.load(f)["weight_map"]
+    return None
+
+
 def read_tensors(model_dir: str) -> dict[str, np.ndarray]:
-    """All tensors of a HF checkpoint dir by name (safetensors memory-mapped; .bin loaded)."""
+    """All tensors of a HF checkpoint dir by name (safetensors memory-mapped; .bin loaded). Refuses a tensor
+    found twice, a tensor in a shard its index does not list it in, and an index entry no shard holds; weights
+    and biases must be floating point."""
     out: dict[str, np.ndarray] = {}
+    weight_map = _weight_map(model_dir)
     for path in checkpoint_files(model_dir):
         it = iter_safetensors(path) if path.endswith(".safetensors") else _iter_bin(path)
-        out.update(it)
+        for name, arr in it:
+            if name in out:
+                raise ConversionError("tensor appears in more than one file", file=path, tensor=name)
+            if weight_map is not None and weight_map.get(name) != os.path.basename(path):
+                raise ConversionError(f"the index lists this tensor in {weight_map.get(name)!r}, not in this shard",
+                                      file=path, tensor=name)
+            if name.endswith((".weight", ".bias")) and not (arr.dtype.kind == "f" or arr.dtype == ml_dtypes.bfloat16):
+                raise ConversionError(f"weights must be floating point, got {arr.dtype}", file=path, tensor=name)
+            out[name] = arr
+    if weight_map is not None and set(weight_map) - set(out):
+        missing = sorted(set(weight_map) - set(out))
+        raise ConversionError(f"{len(missing)} tensors of the index are in no shard (e.g. {missing[:3]})", file=model_dir)
     return out

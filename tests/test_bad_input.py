@@ -152,3 +152,89 @@ def test_distill_resume_refuses_changed_flags_and_stops_on_nan(tiny, tmp_path, c
     bad = tmp_path / "nan"
     assert main(flags(tiny, bad, "--steps", "6", "--lr", "1e30", "--grad-clip", "1e30", "--warmup", "0")) == 2
     assert "non-finite loss" in capsys.readouterr().err and not (bad / "indexer").exists()
+
+
+def _write_st(path, header: dict | list, data: bytes):
+    import json
+    import struct
+
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + data)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("alias", "overlaps or aliases"), ("overlap", "overlaps or aliases"), ("negative", "data_offsets"),
+    ("gap", "leaves a gap"), ("list_header", "JSON object"), ("no_offsets", "data_offsets"),
+    ("leftover", "cover 32 of the 48"), ("int_weight", "floating point"),
+])
+def test_safetensors_header_is_not_trusted(tmp_path, case, match):
+    """Headers the official library rejects are rejected here too, naming the file and tensor."""
+    from convert.errors import ConversionError
+    from convert.readers import read_tensors
+
+    data = np.arange(8, dtype=np.float32).tobytes() * 2  # 64 bytes
+    a = {"dtype": "F32", "shape": [2, 4], "data_offsets": [0, 32]}
+    b = {"dtype": "F32", "shape": [2, 4], "data_offsets": [32, 64]}
+    header = {"x.weight": a, "y.weight": b}
+    if case == "alias":
+        header["y.weight"] = dict(b, data_offsets=[0, 32])
+        data = data[:32]
+    elif case == "overlap":
+        header["y.weight"] = dict(b, shape=[2, 4], data_offsets=[16, 48])
+        data = data[:48]
+    elif case == "negative":
+        header["x.weight"] = dict(a, data_offsets=[-32, 0])
+    elif case == "gap":
+        header["y.weight"] = dict(b, shape=[1, 4], data_offsets=[48, 64])
+    elif case == "list_header":
+        header = [a, b]
+    elif case == "no_offsets":
+        header["x.weight"] = {"dtype": "F32", "shape": [2, 4]}
+    elif case == "leftover":
+        header = {"x.weight": a}
+        data = data[:48]
+    elif case == "int_weight":
+        header["x.weight"] = dict(a, dtype="I32")
+    d = tmp_path / "m"
+    d.mkdir()
+    _write_st(d / "model.safetensors", header, data)
+    with pytest.raises(ConversionError, match=match):
+        read_tensors(str(d))
+
+
+def test_sharded_tensor_must_be_where_the_index_says(tmp_path):
+    import json
+
+    from convert.errors import ConversionError
+    from convert.readers import read_tensors
+
+    t = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
+    data = np.ones(4, np.float32).tobytes()
+    _write_st(tmp_path / "s1.safetensors", {"a.weight": t}, data)
+    _write_st(tmp_path / "s2.safetensors", {"b.weight": t}, data)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a.weight": "s2.safetensors", "b.weight": "s1.safetensors"}}))
+    with pytest.raises(ConversionError, match="index lists this tensor in 's2.safetensors'"):
+        read_tensors(str(tmp_path))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a.weight": "s1.safetensors", "b.weight": "s2.safetensors", "c.weight": "s2.safetensors"}}))
+    with pytest.raises(ConversionError, match="in no shard"):
+        read_tensors(str(tmp_path))
+
+
+def test_float16_overflow_is_refused(src, tmp_path):
+    from convert.errors import ConversionError
+    from convert.load import load_source
+    from safetensors.numpy import load_file, save_file
+
+    big = tmp_path / "big"
+    shutil.copytree(src, big)
+    st = load_file(str(big / "model.safetensors"))
+    name = next(k for k in st if k.endswith("q_proj.weight"))
+    st[name] = st[name].copy()
+    st[name][0, 0] = 1e6  # fine in float32 and bfloat16, inf in float16
+    save_file(st, str(big / "model.safetensors"), metadata={"format": "pt"})
+    load_source(str(big), dtype="bfloat16")
+    with pytest.raises(ConversionError, match="float16"):
+        load_source(str(big), dtype="float16")
