@@ -28,7 +28,7 @@ def tiny(tmp_path_factory):
     roles[PLANTED] = 1
     roles[2, 0] = 1
     conv = save_converted(str(root / "conv"), planted_params(), CFG,
-                          sparse_config=SparseConfig(roles=roles, window=32).to_dict())
+                          sparse_config=SparseConfig(roles=roles, window=32, keep_recent=8).to_dict())
     tokens = str(root / "tokens.npy")
     np.save(tokens, np.random.default_rng(0).integers(0, CFG.vocab_size, 30_000).astype(np.int32))
     return root, src, conv, tokens
@@ -49,7 +49,8 @@ def losses(run_dir):
 def test_loss_falls_and_recall_rises(tiny, tmp_path):
     summary = run(parse_args(flags(tiny, tmp_path / "r", "--steps", "30")))
     assert summary["after"]["loss"] < 0.7 * summary["before"]["loss"], summary
-    assert summary["after"]["recall"] > summary["before"]["recall"] + 0.05, summary
+    # (recall counts the always-kept sink and recent blocks, as serving does: at 64 tokens it starts near 1)
+    assert summary["after"]["recall"] > summary["before"]["recall"] and summary["after"]["recall"] > 0.99, summary
     assert os.path.exists(tmp_path / "r" / "curves.png") and os.path.isdir(tmp_path / "r" / "indexer")
     cfg = json.load(open(tmp_path / "r" / "config.json"))
     assert cfg["retrieval_heads"] == 2 and cfg["steps"] == 30

@@ -297,6 +297,9 @@ def run(c: DistillConfig) -> dict:
     ckpt, sparse = prepare_model(c)
     cfg = ckpt.model_config
     c.validate(cfg.max_position_embeddings)
+    if c.seq_len <= sparse.sinks + sparse.keep_recent:
+        raise ValueError(f"--seq-len {c.seq_len} leaves nothing to select: the first {sparse.sinks} and the last "
+                         f"{sparse.keep_recent} tokens are always kept (sinks, keep_recent in rtpurbo.json)")
     heads = np.argwhere(sparse.roles_array).astype(np.int32)  # [R, 2] (layer, query head)
     if c.data.endswith(".npy"):  # pre-tokenized ids
         tok, data = None, PackedWindows(np.load(c.data).astype(np.int32).ravel(), c.seq_len, c.seed)
