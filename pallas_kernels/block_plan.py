@@ -78,6 +78,36 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _concrete(*xs) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def check_plan_values(kv_blocks, counts, kv_len, num_kv_blocks: int, num_keys: int, what: str) -> None:
+    """Raise ValueError unless a plan's valid entries are block ids in [0, num_kv_blocks), its counts lie in
+    0..M and its kv_len in 0..num_keys. Values are checked only on concrete arrays (outside jit), in one
+    device-to-host read; under jit the caller's plan builder is trusted."""
+    if not _concrete(kv_blocks, counts, kv_len):
+        return
+    m = kv_blocks.shape[-1]
+    valid = jnp.arange(m) < counts[..., None]
+    ids = jnp.where(valid, kv_blocks, 0)
+    lo, hi, cmin, cmax, lmin, lmax = (int(x) for x in jax.device_get(jnp.stack([
+        ids.min(), ids.max(), counts.min(), counts.max(), jnp.min(kv_len), jnp.max(kv_len)]).astype(jnp.int32)))
+    if lo < 0 or hi >= num_kv_blocks:
+        raise ValueError(f"{what}: block ids must lie in [0, {num_kv_blocks}) for {num_keys} keys, got [{lo}, {hi}]")
+    if cmin < 0 or cmax > m:
+        raise ValueError(f"{what}: counts must lie in 0..{m} (the plan's entries per row), got [{cmin}, {cmax}]")
+    if lmin < 0 or lmax > num_keys:
+        raise ValueError(f"{what}: kv_len must lie in 0..{num_keys} (the keys given), got [{lmin}, {lmax}]")
+
+
+def check_inputs(q, k, v, what: str) -> None:
+    """Raise ValueError unless q, k, v are floating-point arrays (integer inputs would return integers)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
+            raise ValueError(f"{what}: {name} must be a floating-point array, got {jnp.asarray(x).dtype}")
+
+
 def selection_from_plan(plan: BlockPlan, num_kv_blocks: int) -> jax.Array:
     """bool [B, N, Tb, Sb]: True where key block kb is in the plan of (b, n, tb)."""
     m = plan.kv_blocks.shape[-1]

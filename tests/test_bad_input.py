@@ -3,6 +3,7 @@ naming the argument — convert --overwrite, serving inputs, train.distill flags
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 
@@ -238,3 +239,37 @@ def test_float16_overflow_is_refused(src, tmp_path):
     load_source(str(big), dtype="bfloat16")
     with pytest.raises(ConversionError, match="float16"):
         load_source(str(big), dtype="float16")
+
+
+def test_kernel_apis_validate_plans_and_inputs():
+    """Out-of-range block ids (also -1), counts past M, kv_len past S and integer inputs are refused outside jit
+    (the reference and the kernels once disagreed on them); a decode backend of another op is refused."""
+    from pallas_kernels.block_plan import band_selection, plan_from_selection
+    from pallas_kernels.sparse_attention.api import block_sparse_attention
+    from pallas_kernels.sparse_decode.api import sparse_decode_attention
+    from pallas_kernels.sparse_decode.plan import decode_plan
+
+    rng = np.random.default_rng(0)
+    b, t, n, kh, h = 1, 32, 2, 1, 8
+    q = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(b, t, kh, h)), jnp.float32)
+    sel = jnp.asarray(band_selection(1, t, t, sinks=0, window=t, q_block=8, kv_block=8))
+    plan = plan_from_selection(jnp.broadcast_to(sel, (b, n) + sel.shape[1:]), sinks=0, window=t, kv_len=t,
+                               q_block=8, kv_block=8)
+    block_sparse_attention(q, k, k, plan, backend="reference")  # the valid plan runs
+    for bad, match in ((dataclasses.replace(plan, kv_blocks=plan.kv_blocks.at[0, 0, 3, 0].set(4)), "block ids"),
+                       (dataclasses.replace(plan, kv_blocks=plan.kv_blocks.at[0, 1, 2, 0].set(-1)), "block ids"),
+                       (dataclasses.replace(plan, counts=plan.counts.at[0, 0, 0].set(5)), "counts"),
+                       (dataclasses.replace(plan, kv_len=plan.kv_len + 1), "kv_len")):
+        with pytest.raises(ValueError, match=match):
+            block_sparse_attention(q, k, k, bad, backend="reference")
+    with pytest.raises(ValueError, match="floating-point"):
+        block_sparse_attention(q.astype(jnp.int32), k, k, plan, backend="reference")
+    dp = decode_plan(jnp.ones((b, n, 4), bool), kh, sinks=jnp.zeros(n, jnp.int32), window=jnp.full(n, t, jnp.int32),
+                     kv_len=jnp.asarray([t]), kv_block=8)
+    sparse_decode_attention(q[:, 0], k, k, dp, backend="reference")
+    with pytest.raises(ValueError, match="block ids"):
+        sparse_decode_attention(q[:, 0], k, k, dataclasses.replace(dp, kv_blocks=dp.kv_blocks.at[0, 0, 0].set(9)),
+                                backend="reference")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sparse_decode_attention(q[:, 0], k, k, dp, backend="mosaic_gpu", interpret=True)

@@ -15,7 +15,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.block_plan import BlockPlan, cdiv
+from pallas_kernels.block_plan import BlockPlan, cdiv, check_inputs, check_plan_values
 from pallas_kernels.sparse_attention import reference
 
 log = logging.getLogger(__name__)
@@ -59,9 +59,16 @@ def block_sparse_attention(q, k, v, plan: BlockPlan, *, backend: str | None = No
 
     q [B, T, N, H]; k, v [B, S, K, H] -> out [B, T, N, H] (q.dtype) [, lse fp32 [B, N, T]].
     Lengths that are not multiples of the plan's blocks are padded here (padded keys lie past kv_len).
+    Inputs must be floating point; outside jit the plan's block ids, counts and kv_len are range-checked.
     o_init: an output buffer aliased by the triton / mosaic_tpu backends (tests poison it with NaNs); mosaic_gpu
     ignores it (GPU interpret mode already starts fresh buffers as NaN).
     """
+    check_inputs(q, k, v, "block_sparse_attention")
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[2] % k.shape[2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"block_sparse_attention: q must be [B, T, N, H] and k, v [B, S, K, H] with N a multiple of "
+                         f"K; got {q.shape}, {k.shape}, {v.shape}")
+    check_plan_values(plan.kv_blocks, plan.counts, plan.kv_len, cdiv(k.shape[1], plan.kv_block), k.shape[1],
+                      "block_sparse_attention plan")
     if backend is None:
         backend = default_backend(None, q, k, plan)
         log.info("block_sparse_attention: backend=%s (platform %s)", backend, jax.default_backend())

@@ -12,23 +12,31 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.block_plan import cdiv
+from pallas_kernels.block_plan import cdiv, check_inputs, check_plan_values
 from pallas_kernels.sparse_attention.api import _check_backend, default_backend
 from pallas_kernels.sparse_decode import reference
 from pallas_kernels.sparse_decode.plan import DecodePlan
 
 log = logging.getLogger(__name__)
+BACKENDS = ("reference", "triton", "mosaic_tpu")
 
 
 def sparse_decode_attention(q, k, v, plan: DecodePlan, *, backend: str | None = None, interpret: bool = False,
                             scale=None, splits: int | None = None):
-    """q [B, N, H] (the token at kv_len - 1), k / v [B, S, K, H] -> (out [B, N, H] q.dtype, lse fp32 [B, N])."""
+    """q [B, N, H] (the token at kv_len - 1), k / v [B, S, K, H] -> (out [B, N, H] q.dtype, lse fp32 [B, N]).
+
+    Inputs must be floating point; outside jit the plan's block ids, counts and kv_len are range-checked."""
     if q.ndim != 3 or k.ndim != 4 or k.shape != v.shape or q.shape[1] % k.shape[2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q must be [B, N, H] and k, v [B, S, K, H] with N a multiple of K; got {q.shape}, "
                          f"{k.shape}, {v.shape}")
+    check_inputs(q, k, v, "sparse_decode_attention")
+    check_plan_values(plan.kv_blocks, plan.counts, plan.kv_len, cdiv(k.shape[1], plan.kv_block), k.shape[1],
+                      "sparse_decode_attention plan")
     if backend is None:
         backend = default_backend()
         log.info("sparse_decode_attention: backend=%s (platform %s)", backend, jax.default_backend())
+    if backend not in BACKENDS:  # a named backend is honoured or refused, never swapped for another
+        raise ValueError(f"sparse_decode_attention: backend must be one of {BACKENDS}, got {backend!r}")
     _check_backend(backend, interpret)
     if backend == "reference":
         return reference.sparse_decode_attention(q, k, v, plan, scale)
