@@ -111,3 +111,25 @@ def test_bad_input_fails_clearly(tiny, tmp_path, capsys):
 def test_every_init_trains(tiny, tmp_path, init):
     summary = run(parse_args(flags(tiny, tmp_path / init, "--steps", "6", "--init", init)))
     assert np.isfinite(summary["before"]["loss"]) and summary["after"]["loss"] < summary["before"]["loss"]
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_older_one(tiny, tmp_path):
+    """A damaged newest checkpoint is set aside (kept) and the run resumes exactly from the one before it."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    run(parse_args(flags(tiny, full, "--steps", "8")))
+    run(parse_args(flags(tiny, part, "--steps", "8", "--stop-at", "4")))
+    ck = part / "checkpoints" / "4"
+    damaged = 0
+    for d, _, fs in os.walk(ck):
+        for f in fs:
+            p = os.path.join(d, f)
+            if os.path.getsize(p) > 64 and "ocdbt" in d + f:
+                with open(p, "r+b") as fh:
+                    fh.truncate(16)
+                damaged += 1
+    assert damaged
+    run(parse_args(flags(tiny, part, "--steps", "8", "--resume")))
+    assert (part / "corrupt_checkpoints" / "4").is_dir()
+    a, b = losses(full), losses(part)
+    for step in range(3, 9):
+        np.testing.assert_allclose(b[step], a[step], rtol=1e-6, err_msg=f"step {step}")

@@ -186,6 +186,32 @@ def prepare_model(c: DistillConfig):
     return ckpt, SparseConfig.from_dict(ckpt.meta["sparse_config"])
 
 
+def restore_latest_good(mngr, abstract, run_dir: str):
+    """(step, state) of the newest checkpoint that restores. One that does not (a crash or a disk error while it
+    was written) is moved to RUN_DIR/corrupt_checkpoints/<step> — kept, not deleted — and the next older one is
+    tried (the manager keeps --keep of them)."""
+    import shutil
+
+    import orbax.checkpoint as ocp
+
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            return step, mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint means: try the older one
+            dest = os.path.join(run_dir, "corrupt_checkpoints", str(step))
+            log0(f"[distill] checkpoint {step} cannot be restored ({type(e).__name__}: {str(e)[:160]}); "
+                 f"moved to {dest}, trying an older one")
+            if jax.process_index() == 0:
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                shutil.move(os.path.join(os.fspath(mngr.directory), str(step)), dest)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices(f"rtpurbo-corrupt-{step}")
+            mngr.reload()
+    raise ValueError(f"no checkpoint under {run_dir}/checkpoints can be restored; start a new --run-dir")
+
+
 def make_mesh(spec: str):
     """Mesh (data, model) from 'D,M' (-1 fills with all devices); a smaller mesh uses the first D·M devices."""
     try:
@@ -342,10 +368,9 @@ def run(c: DistillConfig) -> dict:
     metrics_path = os.path.join(c.run_dir, "metrics.jsonl")
     if c.resume and mngr.latest_step() is not None:
         check_resume(c)
-        start = mngr.latest_step()
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
                                 state_sh)
-        state = mngr.restore(start, args=ocp.args.StandardRestore(abstract))
+        start, state = restore_latest_good(mngr, abstract, c.run_dir)
         log0(f"[distill] resumed from step {start}")
     elif mngr.latest_step() is not None:
         raise FileExistsError(f"{c.run_dir}/checkpoints already holds step {mngr.latest_step()}; pass --resume "
