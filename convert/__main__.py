@@ -64,10 +64,14 @@ def run_calibration(params, cfg, tokenizer, args, log=print):
     if args.window is not None and args.window < 1:
         raise ValueError(f"--window must be >= 1, got {args.window}")
     window = args.window or default_window(cfg.max_position_embeddings)
+    calib_len = args.calib_len or min(4096, cfg.max_position_embeddings)
+    # the long-range score (a cross-check of the needle score, not the roles) needs keys beyond the window:
+    # with documents no longer than the window it scores beyond a quarter of the document instead
+    score_window = window if calib_len > window + args.sinks + args.needle_len else max(16, calib_len // 4)
     calib = CalibConfig(ratio=args.retrieval_ratio, num_retrieval=args.retrieval_heads,
-                        granularity=args.role_granularity, per_layer=args.per_layer,
-                        calib_len=args.calib_len or min(4096, cfg.max_position_embeddings),
-                        calib_docs=args.calib_docs, needle_len=args.needle_len, seed=args.seed, window=window, sinks=args.sinks)
+                        granularity=args.role_granularity, per_layer=args.per_layer, calib_len=calib_len,
+                        calib_docs=args.calib_docs, needle_len=args.needle_len, seed=args.seed, window=score_window,
+                        sinks=args.sinks)
     calib.validate(cfg)
     if tokenizer is None:
         log("[calibrate] warning: the source has no tokenizer; calibrating on random-token documents")

@@ -3,7 +3,8 @@
 Backbone frozen; only the retrieval heads' indexer maps train, by forward KL to each head's own attention
 (`train.objective`). With no flags it runs the embedded default on CPU: SmolLM2-135M (converted and
 calibrated into the run directory on first use), 512-token windows of the bundled corpus, a few dozen steps,
-then prints recall and pass-key accuracy before and after.
+then prints recall, blocks visited against the oracle, and needle accuracy (full attention, indexer before
+and after) through the serving API.
 
 Outputs under --run-dir: config.json (resolved), converted/ (when converting), checkpoints/<step>/ (Orbax,
 atomic, keep-K), metrics.jsonl, curves.png, indexer/ (final [L, N, H, I] maps, Orbax).
@@ -61,7 +62,7 @@ class DistillConfig:
     resume: bool = False
     seed: int = 0
     calib_len: int = 2048  # when converting on first use
-    eval_passkey: int = 4  # prompts for the before/after pass-key check (0 skips)
+    eval_passkey: int = 4  # needle prompts for the full / before / after check through serving (0 skips)
     eval_len: int = 1024
     stop_at: int | None = None  # stop after this step (a preemption stand-in; --resume continues)
     skip_distributed: bool = False
@@ -266,18 +267,37 @@ def build_step(cfg, heads, tx, chunk, shardings, loss_kw=None):
     return step_j, eval_j
 
 
-def passkey_accuracy(ckpt, sparse: SparseConfig, indexer, c: DistillConfig, tok) -> float:
-    """Pass-key accuracy with retrieval heads on indexer top-p plans (prefill_mode=indexer), local heads windowed."""
-    from benchmarks.passkey import build_prompt, greedy
+def retrieval_accuracy(ckpt, sparse: SparseConfig, indexers: dict, c: DistillConfig, tok, log=print) -> dict:
+    """Needle-in-a-haystack accuracy (`benchmarks.tasks` niah_single_prose, held-out text, c.eval_len tokens,
+    c.eval_passkey prompts) through the serving API: full attention, then retrieval heads on each indexer's
+    top-p blocks at decode (local heads on their window). {name: {accuracy 0..1, blocks_frac}}."""
+    from benchmarks.tasks import Builder, make_prompt, score
+    from rtpurbo_jax.kv_cache import init_cache
+    from rtpurbo_jax.serving import decode_step, prefill
 
-    keys = [f"{k:05d}" for k in np.random.default_rng(c.seed + 7).integers(10000, 100000, c.eval_passkey)]
-    prompts = np.stack([build_prompt(tok, c.eval_len, k, d, 10 ** 6 + i)
-                        for i, (k, d) in enumerate(zip(keys, np.linspace(0.1, 0.9, c.eval_passkey)))])
-    sp = dataclasses.replace(sparse, prefill_mode="indexer", seqlen_threshold=0, top_p=c.top_p,
-                             kv_block=c.kv_block, index_dim=indexer["w_q"].shape[-1])
-    out = greedy(ckpt.params, jnp.asarray(prompts), jnp.asarray(sparse.roles_array), ckpt.model_config, sp,
-                 indexer["w_q"], indexer["w_k"])
-    return float(np.mean([k in tok.decode(o).replace(" ", "") for k, o in zip(keys, np.asarray(out))]))
+    cfg, params = ckpt.model_config, ckpt.params
+    b = Builder(tok)
+    prompts = [make_prompt(tok, "niah_single_prose", c.eval_len, i, c.seed + 11, b) for i in range(c.eval_passkey)]
+    toks = jnp.asarray(np.stack([p.tokens for p in prompts]))
+    n = len(prompts)
+    sp = dataclasses.replace(sparse, seqlen_threshold=0, top_p=c.top_p, prefill_mode="dense")
+    out = {}
+    for name, s, ix in [("full", None, None)] + [(k, sp, v) for k, v in indexers.items()]:
+        t0 = time.time()
+        cache = init_cache(cfg, n, c.eval_len + 16, s, params["embed"].dtype)
+        logits, cache = prefill(params, cache, toks, jnp.full((n,), c.eval_len), ix, cfg=cfg, sparse=s)
+        gen, fracs = [], []
+        for _ in range(12):
+            nxt = jnp.argmax(logits, -1).astype(jnp.int32)
+            gen.append(np.asarray(nxt))
+            logits, cache, st = decode_step(params, cache, nxt, ix, cfg=cfg, sparse=s, stats=True)
+            fracs.append(np.asarray(st["blocks_frac"]))
+        texts = [tok.decode(list(g)) for g in np.stack(gen, 1)]
+        acc = float(np.mean([score(t, p.answers) for t, p in zip(texts, prompts)])) / 100
+        out[name] = {"accuracy": acc, "blocks_frac": None if s is None else float(np.mean(fracs))}
+        log(f"[distill] needle accuracy at {c.eval_len} tokens, {name}: {acc:.2f}"
+            + ("" if s is None else f", blocks {out[name]['blocks_frac']:.3f}") + f" ({time.time() - t0:.0f}s)")
+    return out
 
 
 def describe(m: dict) -> str:
@@ -452,12 +472,9 @@ def run(c: DistillConfig) -> dict:
         save_curves([before] + history, os.path.join(c.run_dir, "curves.png"))
     summary = {"before": before, "after": after, "retrieval_heads": r}
     log0(f"[distill] after {c.steps} steps: {describe(after)}")
-    if c.eval_passkey and tok is not None and c.eval_len <= cfg.max_position_embeddings:
+    if c.eval_passkey and tok is not None and c.eval_len + 16 <= cfg.max_position_embeddings:
         init_ix = scatter_indexer(init_host, heads, cfg)
-        summary["passkey_before"] = passkey_accuracy(ckpt, sparse, init_ix, c, tok)
-        summary["passkey_after"] = passkey_accuracy(ckpt, sparse, indexer, c, tok)
-        log0(f"[distill] pass-key accuracy at {c.eval_len} tokens (indexer top-p {c.top_p} on retrieval heads, "
-             f"window {sparse.window}): before {summary['passkey_before']:.2f}, after {summary['passkey_after']:.2f}")
+        summary["needle"] = retrieval_accuracy(ckpt, sparse, {"before": init_ix, "after": indexer}, c, tok, log0)
     if pidx == 0:
         with open(os.path.join(c.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
