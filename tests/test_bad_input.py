@@ -273,3 +273,8 @@ def test_kernel_apis_validate_plans_and_inputs():
                                 backend="reference")
     with pytest.raises(ValueError, match="backend must be one of"):
         sparse_decode_attention(q[:, 0], k, k, dp, backend="mosaic_gpu", interpret=True)
+
+
+def test_convert_refuses_window_zero(src, tmp_path, capsys):
+    assert convert_main(["--model", src, "--out", str(tmp_path / "w0"), "--window", "0"]) == 2
+    assert "--window must be >= 1" in capsys.readouterr().err and not (tmp_path / "w0").exists()
