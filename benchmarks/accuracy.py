@@ -138,14 +138,16 @@ def evaluate(params, cfg, tok, modes: list[Mode], indexers: dict, lengths: list[
         for m in static:
             groups.setdefault(_prefill_key(m), []).append(m)
         frac_rtp = []
+
+        def inputs(task):
+            """(tokens, lengths, steps, teacher-forced tokens or None) of one task's batch at this length."""
+            if task == "ppl":
+                return ppl[0], ppl[1], PPL_TOKENS, ppl[0][:, length - PPL_TOKENS:]
+            return np.stack([p.tokens for p in prompts[task]]), np.full((n,), length, np.int32), max_new_tokens(task), None
+
         for key, group in groups.items():
             for task in tasks + ["ppl"]:
-                if task == "ppl":
-                    toks, lens, steps = ppl[0], ppl[1], PPL_TOKENS
-                    forced = ppl[0][:, length - PPL_TOKENS:]
-                else:
-                    toks = np.stack([p.tokens for p in prompts[task]])
-                    lens, steps, forced = np.full((n,), length, np.int32), max_new_tokens(task), None
+                toks, lens, steps, forced = inputs(task)
                 cache = None
                 for m in group:
                     ix = indexers.get(m.indexer)
@@ -161,11 +163,7 @@ def evaluate(params, cfg, tok, modes: list[Mode], indexers: dict, lengths: list[
             k = max(1, math.ceil(float(np.mean(frac_rtp)) * -(-length // base.kv_block)))
             m = Mode("topk_same_budget", dataclasses.replace(base, top_p=1.0, max_blocks=k), topk[0].indexer)
             for task in tasks + ["ppl"]:
-                if task == "ppl":
-                    toks, lens, steps, forced = ppl[0], ppl[1], PPL_TOKENS, ppl[0][:, length - PPL_TOKENS:]
-                else:
-                    toks, lens = np.stack([p.tokens for p in prompts[task]]), np.full((n,), length, np.int32)
-                    steps, forced = max_new_tokens(task), None
+                toks, lens, steps, forced = inputs(task)
                 out, nll, frac, _ = run_batch(params, cfg, m, indexers.get(m.indexer), toks, lens, max_len, steps,
                                               forced)
                 rows.append({**_row(m.name, task, length, n, out, nll, frac, prompts, tok, steps), "max_blocks": k})

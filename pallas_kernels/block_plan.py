@@ -78,7 +78,8 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _concrete(*xs) -> bool:
+def is_concrete(*xs) -> bool:
+    """True unless one of `xs` is a tracer (inside jit / grad): value checks only run on concrete arrays."""
     return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
@@ -86,7 +87,7 @@ def check_plan_values(kv_blocks, counts, kv_len, num_kv_blocks: int, num_keys: i
     """Raise ValueError unless a plan's valid entries are block ids in [0, num_kv_blocks), its counts lie in
     0..M and its kv_len in 0..num_keys. Values are checked only on concrete arrays (outside jit), in one
     device-to-host read; under jit the caller's plan builder is trusted."""
-    if not _concrete(kv_blocks, counts, kv_len):
+    if not is_concrete(kv_blocks, counts, kv_len):
         return
     m = kv_blocks.shape[-1]
     valid = jnp.arange(m) < counts[..., None]

@@ -112,7 +112,6 @@ def _decode_kernel_attention(q, k_full, v_full, ll: LayerLayout, qf, q_idx, k_in
         plan = decode_plan(blocks, len(ll.full_kv), sinks=jnp.where(is_r, 0, sinks),
                            window=jnp.where(is_r, FULL_WINDOW, window), kv_len=new_len, kv_block=kv_block)
     out, _ = sparse_decode_attention(q[:, 0], k_full, v_full, plan, backend=backend, interpret=interpret)
-    g = len(qf) // len(ll.full_kv)
     used = plan.head_mask & (jnp.arange(plan.head_mask.shape[2])[None, None, :, None] < plan.counts[..., None, None])
     per_head = used.sum(2).reshape(b, n)  # [B, N] blocks each head visits
     rows = jnp.asarray(retrieval, jnp.int32) if retrieval else None

@@ -25,7 +25,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.block_plan import cdiv
+from pallas_kernels.block_plan import cdiv, is_concrete
 from pallas_kernels.sparse_attention.api import default_backend
 from rtpurbo_jax.cached_attention import layer_attention
 from rtpurbo_jax.kv_cache import HybridCache, init_cache
@@ -135,10 +135,6 @@ def _prefill(params, cache, tokens, lengths, indexer, cfg, sparse, chunk, backen
     return logits_from_hidden(params, last_h, cfg), cache
 
 
-def _concrete(*xs) -> bool:
-    return not any(isinstance(x, jax.core.Tracer) for x in xs)
-
-
 def check_call(cache: HybridCache, tokens, cfg: ModelConfig, sparse: SparseConfig | None, indexer, *,
                lengths=None) -> None:
     """The serving API's input checks (once per call, outside the compiled step; values only on concrete
@@ -155,7 +151,7 @@ def check_call(cache: HybridCache, tokens, cfg: ModelConfig, sparse: SparseConfi
                          f"got shape {tokens.shape}")
     if lengths is not None and jnp.shape(lengths) != (b,):
         raise ValueError(f"lengths must be int [{b}], got shape {jnp.shape(lengths)}")
-    if not _concrete(tokens, cache.lengths, lengths):
+    if not is_concrete(tokens, cache.lengths, lengths):
         return
     new = jnp.ones((b,), jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
     stats = [x.astype(jnp.int32) for x in (tokens.min(), tokens.max(), new.min(), new.max(), (cache.lengths + new).max())]
@@ -280,7 +276,7 @@ def generate(params, prompts, lengths, *, cfg: ModelConfig, max_new_tokens: int,
     if max_len > cfg.max_position_embeddings:
         log.warning("max_len %d exceeds the model's max_position_embeddings %d", max_len, cfg.max_position_embeddings)
     check_indexer(cfg, sparse, indexer)
-    if _concrete(prompts):
+    if is_concrete(prompts):
         lo, hi = (int(v) for v in jax.device_get(jnp.stack([prompts.min(), prompts.max()])))
         if lo < 0 or hi >= cfg.vocab_size:
             raise ValueError(f"prompt token ids must lie in [0, {cfg.vocab_size}) (the model's vocab), got [{lo}, {hi}]")

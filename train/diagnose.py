@@ -21,7 +21,7 @@ import numpy as np
 from pallas_kernels.block_plan import cdiv
 from pallas_kernels.indexer_topp.reference import forced_blocks, topp_select
 from rtpurbo_jax.model import forward
-from train.objective import _chunk_logits, forced_token_mask, gather_heads
+from train.objective import _chunk_logits, add_local_prior, gather_heads
 
 
 def head_report(hx: dict, train: dict, row: int, *, top_p: float, kv_block: int, sinks: int, keep_recent: int) -> dict:
@@ -29,10 +29,7 @@ def head_report(hx: dict, train: dict, row: int, *, top_p: float, kv_block: int,
     r, _, t, h = hx["q"].shape
     one = {k: (v[:, :, row:row + 1] if k.startswith("q") else v[:, :, : row + 1]) for k, v in hx.items()}
     tl, sl = _chunk_logits(0, 1, one, train, h ** -0.5)  # [R, 1, 1, row + 1]
-    if "w_local" in train:
-        bias = jnp.einsum("rbch,rh->rbc", one["q_pre"].astype(jnp.float32), train["w_local"]) + train["b_local"][:, None, None]
-        sl = sl + jnp.where(forced_token_mask(jnp.asarray([row]), row + 1, kv_block, sinks, keep_recent)[None, None],
-                            bias[..., None], 0.0)
+    sl = add_local_prior(sl, one["q_pre"], train, jnp.asarray([row]), kv_block, sinks, keep_recent)
     s = row + 1
     sb = cdiv(s, kv_block)
     blk = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, sb * kv_block - s)]).reshape(r, sb, kv_block).sum(-1)

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 
@@ -81,8 +82,8 @@ class DistillConfig:
             raise ValueError(f"--loss-level must be one of {LOSS_LEVELS} and --loss-weight one of {LOSS_WEIGHTS}")
         if self.local_prior not in ("query", "none"):
             raise ValueError(f"--local-prior must be 'query' or 'none', got {self.local_prior!r}")
-        if not self.events >= 0:
-            raise ValueError(f"--events must be >= 0, got {self.events}")
+        if not 0 <= self.events < float("inf"):
+            raise ValueError(f"--events must be a finite number >= 0, got {self.events}")
         if not (0 < self.lr < float("inf")) or self.warmup < 0 or self.index_dim < 1:
             raise ValueError(f"--lr must be a finite number > 0 (got {self.lr}), --warmup >= 0, --index-dim >= 1")
         if not (0 < self.grad_clip < float("inf")):
@@ -91,8 +92,6 @@ class DistillConfig:
             raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
         if self.kv_block < 1 or self.chunk < 1 or self.keep < 1:
             raise ValueError(f"--kv-block, --chunk and --keep must be >= 1, got {self.kv_block}, {self.chunk}, {self.keep}")
-        if not self.events < float("inf"):
-            raise ValueError(f"--events must be finite, got {self.events}")
         if max_positions is not None and self.seq_len > max_positions:
             raise ValueError(f"--seq-len {self.seq_len} exceeds the model's {max_positions} positions")
 
@@ -111,7 +110,7 @@ def parse_args(argv=None) -> DistillConfig:
     # "--mesh -1,1": argparse reads a value that starts with "-" as a flag; bind such values to their flag
     joined, i = [], 0
     while i < len(argv):
-        if argv[i].startswith("--") and "=" not in argv[i] and i + 1 < len(argv) and argv[i + 1][:2].replace(".", "0")[:2] in {f"-{d}" for d in "0123456789"}:
+        if argv[i].startswith("--") and "=" not in argv[i] and i + 1 < len(argv) and re.match(r"-\.?\d", argv[i + 1]):
             joined.append(f"{argv[i]}={argv[i + 1]}")
             i += 2
         else:
@@ -269,34 +268,27 @@ def build_step(cfg, heads, tx, chunk, shardings, loss_kw=None):
 
 def retrieval_accuracy(ckpt, sparse: SparseConfig, indexers: dict, c: DistillConfig, tok, log=print) -> dict:
     """Needle-in-a-haystack accuracy (`benchmarks.tasks` niah_single_prose, held-out text, c.eval_len tokens,
-    c.eval_passkey prompts) through the serving API: full attention, then retrieval heads on each indexer's
-    top-p blocks at decode (local heads on their window). {name: {accuracy 0..1, blocks_frac}}."""
+    c.eval_passkey prompts) through the serving API (`benchmarks.accuracy.run_batch`: prefill, then greedy
+    decode steps): full attention, then retrieval heads on each indexer's top-p blocks at decode (local heads on
+    their window). {name: {accuracy 0..1, blocks_frac}}."""
+    from benchmarks.accuracy import Mode, run_batch
     from benchmarks.tasks import Builder, make_prompt, score
-    from rtpurbo_jax.kv_cache import init_cache
-    from rtpurbo_jax.serving import decode_step, prefill
 
-    cfg, params = ckpt.model_config, ckpt.params
     b = Builder(tok)
     prompts = [make_prompt(tok, "niah_single_prose", c.eval_len, i, c.seed + 11, b) for i in range(c.eval_passkey)]
-    toks = jnp.asarray(np.stack([p.tokens for p in prompts]))
-    n = len(prompts)
-    sp = dataclasses.replace(sparse, seqlen_threshold=0, top_p=c.top_p, prefill_mode="dense")
+    toks = np.stack([p.tokens for p in prompts])
+    lengths = np.full((len(prompts),), c.eval_len, np.int32)
+    sp = dataclasses.replace(sparse, seqlen_threshold=0, top_p=c.top_p)
     out = {}
     for name, s, ix in [("full", None, None)] + [(k, sp, v) for k, v in indexers.items()]:
         t0 = time.time()
-        cache = init_cache(cfg, n, c.eval_len + 16, s, params["embed"].dtype)
-        logits, cache = prefill(params, cache, toks, jnp.full((n,), c.eval_len), ix, cfg=cfg, sparse=s)
-        gen, fracs = [], []
-        for _ in range(12):
-            nxt = jnp.argmax(logits, -1).astype(jnp.int32)
-            gen.append(np.asarray(nxt))
-            logits, cache, st = decode_step(params, cache, nxt, ix, cfg=cfg, sparse=s, stats=True)
-            fracs.append(np.asarray(st["blocks_frac"]))
-        texts = [tok.decode(list(g)) for g in np.stack(gen, 1)]
+        gen, _, frac, _ = run_batch(ckpt.params, ckpt.model_config, Mode(name, s), ix, toks, lengths,
+                                    c.eval_len + 16, 12)
+        texts = [tok.decode(list(g)) for g in gen]
         acc = float(np.mean([score(t, p.answers) for t, p in zip(texts, prompts)])) / 100
-        out[name] = {"accuracy": acc, "blocks_frac": None if s is None else float(np.mean(fracs))}
+        out[name] = {"accuracy": acc, "blocks_frac": frac}
         log(f"[distill] needle accuracy at {c.eval_len} tokens, {name}: {acc:.2f}"
-            + ("" if s is None else f", blocks {out[name]['blocks_frac']:.3f}") + f" ({time.time() - t0:.0f}s)")
+            + ("" if frac is None else f", blocks {frac:.3f}") + f" ({time.time() - t0:.0f}s)")
     return out
 
 

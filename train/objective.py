@@ -58,11 +58,20 @@ def _chunk_logits(chunk_start, chunk, heads_x, train, scale, local=None):
     qi = jnp.einsum("rbch,rhi->rbci", qp, train["w_q"], precision=_HI)
     ki = jnp.einsum("rbsh,rhi->rbsi", heads_x["k_pre"].astype(jnp.float32), train["w_k"], precision=_HI)
     s_logits = jnp.einsum("rbci,rbsi->rbcs", qi, ki, precision=_HI)
-    if "w_local" in train and local is not None:
-        bias = jnp.einsum("rbch,rh->rbc", qp, train["w_local"], precision=_HI) + train["b_local"][:, None, None]
-        mask = forced_token_mask(chunk_start + jnp.arange(chunk), s_logits.shape[-1], *local)
-        s_logits = s_logits + jnp.where(mask[None, None], bias[..., None], 0.0)
+    if local is not None:
+        s_logits = add_local_prior(s_logits, qp, train, chunk_start + jnp.arange(chunk), *local)
     return t_logits, s_logits
+
+
+def add_local_prior(s_logits, q_pre, train: dict, rows, kv_block: int, sinks: int, recent: int):
+    """Student logits fp32 [R, B, C, S] plus the local prior (q_pre [R, B, C, H] · w_local + b_local) on the keys
+    of each query row's forced blocks (rows int [C]: the rows' positions); unchanged without a prior."""
+    if "w_local" not in train:
+        return s_logits
+    bias = jnp.einsum("rbch,rh->rbc", q_pre.astype(jnp.float32), train["w_local"], precision=_HI) \
+        + train["b_local"][:, None, None]
+    mask = forced_token_mask(rows, s_logits.shape[-1], kv_block, sinks, recent)
+    return s_logits + jnp.where(mask[None, None], bias[..., None], 0.0)
 
 
 def _causal(chunk_start, chunk, s, t):
@@ -152,10 +161,7 @@ def recall_metrics(train: dict, heads_x: dict, *, top_p: float = 0.9, kv_block: 
     rows = jnp.arange(t - min(probe, t), t) if rows is None else jnp.asarray(rows, jnp.int32)
     sel_rows = {k: (v[:, :, rows] if k.startswith("q") else v) for k, v in heads_x.items()}
     tl, sl = _chunk_logits(0, rows.shape[0], sel_rows, train, h ** -0.5)
-    if "w_local" in train:  # the prior at the probe rows' own positions
-        qp = sel_rows["q_pre"].astype(jnp.float32)
-        bias = jnp.einsum("rbch,rh->rbc", qp, train["w_local"], precision=_HI) + train["b_local"][:, None, None]
-        sl = sl + jnp.where(forced_token_mask(rows, t, kv_block, sinks, keep_recent)[None, None], bias[..., None], 0.0)
+    sl = add_local_prior(sl, sel_rows["q_pre"], train, rows, kv_block, sinks, keep_recent)  # at the rows' positions
     mask = (jnp.arange(t)[None, :] <= rows[:, None])[None, None]
     p_t = jax.nn.softmax(jnp.where(mask, tl, -jnp.inf), axis=-1)
     p_s = jax.nn.softmax(jnp.where(mask, sl, -jnp.inf), axis=-1)
