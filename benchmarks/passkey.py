@@ -27,7 +27,7 @@ from convert.corpus import text_tokens
 from rtpurbo_jax.kv_memory import kv_cache_bytes
 from rtpurbo_jax.model import forward, logits_from_hidden
 from rtpurbo_jax.model_config import ModelConfig
-from rtpurbo_jax.rtpurbo_attention import rtpurbo_attn_fn
+from rtpurbo_jax.lm import rtpurbo_attn_fn
 from rtpurbo_jax.sparse_config import SparseConfig
 
 GEN_TOKENS = 8
@@ -54,16 +54,14 @@ def build_prompt(tok, length: int, key: str, depth: float, seed: int) -> np.ndar
 def greedy(params, prompts, roles, cfg: ModelConfig, sparse: SparseConfig, w_q=None, w_k=None):
     """int32 [B, GEN_TOKENS] greedy continuation, recomputing a fixed-size buffer (no cache; causal).
 
-    w_q, w_k: indexer [L, N, H, I] for prefill_mode="indexer" (default zeros: unused in dense mode)."""
+    w_q, w_k: indexer [L, N, H, I] for prefill_mode="indexer" (None: retrieval heads dense)."""
     b, t = prompts.shape
     buf = jnp.concatenate([prompts, jnp.zeros((b, GEN_TOKENS), prompts.dtype)], axis=1)
-    zeros = jnp.zeros((cfg.num_layers, cfg.num_heads, cfg.head_dim, sparse.index_dim), jnp.float32)
-    w_q = zeros if w_q is None else w_q
-    w_k = zeros if w_k is None else w_k
-    attn = rtpurbo_attn_fn(sparse)
+    ix = None if w_q is None else {"w_q": w_q, "w_k": w_k}
+    attn = rtpurbo_attn_fn(cfg, sparse)
 
     def step(i, buf):
-        h = forward(params, buf, cfg, attn_fn=attn, layer_data=(roles, w_q, w_k), return_hidden=True)
+        h = forward(params, buf, cfg, attn_fn=attn, layer_data=(roles, ix), return_hidden=True)
         last = jax.lax.dynamic_slice_in_dim(h, t + i - 1, 1, axis=1)
         nxt = logits_from_hidden(params, last, cfg).argmax(-1).astype(buf.dtype)
         return jax.lax.dynamic_update_slice_in_dim(buf, nxt, t + i, axis=1)

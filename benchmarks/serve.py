@@ -5,7 +5,9 @@ retrieval heads (random, per layer), 4 sinks + 8192 window. For each prompt leng
 (chunked) and `--decode-steps` of `serving.decode_step` twice: backend="reference" (jnp masked attention) and
 backend=None (the device's kernels: block-sparse prefill — Mosaic GPU on Hopper — and sparse decode with the
 fused selection kernels on the full KV heads). It checks that both give the same logits (relative error) and
-reports prefill tokens/s and decode ms/step, compile excluded (a warm-up run first). JSON (+ PNG) to --out.
+reports prefill tokens/s and decode ms/step, compile excluded (a warm-up run first), and the compile seconds
+(first run minus the timed one); `--generate-compile` also times `serving.generate`'s compilation for the
+SmolLM2-135M shape (30 layers). JSON (+ PNG) to --out.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from rtpurbo_jax.kv_cache import init_cache
-from rtpurbo_jax.model_config import LLAMA3_8B
+from rtpurbo_jax.model_config import LLAMA3_8B, SMOLLM2_135M
 from rtpurbo_jax.params import init_params
-from rtpurbo_jax.rtpurbo_attention import init_indexer
-from rtpurbo_jax.serving import decode_step, prefill
+from rtpurbo_jax.indexer import init_indexer
+from rtpurbo_jax.serving import decode_step, generate, prefill
 from rtpurbo_jax.sparse_config import SparseConfig
 
 
@@ -37,6 +39,7 @@ def run(params, indexer, cfg, sparse, prompt, steps, chunk, backend):
 
     def once():
         cache = init_cache(cfg, 1, max_len, sparse, jnp.bfloat16)
+        jax.block_until_ready(cache)
         t0 = time.perf_counter()
         lg, cache = prefill(params, cache, prompt, jnp.asarray([t]), indexer, cfg=cfg, sparse=sparse, chunk=chunk,
                             backend=backend, check=False)
@@ -50,8 +53,30 @@ def run(params, indexer, cfg, sparse, prompt, steps, chunk, backend):
         jax.block_until_ready(outs)
         return lg, jnp.stack(outs), t1 - t0, (time.perf_counter() - t1) / steps
 
-    once()  # compile
-    return once()
+    first = once()  # compiles
+    out = once()
+    return out + (first[2] - out[2], (first[3] - out[3]) * steps)
+
+
+def generate_compile_s(cfg, prompt_len: int = 1024, new_tokens: int = 16, window: int = 2048) -> dict:
+    """Seconds `serving.generate` takes to compile (first call minus a second, timed call) for `cfg` with random
+    bf16 weights, 15% retrieval heads per layer (query granularity), the indexer at decode."""
+    rng = np.random.default_rng(1)
+    roles = (rng.random((cfg.num_layers, cfg.num_heads)) < 0.15).astype(int)
+    sparse = SparseConfig(roles=roles.tolist(), window=window, seqlen_threshold=0)
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), init_params(cfg, jax.random.key(0), scale=0.02))
+    indexer = init_indexer(cfg, sparse.index_dim, jax.random.key(1))
+    prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, prompt_len)), jnp.int32)
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        out = generate(params, prompt, jnp.asarray([prompt_len]), cfg=cfg, sparse=sparse, indexer=indexer,
+                       max_new_tokens=new_tokens)
+        jax.block_until_ready(out["tokens"])
+        times.append(time.perf_counter() - t0)
+    return {"model": "SmolLM2-135M shape, random weights", "layers": cfg.num_layers, "prompt": prompt_len,
+            "new_tokens": new_tokens, "first_call_s": times[0], "second_call_s": times[1],
+            "compile_s": times[0] - times[1]}
 
 
 def rel(a, b) -> float:
@@ -69,6 +94,8 @@ def main(argv=None):
     p.add_argument("--prefill-mode", default="dense", choices=["dense", "indexer"])
     p.add_argument("--out", default="benchmarks/results/serve")
     p.add_argument("--small", action="store_true", help="tiny shapes for a CPU check of the script")
+    p.add_argument("--generate-compile", action="store_true",
+                   help="also time serving.generate's compilation for the SmolLM2-135M shape (30 layers)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     for name in ("pallas_kernels", "rtpurbo_jax"):  # print which kernel each op resolved to
@@ -86,11 +113,15 @@ def main(argv=None):
     sparse = SparseConfig(roles=roles.tolist(), sinks=4, window=window, seqlen_threshold=0,
                           prefill_mode=args.prefill_mode, top_p=0.9)
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), init_params(cfg, jax.random.key(0), scale=0.02))
-    indexer = init_indexer(cfg.num_layers, n, cfg.head_dim, sparse.index_dim, jax.random.key(1))
+    indexer = init_indexer(cfg, sparse.index_dim, jax.random.key(1))
     res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
            "date": datetime.date.today().isoformat(), "layers": cfg.num_layers, "heads": [n, cfg.num_kv_heads],
            "head_dim": cfg.head_dim, "retrieval_heads_per_layer": int(roles[0].sum()), "window": window,
            "chunk": args.chunk, "prefill_mode": args.prefill_mode, "rows": []}
+    if args.generate_compile:
+        small = dataclasses.replace(SMOLLM2_135M, num_layers=4) if args.small else SMOLLM2_135M
+        res["generate_compile"] = generate_compile_s(small, prompt_len=256 if args.small else 1024)
+        print(json.dumps(res["generate_compile"]), flush=True)
     for t in args.lengths:
         prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, t)), jnp.int32)
         got = {}
@@ -98,6 +129,8 @@ def main(argv=None):
             got[name] = run(params, indexer, cfg, sparse, prompt, args.decode_steps, args.chunk, backend)
         ref, ker = got["jnp reference"], got["kernels"]
         row = {"length": t, "prefill_s": {k: v[2] for k, v in got.items()},
+               "prefill_compile_s": {k: v[4] for k, v in got.items()},
+               "decode_compile_s": {k: v[5] for k, v in got.items()},
                "prefill_tokens_per_s": {k: t / v[2] for k, v in got.items()},
                "decode_ms_per_step": {k: v[3] * 1e3 for k, v in got.items()},
                "prefill_speedup": ref[2] / ker[2], "decode_speedup": ref[3] / ker[3],

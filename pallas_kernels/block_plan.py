@@ -168,24 +168,35 @@ def plan_to_dense_mask(plan: BlockPlan, q_len: int, kv_len: int) -> jax.Array:
     return token_mask(plan, q_pos, jnp.arange(kv_len), block_sel)
 
 
+def band_blocks(q_lo, q_hi, num_kv_blocks: int, kv_block: int, sinks, window, kv_len=None):
+    """bool [..., Sb]: the key blocks a sink + window band can touch for a query span [q_lo, q_hi].
+
+    The one definition of the band at block level (plans for local heads, forced blocks of retrieval heads).
+    q_lo, q_hi: int arrays [...] (traced is fine; numpy in, numpy out); sinks, window: ints or arrays that
+    broadcast against [...]. Block kb is kept when some query of the span can see some key of kb: it holds a
+    sink (kb * kv_block < sinks) or overlaps [q_lo - window + 1, q_hi]. kv_len (optional, int): the last block
+    ends at kv_len (a partial block).
+    """
+    xp = np if all(isinstance(x, (int, np.integer, np.ndarray)) for x in (q_lo, q_hi, sinks, window)) else jnp
+    k_lo = xp.arange(num_kv_blocks) * kv_block
+    k_hi = k_lo + kv_block - 1 if kv_len is None else xp.minimum(k_lo + kv_block, kv_len) - 1
+    lo, hi = xp.asarray(q_lo)[..., None], xp.asarray(q_hi)[..., None]
+    sinks, window = xp.asarray(sinks)[..., None], xp.asarray(window)[..., None]
+    return (k_lo <= hi) & ((k_lo < sinks) | (k_hi > lo - window))
+
+
 def band_selection(num_heads: int, q_len: int, kv_len: int, *, sinks, window, q_block: int, kv_block: int,
                    q_offset: int = 0) -> np.ndarray:
-    """Static bool [N, Tb, Sb]: the blocks a causal sink + window band can touch (numpy, shapes static).
+    """Static bool [N, Tb, Sb]: `band_blocks` for every query block of a prefill (numpy, shapes static).
 
-    `sinks` and `window` are ints or int arrays [N]. Block kb is kept for query block tb when some query in tb
-    can see some key in kb: kb holds a sink (kb * kv_block < sinks) or overlaps [q_lo - window + 1, q_hi].
+    `sinks` and `window` are ints or int arrays [N].
     """
-    sinks = np.broadcast_to(np.asarray(sinks, np.int64), (num_heads,))
-    window = np.broadcast_to(np.asarray(window, np.int64), (num_heads,))
+    sinks = np.broadcast_to(np.asarray(sinks, np.int64), (num_heads,))[:, None]
+    window = np.broadcast_to(np.asarray(window, np.int64), (num_heads,))[:, None]
     tb, sb = cdiv(q_len, q_block), cdiv(kv_len, kv_block)
     q_lo = q_offset + np.arange(tb) * q_block
     q_hi = q_offset + np.minimum((np.arange(tb) + 1) * q_block, q_len) - 1
-    k_lo = np.arange(sb) * kv_block
-    k_hi = np.minimum(k_lo + kv_block, kv_len) - 1
-    causal = k_lo[None, :] <= q_hi[:, None]  # [Tb, Sb]
-    in_sink = k_lo[None, None, :] < sinks[:, None, None]
-    in_win = k_hi[None, None, :] > (q_lo[None, :, None] - window[:, None, None])
-    return causal[None] & (in_sink | in_win)
+    return band_blocks(q_lo[None], q_hi[None], sb, kv_block, sinks, window, kv_len=kv_len)
 
 
 def band_plan(batch: int, num_heads: int, q_len: int, kv_len: int, *, sinks, window, q_block: int,

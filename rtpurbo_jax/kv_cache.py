@@ -3,16 +3,18 @@
 Per layer the KV heads split in two (static, from the roles):
 - **full** KV heads (any of their query heads is a retrieval head) keep all `max_len` positions of K and V;
 - **local** KV heads (all their query heads local) keep the first `sinks` positions plus a ring buffer of
-  R = min(window, max_len - sinks) slots: position p >= sinks lives in slot (p - sinks) mod R, so the ring
-  always holds the last R non-sink positions — all a local head can see.
+  `ring` = min(local_span, max_len - sinks) slots (`SparseConfig.local_span`: the window, or the
+  `seqlen_threshold` when larger, so that a short call can run every head dense): position p >= sinks lives
+  in slot (p - sinks) mod ring, so the ring always holds the last `ring` non-sink positions — all a local head
+  can see.
 Each retrieval *query* head also keeps its index keys (`index_dim` values per position). Bytes therefore equal
 `rtpurbo_jax.kv_memory.kv_cache_bytes` exactly (tested).
 
 Layers are a tuple (not stacked): their full/local splits differ, and stacking would pad every layer to the
 widest one and give the savings back.
 
-Axes: B batch, S = max_len, Kf / Kl full / local KV heads of a layer, Nr retrieval query heads, H head_dim,
-I index_dim, R ring slots.
+Axes: B batch, S = max_len, Kf / Kl full / local KV heads of a layer, R retrieval query heads, H head_dim,
+I index_dim; ring slots are spelled `ring` (R is the retrieval heads' letter).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class CacheLayout:
     layers: tuple[LayerLayout, ...]
     max_len: int
     sinks: int  # sink slots stored: min(sinks, max_len)
-    ring: int  # ring slots: min(window, max_len - sinks)
+    ring: int  # ring slots: min(local_span, max_len - sinks)
     window: int
     index_dim: int
 
@@ -73,7 +75,7 @@ class CacheLayout:
                                       tuple(int(k) for k in np.flatnonzero(~full)),
                                       tuple(int(n) for n in np.flatnonzero(r)), g))
         sinks = min(sparse.sinks, max_len)
-        return cls(tuple(layers), max_len, sinks, min(sparse.window, max_len - sinks), sparse.window,
+        return cls(tuple(layers), max_len, sinks, min(sparse.local_span, max_len - sinks), sparse.window,
                    sparse.index_dim)
 
 
@@ -82,8 +84,8 @@ class CacheLayout:
 class LayerCache:
     """One layer's arrays (any of them may have a zero-sized head axis).
 
-    k_full, v_full: [B, S, Kf, H]; k_sink, v_sink: [B, sinks, Kl, H]; k_ring, v_ring: [B, R, Kl, H];
-    k_index: [B, S, Nr, I] (the cache dtype).
+    k_full, v_full: [B, S, Kf, H]; k_sink, v_sink: [B, sinks, Kl, H]; k_ring, v_ring: [B, ring, Kl, H];
+    k_index: [B, S, R, I] (the cache dtype).
     """
 
     k_full: jax.Array
@@ -140,12 +142,12 @@ def cache_bytes(cache: HybridCache) -> dict:
 def formula_bytes(cfg: ModelConfig, sparse: SparseConfig, max_len: int, batch: int = 1, bytes_per_elem: int = 2):
     """`kv_memory.kv_cache_bytes` for this model and config (what `cache_bytes` must equal)."""
     out = kv_cache_bytes(sparse.roles_array, cfg.num_kv_heads, cfg.head_dim, max_len, sinks=sparse.sinks,
-                         window=sparse.window, index_dim=sparse.index_dim, bytes_per_elem=bytes_per_elem)
+                         window=sparse.local_span, index_dim=sparse.index_dim, bytes_per_elem=bytes_per_elem)
     return {k: v * batch if k in ("dense", "rtpurbo", "kv", "index_keys") else v for k, v in out.items()}
 
 
 def ring_positions(layout: CacheLayout, last: jax.Array) -> jax.Array:
-    """int32 [B, R]: the position held by each ring slot when positions 0..last[b] are written; -1 if empty."""
+    """int32 [B, ring]: the position held by each ring slot when positions 0..last[b] are written; -1 if empty."""
     r = max(layout.ring, 1)
     rel = jnp.asarray(last, jnp.int32)[:, None] - layout.sinks  # newest non-sink position, relative
     j = jnp.arange(layout.ring, dtype=jnp.int32)[None]

@@ -8,10 +8,25 @@ from flax import nnx
 
 from rtpurbo_jax.model import forward
 from rtpurbo_jax.model_config import ModelConfig
-from rtpurbo_jax.rtpurbo_attention import init_indexer, rtpurbo_attn_fn
+from rtpurbo_jax.attention import AttentionCall, sequence_attention
+from rtpurbo_jax.indexer import check_indexer
 from rtpurbo_jax.sparse_config import SparseConfig
 
 MODES = ("full", "rtpurbo")
+
+
+def rtpurbo_attn_fn(cfg: ModelConfig, sparse: SparseConfig, lengths=None, chunk: int = 512,
+                    backend: str | None = "reference", interpret: bool = False):
+    """`attn_fn` for `model.forward` running `attention.sequence_attention`; its layer_data is
+    (roles bool [L, N], indexer dict of [L, N, ...] arrays or None)."""
+    call = AttentionCall(decode=False, tile=sparse.q_block, dense_retrieval=sparse.prefill_mode != "indexer",
+                         prefill_backend=backend, interpret=interpret, chunk=chunk)
+
+    def attn(qkv, layer_data):
+        roles, ix = layer_data
+        return sequence_attention(qkv, roles, ix, sparse, cfg, call, lengths)
+
+    return attn
 
 
 def apply(params: dict, tokens, cfg: ModelConfig, *, mode: str = "full", sparse: SparseConfig | None = None,
@@ -20,10 +35,11 @@ def apply(params: dict, tokens, cfg: ModelConfig, *, mode: str = "full", sparse:
     """Logits fp32 [B, T, V] (or what `forward`'s options return) for tokens int [B, T].
 
     mode "rtpurbo" needs `sparse` (roles must fit the model) and, for prefill_mode "indexer", `indexer`
-    ({w_q, w_k: [L, N, H, I]}). lengths int [B]: right padding.
-    attn_backend: the block-sparse attention backend of the rtpurbo layers. "reference" (default) is the jnp path
-    and the only differentiable one (training); None picks the Pallas kernel for the device (inference; on an
-    H100 the Mosaic GPU kernel when the plan fits it), or name one (`pallas_kernels.sparse_attention.api`).
+    (`rtpurbo_jax.indexer` layout). lengths int [B]: right padding. Semantics: `rtpurbo_jax.planner` — the
+    same layer and planner serving runs, so `serving.prefill` of the same tokens gives the same logits.
+    attn_backend: the block-sparse prefill op's backend. "reference" (default) is the jnp path and the only
+    differentiable one (training); None picks the Pallas kernel for the device (inference; on an H100 the
+    Mosaic GPU kernel when the plan fits it), or name one (`pallas_kernels.sparse_attention.api`).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -32,18 +48,14 @@ def apply(params: dict, tokens, cfg: ModelConfig, *, mode: str = "full", sparse:
     if sparse is None:
         raise ValueError("mode='rtpurbo' needs a SparseConfig (sparse=...)")
     sparse.check_model(cfg.num_layers, cfg.num_heads, cfg.num_kv_heads)
-    if indexer is None:
-        if sparse.prefill_mode == "indexer":
-            raise ValueError("prefill_mode='indexer' needs indexer weights (indexer={'w_q', 'w_k'})")
-        indexer = jax.tree.map(jnp.zeros_like, init_indexer(cfg.num_layers, cfg.num_heads, cfg.head_dim,
-                                                             sparse.index_dim, jax.random.key(0)))
-    want = (cfg.num_layers, cfg.num_heads, cfg.head_dim, sparse.index_dim)
-    for name in ("w_q", "w_k"):
-        if tuple(indexer[name].shape) != want:
-            raise ValueError(f"indexer {name} has shape {tuple(indexer[name].shape)}, expected {want}")
-    layer_data = (jnp.asarray(sparse.roles_array), indexer["w_q"], indexer["w_k"])
-    return forward(params, tokens, cfg, lengths=lengths, attn_fn=rtpurbo_attn_fn(sparse, lengths, chunk, attn_backend),
-                   layer_data=layer_data, chunk=chunk, **kw)
+    uses_indexer = sparse.prefill_mode == "indexer" and sparse.selector == "indexer"
+    if indexer is None and uses_indexer:
+        raise ValueError("prefill_mode='indexer' needs indexer weights (indexer={'w_q', 'w_k'})")
+    if indexer is not None:
+        check_indexer(indexer, cfg, sparse.index_dim)
+    layer_data = (jnp.asarray(sparse.roles_array), indexer if uses_indexer else None)
+    return forward(params, tokens, cfg, lengths=lengths, layer_data=layer_data, chunk=chunk,
+                   attn_fn=rtpurbo_attn_fn(cfg, sparse, lengths, chunk, attn_backend), **kw)
 
 
 class CausalLM(nnx.Module):

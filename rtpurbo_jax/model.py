@@ -98,6 +98,21 @@ def full_attention(cfg: ModelConfig, lengths=None, chunk: int = 512) -> Callable
     return attn
 
 
+def decoder_layer(lp: dict, x: jax.Array, cfg: ModelConfig, cos, sin, attend: Callable):
+    """The one transformer block every path runs (the scanned forward, serving's prefill and decode):
+    x + wo(attend(qkv(norm(x)))), then + mlp(norm(.)).
+
+    lp: one layer's params; x [B, C, D]; cos, sin fp32 [B, C, H] (`rope_cos_sin` of the tokens' positions);
+    attend(qkv) -> (out [B, C, N, H], aux) gets `project_qkv`'s dict. Returns (x [B, C, D], qkv, aux).
+    """
+    b, c, _ = x.shape
+    qkv = project_qkv(lp, rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps), cfg, cos, sin)
+    o, aux = attend(qkv)
+    x = x + _dense(o.astype(x.dtype).reshape(b, c, cfg.num_heads * cfg.head_dim), lp["wo"], lp.get("bo"))
+    x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps))
+    return x, qkv, aux
+
+
 def forward(params: dict, tokens: jax.Array, cfg: ModelConfig, *, positions=None, lengths=None,
             attn_fn: Callable | None = None, layer_data=None, collect: tuple[str, ...] = (),
             return_hidden: bool = False, chunk: int = 512):
@@ -121,11 +136,7 @@ def forward(params: dict, tokens: jax.Array, cfg: ModelConfig, *, positions=None
 
     def layer(x, xs):
         lp, ld = xs
-        h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-        qkv = project_qkv(lp, h, cfg, cos, sin)
-        o = attn_fn(qkv, ld).astype(x.dtype).reshape(b, t, cfg.num_heads * cfg.head_dim)
-        x = x + _dense(o, lp["wo"], lp.get("bo"))
-        x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps))
+        x, qkv, _ = decoder_layer(lp, x, cfg, cos, sin, lambda qkv: (attn_fn(qkv, ld), None))
         return x, {name: qkv[name] for name in collect}
 
     x, collected = jax.lax.scan(layer, x, (params["layers"], layer_data))

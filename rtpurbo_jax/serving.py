@@ -2,19 +2,21 @@
 
 All three are jitted (configs static, the cache donated) and follow the input shardings: place params with
 `params.param_shardings` and the cache with `kv_cache.cache_shardings` (heads on the `model` axis) and XLA
-keeps them there. Semantics per head kind are in `rtpurbo_jax.cached_attention`; with `sparse=None` the cache
-is dense and the model runs plain causal attention.
+keeps them there. Every layer runs `model.decoder_layer` with `attention.cached_attention` — the same layer,
+planner and ops as the full-sequence forward (`lm.apply`), whose semantics are documented once in
+`rtpurbo_jax.planner`; with `sparse=None` the cache is dense and the model runs plain causal attention.
 
 Layers run as an unrolled Python loop (each layer's cache has its own head split), tokens of a chunk at traced
 positions, so one compilation serves every chunk and every decode step.
 
-Attention backends (`backend=None` picks Triton on GPUs, Mosaic on TPUs, the jnp reference on CPU, and logs it;
-`interpret=True` runs a Pallas backend in interpret mode): over the full KV heads a decode step runs
-`pallas_kernels.sparse_decode` (plans from the fused selection kernels on GPUs) and a prefill chunk runs the
-block-sparse prefill kernel (`pallas_kernels.sparse_attention`; Mosaic GPU on Hopper when the plan fits it,
-with traced per-sequence query starts). Local KV heads (sinks + ring, a few thousand tokens) use the jnp masked
-attention; with backend="reference" everything does: O(B · N · chunk · max_len) memory per layer in prefill.
-Keep max_len a multiple of kv_block so the kernels need no padded copy of the cache.
+Backends (`backend`): None lets each op pick for the device and log it — a prefill chunk runs the block-sparse
+prefill op (`pallas_kernels.sparse_attention`: Mosaic GPU on Hopper when the plan fits it, else Triton; Mosaic
+on TPUs), a decode step the sparse decode op (`pallas_kernels.sparse_decode`, plans from the fused selection
+kernels on GPUs); on CPU both run their jnp reference. A backend name is honoured by both ops or refused;
+`{"prefill": ..., "decode": ...}` names each. `interpret=True` runs Pallas backends in interpret mode. Local
+KV heads (sinks + ring, a few thousand tokens) always use a masked jnp attention. The reference prefill op
+holds O(B · N · chunk · max_len) floats per layer. Keep max_len a multiple of kv_block so the kernels need no
+padded copy of the cache.
 """
 
 from __future__ import annotations
@@ -26,10 +28,13 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_plan import cdiv, is_concrete
-from pallas_kernels.sparse_attention.api import default_backend
-from rtpurbo_jax.cached_attention import layer_attention
+from pallas_kernels.sparse_decode.api import default_backend
+from pallas_kernels.sparse_attention.api import BACKENDS as PREFILL_BACKENDS
+from pallas_kernels.sparse_decode.api import BACKENDS as DECODE_BACKENDS
+from rtpurbo_jax import indexer as ixr
+from rtpurbo_jax.attention import AttentionCall, Positions, cached_attention
 from rtpurbo_jax.kv_cache import HybridCache, init_cache
-from rtpurbo_jax.model import _dense, logits_from_hidden, mlp, project_qkv, rms_norm, rope_cos_sin
+from rtpurbo_jax.model import decoder_layer, logits_from_hidden, rms_norm, rope_cos_sin
 from rtpurbo_jax.model_config import ModelConfig
 from rtpurbo_jax.sampling import SamplingConfig, sample
 from rtpurbo_jax.sparse_config import SparseConfig
@@ -37,13 +42,39 @@ from rtpurbo_jax.sparse_config import SparseConfig
 log = logging.getLogger(__name__)
 
 
-def resolve_backend(backend: str | None) -> str:
-    """The decode-attention backend: a named one, or the best for the default device (logged)."""
-    if backend is None:
-        backend = default_backend()
-        log.info("serving: attention backend=%s (platform %s) for decode steps and prefill chunks",
-                 backend, jax.default_backend())
-    return backend
+def op_backends(backend) -> tuple[str | None, str | None]:
+    """(prefill op backend, decode op backend) for serving's `backend` argument (checked; hashable).
+
+    None: each op picks for the default device and logs it (prefill per plan: Mosaic GPU on Hopper when the
+    plan fits it, else Triton; decode: Triton on GPUs, Mosaic on TPUs, the jnp reference on CPU). A name is
+    honoured by both ops or refused; a dict {"prefill": ..., "decode": ...} names each op's backend."""
+    if isinstance(backend, tuple) and len(backend) == 2:
+        prefill_b, decode_b = backend
+    elif isinstance(backend, dict):
+        unknown = set(backend) - {"prefill", "decode"}
+        if unknown:
+            raise ValueError(f"backend dict keys must be 'prefill' and/or 'decode', got {sorted(unknown)}")
+        prefill_b, decode_b = backend.get("prefill"), backend.get("decode")
+    elif backend is None or isinstance(backend, str):
+        prefill_b = decode_b = backend
+    else:
+        raise ValueError(f"backend must be None, a backend name or a dict per op, got {backend!r}")
+    if prefill_b is not None and prefill_b not in PREFILL_BACKENDS:
+        raise ValueError(f"prefill backend must be one of {PREFILL_BACKENDS} or None, got {prefill_b!r}")
+    if decode_b is not None and decode_b not in DECODE_BACKENDS:
+        raise ValueError(f"decode backend must be one of {DECODE_BACKENDS} or None, got {decode_b!r} (for Mosaic "
+                         f"GPU prefill pass backend={{'prefill': 'mosaic_gpu', 'decode': 'triton'}} or None)")
+    return prefill_b, decode_b
+
+
+def _resolve(backends: tuple[str | None, str | None]) -> tuple[str | None, str]:
+    """Resolve a None decode backend for the device (at trace time: logged once per compilation). The prefill
+    op resolves None itself, per plan."""
+    prefill_b, decode_b = backends
+    if decode_b is None:
+        decode_b = default_backend()
+        log.info("serving: decode attention backend=%s (platform %s)", decode_b, jax.default_backend())
+    return prefill_b, decode_b
 
 
 def check_indexer(cfg: ModelConfig, sparse: SparseConfig | None, indexer: dict | None) -> None:
@@ -58,53 +89,38 @@ def check_indexer(cfg: ModelConfig, sparse: SparseConfig | None, indexer: dict |
             raise ValueError("retrieval heads select blocks with the indexer (top_p < 1 or prefill_mode='indexer') "
                              "but no indexer weights were given (indexer={'w_q', 'w_k'} from train.distill)")
         return
-    l, n, h = cfg.num_layers, cfg.num_heads, cfg.head_dim
-    want = {"w_q": (l, n, h, sparse.index_dim), "w_k": (l, n, h, sparse.index_dim), "w_local": (l, n, h),
-            "b_local": (l, n)}
-    unknown = set(indexer) - set(want)
-    if unknown or ("w_local" in indexer) != ("b_local" in indexer):
-        raise ValueError(f"indexer holds {sorted(indexer)}; expected w_q, w_k and optionally both w_local, b_local")
-    for name, shape in want.items():
-        if name in ("w_q", "w_k") and name not in indexer:
-            raise ValueError(f"indexer {name} is missing (expected {shape}: layers, q heads, head_dim, index_dim)")
-        if name in indexer and tuple(indexer[name].shape) != shape:
-            raise ValueError(f"indexer {name} is {tuple(indexer[name].shape)}, expected {shape}")
+    ixr.check_indexer(indexer, cfg, sparse.index_dim)
 
 
-def _run_tokens(params, cache: HybridCache, tokens, q_pos, valid, total_len, indexer, cfg: ModelConfig,
-                sparse: SparseConfig | None, *, tile: int, dense_retrieval: bool, backend: str = "reference",
-                interpret: bool = False):
+def _run_tokens(params, cache: HybridCache, tokens, pos: Positions, indexer, cfg: ModelConfig,
+                sparse: SparseConfig | None, call: AttentionCall):
     """Final normed hidden states [B, C, D] of C new tokens per sequence, the updated cache, and fp32 [B]: the
     mean over retrieval heads (all layers) of the fraction of visible key blocks visited (decode; 0 if none)."""
     layout = cache.layout
-    cos, sin = rope_cos_sin(q_pos, cfg.rope, cfg.head_dim)
+    cos, sin = rope_cos_sin(pos.q_pos, cfg.rope, cfg.head_dim)
     x = jnp.take(params["embed"], tokens, axis=0)
-    b, c, _ = x.shape
     layers, fracs = [], []
     for li, (lc, ll) in enumerate(zip(cache.layers, layout.layers)):
         lp = jax.tree.map(lambda a: a[li], params["layers"])
         ix = None
         if ll.retrieval_q and indexer is not None:
-            rq = jnp.asarray(ll.retrieval_q)
-            ix = {k: v[li][rq] for k, v in indexer.items()}
+            ix = ixr.rows(indexer, li, ll.retrieval_q)
         elif ll.retrieval_q:  # dense retrieval everywhere: index keys are unused, keep them zero
             zero = jnp.zeros((len(ll.retrieval_q), cfg.head_dim, layout.index_dim), jnp.float32)
             ix = {"w_q": zero, "w_k": zero}
-        qkv = project_qkv(lp, rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps), cfg, cos, sin)
-        o, lc, frac = layer_attention(qkv, lc, ll, layout, cfg, sparse, ix, q_pos=q_pos, valid=valid,
-                                      start_len=cache.lengths, total_len=total_len, tile=tile,
-                                      dense_retrieval=dense_retrieval, backend=backend, interpret=interpret)
+        attend = lambda qkv: (lambda o, lc2, f: (o, (lc2, f)))(
+            *cached_attention(qkv, lc, ll, layout, cfg, sparse, ix, pos, call))
+        x, _, (lc, frac) = decoder_layer(lp, x, cfg, cos, sin, attend)
         if frac is not None:
             fracs.append(frac)
-        x = x + _dense(o.astype(x.dtype).reshape(b, c, -1), lp["wo"], lp.get("bo"))
-        x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps))
         layers.append(lc)
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    frac = jnp.stack(fracs).mean(0) if fracs else jnp.zeros((b,), jnp.float32)
-    return x, HybridCache(tuple(layers), cache.lengths + valid.sum(-1).astype(jnp.int32), layout), frac
+    frac = jnp.stack(fracs).mean(0) if fracs else jnp.zeros((x.shape[0],), jnp.float32)
+    return x, HybridCache(tuple(layers), pos.new_len, layout), frac
 
 
-def _prefill(params, cache, tokens, lengths, indexer, cfg, sparse, chunk, backend="reference", interpret=False):
+def _prefill(params, cache, tokens, lengths, indexer, cfg, sparse, chunk, backends=("reference", "reference"),
+             interpret=False):
     b, t = tokens.shape
     indexer_mode = sparse is not None and sparse.prefill_mode == "indexer"
     unit = sparse.q_block if indexer_mode else 1
@@ -116,15 +132,16 @@ def _prefill(params, cache, tokens, lengths, indexer, cfg, sparse, chunk, backen
     lengths = jnp.asarray(lengths, jnp.int32)
     start = cache.lengths
     total = start + lengths
+    call = AttentionCall(decode=False, tile=sparse.q_block if indexer_mode else 1, dense_retrieval=not indexer_mode,
+                         prefill_backend=backends[0], decode_backend=backends[1], interpret=interpret, chunk=chunk)
 
     def body(carry, i):
         cache, last_h = carry
         rel = i * chunk + jnp.arange(chunk, dtype=jnp.int32)
         valid = rel[None] < lengths[:, None]
-        x, cache, _ = _run_tokens(params, cache, jax.lax.dynamic_slice_in_dim(tokens, i * chunk, chunk, axis=1),
-                               start[:, None] + rel[None], valid, total, indexer, cfg, sparse,
-                               tile=sparse.q_block if indexer_mode else 1, dense_retrieval=not indexer_mode,
-                               backend=backend, interpret=interpret)
+        pos = Positions(start[:, None] + rel[None], valid, cache.lengths, total)
+        x, cache, _ = _run_tokens(params, cache, jax.lax.dynamic_slice_in_dim(tokens, i * chunk, chunk, axis=1), pos,
+                                  indexer, cfg, sparse, call)
         idx = jnp.clip(lengths - 1 - i * chunk, 0, chunk - 1)
         here = (lengths - 1 >= i * chunk) & (lengths - 1 < (i + 1) * chunk)
         h = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
@@ -168,7 +185,7 @@ def check_call(cache: HybridCache, tokens, cfg: ModelConfig, sparse: SparseConfi
 @functools.partial(jax.jit, static_argnames=("cfg", "sparse", "chunk", "backend", "interpret"),
                    donate_argnames=("cache",))
 def _prefill_jit(params, cache, tokens, lengths, indexer, *, cfg, sparse, chunk, backend, interpret):
-    return _prefill(params, cache, tokens, lengths, indexer, cfg, sparse, chunk, resolve_backend(backend), interpret)
+    return _prefill(params, cache, tokens, lengths, indexer, cfg, sparse, chunk, _resolve(backend), interpret)
 
 
 def prefill(params, cache: HybridCache, tokens, lengths, indexer=None, *, cfg: ModelConfig,
@@ -188,22 +205,24 @@ def prefill(params, cache: HybridCache, tokens, lengths, indexer=None, *, cfg: M
     if check:
         check_call(cache, tokens, cfg, sparse, indexer, lengths=lengths)
     return _prefill_jit(params, cache, tokens, lengths, indexer, cfg=cfg, sparse=sparse, chunk=chunk,
-                        backend=backend, interpret=interpret)
+                        backend=op_backends(backend), interpret=interpret)
 
 
-def _decode(params, cache, tokens, indexer, cfg, sparse, backend="reference", interpret=False):
+def _decode(params, cache, tokens, indexer, cfg, sparse, backends=("reference", "reference"), interpret=False):
     q_pos = cache.lengths[:, None]
     valid = jnp.ones_like(q_pos, bool)
     dense = sparse is None or (sparse.top_p >= 1.0 and sparse.max_blocks is None)
-    x, cache, frac = _run_tokens(params, cache, tokens[:, None], q_pos, valid, cache.lengths + 1, indexer, cfg,
-                                 sparse, tile=1, dense_retrieval=dense, backend=backend, interpret=interpret)
+    call = AttentionCall(decode=True, tile=1, dense_retrieval=dense, prefill_backend=backends[0],
+                         decode_backend=backends[1], interpret=interpret)
+    pos = Positions(q_pos, valid, cache.lengths, cache.lengths + 1)
+    x, cache, frac = _run_tokens(params, cache, tokens[:, None], pos, indexer, cfg, sparse, call)
     return logits_from_hidden(params, x[:, 0], cfg), cache, frac
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sparse", "backend", "interpret", "stats"),
                    donate_argnames=("cache",))
 def _decode_jit(params, cache, tokens, indexer, *, cfg, sparse, backend, interpret, stats):
-    logits, cache, frac = _decode(params, cache, tokens, indexer, cfg, sparse, resolve_backend(backend), interpret)
+    logits, cache, frac = _decode(params, cache, tokens, indexer, cfg, sparse, _resolve(backend), interpret)
     return (logits, cache, {"blocks_frac": frac}) if stats else (logits, cache)
 
 
@@ -220,7 +239,8 @@ def decode_step(params, cache: HybridCache, tokens, indexer=None, *, cfg: ModelC
     """
     if check:
         check_call(cache, tokens, cfg, sparse, indexer)
-    return _decode_jit(params, cache, tokens, indexer, cfg=cfg, sparse=sparse, backend=backend, interpret=interpret,
+    return _decode_jit(params, cache, tokens, indexer, cfg=cfg, sparse=sparse, backend=op_backends(backend),
+                       interpret=interpret,
                        stats=stats)
 
 
@@ -230,6 +250,7 @@ def _generate(params, prompts, lengths, indexer, key, *, cfg, sparse, sampling, 
               chunk, max_len, cache_dtype, backend, interpret):
     b = prompts.shape[0]
     cache = init_cache(cfg, b, max_len, sparse, cache_dtype)
+    backend = _resolve(backend)
     logits, cache = _prefill(params, cache, prompts, lengths, indexer, cfg, sparse, chunk, backend, interpret)
     stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
     pad = stop_tokens[0] if stop_tokens else 0
@@ -282,7 +303,7 @@ def generate(params, prompts, lengths, *, cfg: ModelConfig, max_new_tokens: int,
             raise ValueError(f"prompt token ids must lie in [0, {cfg.vocab_size}) (the model's vocab), got [{lo}, {hi}]")
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    backend = resolve_backend(backend)
+    backend = op_backends(backend)
     dtype = jnp.dtype(cache_dtype or params["embed"].dtype)
     tokens, count, cache = _generate(params, prompts, lengths, indexer,
                                      jax.random.key(0) if key is None else key, cfg=cfg, sparse=sparse,

@@ -67,6 +67,12 @@ class SparseConfig:
         return np.asarray(self.roles, dtype=bool)
 
     @property
+    def local_span(self) -> int:
+        """Past positions (beyond the sinks) a local KV head's cache must hold: the window, or up to
+        `seqlen_threshold` when that is larger (a call shorter than the threshold runs every head dense)."""
+        return max(self.window, self.seqlen_threshold) if self.seqlen_threshold > 0 else self.window
+
+    @property
     def num_layers(self) -> int:
         return len(self.roles)
 

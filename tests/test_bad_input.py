@@ -57,7 +57,7 @@ def test_overwrite_refuses_a_converted_dir_with_user_files(src, tmp_path, capsys
 def served():
     from rtpurbo_jax.model_config import ModelConfig
     from rtpurbo_jax.params import init_params
-    from rtpurbo_jax.rtpurbo_attention import init_indexer
+    from rtpurbo_jax.indexer import init_indexer
     from rtpurbo_jax.sparse_config import SparseConfig
 
     cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -65,7 +65,7 @@ def served():
     roles = np.zeros((2, 4), int)
     roles[0, 1] = 1
     sp = SparseConfig(roles=roles.tolist(), window=8, index_dim=4, kv_block=8, q_block=8, seqlen_threshold=0)
-    return cfg, init_params(cfg, jax.random.key(0), scale=0.2), sp, init_indexer(2, 4, 8, 4, jax.random.key(1))
+    return cfg, init_params(cfg, jax.random.key(0), scale=0.2), sp, init_indexer(cfg, 4, jax.random.key(1))
 
 
 @pytest.mark.parametrize("case,match", [

@@ -94,7 +94,7 @@ def test_suite_end_to_end_tiny_model(tok, tmp_path):
     blocks_frac bounds, and full == dense_retrieval == oracle at p=1 when the window covers the prompt."""
     from rtpurbo_jax.model_config import ModelConfig
     from rtpurbo_jax.params import init_params
-    from rtpurbo_jax.rtpurbo_attention import init_indexer
+    from rtpurbo_jax.indexer import init_indexer
     from rtpurbo_jax.sparse_config import SparseConfig
 
     cfg = ModelConfig(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2,
@@ -103,7 +103,7 @@ def test_suite_end_to_end_tiny_model(tok, tmp_path):
     roles = np.zeros((2, 4), int)
     roles[0, 1] = roles[1, 2] = 1
     wide = SparseConfig(roles=roles.tolist(), window=1024, index_dim=4, seqlen_threshold=0)
-    ix = {"shipped": init_indexer(2, 4, 8, 4, jax.random.key(1))}
+    ix = {"shipped": init_indexer(cfg, 4, jax.random.key(1))}
     modes = accuracy.build_modes(wide, ["shipped"], [], seed=0,
                                  only=["full", "dense_retrieval", "rtpurbo", "oracle_topp", "topk_same_budget"])
     modes.append(accuracy.Mode("oracle_p1", dataclasses.replace(wide, selector="oracle", top_p=1.0), "shipped"))
@@ -122,24 +122,24 @@ def test_suite_end_to_end_tiny_model(tok, tmp_path):
 
 def test_oracle_selection_holds_top_p_of_exact_attention():
     """selector='oracle' selects from the head's exact attention: the kept blocks hold >= p of its mass."""
-    from rtpurbo_jax.cached_attention import _retrieval_blocks, _selection_inputs
-    from rtpurbo_jax.kv_cache import LayerLayout
+    from rtpurbo_jax.attention import selection_inputs
+    from rtpurbo_jax.planner import retrieval_selection
     from rtpurbo_jax.sparse_config import SparseConfig
 
     rng = np.random.default_rng(0)
     b, s, h = 2, 200, 16
-    ll = LayerLayout(full_kv=(0, 1), local_kv=(), retrieval_q=(1, 2), group=2)
     qkv = {"q": jnp.asarray(rng.normal(size=(b, 1, 4, h)) * 2, jnp.float32)}
     k_full = jnp.asarray(rng.normal(size=(b, s, 2, h)), jnp.float32)
     sp = SparseConfig(roles=[[0, 1, 1, 0]], selector="oracle", top_p=0.8, kv_block=16, sinks=0, keep_recent=1,
                       seqlen_threshold=0)
-    q_sel, k_sel, bias = _selection_inputs(qkv, k_full, None, None, ll, sp)
+    q_sel, k_sel, bias = selection_inputs(qkv, k_full, None, None, jnp.asarray([1, 2]), jnp.asarray([0, 1]), sp)
     kv_len = jnp.asarray([s, 150])
     q_pos = (kv_len - 1)[:, None]
-    sel = np.asarray(_retrieval_blocks(q_sel, k_sel, q_pos, jnp.ones((b, 1), bool), kv_len, kv_len, sp, tile=1))
+    sel = np.asarray(retrieval_selection(q_sel, k_sel, bias, q_pos, jnp.ones((b, 1), bool), kv_len, sp, tile=1,
+                                         dense=False))
     assert bias is None
     for bi in range(b):
-        for j, n in enumerate(ll.retrieval_q):
+        for j, n in enumerate((1, 2)):
             L = int(kv_len[bi])
             logits = np.asarray(qkv["q"][bi, 0, n]) @ np.asarray(k_full[bi, :L, n // 2]).T / np.sqrt(h)
             p = np.exp(logits - logits.max())

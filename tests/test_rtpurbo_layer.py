@@ -14,7 +14,8 @@ from rtpurbo_jax.lm import CausalLM, apply
 from rtpurbo_jax.model import forward
 from rtpurbo_jax.model_config import SMOLLM2_135M
 from rtpurbo_jax.params import init_params
-from rtpurbo_jax.rtpurbo_attention import init_indexer, layer_plan
+from rtpurbo_jax.attention import AttentionCall, sequence_attention
+from rtpurbo_jax.indexer import init_indexer
 from rtpurbo_jax.sparse_config import SparseConfig, roles_to_kv_granularity
 from tests import np_reference as npr
 
@@ -26,7 +27,7 @@ ROLES = np.array([[0, 1, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1]])
 @pytest.fixture(scope="module")
 def model():
     params = init_params(CFG, jax.random.key(0), scale=0.4)
-    indexer = init_indexer(2, 6, 8, 4, jax.random.key(1))
+    indexer = init_indexer(CFG, 4, jax.random.key(1))
     tokens = jax.random.randint(jax.random.key(2), (2, 141), 0, CFG.vocab_size)  # not a multiple of any block
     return params, indexer, tokens, forward(params, tokens, CFG)
 
@@ -62,12 +63,14 @@ def test_short_sequences_run_full_attention(model):
 
 
 def test_layer_plan_gives_each_head_its_role():
-    rng = np.random.default_rng(0)
+    """The planner's merged plan of a whole sequence: local heads get the sink + window band, retrieval heads
+    (dense prefill) every causal key."""
+    from rtpurbo_jax.planner import chunk_plan, local_band
+
     t = 100
-    qkv = {"q_pre": jnp.asarray(rng.normal(size=(1, t, 6, 8)), jnp.float32),
-           "k_pre": jnp.asarray(rng.normal(size=(1, t, 2, 8)), jnp.float32)}
-    ix = init_indexer(1, 6, 8, 4, jax.random.key(0))
-    plan = layer_plan(qkv, jnp.asarray(ROLES[0], bool), ix["w_q"][0], ix["w_k"][0], sparse())
+    sinks, window = local_band(sparse(), CFG, jnp.asarray(False))
+    plan = chunk_plan(jnp.asarray(ROLES[0], bool), None, None, jnp.zeros((1,), jnp.int32), t, t, jnp.asarray([t]),
+                      sinks, window, q_block=32, kv_block=16)
     dense = np.asarray(plan_to_dense_mask(plan, t, t))[0]
     np.testing.assert_array_equal(dense[0], npr.band_mask(t, t, 4, 24, 0, 1)[0])  # local head
     np.testing.assert_array_equal(dense[1], np.tril(np.ones((t, t), bool)))  # retrieval head, dense prefill
@@ -143,9 +146,8 @@ def test_smollm2_rtpurbo_at_4k(smollm2):
 
 @pytest.mark.parametrize("backend", ["mosaic_gpu", "triton"])
 def test_layer_on_a_pallas_backend_matches_the_reference(backend):
-    """rtpurbo_attention(backend=...) runs the merged plan (local bands + indexer top-p) through a Pallas kernel
-    (interpret mode here) and agrees with the jnp path up to bf16 error."""
-    from rtpurbo_jax.rtpurbo_attention import rtpurbo_attention
+    """sequence_attention with a Pallas prefill backend runs the merged plan (local bands + indexer top-p)
+    through the kernel (interpret mode here) and agrees with the jnp path up to bf16 error."""
 
     b, t, n, kh, h = 1, 200, 4, 2, 64
     keys = jax.random.split(jax.random.key(7), 5)
@@ -154,11 +156,13 @@ def test_layer_on_a_pallas_backend_matches_the_reference(backend):
     qkv = dict(q=q, k=k, v=v, q_pre=qp, k_pre=kp)
     cfg = SparseConfig(roles=np.array([[1, 0, 0, 1]]), sinks=4, window=70, kv_block=64, q_block=128, index_dim=4,
                        seqlen_threshold=0, prefill_mode="indexer", top_p=0.8)
-    w = init_indexer(1, n, h, 4, jax.random.key(8))
-    args = (qkv, jnp.asarray([True, False, False, True]), w["w_q"][0], w["w_k"][0], cfg, jnp.asarray([190]))
-    ref = rtpurbo_attention(*args).astype(jnp.float32)
-    ref32 = rtpurbo_attention(dict(qkv, q=q.astype(jnp.float32), k=k.astype(jnp.float32), v=v.astype(jnp.float32)),
-                              *args[1:])
-    out = rtpurbo_attention(*args, backend=backend, interpret=True).astype(jnp.float32)
+    mcfg = dataclasses.replace(CFG, num_layers=1, num_heads=n, num_kv_heads=kh, head_dim=h)
+    w = jax.tree.map(lambda x: x[0], init_indexer(mcfg, 4, jax.random.key(8)))
+    call = AttentionCall(tile=128, dense_retrieval=False)
+    run = lambda qkv, call: sequence_attention(qkv, jnp.asarray([True, False, False, True]), w, cfg, mcfg, call,
+                                               jnp.asarray([190]))
+    ref = run(qkv, call).astype(jnp.float32)
+    ref32 = run(dict(qkv, q=q.astype(jnp.float32), k=k.astype(jnp.float32), v=v.astype(jnp.float32)), call)
+    out = run(qkv, dataclasses.replace(call, prefill_backend=backend, interpret=True)).astype(jnp.float32)
     tol = 2 * float(jnp.abs(ref - ref32).max()) + 1e-3
     assert float(jnp.abs(out - ref32).max()) <= tol

@@ -14,7 +14,7 @@ from rtpurbo_jax.kv_cache import cache_bytes, cache_shardings, formula_bytes, in
 from rtpurbo_jax.lm import apply
 from rtpurbo_jax.model_config import LLAMA3_8B, ModelConfig
 from rtpurbo_jax.params import init_params, param_shardings
-from rtpurbo_jax.rtpurbo_attention import init_indexer
+from rtpurbo_jax.indexer import init_indexer
 from rtpurbo_jax.sampling import SamplingConfig, sample
 from rtpurbo_jax.serving import decode_step, generate, prefill
 from rtpurbo_jax.sparse_config import SparseConfig, roles_to_kv_granularity
@@ -29,7 +29,7 @@ ROLES[0, 1] = ROLES[1, 4] = ROLES[1, 5] = ROLES[2, 0] = 1  # layer 1: both heads
 @pytest.fixture(scope="module")
 def model():
     params = init_params(CFG, jax.random.key(0), scale=0.2)
-    return params, init_indexer(3, 8, 16, 4, jax.random.key(1))
+    return params, init_indexer(CFG, 4, jax.random.key(1))
 
 
 def sparse_cfg(**kw):

@@ -28,11 +28,12 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rtpurbo_jax.checkpoint import CheckpointError, load_converted, write_params
+from rtpurbo_jax.indexer import scatter_rows
 from rtpurbo_jax.model import forward
 from rtpurbo_jax.params import param_shardings
 from rtpurbo_jax.sparse_config import SparseConfig
 from train.data import EventWindows, PackedWindows, held_out_retrieval
-from train.objective import INITS, LOSS_LEVELS, LOSS_WEIGHTS, gather_heads, init_indexer, kl_loss, recall_metrics, scatter_indexer
+from train.objective import INITS, LOSS_LEVELS, LOSS_WEIGHTS, gather_heads, init_rows, kl_loss, recall_metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -364,7 +365,7 @@ def run(c: DistillConfig) -> dict:
         return jax.make_array_from_process_local_data(tok_sh, data.batch(step, c.batch, pidx, pcount))
 
     calib_x = jax.jit(make_teacher(cfg, heads))(params, global_batch(10 ** 6)) if c.init == "pca" else None
-    train0 = init_indexer(c.init, heads, cfg, c.index_dim, jax.random.key(c.seed), calib_x,
+    train0 = init_rows(c.init, heads, cfg, c.index_dim, jax.random.key(c.seed), calib_x,
                           local_prior=c.local_prior == "query")
     init_host = jax.device_get(train0)  # the step donates its state: keep the initial maps for the "before" eval
     opt0 = tx.init(train0)
@@ -447,7 +448,7 @@ def run(c: DistillConfig) -> dict:
     if c.stop_at is not None and c.stop_at < c.steps:
         return {"stopped_at": c.stop_at}
     after = evaluate(c.steps, state["params"])
-    indexer = scatter_indexer(jax.device_get(state["params"]), heads, cfg)
+    indexer = scatter_rows(jax.device_get(state["params"]), heads, cfg)
     out = os.path.join(c.run_dir, "indexer")
     if pidx == 0 and os.path.exists(out):  # this run's own earlier output (e.g. before a --resume)
         import shutil
@@ -465,7 +466,7 @@ def run(c: DistillConfig) -> dict:
     summary = {"before": before, "after": after, "retrieval_heads": r}
     log0(f"[distill] after {c.steps} steps: {describe(after)}")
     if c.eval_passkey and tok is not None and c.eval_len + 16 <= cfg.max_position_embeddings:
-        init_ix = scatter_indexer(init_host, heads, cfg)
+        init_ix = scatter_rows(init_host, heads, cfg)
         summary["needle"] = retrieval_accuracy(ckpt, sparse, {"before": init_ix, "after": indexer}, c, tok, log0)
     if pidx == 0:
         with open(os.path.join(c.run_dir, "summary.json"), "w") as f:

@@ -181,7 +181,7 @@ def recall_metrics(train: dict, heads_x: dict, *, top_p: float = 0.9, kv_block: 
             "top_hit": (hit & has_far).sum() / jnp.maximum(has_far.sum(), 1)}
 
 
-def init_indexer(kind: str, heads: np.ndarray, cfg: ModelConfig, index_dim: int, key, calib_x: dict | None = None,
+def init_rows(kind: str, heads: np.ndarray, cfg: ModelConfig, index_dim: int, key, calib_x: dict | None = None,
                  local_prior: bool = True):
     """Initial {w_q, w_k: fp32 [R, H, I]} (+ the local prior w_local fp32 [R, H], b_local [R], zeros: no prior).
 
@@ -221,13 +221,3 @@ def _init_maps(kind: str, heads: np.ndarray, cfg: ModelConfig, index_dim: int, k
     _, _, vt = jnp.linalg.svd(rows, full_matrices=False)
     w = jnp.swapaxes(vt[:, :index_dim], 1, 2) * h ** -0.25
     return {"w_q": w, "w_k": jnp.array(w, copy=True)}
-
-
-def scatter_indexer(train: dict, heads: np.ndarray, cfg: ModelConfig) -> dict:
-    """Full-model indexer {w_q, w_k: [L, N, H, I]; w_local [L, N, H], b_local [L, N] when trained} (zeros for
-    local heads) from the trained per-retrieval-head arrays ([R, ...])."""
-    out = {}
-    for name, w in train.items():
-        full = jnp.zeros((cfg.num_layers, cfg.num_heads) + tuple(w.shape[1:]), jnp.float32)
-        out[name] = full.at[heads[:, 0], heads[:, 1]].set(w)
-    return out

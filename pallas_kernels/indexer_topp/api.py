@@ -13,7 +13,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.block_plan import cdiv
+from pallas_kernels.block_plan import FULL_WINDOW, band_blocks, cdiv
 from pallas_kernels.indexer_topp.reference import forced_blocks, topp_select, topp_selection_at
 from pallas_kernels.sparse_attention.api import _check_backend
 
@@ -77,7 +77,6 @@ def decode_plan_select(q_idx, k_idx, kv_len, *, retrieval: tuple[int, ...], num_
     one sort-free top-p + packing kernel (`plan_triton.py`) — two launches from index keys to the plan. With
     `max_blocks` (a per-head cap the kernel does not implement) triton scores and XLA selects and packs.
     """
-    from pallas_kernels.block_plan import FULL_WINDOW
     from pallas_kernels.sparse_decode.plan import DecodePlan, decode_plan
 
     if not (0.0 < top_p <= 1.0):
@@ -101,11 +100,9 @@ def decode_plan_select(q_idx, k_idx, kv_len, *, retrieval: tuple[int, ...], num_
                                  keep_recent=keep_recent, max_blocks=max_blocks, backend=backend,
                                  interpret=interpret, bpp=bpp, local_bias=local_bias) | dense[:, None, None]
         q_pos = (kv_len - 1)[:, None]
-        k_lo = jnp.arange(sb) * kv_block
-        causal = k_lo <= q_pos  # [B, Sb]
-        band = causal[:, None] & ((k_lo < plan_sinks[:, None]) | (k_lo + kv_block - 1 > q_pos[:, :, None]
-                                                                   - plan_window[:, None]))  # [B, N, Sb]
-        sel = band.at[:, jnp.asarray(retrieval, jnp.int32)].set(sel_r & causal[:, None])
+        causal = band_blocks(q_pos, q_pos, sb, kv_block, 0, FULL_WINDOW)  # [B, 1, Sb]
+        band = band_blocks(q_pos, q_pos, sb, kv_block, plan_sinks, plan_window)  # [B, N, Sb]
+        sel = band.at[:, jnp.asarray(retrieval, jnp.int32)].set(sel_r & causal)
         return decode_plan(sel, num_kv_heads, sinks=plan_sinks, window=plan_window, kv_len=kv_len,
                            kv_block=kv_block)
     from pallas_kernels.indexer_topp.plan_triton import decode_plan_triton

@@ -9,7 +9,11 @@ fused scoring kernel, `triton.py`) and, per head:
   in index order while the running mass stays below p (the sort-based reference's stable-order rule);
 - local head: its sink + window band at the decode position.
 The group's union of blocks is then packed in ascending order by a prefix sum and one permutation scatter,
-with the per-head mask, so only the DecodePlan arrays leave the kernel. Masses are summed in a different order than the
+with the per-head mask, so only the DecodePlan arrays leave the kernel.
+
+This kernel fuses plan building (selection, the role merge, the local band, packing) for speed, outside the
+one planner (`rtpurbo_jax.planner`); `tests/test_planner.py` pins its plans to the planner's
+`decode_step_plan` with the reference selection. Masses are summed in a different order than the
 reference's sorted cumsum, so a block whose running mass lands within float rounding of p can differ; with
 exactly representable masses (tests) the selection is identical.
 

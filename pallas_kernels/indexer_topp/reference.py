@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.block_plan import BlockPlan, band_selection, cdiv, plan_from_selection
+from pallas_kernels.block_plan import BlockPlan, band_blocks, band_selection, cdiv, plan_from_selection
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -125,10 +125,7 @@ def forced_blocks(q_lo, q_hi, num_kv_blocks: int, kv_block: int, sinks: int, kee
 
     q_lo, q_hi: int arrays [...] (traced is fine): the tile's first and last query positions.
     """
-    k_lo = jnp.arange(num_kv_blocks) * kv_block
-    k_hi = k_lo + kv_block - 1
-    q_lo, q_hi = jnp.asarray(q_lo)[..., None], jnp.asarray(q_hi)[..., None]
-    return (k_lo <= q_hi) & ((k_lo < sinks) | (k_hi > q_lo - max(keep_recent, 1)))
+    return band_blocks(jnp.asarray(q_lo), jnp.asarray(q_hi), num_kv_blocks, kv_block, sinks, max(keep_recent, 1))
 
 
 @functools.partial(jax.jit, static_argnames=("top_p", "q_block", "kv_block", "q_offset", "sinks", "keep_recent",

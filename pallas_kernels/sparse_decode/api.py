@@ -13,12 +13,18 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_plan import cdiv, check_inputs, check_plan_values
-from pallas_kernels.sparse_attention.api import _check_backend, default_backend
+from pallas_kernels.sparse_attention.api import _check_backend
 from pallas_kernels.sparse_decode import reference
 from pallas_kernels.sparse_decode.plan import DecodePlan
 
 log = logging.getLogger(__name__)
 BACKENDS = ("reference", "triton", "mosaic_tpu")
+
+
+def default_backend(platform: str | None = None) -> str:
+    """The backend None resolves to: triton on GPUs, mosaic_tpu on TPUs, the reference elsewhere."""
+    platform = platform or jax.default_backend()
+    return {"gpu": "triton", "cuda": "triton", "tpu": "mosaic_tpu"}.get(platform, "reference")
 
 
 def sparse_decode_attention(q, k, v, plan: DecodePlan, *, backend: str | None = None, interpret: bool = False,

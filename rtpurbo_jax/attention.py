@@ -1,0 +1,215 @@
+"""One layer's RTPurbo attention, with or without the hybrid KV cache — the attention every path runs.
+
+`sequence_attention` (no cache: training, calibration, `lm.apply`; roles may be traced, layers scanned) and
+`cached_attention` (serving: a prefill chunk or a decode step over the hybrid cache) both go through
+`heads_attention`: `rtpurbo_jax.planner` builds one plan, one op (`pallas_kernels.sparse_attention` for query
+rows of a prefill, `pallas_kernels.sparse_decode` for a decode token) runs it, for every backend — "reference"
+is the jnp implementation of the same op. Semantics are the planner's (documented there once).
+
+In the cache, a layer's KV heads split in two (`kv_cache.LayerLayout`): **full** KV heads (any retrieval
+query head) keep every position and go through `heads_attention`; **local** KV heads keep sinks + a ring and
+run a masked jnp attention over those few thousand keys (`_local_kv_attention`), with the same band.
+
+Axes: B batch, C query rows of the call, S keys, N query heads, K KV heads, G = N / K, H head_dim,
+R retrieval heads, I index_dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.sparse_attention import api as prefill_op
+from pallas_kernels.sparse_attention import reference as prefill_reference
+from pallas_kernels.sparse_attention.reference import masked_attention
+from pallas_kernels.sparse_decode.api import sparse_decode_attention
+from rtpurbo_jax import indexer as ixr
+from rtpurbo_jax import planner
+from rtpurbo_jax.kv_cache import CacheLayout, LayerCache, LayerLayout, ring_positions
+from rtpurbo_jax.model_config import ModelConfig
+from rtpurbo_jax.sparse_config import SparseConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCall:
+    """Static description of one attention call (hashable).
+
+    decode: one token per sequence at position `start_len` (a decode step) — explicit, never inferred from C.
+    tile: query rows per retrieval plan (1 in decode; `q_block` in indexer prefill).
+    dense_retrieval: retrieval heads skip their selection and see every causal key.
+    prefill_backend / decode_backend: the op backends (`pallas_kernels.sparse_attention.api.BACKENDS` /
+    `pallas_kernels.sparse_decode.api.BACKENDS`; None: the op picks for the device and logs it).
+    chunk: query rows per step of the reference prefill op (memory O(B · N · chunk · S)).
+    """
+
+    decode: bool = False
+    tile: int = 1
+    dense_retrieval: bool = True
+    prefill_backend: str | None = "reference"
+    decode_backend: str | None = "reference"
+    interpret: bool = False
+    chunk: int = 512
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Positions:
+    """Traced positions of a call: q_pos int32 [B, C] (contiguous per row), valid bool [B, C] (right padding),
+    start_len int32 [B] positions cached before the call, total_len int32 [B] each sequence's length after it
+    (decides `seqlen_threshold`)."""
+
+    q_pos: jax.Array
+    valid: jax.Array
+    start_len: jax.Array
+    total_len: jax.Array
+
+    @property
+    def new_len(self) -> jax.Array:
+        """int32 [B]: keys written once this call's valid rows are in."""
+        return self.start_len + self.valid.sum(-1).astype(jnp.int32)
+
+    @classmethod
+    def sequence(cls, batch: int, length: int, lengths=None) -> "Positions":
+        """A whole right-padded sequence from position 0 (no cache)."""
+        q_pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        lens = jnp.full((batch,), length, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+        return cls(q_pos, q_pos < lens[:, None], jnp.zeros((batch,), jnp.int32), lens)
+
+
+def selection_inputs(qkv, keys, ix, k_index, heads_r, kv_r, sparse: SparseConfig):
+    """(queries fp32 [B, C, R, X], keys [B, S, R, X], local prior fp32 [B, C, R] or None) scoring the blocks of
+    the R retrieval heads at rows heads_r (int [R]) of qkv, whose KV heads are rows kv_r (int [R]) of `keys`
+    [B, S, K', H]: the indexer's index queries over its index keys k_index (X = I), or with selector="oracle"
+    the head's post-RoPE q / sqrt(H) over its full keys (X = H) — top-p over the exact attention's blocks."""
+    if sparse.selector == "oracle":
+        h = qkv["q"].shape[-1]
+        return qkv["q"][:, :, heads_r].astype(jnp.float32) * h ** -0.5, keys[:, :, kv_r], None
+    q_pre = qkv["q_pre"][:, :, heads_r]
+    return ixr.project_queries(q_pre, ix["w_q"]), k_index, ixr.local_prior(q_pre, ix)
+
+
+def heads_attention(q, k, v, is_r, rows, sel, pos: Positions, sparse: SparseConfig | None, cfg: ModelConfig,
+                    call: AttentionCall):
+    """Attention of N' query heads q [B, C, N', H] over keys k, v [B, S, K', H] holding every position, through
+    one plan. is_r bool [N'] (static numpy, or traced with rows=None); rows: static positions of the heads whose
+    selection inputs `sel` (from `selection_inputs`) holds, or None for all N'; sel None: retrieval heads dense.
+    Returns (out fp32 [B, C, N', H], blocks_frac fp32 [B] for a decode step with retrieval heads, else None)."""
+    b, c = q.shape[:2]
+    s, kh = k.shape[1], k.shape[2]
+    dense = planner.dense_call(sparse, pos.total_len)
+    sinks, window = planner.local_band(sparse, cfg, dense)
+    new_len = pos.new_len
+    kv_block = sparse.kv_block if sparse is not None else 64
+    if call.decode:
+        q_sel, k_sel, bias = sel if sel is not None else (None, None, None)
+        fused = call.decode_backend == "triton" and sparse is not None and sparse.selector == "indexer"
+        plan = planner.decode_step_plan(np.asarray(is_r), None if q_sel is None else q_sel[:, 0], k_sel,
+                                        None if bias is None else bias[:, 0], new_len, sinks, window, sparse,
+                                        num_kv_heads=kh, num_keys=s, dense=dense, interpret=call.interpret,
+                                        selection_backend="triton" if fused else "reference")
+        out, _ = sparse_decode_attention(q[:, 0], k, v, plan, backend=call.decode_backend, interpret=call.interpret)
+        return out[:, None].astype(jnp.float32), planner.visited_fraction(plan, rows or (), new_len)
+    sel_r = None
+    if sel is not None:
+        sel_r = planner.retrieval_selection(*sel, pos.q_pos, pos.valid, new_len, sparse, tile=call.tile, dense=dense)
+    plan = planner.chunk_plan(is_r, rows, sel_r, pos.q_pos[:, 0], c, s, new_len, sinks, window,
+                              q_block=call.tile if sel_r is not None else 128, kv_block=kv_block)
+    if call.prefill_backend == "reference":
+        out = prefill_reference.block_sparse_attention(q, k, v, plan, chunk=min(call.chunk, c))
+    else:
+        out = prefill_op.block_sparse_attention(q, k, v, plan, backend=call.prefill_backend, interpret=call.interpret)
+    return out.astype(jnp.float32), None
+
+
+def sequence_attention(qkv: dict, roles, ix: dict | None, sparse: SparseConfig, cfg: ModelConfig,
+                       call: AttentionCall, lengths=None):
+    """RTPurbo attention of a whole sequence without a cache: out [B, T, N, H] (dtype of q).
+
+    roles bool [N] (traced is fine: the scanned forward); ix: this layer's indexer for all N heads (w_q, w_k
+    [N, H, I], optional prior) or None when retrieval heads run dense; lengths int [B] (right padding)."""
+    b, t, n, _ = qkv["q"].shape
+    pos = Positions.sequence(b, t, lengths)
+    sel = None
+    if not call.dense_retrieval:
+        heads = jnp.arange(n)
+        kv = heads // (n // qkv["k"].shape[2])
+        k_index = ixr.project_keys(qkv["k_pre"][:, :, kv], ix["w_k"]) if sparse.selector == "indexer" else None
+        sel = selection_inputs(qkv, qkv["k"], ix, k_index, heads, kv, sparse)
+    out, _ = heads_attention(qkv["q"], qkv["k"], qkv["v"], roles, None, sel, pos, sparse, cfg, call)
+    return out.astype(qkv["q"].dtype)
+
+
+def scatter_rows(buf, new, slot, ok):
+    """buf [B, X, ...] with new [B, C, ...] written at slot int [B, C] where ok; other rows dropped."""
+    idx = jnp.where(ok, slot, buf.shape[1])  # out of bounds -> dropped
+    return buf.at[jnp.arange(buf.shape[0])[:, None], idx].set(new.astype(buf.dtype), mode="drop")
+
+
+def _local_kv_attention(q, k_new, v_new, lc: LayerCache, layout: CacheLayout, pos: Positions, sinks, window):
+    """Local KV heads: attention over sinks + ring + the call's new keys (jnp, a few thousand keys), and the
+    updated (k_sink, v_sink, k_ring, v_ring). q [B, C, Nl, H]; k_new, v_new [B, C, Kl, H]."""
+    b = q.shape[0]
+    q_pos, valid, start = pos.q_pos, pos.valid, pos.start_len
+    sink_pos = jnp.where(jnp.arange(layout.sinks)[None] < start[:, None], jnp.arange(layout.sinks)[None], -1)
+    k_pos = jnp.concatenate([jnp.broadcast_to(sink_pos, (b, layout.sinks)), ring_positions(layout, start - 1),
+                             jnp.where(valid, q_pos, -1)], axis=1)
+    keys = jnp.concatenate([lc.k_sink, lc.k_ring, k_new.astype(lc.k_ring.dtype)], axis=1)
+    vals = jnp.concatenate([lc.v_sink, lc.v_ring, v_new.astype(lc.v_ring.dtype)], axis=1)
+    kp, qp = k_pos[:, None, None, :], q_pos[:, None, :, None]
+    mask = (kp >= 0) & (kp <= qp) & ((kp < sinks) | (qp - kp < window)) & valid[:, None, :, None]
+    out, _ = masked_attention(q, keys, vals, mask)
+    in_sink = valid & (q_pos < layout.sinks)
+    keep = valid & (q_pos >= layout.sinks) & (q_pos > (pos.new_len - 1)[:, None] - layout.ring)
+    slot = jnp.mod(q_pos - layout.sinks, max(layout.ring, 1))
+    return out, (scatter_rows(lc.k_sink, k_new, q_pos, in_sink), scatter_rows(lc.v_sink, v_new, q_pos, in_sink),
+                 scatter_rows(lc.k_ring, k_new, slot, keep), scatter_rows(lc.v_ring, v_new, slot, keep))
+
+
+def cached_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLayout, cfg: ModelConfig,
+                     sparse: SparseConfig | None, ix: dict | None, pos: Positions, call: AttentionCall):
+    """One layer over the hybrid cache: (out fp32 [B, C, N, H], the updated LayerCache, blocks_frac fp32 [B] or
+    None). blocks_frac: for a decode step, the mean over the layer's retrieval heads of the fraction of visible
+    key blocks each visits (1.0 when they run dense); None without retrieval heads.
+
+    qkv: `model.project_qkv` of the new tokens (q, q_pre [B, C, N, H]; k, v, k_pre [B, C, K, H]).
+    ix: the layer's retrieval heads' indexer rows in ll.retrieval_q order (`indexer.rows`), or None.
+    """
+    outs, order, frac = [], [], None
+    if ll.full_kv:
+        kf = jnp.asarray(ll.full_kv)
+        k_full = scatter_rows(lc.k_full, qkv["k"][:, :, kf], pos.q_pos, pos.valid)
+        v_full = scatter_rows(lc.v_full, qkv["v"][:, :, kf], pos.q_pos, pos.valid)
+        qf = ll.q_heads(ll.full_kv)
+        rows = tuple(qf.index(r) for r in ll.retrieval_q)
+        k_index, sel = lc.k_index, None
+        if ll.retrieval_q:
+            rq = jnp.asarray(ll.retrieval_q)
+            k_new = ixr.project_keys(qkv["k_pre"][:, :, rq // ll.group], ix["w_k"])
+            k_index = scatter_rows(lc.k_index, k_new, pos.q_pos, pos.valid)
+            if not call.dense_retrieval:
+                kv_r = jnp.asarray([ll.full_kv.index(r // ll.group) for r in ll.retrieval_q])
+                sel = selection_inputs(qkv, k_full, ix, k_index, rq, kv_r, sparse)
+        is_r = np.isin(np.asarray(qf), ll.retrieval_q)
+        out, frac = heads_attention(qkv["q"][:, :, jnp.asarray(qf)], k_full, v_full, is_r, rows, sel, pos, sparse,
+                                    cfg, call)
+        outs.append(out)
+        order += list(qf)
+        lc = dataclasses.replace(lc, k_full=k_full, v_full=v_full, k_index=k_index)
+    if ll.local_kv:
+        kl = jnp.asarray(ll.local_kv)
+        ql = ll.q_heads(ll.local_kv)
+        sinks, window = planner.local_band(sparse, cfg, planner.dense_call(sparse, pos.total_len))
+        out, (k_sink, v_sink, k_ring, v_ring) = _local_kv_attention(
+            qkv["q"][:, :, jnp.asarray(ql)], qkv["k"][:, :, kl], qkv["v"][:, :, kl], lc, layout, pos, sinks, window)
+        outs.append(out)
+        order += list(ql)
+        lc = dataclasses.replace(lc, k_sink=k_sink, v_sink=v_sink, k_ring=k_ring, v_ring=v_ring)
+    inv = np.argsort(np.asarray(order))
+    return jnp.concatenate(outs, axis=2)[:, :, inv], lc, frac
+
+
+__all__ = ["AttentionCall", "Positions", "cached_attention", "heads_attention", "scatter_rows", "selection_inputs",
+           "sequence_attention"]
