@@ -1,5 +1,5 @@
 """`python -m benchmarks.accuracy`: does sparse attention answer like full attention? RULER-style tasks
-(`benchmarks.tasks`) and held-out perplexity, through the public serving API (`prefill` then `decode_step`
+(`rtpurbo_jax.evals.tasks`) and held-out perplexity, through the public serving API (`prefill` then `decode_step`
 over the hybrid KV cache), several attention modes on the same prompts.
 
     python -m benchmarks.accuracy --converted runs/x/converted --indexer runs/x/indexer \\
@@ -34,9 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.tasks import TASKS, Builder, make_prompt, max_new_tokens, score
-from rtpurbo_jax.kv_cache import init_cache
-from rtpurbo_jax.serving import check_indexer, decode_step, prefill
+from rtpurbo_jax.evals.decoding import run_batch
+from rtpurbo_jax.evals.tasks import TASKS, Builder, make_prompt, max_new_tokens, score
+from rtpurbo_jax.serving import check_indexer
 from rtpurbo_jax.sparse_config import SparseConfig
 
 PPL_TOKENS = 64
@@ -82,37 +82,6 @@ def _prefill_key(m: Mode):
     return (s.roles, s.window, s.sinks, s.prefill_mode, s.top_p if s.prefill_mode == "indexer" else 1.0, m.indexer)
 
 
-def _prefill_sparse(s: SparseConfig | None):
-    return s if s is None or s.prefill_mode == "indexer" else dataclasses.replace(s, top_p=1.0, selector="indexer",
-                                                                                  max_blocks=None)
-
-
-def run_batch(params, cfg, mode: Mode, indexer, tokens: np.ndarray, lengths: np.ndarray, max_len: int, steps: int,
-              forced: np.ndarray | None = None, cache=None):
-    """Prefill (unless `cache` is given) then `steps` decode steps, greedy or teacher-forced by `forced`
-    int [B, steps]. Returns (generated int [B, steps], nll fp64 [B] of `forced`, mean blocks_frac, prefill cache)."""
-    dsp = None if mode.sparse is None else dataclasses.replace(mode.sparse, prefill_mode="dense")
-    if cache is None:
-        psp = _prefill_sparse(mode.sparse)
-        cache = init_cache(cfg, tokens.shape[0], max_len, psp, params["embed"].dtype)
-        logits, cache = prefill(params, cache, jnp.asarray(tokens), jnp.asarray(lengths), indexer, cfg=cfg, sparse=psp)
-        keep = (logits, jax.tree.map(jnp.copy, cache))
-    else:
-        keep = cache
-        logits, cache = cache[0], jax.tree.map(jnp.copy, cache[1])
-    out, nll, fracs = [], np.zeros(tokens.shape[0]), []
-    for i in range(steps):
-        nxt = jnp.argmax(logits, -1).astype(jnp.int32) if forced is None else jnp.asarray(forced[:, i])
-        if forced is not None:
-            nll -= np.asarray(jax.nn.log_softmax(logits, -1)[jnp.arange(len(nxt)), nxt], np.float64)
-        out.append(np.asarray(nxt))
-        if i + 1 < steps:
-            logits, cache, st = decode_step(params, cache, nxt, indexer, cfg=cfg, sparse=dsp, stats=True)
-            fracs.append(np.asarray(st["blocks_frac"]))
-    frac = float(np.mean(fracs)) if fracs and mode.sparse is not None and mode.sparse.roles_array.any() else None
-    return np.stack(out, 1), nll, frac, keep
-
-
 def ppl_prompts(tok, length: int, n: int, seed: int):
     """(tokens int32 [n, length], lengths [n]): held-out text (corpus `eval` split) whose last PPL_TOKENS tokens
     are scored; prefill takes the first length - PPL_TOKENS."""
@@ -151,7 +120,7 @@ def evaluate(params, cfg, tok, modes: list[Mode], indexers: dict, lengths: list[
                 cache = None
                 for m in group:
                     ix = indexers.get(m.indexer)
-                    out, nll, frac, cache = run_batch(params, cfg, m, ix, toks, lens, max_len, steps, forced, cache)
+                    out, nll, frac, cache = run_batch(params, cfg, m.sparse, ix, toks, lens, max_len, steps, forced, cache)
                     rows.append(_row(m.name, task, length, n, out, nll, frac, prompts, tok, steps))
                     if m.name == "rtpurbo" and frac is not None:
                         frac_rtp.append(frac)
@@ -164,7 +133,7 @@ def evaluate(params, cfg, tok, modes: list[Mode], indexers: dict, lengths: list[
             m = Mode("topk_same_budget", dataclasses.replace(base, top_p=1.0, max_blocks=k), topk[0].indexer)
             for task in tasks + ["ppl"]:
                 toks, lens, steps, forced = inputs(task)
-                out, nll, frac, _ = run_batch(params, cfg, m, indexers.get(m.indexer), toks, lens, max_len, steps,
+                out, nll, frac, _ = run_batch(params, cfg, m.sparse, indexers.get(m.indexer), toks, lens, max_len, steps,
                                               forced)
                 rows.append({**_row(m.name, task, length, n, out, nll, frac, prompts, tok, steps), "max_blocks": k})
                 log(f"[accuracy] {length:>6} {m.name:<26} {task:<18} score {rows[-1]['score']:8.2f} (k={k})")

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from rtpurbo_jax.checkpoint import CheckpointError, load_converted, load_indexer
+from rtpurbo_jax.cli import run_cli
 from rtpurbo_jax.kv_cache import cache_bytes
 from rtpurbo_jax.sampling import SamplingConfig
 from rtpurbo_jax.serving import generate
@@ -95,12 +96,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    try:
-        run(parse_args(argv))
-    except (ValueError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

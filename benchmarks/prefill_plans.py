@@ -37,7 +37,6 @@ def causal_block_count(t: int, qb: int, kb: int) -> int:
 
 def band_plan_device(t: int, *, qb: int, kb: int, sinks, window, density, seed: int = 0) -> tuple[BlockPlan, int]:
     """(BlockPlan with B=1, visited blocks). sinks / window / density: per head [N] (FULL_WINDOW: no window)."""
-    num_heads = len(np.atleast_1d(sinks))
     stride = np.maximum(1, np.round(1.0 / np.asarray(density, np.float64))).astype(np.int64)
     n_sink, lo, count_main, hi = row_counts(t, qb=qb, kb=kb, sinks=sinks, window=window, stride=stride)
     counts = n_sink + count_main

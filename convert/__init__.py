@@ -2,5 +2,6 @@
 
 from convert.errors import ConversionError
 from convert.load import load_source
+from convert.pipeline import RoleOptions, convert
 
-__all__ = ["ConversionError", "load_source"]
+__all__ = ["ConversionError", "RoleOptions", "convert", "load_source"]

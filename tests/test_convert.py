@@ -88,22 +88,22 @@ def test_corrupt_safetensors_header(tmp_path, llama_dir):
         load_source(path)
 
 
-def test_unknown_model_type(tmp_path, llama_dir):
-    path = _copy(llama_dir[1], tmp_path / "m")
+def _copy_with_config(src, dst, **changes) -> str:
+    """A copy of checkpoint `src` whose config.json has `changes`."""
+    path = _copy(src, dst)
     cfg_path = os.path.join(path, "config.json")
-    cfg = json.load(open(cfg_path))
-    cfg["model_type"] = "gpt_neox"
-    json.dump(cfg, open(cfg_path, "w"))
+    json.dump({**json.load(open(cfg_path)), **changes}, open(cfg_path, "w"))
+    return path
+
+
+def test_unknown_model_type(tmp_path, llama_dir):
+    path = _copy_with_config(llama_dir[1], tmp_path / "m", model_type="gpt_neox")
     with pytest.raises(ConversionError, match="gpt_neox.*not supported"):
         load_source(path)
 
 
 def test_shape_mismatch_names_tensor(tmp_path, llama_dir):
-    path = _copy(llama_dir[1], tmp_path / "m")
-    cfg_path = os.path.join(path, "config.json")
-    cfg = json.load(open(cfg_path))
-    cfg["intermediate_size"] = 96
-    json.dump(cfg, open(cfg_path, "w"))
+    path = _copy_with_config(llama_dir[1], tmp_path / "m", intermediate_size=96)
     with pytest.raises(ConversionError, match=r"mlp\.\w+_proj\.weight") as e:
         load_source(path)
     assert "96" in str(e.value)

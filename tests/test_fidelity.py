@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from benchmarks import accuracy
-from benchmarks.tasks import TASKS, Builder, make_prompt, max_new_tokens, score
+from rtpurbo_jax.evals.tasks import TASKS, Builder, make_prompt, max_new_tokens, score
 from train.objective import _row_kl, kl_loss
 
 

@@ -1,6 +1,5 @@
 """The benchmark's closed-form device plans against the library's band plans and the plan contract."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

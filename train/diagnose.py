@@ -1,5 +1,5 @@
 """`python -m train.diagnose`: where does the indexer lose the needle? Per layer and retrieval head, at the
-answer position of retrieval prompts (`benchmarks.tasks`, held-out text), compare the indexer's top-p block
+answer position of retrieval prompts (`rtpurbo_jax.evals.tasks`, held-out text), compare the indexer's top-p block
 set with the oracle's (top-p over the head's exact attention, same p, same forced sink / recent blocks).
 
     python -m train.diagnose --converted DIR --indexer [NAME=]DIR [...] [--length 8000] [--prompts 8]
@@ -47,7 +47,7 @@ def head_report(hx: dict, train: dict, row: int, *, top_p: float, kv_block: int,
 
 
 def diagnose(params, cfg, tok, sparse, indexers: dict, *, length: int, prompts: int, tasks, seed: int = 0) -> dict:
-    from benchmarks.tasks import Builder, make_prompt
+    from rtpurbo_jax.evals.tasks import Builder, make_prompt
 
     heads = np.argwhere(sparse.roles_array).astype(np.int32)
     b = Builder(tok)

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +27,14 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rtpurbo_jax.checkpoint import CheckpointError, load_converted, write_params
+from rtpurbo_jax.cli import run_cli
+from rtpurbo_jax.evals.decoding import needle_accuracy
 from rtpurbo_jax.indexer import scatter_rows
 from rtpurbo_jax.model import forward
 from rtpurbo_jax.params import param_shardings
 from rtpurbo_jax.sparse_config import SparseConfig
+from train.trainer import (LoopConfig, check_fingerprint, first_metrics_row, init_distributed, log0, make_mesh,
+                           open_checkpoints, read_metrics, run_loop, sync, write_run_config)
 from train.data import EventWindows, PackedWindows, held_out_retrieval
 from train.objective import INITS, LOSS_LEVELS, LOSS_WEIGHTS, gather_heads, init_rows, kl_loss, recall_metrics
 
@@ -125,37 +128,6 @@ FINGERPRINT = ("model", "data", "seq_len", "batch", "steps", "lr", "warmup", "we
                "init", "kv_block", "events", "loss_level", "loss_weight", "local_prior", "seed", "top_p")
 
 
-def check_resume(c: DistillConfig) -> None:
-    """Refuse --resume when the run directory's recorded config differs in a run-defining flag."""
-    path = os.path.join(c.run_dir, "config.json")
-    if not os.path.exists(path):
-        return
-    try:
-        old = json.load(open(path))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is corrupt ({e}); it records the run being resumed") from e
-    diff = [f"--{k.replace('_', '-')} {old[k]!r} -> {getattr(c, k)!r}" for k in FINGERPRINT
-            if k in old and old[k] != getattr(c, k)]
-    if diff:
-        raise ValueError(f"--resume of {c.run_dir} with other flags than the run it continues: {'; '.join(diff)}. "
-                         "Repeat the original flags, or start a new --run-dir")
-
-
-def log0(*a):
-    if jax.process_index() == 0:
-        print(*a, flush=True)
-
-
-def init_distributed(c: DistillConfig):
-    """jax.distributed.initialize before any device use: explicit coordinator flags, automatic on TPU pods."""
-    if c.skip_distributed:
-        return
-    if c.coordinator:
-        jax.distributed.initialize(c.coordinator, c.num_processes, c.process_id)
-    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
-        jax.distributed.initialize()
-
-
 def prepare_model(c: DistillConfig):
     """A converted checkpoint with roles: `c.model` itself, or converted + calibrated into run_dir/converted."""
     if os.path.exists(os.path.join(c.model, "rtpurbo.json")):
@@ -163,72 +135,23 @@ def prepare_model(c: DistillConfig):
     else:
         path = os.path.join(c.run_dir, "converted")
         if os.path.exists(os.path.join(path, "rtpurbo.json")):
-            from convert.__main__ import resolve_model_path
+            from convert.pipeline import resolve_model_path
             from rtpurbo_jax.checkpoint import read_meta
 
             made_from, want = read_meta(path).get("source"), resolve_model_path(c.model)
             if made_from and os.path.realpath(made_from) != os.path.realpath(want):
                 raise ValueError(f"{path} was converted from {made_from}, not --model {want}; use another --run-dir")
         else:
-            from convert.__main__ import build_parser, convert
+            from convert.pipeline import RoleOptions, convert
 
             if jax.process_index() == 0:
-                args = build_parser().parse_args(["--model", c.model, "--out", path, "--calib-len",
-                                                  str(c.calib_len), "--calib-docs", "2", "--seed", str(c.seed)])
-                convert(c.model, path, log=log0, args=args)
-    if jax.process_count() > 1:  # the others wait until process 0 has written the converted checkpoint
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("rtpurbo-converted")
+                convert(c.model, path, log=log0, roles=RoleOptions(calib_len=c.calib_len, calib_docs=2, seed=c.seed))
+    sync("rtpurbo-converted")  # the other processes wait until process 0 has written the converted checkpoint
     ckpt = load_converted(path)
     if not ckpt.meta.get("sparse_config"):
         raise CheckpointError(f"{path} has no retrieval-head roles; convert it with calibration "
                               "(python -m convert without --no-calibrate)")
     return ckpt, SparseConfig.from_dict(ckpt.meta["sparse_config"])
-
-
-def restore_latest_good(mngr, abstract, run_dir: str):
-    """(step, state) of the newest checkpoint that restores. One that does not (a crash or a disk error while it
-    was written) is moved to RUN_DIR/corrupt_checkpoints/<step> — kept, not deleted — and the next older one is
-    tried (the manager keeps --keep of them)."""
-    import shutil
-
-    import orbax.checkpoint as ocp
-
-    for step in sorted(mngr.all_steps(), reverse=True):
-        try:
-            return step, mngr.restore(step, args=ocp.args.StandardRestore(abstract))
-        except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint means: try the older one
-            dest = os.path.join(run_dir, "corrupt_checkpoints", str(step))
-            log0(f"[distill] checkpoint {step} cannot be restored ({type(e).__name__}: {str(e)[:160]}); "
-                 f"moved to {dest}, trying an older one")
-            if jax.process_index() == 0:
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-                shutil.move(os.path.join(os.fspath(mngr.directory), str(step)), dest)
-            if jax.process_count() > 1:
-                from jax.experimental import multihost_utils
-
-                multihost_utils.sync_global_devices(f"rtpurbo-corrupt-{step}")
-            mngr.reload()
-    raise ValueError(f"no checkpoint under {run_dir}/checkpoints can be restored; start a new --run-dir")
-
-
-def make_mesh(spec: str):
-    """Mesh (data, model) from 'D,M' (-1 fills with all devices); a smaller mesh uses the first D·M devices."""
-    try:
-        d, m = (int(x) for x in spec.split(","))
-    except ValueError as e:
-        raise ValueError(f"--mesh must be 'data,model' sizes like -1,1 or 4,2; got {spec!r}") from e
-    n = jax.device_count()
-    if d == -1:
-        d = n // m
-    if m == -1:
-        m = n // d
-    if d < 1 or m < 1 or d * m > n:
-        raise ValueError(f"--mesh {spec} needs {d}x{m} devices but {n} are present")
-    auto = jax.sharding.AxisType.Auto  # the frozen backbone runs under GSPMD propagation
-    devs = np.asarray(jax.devices()[: d * m]).reshape(d, m)
-    return jax.sharding.Mesh(devs, ("data", "model"), axis_types=(auto, auto))
 
 
 def make_teacher(cfg, heads):
@@ -267,32 +190,6 @@ def build_step(cfg, heads, tx, chunk, shardings, loss_kw=None):
     return step_j, eval_j
 
 
-def retrieval_accuracy(ckpt, sparse: SparseConfig, indexers: dict, c: DistillConfig, tok, log=print) -> dict:
-    """Needle-in-a-haystack accuracy (`benchmarks.tasks` niah_single_prose, held-out text, c.eval_len tokens,
-    c.eval_passkey prompts) through the serving API (`benchmarks.accuracy.run_batch`: prefill, then greedy
-    decode steps): full attention, then retrieval heads on each indexer's top-p blocks at decode (local heads on
-    their window). {name: {accuracy 0..1, blocks_frac}}."""
-    from benchmarks.accuracy import Mode, run_batch
-    from benchmarks.tasks import Builder, make_prompt, score
-
-    b = Builder(tok)
-    prompts = [make_prompt(tok, "niah_single_prose", c.eval_len, i, c.seed + 11, b) for i in range(c.eval_passkey)]
-    toks = np.stack([p.tokens for p in prompts])
-    lengths = np.full((len(prompts),), c.eval_len, np.int32)
-    sp = dataclasses.replace(sparse, seqlen_threshold=0, top_p=c.top_p)
-    out = {}
-    for name, s, ix in [("full", None, None)] + [(k, sp, v) for k, v in indexers.items()]:
-        t0 = time.time()
-        gen, _, frac, _ = run_batch(ckpt.params, ckpt.model_config, Mode(name, s), ix, toks, lengths,
-                                    c.eval_len + 16, 12)
-        texts = [tok.decode(list(g)) for g in gen]
-        acc = float(np.mean([score(t, p.answers) for t, p in zip(texts, prompts)])) / 100
-        out[name] = {"accuracy": acc, "blocks_frac": frac}
-        log(f"[distill] needle accuracy at {c.eval_len} tokens, {name}: {acc:.2f}"
-            + ("" if frac is None else f", blocks {frac:.3f}") + f" ({time.time() - t0:.0f}s)")
-    return out
-
-
 def describe(m: dict) -> str:
     """One log line of an evaluation row."""
     out = (f"loss {m['loss']:.4f} recall {m['recall']:.3f} blocks {m['selected_frac']:.3f} "
@@ -327,11 +224,8 @@ def save_curves(rows: list[dict], path: str):
 
 
 def run(c: DistillConfig) -> dict:
-    import orbax.checkpoint as ocp
-    from tqdm import tqdm
-
     c.validate()
-    init_distributed(c)
+    init_distributed(c.coordinator, c.num_processes, c.process_id, c.skip_distributed)
     os.makedirs(c.run_dir, exist_ok=True)
     ckpt, sparse = prepare_model(c)
     cfg = ckpt.model_config
@@ -340,13 +234,7 @@ def run(c: DistillConfig) -> dict:
         raise ValueError(f"--seq-len {c.seq_len} leaves nothing to select: the first {sparse.sinks} and the last "
                          f"{sparse.keep_recent} tokens are always kept (sinks, keep_recent in rtpurbo.json)")
     heads = np.argwhere(sparse.roles_array).astype(np.int32)  # [R, 2] (layer, query head)
-    if c.data.endswith(".npy"):  # pre-tokenized ids
-        tok, data = None, PackedWindows(np.load(c.data).astype(np.int32).ravel(), c.seq_len, c.seed)
-    else:
-        tok = ckpt.tokenizer()
-        data = PackedWindows.from_source(c.data, tok, c.seq_len, c.seed)
-        if c.events > 0:
-            data = EventWindows(data.windows.ravel(), c.seq_len, c.seed, tok, c.events)
+    tok, data = load_data(c, ckpt)
     mesh = make_mesh(c.mesh)
     r = len(heads)
     head_axis = "model" if r % mesh.shape["model"] == 0 else None
@@ -366,7 +254,7 @@ def run(c: DistillConfig) -> dict:
 
     calib_x = jax.jit(make_teacher(cfg, heads))(params, global_batch(10 ** 6)) if c.init == "pca" else None
     train0 = init_rows(c.init, heads, cfg, c.index_dim, jax.random.key(c.seed), calib_x,
-                          local_prior=c.local_prior == "query")
+                       local_prior=c.local_prior == "query")
     init_host = jax.device_get(train0)  # the step donates its state: keep the initial maps for the "before" eval
     opt0 = tx.init(train0)
     state_sh = {"params": train_sh, "opt_state": jax.tree.map(lambda _: rep, opt0)}
@@ -375,112 +263,83 @@ def run(c: DistillConfig) -> dict:
                    recent=sparse.keep_recent)
     step_j, eval_j = build_step(cfg, heads, tx, c.chunk, (state_sh, params_sh, tok_sh, rep), loss_kw)
 
-    mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(c.run_dir, "checkpoints")),
-                                 options=ocp.CheckpointManagerOptions(max_to_keep=c.keep, save_interval_steps=c.ckpt_every))
-    start = 0
-    metrics_path = os.path.join(c.run_dir, "metrics.jsonl")
-    if c.resume and mngr.latest_step() is not None:
-        check_resume(c)
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
-                                state_sh)
-        start, state = restore_latest_good(mngr, abstract, c.run_dir)
-        log0(f"[distill] resumed from step {start}")
-    elif mngr.latest_step() is not None:
-        raise FileExistsError(f"{c.run_dir}/checkpoints already holds step {mngr.latest_step()}; pass --resume "
-                              "to continue it or choose another --run-dir")
-    if pidx == 0:
-        with open(os.path.join(c.run_dir, "config.json"), "w") as f:
-            json.dump({**dataclasses.asdict(c), "retrieval_heads": r, "devices": jax.device_count(),
-                       "mesh": dict(mesh.shape)}, f, indent=1)
-        if start == 0 and os.path.exists(metrics_path):
-            os.remove(metrics_path)
-        elif os.path.exists(metrics_path):  # a resume: drop rows logged after the restored checkpoint
-            kept = [l for l in open(metrics_path) if l.strip() and json.loads(l)["step"] <= start]
-            with open(metrics_path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(metrics_path + ".tmp", metrics_path)
+    loop = LoopConfig(run_dir=c.run_dir, steps=c.steps, log_every=c.log_every, ckpt_every=c.ckpt_every, keep=c.keep,
+                      resume=c.resume, stop_at=c.stop_at, name="distill")
+    config = dataclasses.asdict(c)
+    mngr, start, state = open_checkpoints(loop, state, state_sh, lambda: check_fingerprint(c.run_dir, config,
+                                                                                             FINGERPRINT))
+    write_run_config(loop, {**config, "retrieval_heads": r, "devices": jax.device_count(), "mesh": dict(mesh.shape)},
+                     start)
 
     eval_tokens = global_batch(10 ** 6 + 1)  # a fixed training-distribution window, also used before and after
     if tok is not None:  # held-out prose with retrieval events: recall where retrieval happens
         ho_tokens, ho_rows = held_out_retrieval(tok, c.seq_len, c.seed)
         ho_tokens = jax.device_put(np.broadcast_to(ho_tokens, (c.batch, c.seq_len)), tok_sh)
 
-    def evaluate(step, train):
+    def evaluate(step, state):
+        train = state["params"]
         m = {k: float(v) for k, v in eval_j(train, params, eval_tokens, c.top_p, c.kv_block).items()}
         if tok is not None:
             ho = eval_j(train, params, ho_tokens, c.top_p, c.kv_block, jnp.asarray(ho_rows))
             m.update({f"heldout_{k}": float(v) for k, v in ho.items() if k != "loss"})
         return {"step": step, **m}
 
-    rows = []
-    first = json.loads(open(metrics_path).readline()) if start and os.path.exists(metrics_path) else None
-    before = first if first is not None and first.get("step") == 0 and "recall" in first else evaluate(start, state["params"])
+    first = first_metrics_row(loop, start)
+    before = first if first is not None and "recall" in first else evaluate(start, state)
     log0(f"[distill] {r} retrieval heads, index_dim {c.index_dim}, init {c.init}, mesh {dict(mesh.shape)}, "
          f"loss {c.loss_level}/{c.loss_weight}, {c.events} events per 1K tokens; before: {describe(before)}")
-    if start == 0:
-        rows.append(before)
-    bar = tqdm(range(start, c.steps), disable=pidx != 0, desc="distill", dynamic_ncols=True)
-    t0, toks = time.time(), 0
-    for step in bar:
-        if c.stop_at is not None and step >= c.stop_at:
-            log0(f"[distill] stopping at step {step} (--stop-at); continue with --resume")
-            break
-        state, m = step_j(state, params, global_batch(step))
-        toks += c.batch * c.seq_len
-        if not np.isfinite(float(m["loss"])):  # stop before saving it: the last checkpoint stays the last good one
-            raise ValueError(f"non-finite loss at step {step + 1}; the last good checkpoint is step "
-                             f"{mngr.latest_step()} in {c.run_dir}/checkpoints (lower --lr or --grad-clip, then "
-                             "--resume)")
-        if (step + 1) % c.log_every == 0 or step + 1 == c.steps:
-            row = {"step": step + 1, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-                   "tokens_per_s": toks / (time.time() - t0)}
-            rows.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-        mngr.save(step + 1, args=ocp.args.StandardSave(state))
-        if (step + 1) % c.ckpt_every == 0 or step + 1 == c.steps:
-            rows.append(evaluate(step + 1, state["params"]))
-        if pidx == 0:
-            with open(metrics_path, "a") as f:
-                for row in rows:
-                    f.write(json.dumps(row) + "\n")
-        rows = []
-    mngr.wait_until_finished()
-    if c.stop_at is not None and c.stop_at < c.steps:
+    state, stopped = run_loop(loop, state, mngr, start, lambda s, i: step_j(s, params, global_batch(i)), evaluate,
+                              c.batch * c.seq_len, rows=[before] if start == 0 else [])
+    if stopped:
         return {"stopped_at": c.stop_at}
-    after = evaluate(c.steps, state["params"])
+    return finish(c, ckpt, sparse, heads, state, init_host, before, evaluate, loop, tok, rep)
+
+
+def load_data(c: DistillConfig, ckpt):
+    """(tokenizer or None, windows): pre-tokenized .npy ids, or text / jsonl / the bundled corpus tokenized with
+    the model's tokenizer (with --events, retrieval events inserted)."""
+    if c.data.endswith(".npy"):
+        return None, PackedWindows(np.load(c.data).astype(np.int32).ravel(), c.seq_len, c.seed)
+    tok = ckpt.tokenizer()
+    data = PackedWindows.from_source(c.data, tok, c.seq_len, c.seed)
+    if c.events > 0:
+        data = EventWindows(data.windows.ravel(), c.seq_len, c.seed, tok, c.events)
+    return tok, data
+
+
+def finish(c: DistillConfig, ckpt, sparse, heads, state, init_host, before, evaluate, loop, tok, rep) -> dict:
+    """After the last step: evaluate, export the indexer (full layout) to RUN_DIR/indexer, draw the curves,
+    run the needle check through serving, write summary.json."""
+    cfg = ckpt.model_config
+    after = evaluate(c.steps, state)
     indexer = scatter_rows(jax.device_get(state["params"]), heads, cfg)
     out = os.path.join(c.run_dir, "indexer")
-    if pidx == 0 and os.path.exists(out):  # this run's own earlier output (e.g. before a --resume)
+    if jax.process_index() == 0 and os.path.exists(out):  # this run's own earlier output (e.g. before a --resume)
         import shutil
         shutil.rmtree(out)
-    if pcount > 1:  # Orbax saves collectively: every process passes the same replicated global arrays
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("rtpurbo-indexer-dir")
+    if jax.process_count() > 1:  # Orbax saves collectively: every process passes the same replicated global arrays
+        sync("rtpurbo-indexer-dir")
         write_params(out, jax.device_put(indexer, rep))
     else:
         write_params(out, indexer)
-    if pidx == 0:
-        history = [json.loads(l) for l in open(metrics_path)] if os.path.exists(metrics_path) else []
-        save_curves([before] + history, os.path.join(c.run_dir, "curves.png"))
-    summary = {"before": before, "after": after, "retrieval_heads": r}
+    if jax.process_index() == 0:
+        save_curves([before] + read_metrics(loop), os.path.join(c.run_dir, "curves.png"))
+    summary = {"before": before, "after": after, "retrieval_heads": len(heads)}
     log0(f"[distill] after {c.steps} steps: {describe(after)}")
     if c.eval_passkey and tok is not None and c.eval_len + 16 <= cfg.max_position_embeddings:
         init_ix = scatter_rows(init_host, heads, cfg)
-        summary["needle"] = retrieval_accuracy(ckpt, sparse, {"before": init_ix, "after": indexer}, c, tok, log0)
-    if pidx == 0:
+        sp = dataclasses.replace(sparse, seqlen_threshold=0, top_p=c.top_p)
+        runs = {"full": (None, None), "before": (sp, init_ix), "after": (sp, indexer)}
+        summary["needle"] = needle_accuracy(ckpt.params, cfg, tok, runs, length=c.eval_len, prompts=c.eval_passkey,
+                                            seed=c.seed, log=lambda m: log0(f"[distill] {m}"))
+    if jax.process_index() == 0:
         with open(os.path.join(c.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     return summary
 
 
 def main(argv=None) -> int:
-    try:
-        run(parse_args(argv))
-    except (ValueError, FileExistsError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

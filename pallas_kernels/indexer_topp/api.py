@@ -20,6 +20,27 @@ from pallas_kernels.sparse_attention.api import _check_backend
 log = logging.getLogger(__name__)
 
 
+BACKENDS = ("reference", "triton")
+
+
+def default_backend(platform: str | None = None) -> str:
+    """The backend None resolves to: triton on GPUs, the reference elsewhere."""
+    return "triton" if (platform or jax.default_backend()) in ("gpu", "cuda") else "reference"
+
+
+def _pick_backend(backend: str | None, top_p: float, interpret: bool, what: str) -> str:
+    """Check top_p and the backend name (this op's own table); resolve None for the device and log it."""
+    if not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if backend is None:
+        backend = default_backend()
+        log.info("%s: backend=%s (platform %s)", what, backend, jax.default_backend())
+    if backend not in BACKENDS:
+        raise ValueError(f"{what}: backend must be one of {BACKENDS}, got {backend!r}")
+    _check_backend(backend, interpret)
+    return backend
+
+
 def add_local_bias(lse, forced, local_bias):
     """Block log-masses fp32 [B, R, Sb] with the local prior local_bias [B, R] added where forced [B, 1, Sb]."""
     if local_bias is None:
@@ -35,14 +56,7 @@ def decode_selection(q_idx, k_idx, kv_len, *, top_p: float, kv_block: int, sinks
     q_idx fp32 [B, R, I] (the token at position kv_len - 1), k_idx [B, S, R, I], kv_len int [B]. local_bias fp32
     [B, R] or None: the local prior added to the forced blocks' log-mass (`reference` module docstring).
     """
-    if not (0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if backend is None:
-        backend = "triton" if jax.default_backend() in ("gpu", "cuda") else "reference"
-        log.info("decode_selection: backend=%s (platform %s)", backend, jax.default_backend())
-    if backend not in ("reference", "triton"):
-        raise ValueError(f"backend must be 'reference' or 'triton', got {backend!r}")
-    _check_backend(backend, interpret)
+    backend = _pick_backend(backend, top_p, interpret, "decode_selection")
     kv_len = jnp.asarray(kv_len, jnp.int32)
     b, s = k_idx.shape[:2]
     if backend == "reference":
@@ -79,14 +93,7 @@ def decode_plan_select(q_idx, k_idx, kv_len, *, retrieval: tuple[int, ...], num_
     """
     from pallas_kernels.sparse_decode.plan import DecodePlan, decode_plan
 
-    if not (0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if backend is None:
-        backend = "triton" if jax.default_backend() in ("gpu", "cuda") else "reference"
-        log.info("decode_plan_select: backend=%s (platform %s)", backend, jax.default_backend())
-    if backend not in ("reference", "triton"):
-        raise ValueError(f"backend must be 'reference' or 'triton', got {backend!r}")
-    _check_backend(backend, interpret)
+    backend = _pick_backend(backend, top_p, interpret, "decode_plan_select")
     n = len(head_sinks)
     b, s = k_idx.shape[:2]
     sb = cdiv(s, kv_block)

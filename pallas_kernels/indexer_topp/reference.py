@@ -139,7 +139,7 @@ def topp_selection(q_idx, k_idx, kv_len, *, top_p: float, q_block: int, kv_block
     """
     b, t, n, _ = q_idx.shape
     s = k_idx.shape[1]
-    tb, sb = cdiv(t, q_block), cdiv(s, kv_block)
+    tb = cdiv(t, q_block)
     forced = jnp.asarray(band_selection(1, t, s, sinks=sinks, window=max(keep_recent, 1), q_block=q_block,
                                         kv_block=kv_block, q_offset=q_offset)[0])  # [Tb, Sb]
     qp = jnp.pad(q_idx, ((0, 0), (0, tb * q_block - t), (0, 0), (0, 0)))

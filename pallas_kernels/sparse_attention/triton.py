@@ -22,9 +22,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels import online_softmax
 from pallas_kernels.block_plan import BlockPlan, kernel_plan_args
 
-_NEG = -1e30  # finite "minus infinity": exp2 of (_NEG - m) underflows to 0 without NaNs
 
 
 def _kernel(blocks_ref, counts_ref, sinks_ref, window_ref, kvlen_ref, qstart_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
@@ -45,16 +45,10 @@ def _kernel(blocks_ref, counts_ref, sinks_ref, window_ref, kvlen_ref, qstart_ref
         s = pltriton.dot(q, k, trans_b=True) * qk_scale  # fp32 [bq, bk]
         k_pos = start + lax.broadcasted_iota(jnp.int32, (q_block, kv_block), 1)
         vis = (k_pos <= q_pos) & (k_pos < kv_len) & ((k_pos < sink) | (q_pos - k_pos < window))
-        s = jnp.where(vis, s, _NEG)
-        m_next = jnp.maximum(m_prev, s.max(axis=-1))
-        corr = jnp.exp2(m_prev - m_next)
-        p = jnp.where(vis, jnp.exp2(s - m_next[:, None]), 0.0)
-        v = v_ref[pl.ds(start, kv_block), :]
-        acc = acc * corr[:, None] + pltriton.dot(p.astype(v.dtype), v)
-        return acc, m_next, l_prev * corr + p.sum(axis=-1)
+        return online_softmax.step_exp2(s, vis, acc, m_prev, l_prev, v_ref[pl.ds(start, kv_block), :], pltriton.dot)
 
     h = q.shape[-1]
-    init = (jnp.zeros((q_block, h), jnp.float32), jnp.full((q_block,), _NEG, jnp.float32),
+    init = (jnp.zeros((q_block, h), jnp.float32), jnp.full((q_block,), online_softmax.NEG, jnp.float32),
             jnp.zeros((q_block,), jnp.float32))
     acc, m, l = lax.fori_loop(0, count, body, init)
     safe = jnp.where(l > 0, l, 1.0)

@@ -18,9 +18,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import online_softmax
 from pallas_kernels.sparse_decode.plan import DecodePlan
 
-_NEG = -1e30
 
 
 def _kernel(blocks_ref, counts_ref, hmask_ref, sinks_ref, window_ref, shift_ref, kvlen_ref, q_ref, k_ref, v_ref,
@@ -30,9 +30,7 @@ def _kernel(blocks_ref, counts_ref, hmask_ref, sinks_ref, window_ref, shift_ref,
 
     @pl.when(j == 0)
     def _init():
-        m_sc[...] = jnp.full(m_sc.shape, _NEG, jnp.float32)
-        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
-        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+        online_softmax.init_scratch(m_sc, l_sc, acc_sc)
 
     @pl.when(j < counts_ref[row])
     def _visit():
@@ -48,22 +46,11 @@ def _kernel(blocks_ref, counts_ref, hmask_ref, sinks_ref, window_ref, shift_ref,
             ok = (hmask_ref[(row * m_max + j) * g + r] != 0) & (k_pos <= q_pos) & \
                 ((k_pos < sinks_ref[hd]) | (q_pos - k_pos < window_ref[hd]))
             vis = vis | ((gi == r) & ok)
-        s = jnp.where(vis, s, _NEG)
-        m_prev = m_sc[...]
-        m_next = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))
-        corr = jnp.exp(m_prev - m_next)
-        p = jnp.where(vis, jnp.exp(s - m_next), 0.0)
-        l_sc[...] = l_sc[...] * corr + p.sum(axis=-1, keepdims=True)
-        acc_sc[...] = acc_sc[...] * corr + lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                                           preferred_element_type=jnp.float32)
-        m_sc[...] = m_next
+        online_softmax.step_scratch(s, vis, v, m_sc, l_sc, acc_sc)
 
     @pl.when(j == m_max - 1)
     def _finish():
-        l = l_sc[...]
-        safe = jnp.where(l > 0, l, 1.0)
-        o_ref[...] = (acc_sc[...] / safe).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(l > 0, m_sc[...] + jnp.log(safe), -jnp.inf)
+        online_softmax.finish_scratch(m_sc, l_sc, acc_sc, o_ref, lse_ref)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))

@@ -6,7 +6,6 @@ Axes: B batch, N query heads, K KV heads, G = N / K, S cache length, H head_dim.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from pallas_kernels.sparse_attention.reference import masked_attention
 from pallas_kernels.sparse_decode.plan import DecodePlan, token_mask

@@ -20,9 +20,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels import online_softmax
 from pallas_kernels.sparse_decode.plan import DecodePlan
 
-_NEG = -1e30
 
 
 def _kernel(blocks_ref, counts_ref, hmask_ref, sinks_ref, window_ref, shift_ref, kvlen_ref, q_ref, k_ref, v_ref,
@@ -48,16 +48,10 @@ def _kernel(blocks_ref, counts_ref, hmask_ref, sinks_ref, window_ref, shift_ref,
         s = pltriton.dot(q, k, trans_b=True) * qk_scale  # [Gp, bk] fp32
         k_pos = start + lax.broadcasted_iota(jnp.int32, (gp, kv_block), 1)
         vis = use & (k_pos <= q_pos) & ((k_pos < sink) | (q_pos - k_pos < window))
-        s = jnp.where(vis, s, _NEG)
-        m_next = jnp.maximum(m_prev, s.max(axis=-1))
-        corr = jnp.exp2(m_prev - m_next)
-        p = jnp.where(vis, jnp.exp2(s - m_next[:, None]), 0.0)
-        v = v_ref[pl.ds(start, kv_block), :]
-        acc = acc * corr[:, None] + pltriton.dot(p.astype(v.dtype), v)
-        return acc, m_next, l_prev * corr + p.sum(axis=-1)
+        return online_softmax.step_exp2(s, vis, acc, m_prev, l_prev, v_ref[pl.ds(start, kv_block), :], pltriton.dot)
 
     h = q.shape[-1]
-    init = (jnp.zeros((gp, h), jnp.float32), jnp.full((gp,), _NEG, jnp.float32), jnp.zeros((gp,), jnp.float32))
+    init = (jnp.zeros((gp, h), jnp.float32), jnp.full((gp,), online_softmax.NEG, jnp.float32), jnp.zeros((gp,), jnp.float32))
     acc, m, l = lax.fori_loop(lo, hi, body, init)
     safe = jnp.where(l > 0, l, 1.0)
     o_ref[...] = acc / safe[:, None]

@@ -1,0 +1,54 @@
+"""The flash-attention recurrence over visited key blocks, shared by the Triton and Mosaic TPU kernel bodies
+(prefill and decode): one key block updates the running max m, denominator l and output accumulator acc.
+
+Masked scores take a finite "minus infinity" (NEG) so that exp of (NEG - m) underflows to 0 without NaNs, and
+a row that sees no key ends with l = 0: zeros out, lse -inf.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+NEG = -1e30
+
+
+def step_exp2(s, vis, acc, m_prev, l_prev, v, dot):
+    """Triton bodies (values in registers, scores pre-scaled by log2(e)): s fp32 [rows, bk], vis bool [rows, bk],
+    acc fp32 [rows, H], m_prev / l_prev fp32 [rows], v [bk, H]; dot(p, v) the backend's matmul.
+    Returns (acc, m, l)."""
+    s = jnp.where(vis, s, NEG)
+    m_next = jnp.maximum(m_prev, s.max(axis=-1))
+    corr = jnp.exp2(m_prev - m_next)
+    p = jnp.where(vis, jnp.exp2(s - m_next[:, None]), 0.0)
+    acc = acc * corr[:, None] + dot(p.astype(v.dtype), v)
+    return acc, m_next, l_prev * corr + p.sum(axis=-1)
+
+
+def init_scratch(m_sc, l_sc, acc_sc):
+    """Mosaic TPU bodies: reset the scratch state before a row's first key block."""
+    m_sc[...] = jnp.full(m_sc.shape, NEG, jnp.float32)
+    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+
+def step_scratch(s, vis, v, m_sc, l_sc, acc_sc):
+    """Mosaic TPU bodies (state in VMEM scratch refs m_sc, l_sc [rows, 1], acc_sc [rows, H]): one key block of
+    scores s fp32 [rows, bk] with visibility vis and values v [bk, H]."""
+    s = jnp.where(vis, s, NEG)
+    m_prev = m_sc[...]
+    m_next = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))
+    corr = jnp.exp(m_prev - m_next)
+    p = jnp.where(vis, jnp.exp(s - m_next), 0.0)
+    l_sc[...] = l_sc[...] * corr + p.sum(axis=-1, keepdims=True)
+    acc_sc[...] = acc_sc[...] * corr + lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                                       preferred_element_type=jnp.float32)
+    m_sc[...] = m_next
+
+
+def finish_scratch(m_sc, l_sc, acc_sc, o_ref, lse_ref):
+    """Write out = acc / l (zeros where l = 0) and lse = m + log l (-inf where l = 0) from the scratch refs."""
+    l = l_sc[...]
+    safe = jnp.where(l > 0, l, 1.0)
+    o_ref[...] = (acc_sc[...] / safe).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(l > 0, m_sc[...] + jnp.log(safe), -jnp.inf)
