@@ -38,6 +38,12 @@ def _hf_name(name: str) -> str | None:
     return None
 
 
+def _embed_rows(reader) -> int:
+    """Rows of token_embd.weight (the vocab size when the file states neither vocab_size nor its tokens)."""
+    t = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    return 0 if t is None else int(t.shape[-1])
+
+
 def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation: per head, interleaved (x0, y0, x1, y1, ...) -> halves (x..., y...)."""
     dim = w.shape[0] // n_head // 2
@@ -74,7 +80,7 @@ def read_gguf(path: str) -> tuple[dict, dict[str, np.ndarray]]:
         "max_position_embeddings": int(_field(reader, f"{a}.context_length")),
         "rms_norm_eps": float(_field(reader, f"{a}.attention.layer_norm_rms_epsilon")),
         "rope_theta": float(_field(reader, f"{a}.rope.freq_base", 10000.0)),
-        "vocab_size": int(_field(reader, f"{a}.vocab_size", len(tokens.data) if tokens else 0)),
+        "vocab_size": int(_field(reader, f"{a}.vocab_size", len(tokens.data) if tokens else _embed_rows(reader))),
         "tie_word_embeddings": "output.weight" not in names,
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
@@ -106,7 +112,11 @@ def read_gguf(path: str) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def gguf_tokenizer(path: str):
-    """The tokenizer stored inside a GGUF file, as a transformers tokenizer."""
+    """The tokenizer stored inside a GGUF file, as a transformers tokenizer; None when the file holds none
+    (no tokenizer.ggml.model field: calibration then uses random-token documents and says so)."""
+    from gguf import GGUFReader
     from transformers import AutoTokenizer
 
+    if _field(GGUFReader(path), "tokenizer.ggml.model") is None:
+        return None
     return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))

@@ -13,14 +13,15 @@ from jax import lax
 NEG = -1e30
 
 
-def step_exp2(s, vis, acc, m_prev, l_prev, v, dot):
+def step_exp2(s, vis, acc, m_prev, l_prev, load_v, dot):
     """Triton bodies (values in registers, scores pre-scaled by log2(e)): s fp32 [rows, bk], vis bool [rows, bk],
-    acc fp32 [rows, H], m_prev / l_prev fp32 [rows], v [bk, H]; dot(p, v) the backend's matmul.
-    Returns (acc, m, l)."""
+    acc fp32 [rows, H], m_prev / l_prev fp32 [rows]; load_v() loads the block's values [bk, H] (called after the
+    softmax weights, where the kernels always loaded them); dot(p, v) the backend's matmul. Returns (acc, m, l)."""
     s = jnp.where(vis, s, NEG)
     m_next = jnp.maximum(m_prev, s.max(axis=-1))
     corr = jnp.exp2(m_prev - m_next)
     p = jnp.where(vis, jnp.exp2(s - m_next[:, None]), 0.0)
+    v = load_v()
     acc = acc * corr[:, None] + dot(p.astype(v.dtype), v)
     return acc, m_next, l_prev * corr + p.sum(axis=-1)
 

@@ -162,6 +162,57 @@ def test_unsupported_gguf_quantization(tmp_path):
     assert "token_embd.weight" in str(e.value)
 
 
+def _tiny_gguf(path: str, *, kv_heads: int | None, heads: int | None = 2) -> dict:
+    """A 1-layer fp32 llama GGUF (D=8, 2 heads of 4, vocab 16); head_count / head_count_kv only when given.
+    Returns the HF-layout q / k weights it encodes (llama.cpp's permuted rows are written)."""
+    import gguf
+
+    rng = np.random.default_rng(0)
+    d, hd, v, f = 8, 4, 16, 12
+    kvh = kv_heads or heads or 2
+    w = gguf.GGUFWriter(path, "llama")
+    for k, val in dict(block_count=1, context_length=64, embedding_length=d, feed_forward_length=f).items():
+        getattr(w, f"add_{k}")(val)
+    if heads is not None:
+        w.add_head_count(heads)
+    if kv_heads is not None:
+        w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    permute = lambda x, n: x.reshape(n, 2, x.shape[0] // n // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+    hf = {"q": rng.normal(size=(2 * hd, d)).astype(np.float32), "k": rng.normal(size=(kvh * hd, d)).astype(np.float32)}
+    tensors = {"token_embd.weight": (v, d), "output_norm.weight": (d,), "blk.0.attn_norm.weight": (d,),
+               "blk.0.attn_v.weight": (kvh * hd, d), "blk.0.attn_output.weight": (d, 2 * hd),
+               "blk.0.ffn_norm.weight": (d,), "blk.0.ffn_gate.weight": (f, d), "blk.0.ffn_up.weight": (f, d),
+               "blk.0.ffn_down.weight": (d, f)}
+    for name, shape in tensors.items():
+        w.add_tensor(name, rng.normal(size=shape).astype(np.float32))
+    w.add_tensor("blk.0.attn_q.weight", permute(hf["q"], 2))
+    w.add_tensor("blk.0.attn_k.weight", permute(hf["k"], kvh))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return hf
+
+
+def test_gguf_without_head_count_kv_has_no_gqa(tmp_path):
+    """head_count_kv absent = as many KV heads as query heads (the GGUF spec's default), k un-permuted with it;
+    head_count absent is a clear error."""
+    path = str(tmp_path / "mha.gguf")
+    hf = _tiny_gguf(path, kv_heads=None)
+    cfg, params, tokenizer = load_source(path)
+    assert cfg.num_heads == cfg.num_kv_heads == 2 and tokenizer is None  # the file holds no tokenizer
+    np.testing.assert_allclose(np.asarray(params["layers"]["wk"][0]), hf["k"].T, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(params["layers"]["wq"][0]), hf["q"].T, rtol=1e-6)
+    gqa = str(tmp_path / "gqa.gguf")
+    _tiny_gguf(gqa, kv_heads=1)
+    assert load_source(gqa)[0].num_kv_heads == 1
+    bad = str(tmp_path / "nohead.gguf")
+    _tiny_gguf(bad, kv_heads=None, heads=None)
+    with pytest.raises(ConversionError, match="lacks llama.attention.head_count"):
+        load_source(bad)
+
+
 @pytest.mark.slow
 def test_smollm2_gguf_matches_transformers_and_greedy(smollm2, smollm2_path):
     import torch

@@ -45,7 +45,8 @@ def _kernel(blocks_ref, counts_ref, sinks_ref, window_ref, kvlen_ref, qstart_ref
         s = pltriton.dot(q, k, trans_b=True) * qk_scale  # fp32 [bq, bk]
         k_pos = start + lax.broadcasted_iota(jnp.int32, (q_block, kv_block), 1)
         vis = (k_pos <= q_pos) & (k_pos < kv_len) & ((k_pos < sink) | (q_pos - k_pos < window))
-        return online_softmax.step_exp2(s, vis, acc, m_prev, l_prev, v_ref[pl.ds(start, kv_block), :], pltriton.dot)
+        return online_softmax.step_exp2(s, vis, acc, m_prev, l_prev,
+                                         lambda: v_ref[pl.ds(start, kv_block), :], pltriton.dot)
 
     h = q.shape[-1]
     init = (jnp.zeros((q_block, h), jnp.float32), jnp.full((q_block,), online_softmax.NEG, jnp.float32),

@@ -48,7 +48,8 @@ def _kernel(blocks_ref, counts_ref, hmask_ref, sinks_ref, window_ref, shift_ref,
         s = pltriton.dot(q, k, trans_b=True) * qk_scale  # [Gp, bk] fp32
         k_pos = start + lax.broadcasted_iota(jnp.int32, (gp, kv_block), 1)
         vis = use & (k_pos <= q_pos) & ((k_pos < sink) | (q_pos - k_pos < window))
-        return online_softmax.step_exp2(s, vis, acc, m_prev, l_prev, v_ref[pl.ds(start, kv_block), :], pltriton.dot)
+        return online_softmax.step_exp2(s, vis, acc, m_prev, l_prev,
+                                         lambda: v_ref[pl.ds(start, kv_block), :], pltriton.dot)
 
     h = q.shape[-1]
     init = (jnp.zeros((gp, h), jnp.float32), jnp.full((gp,), online_softmax.NEG, jnp.float32), jnp.zeros((gp,), jnp.float32))
