@@ -136,8 +136,10 @@ def sequence_attention(qkv: dict, roles, ix: dict | None, sparse: SparseConfig, 
     if not call.dense_retrieval:
         heads = jnp.arange(n)
         kv = heads // (n // qkv["k"].shape[2])
-        k_index = ixr.project_keys(qkv["k_pre"][:, :, kv], ix["w_k"]) if sparse.selector == "indexer" else None
-        sel = selection_inputs(qkv, qkv["k"], ix, k_index, heads, kv, sparse)
+        k_index = ixr.project_keys(ixr.group_keys(qkv["k_pre"], n), ix["w_k"]) if sparse.selector == "indexer" else None
+        # the selection is not differentiated (RTPurbo stage 2: gradients reach the weights through exact
+        # attention over the selected blocks)
+        sel = jax.lax.stop_gradient(selection_inputs(qkv, qkv["k"], ix, k_index, heads, kv, sparse))
     out, _ = heads_attention(qkv["q"], qkv["k"], qkv["v"], roles, None, sel, pos, sparse, cfg, call)
     return out.astype(qkv["q"].dtype)
 

@@ -86,6 +86,12 @@ def project_keys(k_pre, w_k):
     return jnp.einsum("...rh,rhi->...ri", k_pre, w_k, precision=_HI, preferred_element_type=jnp.float32)
 
 
+def group_keys(k_pre, num_heads: int):
+    """[B, S, N, H]: each query head's KV head's pre-RoPE keys from k_pre [B, S, K, H] (GQA: head n reads KV
+    head n // (N / K)), the input of `project_keys` for all N heads."""
+    return k_pre[:, :, jnp.arange(num_heads) // (num_heads // k_pre.shape[2])]
+
+
 def local_prior(q_pre, ix: dict):
     """fp32 [..., R] local-prior bias from pre-RoPE q [..., R, H], or None when `ix` has no prior."""
     if "w_local" not in ix:

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pallas_kernels.block_plan import cdiv, plan_to_dense_mask
-from pallas_kernels.indexer_topp.reference import (block_stats, index_keys, index_queries, topp_plan, topp_select,
-                                                   topp_selection)
+from pallas_kernels.block_plan import cdiv, plan_from_selection, plan_to_dense_mask
+from pallas_kernels.indexer_topp.reference import block_stats, topp_select, topp_selection_at
+from rtpurbo_jax.indexer import group_keys, project_keys, project_queries
 
 
 def test_block_stats_match_numpy():
@@ -33,7 +33,8 @@ def test_index_projections_use_the_group_kv_head():
     rng = np.random.default_rng(1)
     q_pre, k_pre = rng.normal(size=(1, 5, 6, 8)), rng.normal(size=(1, 7, 2, 8))
     w_q, w_k = rng.normal(size=(6, 8, 4)), rng.normal(size=(6, 8, 4))
-    qi, ki = index_queries(jnp.asarray(q_pre), jnp.asarray(w_q)), index_keys(jnp.asarray(k_pre), jnp.asarray(w_k))
+    qi = project_queries(jnp.asarray(q_pre), jnp.asarray(w_q))
+    ki = project_keys(group_keys(jnp.asarray(k_pre), 6), jnp.asarray(w_k))
     np.testing.assert_allclose(qi[0, :, 4], q_pre[0, :, 4] @ w_q[4], rtol=1e-5)
     np.testing.assert_allclose(ki[0, :, 4], k_pre[0, :, 1] @ w_k[4], rtol=1e-5)  # head 4 of 6 -> kv head 1 of 2
 
@@ -79,8 +80,14 @@ def test_topp_plan_is_causal_and_reaches_p(t, s_extra, qb, kb):
     s, n, i = t + s_extra, 3, 4
     q_idx = jnp.asarray(rng.normal(size=(2, t, n, i)) * 2, jnp.float32)
     k_idx = jnp.asarray(rng.normal(size=(2, s, n, i)) * 2, jnp.float32)
-    plan = topp_plan(q_idx, k_idx, jnp.asarray([s, s - 3]), top_p=0.7, q_block=qb, kv_block=kb, q_offset=s_extra,
-                     sinks=2, keep_recent=1)
+    kv_len = jnp.asarray([s, s - 3])
+    q_pos = jnp.broadcast_to(s_extra + jnp.arange(t), (2, t))
+    pad = cdiv(t, qb) * qb - t  # the selection wants whole tiles: padding rows (position -1) are ignored
+    sel = topp_selection_at(jnp.pad(q_idx, ((0, 0), (0, pad), (0, 0), (0, 0))), k_idx,
+                            jnp.pad(q_pos, ((0, 0), (0, pad)), constant_values=-1), kv_len, top_p=0.7, tile=qb,
+                            kv_block=kb, sinks=2, keep_recent=1)
+    plan = plan_from_selection(sel, sinks=0, window=10 ** 9, kv_len=kv_len, q_block=qb, kv_block=kb,
+                               q_offset=s_extra)
     dense = np.asarray(plan_to_dense_mask(plan, t, s))
     assert not np.triu(np.ones((t, s), bool), k=s_extra + 1)[None, None].__and__(dense).any(), "future token"
     assert not dense[1, :, :, s - 3:].any(), "padding key selected"
@@ -92,8 +99,9 @@ def test_topp_plan_is_causal_and_reaches_p(t, s_extra, qb, kb):
         vis = causal & (np.arange(s) < lens[b])[None]
         w = np.where(vis, np.exp(scores[b] - np.where(vis, scores[b], -np.inf).max(-1, keepdims=True)), 0)
         w = w / w.sum(-1, keepdims=True)
-        for tb in range(cdiv(t, qb)):
-            rows = slice(tb * qb, min(t, tb * qb + qb))
+        valid_rows = min(t, lens[b] - s_extra)  # query rows past a sequence's length are padding
+        for tb in range(cdiv(valid_rows, qb)):
+            rows = slice(tb * qb, min(valid_rows, tb * qb + qb))
             got = (w[:, rows] * dense[b, :, rows]).sum(-1).mean(-1)
             assert (got >= 0.7 - 1e-4).all(), got
     assert (np.asarray(plan.counts) < cdiv(s, kb)).any(), "p=0.7 should not select everything on random scores"
@@ -102,7 +110,8 @@ def test_topp_plan_is_causal_and_reaches_p(t, s_extra, qb, kb):
 def test_topp_selection_p1_is_dense_causal():
     rng = np.random.default_rng(3)
     q_idx = jnp.asarray(rng.normal(size=(1, 40, 2, 4)), jnp.float32)
-    sel = np.asarray(topp_selection(q_idx, q_idx, jnp.asarray([40]), top_p=1.0, q_block=8, kv_block=8))
+    sel = np.asarray(topp_selection_at(q_idx, q_idx, jnp.arange(40)[None], jnp.asarray([40]), top_p=1.0, tile=8,
+                                       kv_block=8))
     np.testing.assert_array_equal(sel[0, 0], np.tril(np.ones((5, 5), bool)))
 
 

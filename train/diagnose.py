@@ -12,6 +12,7 @@ and the oracle's mass on the forced blocks and their set sizes. Writes JSON (+ a
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 
 import jax
@@ -96,6 +97,8 @@ def main(argv=None) -> int:
         ixs[name or path] = load_indexer(path, ck.model_config, sparse.index_dim)
     res = diagnose(ck.params, ck.model_config, ck.tokenizer(), sparse, ixs, length=args.length,
                    prompts=args.prompts, tasks=args.tasks)
+    res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+           "date": datetime.date.today().isoformat(), "model": args.converted, **res}
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     for n, r in res["indexers"].items():

@@ -19,6 +19,7 @@ import numpy as np
 
 from pallas_kernels.block_plan import cdiv
 from pallas_kernels.indexer_topp.reference import forced_blocks, topp_select
+from rtpurbo_jax import indexer as ixr
 from rtpurbo_jax.model import rope_inv_freq
 from rtpurbo_jax.model_config import ModelConfig
 
@@ -46,6 +47,11 @@ def forced_token_mask(rows, s: int, kv_block: int, sinks: int, recent: int):
     return jnp.repeat(blocks, kv_block, axis=-1)[:, :s]
 
 
+def _heads_last(x):
+    """[R, B, T, H] (training's per-head layout) -> [B, T, R, H] (the indexer projections' layout)."""
+    return jnp.moveaxis(x, 0, -2)
+
+
 def _chunk_logits(chunk_start, chunk, heads_x, train, scale, local=None):
     """Teacher and student logits fp32 [R, B, C, S] for queries [chunk_start, chunk_start + chunk).
 
@@ -55,9 +61,9 @@ def _chunk_logits(chunk_start, chunk, heads_x, train, scale, local=None):
     qp = jax.lax.dynamic_slice_in_dim(heads_x["q_pre"], chunk_start, chunk, axis=2).astype(jnp.float32)
     t_logits = jnp.einsum("rbch,rbsh->rbcs", q, heads_x["k"], precision=_HI,
                           preferred_element_type=jnp.float32) * scale
-    qi = jnp.einsum("rbch,rhi->rbci", qp, train["w_q"], precision=_HI)
-    ki = jnp.einsum("rbsh,rhi->rbsi", heads_x["k_pre"].astype(jnp.float32), train["w_k"], precision=_HI)
-    s_logits = jnp.einsum("rbci,rbsi->rbcs", qi, ki, precision=_HI)
+    qi = ixr.project_queries(_heads_last(qp), train["w_q"])  # [B, C, R, I]
+    ki = ixr.project_keys(_heads_last(heads_x["k_pre"].astype(jnp.float32)), train["w_k"])  # [B, S, R, I]
+    s_logits = jnp.einsum("bcri,bsri->rbcs", qi, ki, precision=_HI)
     if local is not None:
         s_logits = add_local_prior(s_logits, qp, train, chunk_start + jnp.arange(chunk), *local)
     return t_logits, s_logits
@@ -68,8 +74,7 @@ def add_local_prior(s_logits, q_pre, train: dict, rows, kv_block: int, sinks: in
     of each query row's forced blocks (rows int [C]: the rows' positions); unchanged without a prior."""
     if "w_local" not in train:
         return s_logits
-    bias = jnp.einsum("rbch,rh->rbc", q_pre.astype(jnp.float32), train["w_local"], precision=_HI) \
-        + train["b_local"][:, None, None]
+    bias = jnp.moveaxis(ixr.local_prior(_heads_last(q_pre.astype(jnp.float32)), train), -1, 0)  # [R, B, C]
     mask = forced_token_mask(rows, s_logits.shape[-1], kv_block, sinks, recent)
     return s_logits + jnp.where(mask[None, None], bias[..., None], 0.0)
 

@@ -1,6 +1,6 @@
 """Pure-jnp indexer scoring and dynamic top-p block selection (exact, sort-based): the kernels' reference.
 
-Indexer (RTPurbo §4): per retrieval query head n, `w_q[n], w_k[n]: [H, I]` map the **pre-RoPE** q and k
+Indexer (RTPurbo §4; the projections are `rtpurbo_jax.indexer`): per retrieval query head n, `w_q[n], w_k[n]: [H, I]` map the **pre-RoPE** q and k
 (after Qwen3's q/k norm) to I dims; token score = q_idx · k_idx (no 1/sqrt scale: stage-1 distillation learns
 the temperature). A query's distribution over keys is the softmax of its scores over the tokens it may see
 (causal, within `kv_len`).
@@ -21,27 +21,13 @@ Selection policy (documented choice; the paper is silent):
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from pallas_kernels.block_plan import BlockPlan, band_blocks, band_selection, cdiv, plan_from_selection
+from pallas_kernels.block_plan import band_blocks, cdiv
 
 _HI = jax.lax.Precision.HIGHEST
-
-
-def index_queries(q_pre, w_q):
-    """fp32 [B, T, N, I] from pre-RoPE q [B, T, N, H] and w_q [N, H, I]."""
-    return jnp.einsum("btnh,nhi->btni", q_pre, w_q, precision=_HI, preferred_element_type=jnp.float32)
-
-
-def index_keys(k_pre, w_k):
-    """fp32 [B, S, N, I] (one index key per *query* head) from pre-RoPE k [B, S, K, H] and w_k [N, H, I]."""
-    n, kh = w_k.shape[0], k_pre.shape[2]
-    kg = jnp.repeat(k_pre, n // kh, axis=2)
-    return jnp.einsum("bsnh,nhi->bsni", kg, w_k, precision=_HI, preferred_element_type=jnp.float32)
 
 
 def block_stats(scores, visible, kv_block: int):
@@ -128,40 +114,13 @@ def forced_blocks(q_lo, q_hi, num_kv_blocks: int, kv_block: int, sinks: int, kee
     return band_blocks(jnp.asarray(q_lo), jnp.asarray(q_hi), num_kv_blocks, kv_block, sinks, max(keep_recent, 1))
 
 
-@functools.partial(jax.jit, static_argnames=("top_p", "q_block", "kv_block", "q_offset", "sinks", "keep_recent",
-                                             "max_blocks"))
-def topp_selection(q_idx, k_idx, kv_len, *, top_p: float, q_block: int, kv_block: int, q_offset: int = 0,
-                   sinks: int = 0, keep_recent: int = 64, max_blocks: int | None = None):
-    """bool [B, N, Tb, Sb]: the top-p block selection for every query tile.
-
-    q_idx fp32 [B, T, N, I] (queries at positions q_offset + t), k_idx fp32 [B, S, N, I], kv_len int [B].
-    Memory O(B · N · q_block · S) per tile.
-    """
-    b, t, n, _ = q_idx.shape
-    s = k_idx.shape[1]
-    tb = cdiv(t, q_block)
-    forced = jnp.asarray(band_selection(1, t, s, sinks=sinks, window=max(keep_recent, 1), q_block=q_block,
-                                        kv_block=kv_block, q_offset=q_offset)[0])  # [Tb, Sb]
-    qp = jnp.pad(q_idx, ((0, 0), (0, tb * q_block - t), (0, 0), (0, 0)))
-
-    def tile(i):
-        rows = i * q_block + jnp.arange(q_block)
-        q_pos = jnp.where(rows < t, q_offset + rows, -1)
-        qc = jax.lax.dynamic_slice_in_dim(qp, i * q_block, q_block, axis=1)
-        mass, visible = _tile_block_mass(qc, k_idx, q_pos, kv_len, kv_block)
-        return topp_select(mass, visible, forced[i][None, None], top_p, max_blocks)
-
-    sel = jax.lax.map(tile, jnp.arange(tb))  # [Tb, B, N, Sb]
-    return jnp.moveaxis(sel, 0, 2)
-
-
 def topp_selection_at(q_idx, k_idx, q_pos, kv_len, *, top_p: float, tile: int, kv_block: int, sinks: int = 0,
                       keep_recent: int = 64, max_blocks: int | None = None, local_bias=None):
     """bool [B, N, C / tile, Sb]: top-p selection for queries at traced positions (serving: decode, prefill chunks).
 
     q_idx fp32 [B, C, N, I]; k_idx fp32 [B, S, N, I] (positions 0..S-1); q_pos int [B, C], -1 for padding rows;
-    kv_len int [B]. Each run of `tile` consecutive rows shares one plan (decode: tile=1; prefill: q_block with
-    tile-aligned positions, which makes it equal `topp_selection`'s plan for the same tile). Forced blocks come
+    kv_len int [B]. Each run of `tile` consecutive rows shares one plan (decode: tile=1; prefill: q_block, the
+    tiles counted from the first row). Forced blocks come
     from each row's valid positions. local_bias fp32 [B, C, N] or None: the local prior (module docstring),
     added to the tile's forced blocks. Memory O(B · N · C · S).
     """
@@ -192,16 +151,3 @@ def topp_selection_at(q_idx, k_idx, q_pos, kv_len, *, top_p: float, tile: int, k
     return jnp.moveaxis(sel, 0, 2)
 
 
-def topp_plan(q_idx, k_idx, kv_len, *, top_p: float, q_block: int, kv_block: int, q_offset: int = 0,
-              sinks: int = 0, keep_recent: int = 64, max_blocks: int | None = None) -> BlockPlan:
-    """BlockPlan of retrieval heads from their index queries/keys (no sink/window restriction inside blocks).
-
-    Decode is the case T = 1 with q_offset = the query's position. Shapes as `topp_selection`.
-    """
-    b, _, n, _ = q_idx.shape
-    sel = topp_selection(q_idx, k_idx, jnp.asarray(kv_len, jnp.int32), top_p=top_p, q_block=q_block,
-                         kv_block=kv_block, q_offset=q_offset, sinks=sinks, keep_recent=keep_recent,
-                         max_blocks=max_blocks)
-    full = np.iinfo(np.int32).max // 2
-    return plan_from_selection(sel, sinks=0, window=full, kv_len=kv_len, q_block=q_block, kv_block=kv_block,
-                               q_offset=q_offset, max_blocks=max_blocks)
