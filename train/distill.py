@@ -175,7 +175,7 @@ def build_step(cfg, heads, tx, chunk, shardings, loss_kw=None):
         loss, grads = jax.value_and_grad(lambda p: kl_loss(p, hx, chunk, **loss_kw))(state["params"])
         updates, opt = tx.update(grads, state["opt_state"], state["params"])
         new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt}
-        return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     def evaluate(train, params, tokens, top_p, kv_block, rows=None):
         hx = teacher(params, tokens)
@@ -339,6 +339,22 @@ def finish(c: DistillConfig, ckpt, sparse, heads, state, init_host, before, eval
 
 
 def main(argv=None) -> int:
+    """`--stage 1` (the default: the indexer, this module) or `--stage 2` (`train.stage2`: the model's weights
+    in sparse mode against its dense self)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stage = "1"
+    for i, a in enumerate(argv):
+        if a == "--stage" and i + 1 < len(argv) or a.startswith("--stage="):
+            stage = a.split("=", 1)[1] if "=" in a else argv[i + 1]
+            argv = argv[:i] + argv[i + (1 if "=" in a else 2):]
+            break
+    if stage == "2":
+        from train import stage2
+
+        return stage2.main(argv)
+    if stage != "1":
+        print(f"error: --stage must be 1 or 2, got {stage!r}", file=sys.stderr)
+        return 2
     return run_cli(lambda: run(parse_args(argv)))
 
 

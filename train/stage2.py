@@ -1,0 +1,243 @@
+"""`python -m train.distill --stage 2`: sparse-mode self-distillation of the model against its dense self
+(RTPurbo §6, eq. 7).
+
+The teacher is the converted model in full attention; its top-k (10) logits on every training batch are cached
+offline first (`train.teacher`). The student is the same model in sparse mode through `lm.apply(mode="rtpurbo")`
+— the layer and planner serving runs: local heads on sinks + window, retrieval heads on their frozen indexer's
+top-p blocks, planned per tile of `q_block` query rows as in indexer prefill (teacher-forced positions: the
+paper is silent; a tile shares one plan, so a row may see blocks chosen for its tile-mates — it never sees the
+future). Gradients reach the weights through exact attention over the selected blocks; the selection is not
+differentiated. AdamW (lr 3e-6, 200 warm-up steps then constant, weight decay 0.01, grad-norm 1.0), global
+batch by gradient accumulation (`--accumulate`), params and optimiser state FSDP-sharded over `data` (and heads
+over `model`). The run uses the reusable trainer (`train.trainer`): Orbax keep-K checkpoints, exact resume,
+metrics.jsonl, progress with tokens/s. Outputs in --run-dir: teacher/ (cache), checkpoints/, metrics.jsonl,
+summary.json (KL and top-k agreement before / after on held-out windows) and `model/`, a converted checkpoint
+of the trained weights with the same roles (serve it with its indexer).
+
+Not yet: several processes (the cache is written by one), answer-span masks from dialogue data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from rtpurbo_jax.checkpoint import load_converted, load_indexer, save_converted
+from rtpurbo_jax.cli import run_cli
+from rtpurbo_jax.lm import apply
+from rtpurbo_jax.params import SHARDING_RULES, param_shardings
+from rtpurbo_jax.sparse_config import SparseConfig
+from train.data import PackedWindows
+from train.teacher import TeacherCache, top1_within_topk, topk_agreement, topk_kl
+from train.trainer import (LoopConfig, check_fingerprint, first_metrics_row, log0, make_mesh, open_checkpoints,
+                           run_loop, write_run_config)
+
+TRAINABLE = ("all", "attention", "no_embeddings")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage2Config:
+    model: str = ""  # a converted checkpoint with roles (python -m convert, or a stage-1 run's converted/)
+    indexer: str = ""  # the stage-1 run's indexer/ (frozen)
+    run_dir: str = "runs/stage2"
+    data: str = "kjv"  # as train.distill (a .npy of token ids, text, jsonl, or the bundled corpus)
+    seq_len: int = 2048
+    batch: int = 1  # sequences per micro-step
+    accumulate: int = 1  # micro-steps per optimiser step (global batch = batch x accumulate)
+    steps: int = 600
+    lr: float = 3e-6
+    warmup: int = 200
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    top_k: int = 10
+    top_p: float = 0.9
+    trainable: str = "all"  # all | attention (q, k, v, o projections) | no_embeddings
+    fsdp: bool = True  # shard params and optimiser state over the data axis
+    mesh: str = "-1,1"
+    eval_batches: int = 2
+    log_every: int = 10
+    ckpt_every: int = 50
+    keep: int = 2
+    resume: bool = False
+    seed: int = 0
+    stop_at: int | None = None
+
+    def validate(self) -> None:
+        if not self.model or not self.indexer:
+            raise ValueError("--model (a converted checkpoint with roles) and --indexer (stage 1's indexer/) are needed")
+        if self.steps < 1 or self.batch < 1 or self.accumulate < 1 or self.seq_len < 2 or self.top_k < 1:
+            raise ValueError("--steps, --batch, --accumulate, --top-k must be >= 1 and --seq-len >= 2")
+        if not (0 < self.lr < float("inf")) or self.warmup < 0:
+            raise ValueError(f"--lr must be a finite number > 0 (got {self.lr}) and --warmup >= 0")
+        if not (0 < self.grad_clip < float("inf")) or not (0 <= self.weight_decay < float("inf")):
+            raise ValueError("--grad-clip must be a finite number > 0 and --weight-decay >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"--trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+
+
+FINGERPRINT = ("model", "indexer", "data", "seq_len", "batch", "accumulate", "steps", "lr", "warmup", "weight_decay",
+               "grad_clip", "top_k", "top_p", "trainable", "seed")
+
+
+def parse_args(argv=None) -> Stage2Config:
+    p = argparse.ArgumentParser(prog="python -m train.distill --stage 2", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Stage2Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            typ = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
+            p.add_argument(flag, type=typ, default=f.default)
+    return Stage2Config(**vars(p.parse_args(argv)))
+
+
+def trainable_mask(params: dict, which: str) -> dict:
+    """bool pytree: True for the weights stage 2 updates."""
+    attn = {"wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "q_norm", "k_norm"}
+
+    def keep(path, _):
+        names = {getattr(k, "key", None) for k in path}
+        if which == "attention":
+            return bool(names & attn)
+        if which == "no_embeddings":
+            return not names & {"embed", "lm_head"}
+        return True
+
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(c: Stage2Config, params: dict):
+    sched = optax.join_schedules([optax.linear_schedule(0.0, c.lr, max(c.warmup, 1)), optax.constant_schedule(c.lr)],
+                                 [max(c.warmup, 1)])
+    tx = optax.chain(optax.clip_by_global_norm(c.grad_clip), optax.adamw(sched, weight_decay=c.weight_decay))
+    labels = jax.tree.map(lambda m: "train" if m else "frozen", trainable_mask(params, c.trainable))
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return optax.MultiSteps(tx, c.accumulate) if c.accumulate > 1 else tx
+
+
+def student_logits(params, tokens, cfg, sparse: SparseConfig, indexer: dict):
+    """The student's fp32 logits [B, T, V]: the model in sparse mode with indexer prefill (`lm.apply`)."""
+    return apply(params, tokens, cfg, mode="rtpurbo", sparse=sparse, indexer=indexer)
+
+
+def run(c: Stage2Config) -> dict:
+    c.validate()
+    os.makedirs(c.run_dir, exist_ok=True)
+    ckpt = load_converted(c.model)
+    cfg = ckpt.model_config
+    if not ckpt.meta.get("sparse_config"):
+        raise ValueError(f"{c.model} has no retrieval-head roles; convert it with calibration first")
+    if c.seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"--seq-len {c.seq_len} exceeds the model's {cfg.max_position_embeddings} positions")
+    if jax.process_count() > 1:
+        raise ValueError("stage 2 runs in one process for now (the teacher cache is written by one)")
+    shipped = SparseConfig.from_dict(ckpt.meta["sparse_config"])
+    sparse = dataclasses.replace(shipped, prefill_mode="indexer", top_p=c.top_p, seqlen_threshold=0)
+    indexer = load_indexer(c.indexer, cfg, shipped.index_dim)
+    if c.data.endswith(".npy"):
+        data = PackedWindows(np.load(c.data).astype(np.int32).ravel(), c.seq_len, c.seed)
+    else:
+        data = PackedWindows.from_source(c.data, ckpt.tokenizer(), c.seq_len, c.seed)
+    micro = c.steps * c.accumulate  # micro-batches the run consumes; evaluation windows come after them
+    mesh = make_mesh(c.mesh)
+    rules = {**SHARDING_RULES, "embed": "data"} if c.fsdp else SHARDING_RULES
+    params_sh = param_shardings(cfg, mesh, rules)
+    teacher_params = jax.device_put(ckpt.params, param_shardings(cfg, mesh))
+    tok_sh = NamedSharding(mesh, P("data" if c.batch % mesh.shape["data"] == 0 else None))
+    batch = lambda i: jax.device_put(data.batch(i, c.batch), tok_sh)
+
+    cache = TeacherCache(os.path.join(c.run_dir, "teacher"),
+                         {"model": os.path.abspath(c.model), "data": c.data, "seq_len": c.seq_len, "batch": c.batch,
+                          "seed": c.seed, "top_k": c.top_k, "windows": micro + c.eval_batches})
+    teacher = jax.jit(lambda t: apply(teacher_params, t, cfg))
+    cache.build(micro + c.eval_batches, batch, teacher, c.top_k, log=log0)
+
+    params = jax.device_put(ckpt.params, params_sh)
+    tx = make_optimizer(c, params)
+    state = {"params": params, "opt_state": jax.jit(tx.init)(params)}
+    # optimiser moments follow their params' shardings (FSDP); scalars (step counts) are replicated
+    rep = NamedSharding(mesh, P())
+    state_sh = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else rep, state)
+    state = jax.device_put(state, state_sh)
+    ix = jax.device_put(indexer, rep)
+
+    def loss_fn(p, tokens, t_ids, t_logits):
+        return topk_kl(student_logits(p, tokens, cfg, sparse, ix), t_ids, t_logits)
+
+    def step(state, tokens, t_ids, t_logits):
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], tokens, t_ids, t_logits)
+        updates, opt = tx.update(grads, state["opt_state"], state["params"])
+        return ({"params": optax.apply_updates(state["params"], updates), "opt_state": opt},
+                {"loss": loss, "grad_norm": optax.tree.norm(grads)})
+
+    step_j = jax.jit(step, in_shardings=(state_sh, tok_sh, tok_sh, tok_sh), out_shardings=(state_sh, None),
+                     donate_argnums=(0,))
+    def metrics(p, t, i, lg):
+        s = student_logits(p, t, cfg, sparse, ix)
+        return {"kl": topk_kl(s, i, lg), "topk_agreement": topk_agreement(s, i), "top1_within_topk": top1_within_topk(s, i)}
+
+    metrics_j = jax.jit(metrics)
+
+    def evaluate(step_no, state):
+        rows = [metrics_j(state["params"], batch(micro + j), *cache.get(micro + j)) for j in range(c.eval_batches)]
+        return {"step": step_no, **{k: float(np.mean([r[k] for r in rows])) for k in rows[0]}}
+
+    def train_step(state, i):  # optimiser step i = micro-steps i*A .. i*A + A - 1
+        m = None
+        for j in range(i * c.accumulate, (i + 1) * c.accumulate):
+            ids, lg = cache.get(j)
+            state, m = step_j(state, batch(j), ids, lg)
+        return state, m
+
+    loop = LoopConfig(run_dir=c.run_dir, steps=c.steps, log_every=c.log_every, ckpt_every=c.ckpt_every, keep=c.keep,
+                      resume=c.resume, stop_at=c.stop_at, name="stage2")
+    config = dataclasses.asdict(c)
+    mngr, start, state = open_checkpoints(loop, state, state_sh,
+                                          lambda: check_fingerprint(c.run_dir, config, FINGERPRINT))
+    write_run_config(loop, {**config, "stage": 2, "devices": jax.device_count(), "mesh": dict(mesh.shape)}, start)
+    first = first_metrics_row(loop, start)
+    before = first if first is not None and "kl" in first else evaluate(start, state)
+    log0(f"[stage2] {cfg.model_type} {cfg.num_layers} layers, {int(sparse.roles_array.sum())} retrieval heads, "
+         f"trainable {c.trainable}, mesh {dict(mesh.shape)}; before: KL {before['kl']:.4f}, top-{c.top_k} agreement "
+         f"{before['topk_agreement']:.3f} (top-1 within it {before['top1_within_topk']:.3f})")
+    state, stopped = run_loop(loop, state, mngr, start, train_step, evaluate,
+                              c.batch * c.accumulate * c.seq_len, rows=[before] if start == 0 else [])
+    if stopped:
+        return {"stopped_at": c.stop_at}
+    after = evaluate(c.steps, state)
+    log0(f"[stage2] after {c.steps} steps: KL {after['kl']:.4f}, top-{c.top_k} agreement {after['topk_agreement']:.3f} "
+         f"(top-1 within it {after['top1_within_topk']:.3f})")
+    out = os.path.join(c.run_dir, "model")
+    save_converted(out, jax.device_get(state["params"]), cfg, sparse_config=shipped.to_dict(), source=c.model,
+                   tokenizer=_tokenizer_or_none(ckpt), overwrite=os.path.exists(out),
+                   extra={"stage2": {"from": os.path.abspath(c.model), "indexer": os.path.abspath(c.indexer),
+                                     "steps": c.steps}})
+    summary = {"before": before, "after": after}
+    with open(os.path.join(c.run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def _tokenizer_or_none(ckpt):
+    """The checkpoint's tokenizer, or None when it was converted without one (it is copied into model/)."""
+    has = any(f.startswith("tokenizer") for f in os.listdir(ckpt.path))
+    return ckpt.tokenizer() if has else None
+
+
+def main(argv=None) -> int:
+    return run_cli(lambda: run(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

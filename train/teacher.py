@@ -1,0 +1,124 @@
+"""Stage 2's teacher: the dense model's top-k logits cached offline, and the loss against them (RTPurbo eq. 7).
+
+Cache layout (RUN_DIR/teacher/): one `shard_<first step>.npz` per `steps_per_shard` training steps holding
+ids int32 [steps, B, T, k] and logits float16 [steps, B, T, k] of the dense model on exactly the batches those
+steps train on (`train.data` windows are deterministic per step), plus `meta.json` (model source, data, shapes,
+k). Shards are written to a temporary name and renamed, so a killed build leaves only whole shards; a rebuild
+skips them (resumable) and refuses a cache made for other settings.
+
+Loss (eq. 7): per position, forward KL between softmax of the teacher's top-k logits and the softmax of the
+student's logits at the same k ids (both renormalised over the k ids), averaged over the positions of `mask`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def teacher_topk(logits, k: int):
+    """(ids int32 [..., k], logits fp32 [..., k]): the k largest logits of fp32 [..., V], descending."""
+    vals, ids = jax.lax.top_k(logits.astype(jnp.float32), k)
+    return ids.astype(jnp.int32), vals
+
+
+def topk_kl(student_logits, t_ids, t_logits, mask=None):
+    """Mean over positions (where mask [B, T] is True; all without one) of KL(p_t || q_s) with
+    p_t = softmax(t_logits [B, T, k]) and q_s = softmax(student_logits [B, T, V] at t_ids [B, T, k])."""
+    s = jnp.take_along_axis(student_logits.astype(jnp.float32), t_ids, axis=-1)
+    log_p = jax.nn.log_softmax(t_logits.astype(jnp.float32), -1)
+    kl = (jnp.exp(log_p) * (log_p - jax.nn.log_softmax(s, -1))).sum(-1)  # [B, T]
+    if mask is None:
+        return kl.mean()
+    m = mask.astype(jnp.float32)
+    return (kl * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+
+def topk_agreement(student_logits, t_ids, mask=None):
+    """Mean fraction of the teacher's top-k ids [B, T, k] that are also in the student's top-k."""
+    k = t_ids.shape[-1]
+    _, s_ids = jax.lax.top_k(student_logits.astype(jnp.float32), k)
+    hit = (s_ids[..., :, None] == t_ids[..., None, :]).any(-2).mean(-1)  # [B, T]
+    if mask is None:
+        return hit.mean()
+    m = mask.astype(jnp.float32)
+    return (hit * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+
+def top1_within_topk(student_logits, t_ids, mask=None):
+    """Mean over positions of: the student's best among the teacher's top-k ids [B, T, k] is the teacher's top-1
+    (what eq. 7 constrains; the overlap `topk_agreement` also depends on logits outside the teacher's top-k,
+    which the loss leaves free)."""
+    s = jnp.take_along_axis(student_logits.astype(jnp.float32), t_ids, axis=-1)
+    hit = (jnp.argmax(s, -1) == 0).astype(jnp.float32)  # teacher ids are in descending order
+    if mask is None:
+        return hit.mean()
+    m = mask.astype(jnp.float32)
+    return (hit * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+
+class TeacherCache:
+    """Top-k teacher logits for steps 0..steps-1 under `root`, built once by `build` and read per step."""
+
+    def __init__(self, root: str, meta: dict, steps_per_shard: int = 16):
+        self.root, self.meta, self.per = root, dict(meta, steps_per_shard=steps_per_shard), steps_per_shard
+        self._loaded: tuple[int, dict] | None = None
+
+    def _path(self, first: int) -> str:
+        return os.path.join(self.root, f"shard_{first:08d}.npz")
+
+    def check_meta(self) -> None:
+        """Write meta.json, or refuse an existing cache made for other settings (naming them)."""
+        os.makedirs(self.root, exist_ok=True)
+        path = os.path.join(self.root, "meta.json")
+        if os.path.exists(path):
+            old = json.load(open(path))
+            diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in self.meta.items() if old.get(k) != v]
+            if diff:
+                raise ValueError(f"{self.root} holds teacher logits for other settings ({'; '.join(diff)}); "
+                                 "use another --run-dir")
+            return
+        with open(path + ".tmp", "w") as f:
+            json.dump(self.meta, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+    def build(self, steps: int, batch_fn: Callable[[int], np.ndarray], logits_fn: Callable, k: int,
+              log=print) -> int:
+        """Compute the missing shards (process 0 writes; every process computes its batches the same way).
+        batch_fn(step) -> tokens int [B, T]; logits_fn(tokens) -> fp32 [B, T, V]. Returns the bytes on disk."""
+        from tqdm import tqdm
+
+        self.check_meta()
+        topk = jax.jit(lambda t: teacher_topk(logits_fn(t), k))
+        firsts = [f for f in range(0, steps, self.per) if not os.path.exists(self._path(f))]
+        bar = tqdm(total=len(firsts) * self.per, desc="teacher top-k", disable=jax.process_index() != 0 or not firsts)
+        for first in firsts:
+            ids, vals = [], []
+            for step in range(first, min(first + self.per, steps)):
+                i, v = topk(jnp.asarray(batch_fn(step)))
+                ids.append(np.asarray(i, np.int32))
+                vals.append(np.asarray(v, np.float16))
+                bar.update(1)
+            if jax.process_index() == 0:
+                tmp = self._path(first) + ".tmp.npz"
+                np.savez(tmp, ids=np.stack(ids), logits=np.stack(vals))
+                os.replace(tmp, self._path(first))
+        bar.close()
+        size = sum(os.path.getsize(os.path.join(self.root, f)) for f in os.listdir(self.root) if f.endswith(".npz"))
+        log(f"[stage2] teacher top-{k} logits for {steps} steps: {size / 2**20:.1f} MiB in {self.root}"
+            + ("" if firsts else " (cached)"))
+        return size
+
+    def get(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int32 [B, T, k], logits fp32 [B, T, k]) of training step `step`."""
+        first = step - step % self.per
+        if self._loaded is None or self._loaded[0] != first:
+            with np.load(self._path(first)) as z:
+                self._loaded = (first, {"ids": z["ids"], "logits": z["logits"]})
+        d = self._loaded[1]
+        return d["ids"][step - first], d["logits"][step - first].astype(np.float32)
