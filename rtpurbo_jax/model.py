@@ -115,14 +115,15 @@ def decoder_layer(lp: dict, x: jax.Array, cfg: ModelConfig, cos, sin, attend: Ca
 
 def forward(params: dict, tokens: jax.Array, cfg: ModelConfig, *, positions=None, lengths=None,
             attn_fn: Callable | None = None, layer_data=None, collect: tuple[str, ...] = (),
-            return_hidden: bool = False, chunk: int = 512):
+            return_hidden: bool = False, chunk: int = 512, remat: bool = False):
     """Logits fp32 [B, T, V] for int tokens [B, T].
 
     positions: int [B, T], default 0..T-1. lengths: int [B] valid tokens of right-padded rows (their padded
     positions produce finite but meaningless logits). attn_fn(qkv: dict, layer_data) -> [B, T, N, H];
     layer_data: pytree with a leading L axis, sliced per layer. collect: names from COLLECTABLE, returned
     stacked as dict name -> [L, B, T, heads, H]. Returns logits, or (logits, collected) when collect is set;
-    return_hidden returns the final normed hidden states [B, T, D] instead of logits.
+    return_hidden returns the final normed hidden states [B, T, D] instead of logits. remat: recompute each
+    layer in the backward pass (`jax.checkpoint`): activation memory of one layer instead of all (training).
     """
     bad = set(collect) - set(COLLECTABLE)
     if bad:
@@ -139,7 +140,7 @@ def forward(params: dict, tokens: jax.Array, cfg: ModelConfig, *, positions=None
         x, qkv, _ = decoder_layer(lp, x, cfg, cos, sin, lambda qkv: (attn_fn(qkv, ld), None))
         return x, {name: qkv[name] for name in collect}
 
-    x, collected = jax.lax.scan(layer, x, (params["layers"], layer_data))
+    x, collected = jax.lax.scan(jax.checkpoint(layer) if remat else layer, x, (params["layers"], layer_data))
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     out = x if return_hidden else logits_from_hidden(params, x, cfg)
     return (out, collected) if collect else out

@@ -38,7 +38,9 @@ from rtpurbo_jax.sparse_config import SparseConfig
 from train.data import PackedWindows
 from train.teacher import TeacherCache, top1_within_topk, topk_agreement, topk_kl
 from train.trainer import (LoopConfig, check_fingerprint, first_metrics_row, log0, make_mesh, open_checkpoints,
-                           run_loop, write_run_config)
+                           plot_curves, read_metrics, run_loop, write_run_config)
+
+CURVES = {"kl": "KL (held-out)", "topk_agreement": "top-k overlap", "top1_within_topk": "top-1 within top-k"}
 
 TRAINABLE = ("all", "attention", "no_embeddings")
 
@@ -61,6 +63,7 @@ class Stage2Config:
     top_p: float = 0.9
     trainable: str = "all"  # all | attention (q, k, v, o projections) | no_embeddings
     fsdp: bool = True  # shard params and optimiser state over the data axis
+    remat: bool = True  # recompute each layer in the backward pass (activation memory of one layer)
     mesh: str = "-1,1"
     eval_batches: int = 2
     log_every: int = 10
@@ -126,9 +129,9 @@ def make_optimizer(c: Stage2Config, params: dict):
     return optax.MultiSteps(tx, c.accumulate) if c.accumulate > 1 else tx
 
 
-def student_logits(params, tokens, cfg, sparse: SparseConfig, indexer: dict):
+def student_logits(params, tokens, cfg, sparse: SparseConfig, indexer: dict, remat: bool = False):
     """The student's fp32 logits [B, T, V]: the model in sparse mode with indexer prefill (`lm.apply`)."""
-    return apply(params, tokens, cfg, mode="rtpurbo", sparse=sparse, indexer=indexer)
+    return apply(params, tokens, cfg, mode="rtpurbo", sparse=sparse, indexer=indexer, remat=remat)
 
 
 def run(c: Stage2Config) -> dict:
@@ -173,7 +176,7 @@ def run(c: Stage2Config) -> dict:
     ix = jax.device_put(indexer, rep)
 
     def loss_fn(p, tokens, t_ids, t_logits):
-        return topk_kl(student_logits(p, tokens, cfg, sparse, ix), t_ids, t_logits)
+        return topk_kl(student_logits(p, tokens, cfg, sparse, ix, c.remat), t_ids, t_logits)
 
     def step(state, tokens, t_ids, t_logits):
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], tokens, t_ids, t_logits)
@@ -224,6 +227,9 @@ def run(c: Stage2Config) -> dict:
                    extra={"stage2": {"from": os.path.abspath(c.model), "indexer": os.path.abspath(c.indexer),
                                      "steps": c.steps}})
     summary = {"before": before, "after": after}
+    if jax.process_index() == 0:
+        plot_curves(read_metrics(loop) + [after], os.path.join(c.run_dir, "curves.png"), CURVES,
+                    f"KL on the teacher's top-{c.top_k}")
     with open(os.path.join(c.run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary

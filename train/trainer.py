@@ -204,6 +204,28 @@ def run_loop(loop: LoopConfig, state, mngr, start: int, step_fn: Callable, evalu
     return state, bool(loop.stop_at is not None and loop.stop_at < loop.steps)
 
 
+def plot_curves(rows: list[dict], path: str, eval_keys: dict[str, str], loss_label: str = "loss") -> None:
+    """PNG: the training loss per logged step (left) and evaluation metrics `eval_keys` {key: label} (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    train = [r for r in rows if "grad_norm" in r]
+    ax[0].plot([r["step"] for r in train], [r["loss"] for r in train])
+    ax[0].set(xlabel="step", ylabel=loss_label, yscale="log")
+    for key, label in eval_keys.items():
+        ev = [r for r in rows if key in r]
+        if ev:
+            ax[1].plot([r["step"] for r in ev], [r[key] for r in ev], marker="o", label=label)
+    ax[1].set(xlabel="step")
+    ax[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def read_metrics(loop: LoopConfig) -> list[dict]:
     """Every row of metrics.jsonl (empty when there is none)."""
     path = loop.metrics_path
@@ -211,4 +233,4 @@ def read_metrics(loop: LoopConfig) -> list[dict]:
 
 
 __all__ = ["LoopConfig", "check_fingerprint", "first_metrics_row", "init_distributed", "log0", "make_mesh",
-           "open_checkpoints", "read_metrics", "restore_latest_good", "run_loop", "sync", "write_run_config"]
+           "open_checkpoints", "plot_curves", "read_metrics", "restore_latest_good", "run_loop", "sync", "write_run_config"]

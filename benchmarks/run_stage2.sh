@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Stage 2 on one GPU, as committed in benchmarks/results/stage2_smollm2_h100/: sparse-mode self-distillation of
+# a converted model against its dense self with a frozen stage-1 indexer, then the accuracy suite on the same
+# prompts for the model before (rows "full", "rtpurbo") and after stage 2 (rows "full_stage2",
+# "rtpurbo_stage2"), merged into one accuracy JSON.
+#   bash benchmarks/run_stage2.sh OUTDIR CONVERTED INDEXER
+# Environment: SEQ (4096), STEPS (300), LR (3e-6), WARMUP (50), LENGTHS ("4096"), PROMPTS (20),
+# TASKS ("niah_single_noise niah_single_prose niah_multikey").
+set -uo pipefail
+OUT=${1:?usage: run_stage2.sh OUTDIR CONVERTED INDEXER}
+CONV=${2:?converted checkpoint}
+IX=${3:?stage-1 indexer dir}
+export PYTHONUNBUFFERED=1
+t0=$(date +%s)
+stamp() { echo "[run_stage2] $1 at $(( $(date +%s) - t0 ))s"; }
+mkdir -p "$OUT"
+python -m train.distill --stage 2 --model "$CONV" --indexer "$IX" --run-dir "$OUT/stage2" --seq-len "${SEQ:-4096}" \
+  --steps "${STEPS:-300}" --lr "${LR:-3e-6}" --warmup "${WARMUP:-50}" --log-every 10 --ckpt-every 100 \
+  --eval-batches 4 > "$OUT/stage2.log" 2>&1 || { tail -30 "$OUT/stage2.log"; exit 1; }
+grep "\[stage2\]" "$OUT/stage2.log"
+stamp "stage 2 trained"
+common=(--indexer "$IX" --lengths ${LENGTHS:-4096} --prompts "${PROMPTS:-20}" --modes full rtpurbo
+        --tasks ${TASKS:-niah_single_noise niah_single_prose niah_multikey})
+python -m benchmarks.accuracy --converted "$CONV" "${common[@]}" --out "$OUT/acc_stage1" > "$OUT/acc_stage1.log" 2>&1
+stamp "accuracy before stage 2"
+python -m benchmarks.accuracy --converted "$OUT/stage2/model" "${common[@]}" --out "$OUT/acc_stage2" \
+  > "$OUT/acc_stage2.log" 2>&1
+stamp "accuracy after stage 2"
+python - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+a, b = (json.load(open(f"{out}/{n}.json")) for n in ("acc_stage1", "acc_stage2"))
+for r in b["rows"]:
+    r["mode"] += "_stage2"
+merged = {**a, "rows": a["rows"] + b["rows"], "stage2": json.load(open(f"{out}/stage2/summary.json")),
+          "config_stage2": b["config"]}
+json.dump(merged, open(f"{out}/accuracy_stage2.json", "w"), indent=1)
+for r in merged["rows"]:
+    print(f"{r['mode']:16s} {r['task']:20s} {r['length']:6d} {r['score']:8.2f} {r.get('blocks_frac')}")
+PY
+stamp done
