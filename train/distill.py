@@ -9,15 +9,14 @@ and after) through the serving API.
 Outputs under --run-dir: config.json (resolved), converted/ (when converting), checkpoints/<step>/ (Orbax,
 atomic, keep-K), metrics.jsonl, curves.png, indexer/ (final [L, N, H, I] maps, Orbax).
 Pod use: gcloud compute tpus tpu-vm ssh NAME --worker=all --command "python -m train.distill --model DIR ..."
+Stage 2 (the model's weights in sparse mode against its dense self): `python -m train.distill --stage 2 --help`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-import re
 import sys
 
 import jax
@@ -33,8 +32,8 @@ from rtpurbo_jax.indexer import scatter_rows
 from rtpurbo_jax.model import forward
 from rtpurbo_jax.params import param_shardings
 from rtpurbo_jax.sparse_config import SparseConfig
-from train.trainer import (LoopConfig, check_fingerprint, first_metrics_row, init_distributed, log0, make_mesh,
-                           open_checkpoints, read_metrics, run_loop, sync, write_run_config)
+from train.trainer import (LoopConfig, check_fingerprint, config_from_argv, first_metrics_row, init_distributed,
+                           log0, make_mesh, open_checkpoints, read_metrics, run_loop, sync, write_run_config)
 from train.data import EventWindows, PackedWindows, held_out_retrieval
 from train.objective import INITS, LOSS_LEVELS, LOSS_WEIGHTS, gather_heads, init_rows, kl_loss, recall_metrics
 
@@ -101,26 +100,7 @@ class DistillConfig:
 
 
 def parse_args(argv=None) -> DistillConfig:
-    p = argparse.ArgumentParser(prog="python -m train.distill", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(DistillConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            p.add_argument(flag, action="store_true")
-        else:
-            typ = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
-            p.add_argument(flag, type=typ, default=f.default)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # "--mesh -1,1": argparse reads a value that starts with "-" as a flag; bind such values to their flag
-    joined, i = [], 0
-    while i < len(argv):
-        if argv[i].startswith("--") and "=" not in argv[i] and i + 1 < len(argv) and re.match(r"-\.?\d", argv[i + 1]):
-            joined.append(f"{argv[i]}={argv[i + 1]}")
-            i += 2
-        else:
-            joined.append(argv[i])
-            i += 1
-    return DistillConfig(**vars(p.parse_args(joined)))
+    return config_from_argv(DistillConfig, argv, "python -m train.distill", __doc__)
 
 
 # flags that define a run: a --resume must repeat them (others, like --log-every, may change)

@@ -19,7 +19,6 @@ Not yet: several processes (the cache is written by one), answer-span masks from
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -37,8 +36,8 @@ from rtpurbo_jax.params import SHARDING_RULES, param_shardings
 from rtpurbo_jax.sparse_config import SparseConfig
 from train.data import PackedWindows
 from train.teacher import TeacherCache, top1_within_topk, topk_agreement, topk_kl
-from train.trainer import (LoopConfig, check_fingerprint, first_metrics_row, log0, make_mesh, open_checkpoints,
-                           plot_curves, read_metrics, run_loop, write_run_config)
+from train.trainer import (LoopConfig, check_fingerprint, config_from_argv, first_metrics_row, log0, make_mesh,
+                           open_checkpoints, plot_curves, read_metrics, run_loop, write_run_config)
 
 CURVES = {"kl": "KL (held-out)", "topk_agreement": "top-k overlap", "top1_within_topk": "top-1 within top-k"}
 
@@ -93,16 +92,7 @@ FINGERPRINT = ("model", "indexer", "data", "seq_len", "batch", "accumulate", "st
 
 
 def parse_args(argv=None) -> Stage2Config:
-    p = argparse.ArgumentParser(prog="python -m train.distill --stage 2", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Stage2Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            typ = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
-            p.add_argument(flag, type=typ, default=f.default)
-    return Stage2Config(**vars(p.parse_args(argv)))
+    return config_from_argv(Stage2Config, argv, "python -m train.distill --stage 2", __doc__)
 
 
 def trainable_mask(params: dict, which: str) -> dict:

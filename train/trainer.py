@@ -9,10 +9,13 @@ returns a dict row (logged at every checkpoint step).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
+import re
 import shutil
+import sys
 import time
 from typing import Callable
 
@@ -61,6 +64,31 @@ def make_mesh(spec: str):
     auto = jax.sharding.AxisType.Auto  # the frozen backbone runs under GSPMD propagation
     devs = np.asarray(jax.devices()[: d * m]).reshape(d, m)
     return jax.sharding.Mesh(devs, ("data", "model"), axis_types=(auto, auto))
+
+
+def config_from_argv(cls, argv, prog: str, description: str):
+    """A frozen config dataclass `cls` from command-line flags: one flag per field (--snake-case; bools take
+    --flag / --no-flag), defaults from the dataclass. A value that starts with "-" and a digit (--mesh -1,1)
+    is bound to its flag (argparse would read it as a flag)."""
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            typ = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
+            p.add_argument(flag, type=typ, default=f.default)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    joined, i = [], 0
+    while i < len(argv):
+        if argv[i].startswith("--") and "=" not in argv[i] and i + 1 < len(argv) and re.match(r"-\.?\d", argv[i + 1]):
+            joined.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            joined.append(argv[i])
+            i += 1
+    return cls(**vars(p.parse_args(joined)))
 
 
 def check_fingerprint(run_dir: str, config: dict, keys: tuple[str, ...]) -> None:
@@ -232,5 +260,5 @@ def read_metrics(loop: LoopConfig) -> list[dict]:
     return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
-__all__ = ["LoopConfig", "check_fingerprint", "first_metrics_row", "init_distributed", "log0", "make_mesh",
+__all__ = ["LoopConfig", "check_fingerprint", "config_from_argv", "first_metrics_row", "init_distributed", "log0", "make_mesh",
            "open_checkpoints", "plot_curves", "read_metrics", "restore_latest_good", "run_loop", "sync", "write_run_config"]
