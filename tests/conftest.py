@@ -16,6 +16,17 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop jit caches and compiled executables after each test module: the whole suite runs in one process on
+    a 24 GiB CI machine, and 30-layer real-model programs from earlier modules are never needed again."""
+    yield
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
+
+
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
 
