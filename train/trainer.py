@@ -197,7 +197,7 @@ def first_metrics_row(loop: LoopConfig, start: int) -> dict | None:
 def run_loop(loop: LoopConfig, state, mngr, start: int, step_fn: Callable, evaluate: Callable,
              tokens_per_step: int, rows: list[dict] | None = None):
     """Steps start..loop.steps (or loop.stop_at): step, save (the manager keeps every ckpt_every-th), log every
-    log_every steps (loss, grad_norm if given, tokens/s on the bar), evaluate at checkpoint steps, append rows to
+    log_every steps (loss, grad_norm if given, tokens/s of the steps after the first on the bar), evaluate at checkpoint steps, append rows to
     metrics.jsonl. A non-finite loss stops the run before it is saved, naming the last good checkpoint.
     Returns (state, stopped early)."""
     import orbax.checkpoint as ocp
@@ -205,20 +205,23 @@ def run_loop(loop: LoopConfig, state, mngr, start: int, step_fn: Callable, evalu
 
     rows = list(rows or [])
     bar = tqdm(range(start, loop.steps), disable=jax.process_index() != 0, desc=loop.name, dynamic_ncols=True)
-    t0, toks = time.time(), 0
-    for step in bar:
+    busy, toks = 0.0, 0  # tokens/s of the steps themselves: the first (compiling) step, evaluation and
+    for step in bar:     # checkpoint writes are not counted
         if loop.stop_at is not None and step >= loop.stop_at:
             log0(f"[{loop.name}] stopping at step {step} (--stop-at); continue with --resume")
             break
+        t_step = time.time()
         state, m = step_fn(state, step)
-        toks += tokens_per_step
-        loss = float(m["loss"])
+        loss = float(m["loss"])  # waits for the step
+        dt = time.time() - t_step
+        if step > start:
+            busy, toks = busy + dt, toks + tokens_per_step
         if not np.isfinite(loss):  # stop before saving it: the last checkpoint stays the last good one
             raise ValueError(f"non-finite loss at step {step + 1}; the last good checkpoint is step "
                              f"{mngr.latest_step()} in {loop.run_dir}/checkpoints (lower --lr or --grad-clip, then "
                              "--resume)")
         if (step + 1) % loop.log_every == 0 or step + 1 == loop.steps:
-            row = {"step": step + 1, **{k: float(v) for k, v in m.items()}, "tokens_per_s": toks / (time.time() - t0)}
+            row = {"step": step + 1, **{k: float(v) for k, v in m.items()}, "tokens_per_s": toks / busy if busy else tokens_per_step / dt}
             rows.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
         mngr.save(step + 1, args=ocp.args.StandardSave(state))
