@@ -40,10 +40,15 @@ class Converted:
     meta: dict[str, Any]
     path: str
 
+    @property
+    def has_tokenizer(self) -> bool:
+        """True when the checkpoint holds tokenizer files (a converted source without one has none)."""
+        return any(f.startswith("tokenizer") for f in os.listdir(self.path))
+
     def tokenizer(self):
         from transformers import AutoTokenizer
 
-        if not any(f.startswith("tokenizer") for f in os.listdir(self.path)):
+        if not self.has_tokenizer:
             raise CheckpointError(f"{self.path} holds no tokenizer files")
         return AutoTokenizer.from_pretrained(self.path)
 

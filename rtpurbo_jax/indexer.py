@@ -6,7 +6,7 @@ retrieval heads' rows are trained and read —
     w_local  [L, N, H]      optional local prior (a linear function of the pre-RoPE query) and its
     b_local  [L, N]         bias, added to the log-mass of the forced blocks (`pallas_kernels.indexer_topp`)
 Derived views: `rows(indexer, layer, heads)` gives one layer's R heads ([R, H, I] ...), the layout serving and
-stage-1 training work in; `scatter_rows` writes trained rows back.
+stage-1 training work in; `full_layout` writes trained rows back.
 
 Token score = project_queries(q_pre) · project_keys(k_pre) (no 1/sqrt scale: stage 1 learns the temperature).
 """
@@ -66,7 +66,7 @@ def rows(indexer: dict, layer, heads) -> dict:
     return {k: v[layer][heads] for k, v in indexer.items()}
 
 
-def scatter_rows(train: dict, heads: np.ndarray, cfg: ModelConfig) -> dict:
+def full_layout(train: dict, heads: np.ndarray, cfg: ModelConfig) -> dict:
     """The full layout (zeros for untrained heads) from rows of heads (layer, q head) int [R, 2]."""
     out = {}
     for name, w in train.items():
@@ -101,4 +101,4 @@ def local_prior(q_pre, ix: dict):
 
 
 __all__ = ["check_indexer", "indexer_specs", "init_indexer", "local_prior", "project_keys", "project_queries",
-           "rows", "scatter_rows"]
+           "full_layout", "rows"]

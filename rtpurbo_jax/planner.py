@@ -144,11 +144,7 @@ def visited_fraction(plan: DecodePlan, rows: tuple[int, ...], kv_len) -> jax.Arr
     b, k, m = plan.counts.shape + (plan.head_mask.shape[2],)
     used = plan.head_mask & (jnp.arange(m)[None, None, :, None] < plan.counts[..., None, None])
     per_head = used.sum(2).reshape(b, -1)  # [B, N'] blocks each head visits
-    return (per_head[:, jnp.asarray(rows)] / cdiv_arr(kv_len, plan.kv_block)[:, None]).mean(-1)
-
-
-def cdiv_arr(x, d: int):
-    return -(-jnp.asarray(x) // d)
+    return (per_head[:, jnp.asarray(rows)] / cdiv(jnp.asarray(kv_len), plan.kv_block)[:, None]).mean(-1)
 
 
 __all__ = ["chunk_plan", "decode_step_plan", "dense_call", "head_band", "local_band", "merge_roles",

@@ -108,8 +108,10 @@ def _run_tokens(params, cache: HybridCache, tokens, pos: Positions, indexer, cfg
         elif ll.retrieval_q:  # dense retrieval everywhere: index keys are unused, keep them zero
             zero = jnp.zeros((len(ll.retrieval_q), cfg.head_dim, layout.index_dim), jnp.float32)
             ix = {"w_q": zero, "w_k": zero}
-        attend = lambda qkv: (lambda o, lc2, f: (o, (lc2, f)))(
-            *cached_attention(qkv, lc, ll, layout, cfg, sparse, ix, pos, call))
+        def attend(qkv):  # called at once, inside this iteration
+            out, new_lc, frac = cached_attention(qkv, lc, ll, layout, cfg, sparse, ix, pos, call)
+            return out, (new_lc, frac)
+
         x, _, (lc, frac) = decoder_layer(lp, x, cfg, cos, sin, attend)
         if frac is not None:
             fracs.append(frac)

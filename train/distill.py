@@ -28,12 +28,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from rtpurbo_jax.checkpoint import CheckpointError, load_converted, write_params
 from rtpurbo_jax.cli import run_cli
 from rtpurbo_jax.evals.decoding import needle_accuracy
-from rtpurbo_jax.indexer import scatter_rows
+from rtpurbo_jax.indexer import full_layout
 from rtpurbo_jax.model import forward
 from rtpurbo_jax.params import param_shardings
 from rtpurbo_jax.sparse_config import SparseConfig
 from train.trainer import (LoopConfig, check_fingerprint, config_from_argv, first_metrics_row, init_distributed,
-                           log0, make_mesh, open_checkpoints, read_metrics, run_loop, sync, write_run_config)
+                           log0, make_mesh, open_checkpoints, plot_curves, read_metrics, run_loop, sync,
+                           write_run_config)
 from train.data import EventWindows, PackedWindows, held_out_retrieval
 from train.objective import INITS, LOSS_LEVELS, LOSS_WEIGHTS, gather_heads, init_rows, kl_loss, recall_metrics
 
@@ -102,6 +103,9 @@ class DistillConfig:
 def parse_args(argv=None) -> DistillConfig:
     return config_from_argv(DistillConfig, argv, "python -m train.distill", __doc__)
 
+
+CURVES = {"recall": "recall @ top-p", "selected_frac": "indexer blocks", "oracle_frac": "oracle blocks",
+          "heldout_top_hit": "needle-block hit (held-out)", "heldout_recall": "recall (held-out)"}
 
 # flags that define a run: a --resume must repeat them (others, like --log-every, may change)
 FINGERPRINT = ("model", "data", "seq_len", "batch", "steps", "lr", "warmup", "weight_decay", "grad_clip", "index_dim",
@@ -179,28 +183,6 @@ def describe(m: dict) -> str:
                 f"{m['heldout_top_hit']:.3f} blocks {m['heldout_selected_frac']:.3f} (oracle "
                 f"{m['heldout_oracle_frac']:.3f})")
     return out
-
-
-def save_curves(rows: list[dict], path: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
-    train = [r for r in rows if "loss" in r and "recall" not in r]
-    ev = [r for r in rows if "recall" in r]
-    ax[0].plot([r["step"] for r in train], [r["loss"] for r in train])
-    ax[0].set(xlabel="step", ylabel="KL (summed over retrieval heads)", yscale="log")
-    for key, lab in (("recall", "recall @ top-p"), ("selected_frac", "indexer blocks"), ("oracle_frac", "oracle blocks"),
-                     ("heldout_top_hit", "needle-block hit (held-out)"), ("heldout_recall", "recall (held-out)")):
-        if ev and key in ev[-1]:
-            ax[1].plot([r["step"] for r in ev if key in r], [r[key] for r in ev if key in r], marker="o", label=lab)
-    ax[1].set(xlabel="step", ylim=(0, 1.02))
-    ax[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run(c: DistillConfig) -> dict:
@@ -292,7 +274,7 @@ def finish(c: DistillConfig, ckpt, sparse, heads, state, init_host, before, eval
     run the needle check through serving, write summary.json."""
     cfg = ckpt.model_config
     after = evaluate(c.steps, state)
-    indexer = scatter_rows(jax.device_get(state["params"]), heads, cfg)
+    indexer = full_layout(jax.device_get(state["params"]), heads, cfg)
     out = os.path.join(c.run_dir, "indexer")
     if jax.process_index() == 0 and os.path.exists(out):  # this run's own earlier output (e.g. before a --resume)
         import shutil
@@ -303,11 +285,12 @@ def finish(c: DistillConfig, ckpt, sparse, heads, state, init_host, before, eval
     else:
         write_params(out, indexer)
     if jax.process_index() == 0:
-        save_curves([before] + read_metrics(loop), os.path.join(c.run_dir, "curves.png"))
+        plot_curves([before] + read_metrics(loop), os.path.join(c.run_dir, "curves.png"), CURVES,
+                    "KL (summed over retrieval heads)", ylim=(0, 1.02))
     summary = {"before": before, "after": after, "retrieval_heads": len(heads)}
     log0(f"[distill] after {c.steps} steps: {describe(after)}")
     if c.eval_passkey and tok is not None and c.eval_len + 16 <= cfg.max_position_embeddings:
-        init_ix = scatter_rows(init_host, heads, cfg)
+        init_ix = full_layout(init_host, heads, cfg)
         sp = dataclasses.replace(sparse, seqlen_threshold=0, top_p=c.top_p)
         runs = {"full": (None, None), "before": (sp, init_ix), "after": (sp, indexer)}
         summary["needle"] = needle_accuracy(ckpt.params, cfg, tok, runs, length=c.eval_len, prompts=c.eval_passkey,

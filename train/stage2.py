@@ -213,7 +213,7 @@ def run(c: Stage2Config) -> dict:
          f"(top-1 within it {after['top1_within_topk']:.3f})")
     out = os.path.join(c.run_dir, "model")
     save_converted(out, jax.device_get(state["params"]), cfg, sparse_config=shipped.to_dict(), source=c.model,
-                   tokenizer=_tokenizer_or_none(ckpt), overwrite=os.path.exists(out),
+                   tokenizer=ckpt.tokenizer() if ckpt.has_tokenizer else None, overwrite=os.path.exists(out),
                    extra={"stage2": {"from": os.path.abspath(c.model), "indexer": os.path.abspath(c.indexer),
                                      "steps": c.steps}})
     summary = {"before": before, "after": after}
@@ -223,12 +223,6 @@ def run(c: Stage2Config) -> dict:
     with open(os.path.join(c.run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
-
-
-def _tokenizer_or_none(ckpt):
-    """The checkpoint's tokenizer, or None when it was converted without one (it is copied into model/)."""
-    has = any(f.startswith("tokenizer") for f in os.listdir(ckpt.path))
-    return ckpt.tokenizer() if has else None
 
 
 def main(argv=None) -> int:

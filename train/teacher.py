@@ -21,6 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def _masked_mean(x, mask=None):
+    """Mean of x [B, T] over the positions where mask [B, T] is True (all without a mask)."""
+    if mask is None:
+        return x.mean()
+    m = mask.astype(jnp.float32)
+    return (x * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+
 def teacher_topk(logits, k: int):
     """(ids int32 [..., k], logits fp32 [..., k]): the k largest logits of fp32 [..., V], descending."""
     vals, ids = jax.lax.top_k(logits.astype(jnp.float32), k)
@@ -33,10 +41,7 @@ def topk_kl(student_logits, t_ids, t_logits, mask=None):
     s = jnp.take_along_axis(student_logits.astype(jnp.float32), t_ids, axis=-1)
     log_p = jax.nn.log_softmax(t_logits.astype(jnp.float32), -1)
     kl = (jnp.exp(log_p) * (log_p - jax.nn.log_softmax(s, -1))).sum(-1)  # [B, T]
-    if mask is None:
-        return kl.mean()
-    m = mask.astype(jnp.float32)
-    return (kl * m).sum() / jnp.maximum(m.sum(), 1.0)
+    return _masked_mean(kl, mask)
 
 
 def topk_agreement(student_logits, t_ids, mask=None):
@@ -44,10 +49,7 @@ def topk_agreement(student_logits, t_ids, mask=None):
     k = t_ids.shape[-1]
     _, s_ids = jax.lax.top_k(student_logits.astype(jnp.float32), k)
     hit = (s_ids[..., :, None] == t_ids[..., None, :]).any(-2).mean(-1)  # [B, T]
-    if mask is None:
-        return hit.mean()
-    m = mask.astype(jnp.float32)
-    return (hit * m).sum() / jnp.maximum(m.sum(), 1.0)
+    return _masked_mean(hit, mask)
 
 
 def top1_within_topk(student_logits, t_ids, mask=None):
@@ -56,10 +58,7 @@ def top1_within_topk(student_logits, t_ids, mask=None):
     which the loss leaves free)."""
     s = jnp.take_along_axis(student_logits.astype(jnp.float32), t_ids, axis=-1)
     hit = (jnp.argmax(s, -1) == 0).astype(jnp.float32)  # teacher ids are in descending order
-    if mask is None:
-        return hit.mean()
-    m = mask.astype(jnp.float32)
-    return (hit * m).sum() / jnp.maximum(m.sum(), 1.0)
+    return _masked_mean(hit, mask)
 
 
 class TeacherCache:

@@ -235,8 +235,10 @@ def run_loop(loop: LoopConfig, state, mngr, start: int, step_fn: Callable, evalu
     return state, bool(loop.stop_at is not None and loop.stop_at < loop.steps)
 
 
-def plot_curves(rows: list[dict], path: str, eval_keys: dict[str, str], loss_label: str = "loss") -> None:
-    """PNG: the training loss per logged step (left) and evaluation metrics `eval_keys` {key: label} (right)."""
+def plot_curves(rows: list[dict], path: str, eval_keys: dict[str, str], loss_label: str = "loss",
+                ylim: tuple[float, float] | None = None) -> None:
+    """PNG: the training loss per logged step (left) and evaluation metrics `eval_keys` {key: label} (right,
+    within `ylim` when given)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -250,7 +252,7 @@ def plot_curves(rows: list[dict], path: str, eval_keys: dict[str, str], loss_lab
         ev = [r for r in rows if key in r]
         if ev:
             ax[1].plot([r["step"] for r in ev], [r[key] for r in ev], marker="o", label=label)
-    ax[1].set(xlabel="step")
+    ax[1].set(xlabel="step", **({} if ylim is None else {"ylim": ylim}))
     ax[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
