@@ -196,9 +196,10 @@ def test_local_prior_moves_forced_mass_and_grads_flow():
 
 
 def test_retrieval_events_deterministic_and_answer_rows(tok):
-    from train.data import EventWindows, corpus_words, insert_events
+    from rtpurbo_jax.evals.tasks import word_list
+    from train.data import EventWindows, insert_events
 
-    words = corpus_words("train")
+    words = word_list("train")
     base = np.asarray(tok.encode(" In the beginning God created the heaven and the earth." * 200,
                                  add_special_tokens=False)[:1500], np.int32)
     a, rows_a = insert_events(base, tok, np.random.default_rng(0), words, 2.0)

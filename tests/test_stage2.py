@@ -127,6 +127,28 @@ def test_attention_only_keeps_the_rest_frozen(tiny, tmp_path):
     assert np.abs(np.asarray(old["layers"]["wq"]) - np.asarray(new["layers"]["wq"])).max() > 0
 
 
+def test_loss_covers_only_the_marked_answer_rows(tiny, tmp_path, monkeypatch):
+    """Data that marks answers (chat, tasks, events) restricts eq. 7 to those rows: with no row marked the loss
+    and gradient are exactly 0; with rows marked, only they count; --positions all counts every row."""
+    import train.stage2 as stage2
+    from train.data import PackedWindows
+
+    tokens = np.load(tiny[3])
+    for name, marks in (("none", np.zeros(len(tokens), bool)), ("some", np.arange(len(tokens)) % 96 >= 80)):
+        monkeypatch.setattr(stage2, "load_windows", lambda *a, m=marks, **k: PackedWindows(tokens, 96, 0, marks=m))
+        run(parse_args(flags(tiny, tmp_path / name, "--steps", "2")))
+    monkeypatch.setattr(stage2, "load_windows", lambda *a, **k: PackedWindows(tokens, 96, 0, marks=np.zeros(len(tokens), bool)))
+    run(parse_args(flags(tiny, tmp_path / "all", "--steps", "2", "--positions", "all")))
+    monkeypatch.undo()  # the .npy itself: no marks, every row
+    run(parse_args(flags(tiny, tmp_path / "plain", "--steps", "2")))
+    rows = lambda d: [json.loads(line) for line in open(tmp_path / d / "metrics.jsonl") if "grad_norm" in line]
+    assert all(r["loss"] == 0.0 and r["grad_norm"] == 0.0 for r in rows("none"))
+    some, full = rows("some"), rows("all")
+    assert all(r["loss"] > 0 for r in some + full)
+    assert some[0]["loss"] != pytest.approx(full[0]["loss"], rel=1e-3)
+    np.testing.assert_allclose([r["loss"] for r in full], [r["loss"] for r in rows("plain")], rtol=1e-6)
+
+
 def test_teacher_cache_resumes_and_refuses_other_settings(tmp_path):
     rng = np.random.default_rng(2)
     batches = {i: rng.integers(0, 30, (2, 8)).astype(np.int32) for i in range(5)}
@@ -152,3 +174,7 @@ def test_stage_flag_and_bad_input(tiny, tmp_path, capsys):
     assert "--trainable" in capsys.readouterr().err
     assert distill_main(["--stage", "2", "--model", tiny[1]]) == 2
     assert "--indexer" in capsys.readouterr().err
+    assert distill_main(["--stage", "2", *flags(tiny, tmp_path / "y", "--positions", "some")]) == 2
+    assert "--positions must be" in capsys.readouterr().err
+    assert distill_main(["--stage", "2", *flags(tiny, tmp_path / "z", "--data", "tasks")]) == 2
+    assert "tokenizer" in capsys.readouterr().err

@@ -1,9 +1,19 @@
-"""Training text -> packed token windows, deterministic per step and per process.
+"""Training text -> token windows, deterministic per step and per process, with the answer rows they mark.
 
-Sources: a text file, a directory of .txt files (sorted), a JSON-lines file (field `text`), or `kjv` (the
-bundled corpus's training split, disjoint from calibration and evaluation text). The token stream is cut into
-non-overlapping windows of `seq_len`; a seeded permutation orders them, and step s on process p takes
-windows perm[(s · global_batch + p · local_batch + i) mod n] — the same windows whatever the device count.
+Sources (`load_windows`):
+- a text file, a directory of .txt files (sorted), a JSON-lines file of `{"text": ...}`, `kjv` (the bundled
+  corpus's training split, disjoint from calibration and evaluation text), or a .npy of token ids: packed;
+  no answers marked (with `events` > 0, retrieval events are written in and their recalled values marked);
+- a JSON-lines chat file, one conversation per line, `{"messages": [{"role", "content"}, ...]}` or
+  `{"prompt": ..., "answer": ...}`: rendered with the model's chat template and packed; the assistant turns'
+  tokens are the marked answers;
+- `tasks` or `tasks:NAME,NAME`: the accuracy suite's generators (`rtpurbo_jax.evals.tasks`) over the corpus's
+  `train` split, one prompt plus its answer per window (default: the five NIAH tasks in turn).
+
+Packed streams are cut into non-overlapping windows of `seq_len`; a seeded permutation orders them, and step s
+on process p takes windows perm[(s · global_batch + p · local_batch + i) mod n] — the same windows whatever the
+device count. `example(step, ...)` returns the tokens and the rows whose next token is a marked answer token
+(float32 weights, 1 there; all ones where a source marks nothing).
 """
 
 from __future__ import annotations
@@ -12,6 +22,33 @@ import json
 import os
 
 import numpy as np
+
+from rtpurbo_jax.evals.tasks import word_list
+
+
+def _jsonl(source: str) -> list[dict]:
+    rows = []
+    with open(source, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{source} line {i + 1}: not valid JSON ({e.msg})") from e
+                if not isinstance(row, dict):
+                    raise ValueError(f"{source} line {i + 1}: expected a JSON object")
+                rows.append(row)
+    if not rows:
+        raise ValueError(f"{source} holds no JSON lines")
+    return rows
+
+
+def is_chat(source: str) -> bool:
+    """True for a JSON-lines file whose first row is a conversation (`messages`, or `prompt` and `answer`)."""
+    if not source.endswith((".jsonl", ".json")) or not os.path.isfile(source):
+        return False
+    first = _jsonl(source)[0]
+    return "messages" in first or {"prompt", "answer"} <= first.keys()
 
 
 def read_texts(source: str) -> list[str]:
@@ -27,27 +64,80 @@ def read_texts(source: str) -> list[str]:
     if not os.path.exists(source):
         raise ValueError(f"--data {source} does not exist (a .txt, a directory of .txt, a .jsonl, or 'kjv')")
     if source.endswith((".jsonl", ".json")):
-        texts = []
-        with open(source, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if line.strip():
-                    try:
-                        texts.append(json.loads(line)["text"])
-                    except (json.JSONDecodeError, KeyError) as e:
-                        raise ValueError(f"{source} line {i + 1}: expected a JSON object with a 'text' field") from e
-        return texts
+        rows = _jsonl(source)
+        for i, row in enumerate(rows):
+            if not isinstance(row.get("text"), str):
+                raise ValueError(f"{source} row {i + 1}: expected a 'text' field (or, for chat data, 'messages' / "
+                                 "'prompt' and 'answer' in every row)")
+        return [r["text"] for r in rows]
     return [open(source, encoding="utf-8").read()]
 
 
-class PackedWindows:
-    """int32 windows [n, seq_len] of a tokenized corpus, served deterministically by step."""
+def read_chat(source: str, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens int32 [N], answer bool [N]): every conversation of a chat JSON-lines file rendered with the
+    tokenizer's chat template and concatenated; True on the tokens of assistant turns."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"{source} is chat data, but the model's tokenizer has no chat template")
+    ids: list[int] = []
+    mark: list[bool] = []
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int):
+    def render(msgs, gen=False) -> list[int]:
+        if not msgs:
+            return []
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    for i, row in enumerate(_jsonl(source)):
+        msgs = row.get("messages") or ([{"role": "user", "content": row["prompt"]},
+                                        {"role": "assistant", "content": row["answer"]}]
+                                       if {"prompt", "answer"} <= row.keys() else None)
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
+            raise ValueError(f"{source} row {i + 1}: expected 'messages' (a list of {{'role', 'content'}}) or "
+                             "'prompt' and 'answer' strings")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise ValueError(f"{source} row {i + 1}: no assistant turn to learn from")
+        done: list[int] = []
+        for j, m in enumerate(msgs):
+            upto = render(msgs[: j + 1])
+            if m["role"] == "assistant":
+                prefix = render(msgs[:j], gen=True)
+                if upto[: len(prefix)] != prefix:
+                    raise ValueError(f"{source} row {i + 1}: the chat template does not render turns as prefixes")
+                cut = len(prefix)
+            else:
+                cut = len(upto)
+            new = upto[len(done):]
+            mark += [False] * (cut - len(done)) + [m["role"] == "assistant"] * (len(upto) - cut)
+            ids += new
+            done = upto
+        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids.append(tokenizer.eos_token_id)
+            mark.append(False)
+    return np.asarray(ids, np.int32), np.asarray(mark, bool)
+
+
+def answer_weights(mark: np.ndarray) -> np.ndarray:
+    """float32 [..., T]: 1 on rows whose next token is marked (mark bool [..., T]), 0 elsewhere and on the last row."""
+    w = np.zeros(mark.shape, np.float32)
+    w[..., :-1] = mark[..., 1:]
+    return w
+
+
+class PackedWindows:
+    """int32 windows [n, seq_len] of a tokenized corpus (and their answer marks), served deterministically by step."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, marks: np.ndarray | None = None):
         n = len(tokens) // seq_len
         if n < 1:
             raise ValueError(f"the data has {len(tokens)} tokens: fewer than one --seq-len {seq_len} window")
         self.windows = tokens[: n * seq_len].reshape(n, seq_len).astype(np.int32)
+        self.marks = None if marks is None else marks[: n * seq_len].reshape(n, seq_len)
         self.perm = np.random.default_rng(seed).permutation(n)
+
+    @property
+    def marks_answers(self) -> bool:
+        return self.marks is not None
 
     @classmethod
     def from_source(cls, source: str, tokenizer, seq_len: int, seed: int, max_tokens: int | None = None):
@@ -60,20 +150,21 @@ class PackedWindows:
                 break
         return cls(np.asarray(ids[:max_tokens] if max_tokens else ids, np.int32), seq_len, seed)
 
+    def _rows(self, step, global_batch, process_index, process_count):
+        local = global_batch // process_count
+        return self.perm[(step * global_batch + process_index * local + np.arange(local)) % len(self.perm)]
+
     def batch(self, step: int, global_batch: int, process_index: int = 0, process_count: int = 1) -> np.ndarray:
         """int32 [global_batch // process_count, seq_len]: this process's rows of step `step`."""
-        local = global_batch // process_count
-        idx = step * global_batch + process_index * local + np.arange(local)
-        return self.windows[self.perm[idx % len(self.perm)]]
+        return self.windows[self._rows(step, global_batch, process_index, process_count)]
 
-
-def corpus_words(split: str) -> tuple[str, ...]:
-    """Sorted distinct lowercase words of 4-9 letters of a corpus split (keys and values of retrieval events)."""
-    import re
-
-    from convert.corpus import split_verses
-
-    return tuple(sorted({w for v in split_verses(split) for w in re.findall(r"[a-z]+", v.lower()) if 4 <= len(w) <= 9}))
+    def example(self, step: int, global_batch: int, process_index: int = 0, process_count: int = 1):
+        """(tokens int32 [b, T], weights float32 [b, T]) of step `step`: `answer_weights` of the marks, or ones."""
+        idx = self._rows(step, global_batch, process_index, process_count)
+        tokens = self.windows[idx]
+        if self.marks is None:
+            return tokens, np.ones(tokens.shape, np.float32)
+        return tokens, answer_weights(self.marks[idx])
 
 
 def insert_events(window: np.ndarray, tokenizer, rng, words: tuple[str, ...], per_1k: float) -> tuple[np.ndarray, list[int]]:
@@ -115,17 +206,81 @@ def insert_events(window: np.ndarray, tokenizer, rng, words: tuple[str, ...], pe
 
 class EventWindows(PackedWindows):
     """PackedWindows with retrieval events (`insert_events`) drawn per (seed, step, row): deterministic, so a
-    resumed run sees the same batches."""
+    resumed run sees the same batches. The recalled values are the marked answers."""
+
+    marks_answers = True
 
     def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, tokenizer, per_1k: float, split: str = "train"):
         super().__init__(tokens, seq_len, seed)
-        self.tokenizer, self.per_1k, self.words, self.seed = tokenizer, per_1k, corpus_words(split), seed
+        self.tokenizer, self.per_1k, self.words, self.seed = tokenizer, per_1k, word_list(split), seed
 
-    def batch(self, step: int, global_batch: int, process_index: int = 0, process_count: int = 1) -> np.ndarray:
+    def example(self, step: int, global_batch: int, process_index: int = 0, process_count: int = 1):
         rows = super().batch(step, global_batch, process_index, process_count)
         local = global_batch // process_count
-        return np.stack([insert_events(r, self.tokenizer, np.random.default_rng([self.seed, step, process_index * local + i]),
-                                       self.words, self.per_1k)[0] for i, r in enumerate(rows)])
+        out = [insert_events(r, self.tokenizer, np.random.default_rng([self.seed, step, process_index * local + i]),
+                             self.words, self.per_1k) for i, r in enumerate(rows)]
+        weights = np.zeros(rows.shape, np.float32)
+        for i, (_, answer_rows) in enumerate(out):
+            weights[i, answer_rows] = 1.0
+        return np.stack([t for t, _ in out]), weights
+
+    def batch(self, step: int, global_batch: int, process_index: int = 0, process_count: int = 1) -> np.ndarray:
+        return self.example(step, global_batch, process_index, process_count)[0]
+
+
+NIAH_TASKS = ("niah_single_noise", "niah_single_prose", "niah_multikey", "niah_multivalue", "niah_multiquery")
+
+
+class TaskWindows:
+    """Training windows from the accuracy suite's generators over the corpus's `train` split: window (step, row)
+    is one prompt of `tasks[(step * global_batch + row) % len(tasks)]` with its answer appended
+    (`tasks.train_example`), drawn from (seed, step, row) — deterministic, and never an evaluation prompt."""
+
+    marks_answers = True
+
+    def __init__(self, tokenizer, seq_len: int, seed: int, tasks: tuple[str, ...] = NIAH_TASKS, room: int = 64):
+        from rtpurbo_jax.evals.tasks import Builder, _task_id
+
+        for t in tasks:
+            _task_id(t)
+        if seq_len < 4 * room:
+            raise ValueError(f"--seq-len {seq_len} is too short for task windows (>= {4 * room} tokens)")
+        self.builder, self.seq_len, self.seed, self.tasks, self.room = Builder(tokenizer, "train"), seq_len, seed, tasks, room
+
+    def example(self, step: int, global_batch: int, process_index: int = 0, process_count: int = 1):
+        from rtpurbo_jax.evals.tasks import train_example
+
+        local = global_batch // process_count
+        out = []
+        for i in range(local):
+            row = step * global_batch + process_index * local + i
+            task = self.tasks[row % len(self.tasks)]
+            out.append(train_example(self.builder, task, self.seq_len, np.random.default_rng([self.seed, 911, step, row]),
+                                     self.room))
+        return np.stack([t for t, _ in out]), answer_weights(np.stack([m for _, m in out]))
+
+    def batch(self, step: int, global_batch: int, process_index: int = 0, process_count: int = 1) -> np.ndarray:
+        return self.example(step, global_batch, process_index, process_count)[0]
+
+
+def load_windows(source: str, tokenizer, seq_len: int, seed: int, events: float = 0.0):
+    """The training windows of `--data` (see the module docstring). tokenizer may be None only for a .npy."""
+    if source.endswith(".npy"):
+        if not os.path.exists(source):
+            raise ValueError(f"--data {source} does not exist")
+        return PackedWindows(np.load(source).astype(np.int32).ravel(), seq_len, seed)
+    if tokenizer is None:
+        raise ValueError(f"--data {source} needs the model's tokenizer, and this checkpoint has none (pass a .npy)")
+    if source == "tasks" or source.startswith("tasks:"):
+        names = tuple(t for t in source[6:].split(",") if t) or NIAH_TASKS
+        return TaskWindows(tokenizer, seq_len, seed, names)
+    if is_chat(source):
+        tokens, marks = read_chat(source, tokenizer)
+        return PackedWindows(tokens, seq_len, seed, marks=marks)
+    data = PackedWindows.from_source(source, tokenizer, seq_len, seed)
+    if events > 0:
+        data = EventWindows(data.windows.ravel(), seq_len, seed, tokenizer, events)
+    return data
 
 
 def held_out_retrieval(tokenizer, seq_len: int, seed: int, per_1k: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -134,6 +289,6 @@ def held_out_retrieval(tokenizer, seq_len: int, seed: int, per_1k: float = 1.0) 
     from convert.corpus import text_tokens
 
     prose = text_tokens(tokenizer, seq_len, seed, "eval")
-    toks, rows = insert_events(prose, tokenizer, np.random.default_rng([seed, 7]), corpus_words("eval"),
+    toks, rows = insert_events(prose, tokenizer, np.random.default_rng([seed, 7]), word_list("eval"),
                                max(per_1k, 1.0))
     return toks.astype(np.int32), np.asarray(rows, np.int32)

@@ -35,7 +35,7 @@ from rtpurbo_jax.sparse_config import SparseConfig
 from train.trainer import (LoopConfig, check_fingerprint, config_from_argv, first_metrics_row, init_distributed,
                            log0, make_mesh, open_checkpoints, plot_curves, read_metrics, run_loop, sync,
                            write_run_config)
-from train.data import EventWindows, PackedWindows, held_out_retrieval
+from train.data import held_out_retrieval, load_windows
 from train.objective import INITS, LOSS_LEVELS, LOSS_WEIGHTS, gather_heads, init_rows, kl_loss, recall_metrics
 
 
@@ -258,15 +258,10 @@ def run(c: DistillConfig) -> dict:
 
 
 def load_data(c: DistillConfig, ckpt):
-    """(tokenizer or None, windows): pre-tokenized .npy ids, or text / jsonl / the bundled corpus tokenized with
-    the model's tokenizer (with --events, retrieval events inserted)."""
-    if c.data.endswith(".npy"):
-        return None, PackedWindows(np.load(c.data).astype(np.int32).ravel(), c.seq_len, c.seed)
-    tok = ckpt.tokenizer()
-    data = PackedWindows.from_source(c.data, tok, c.seq_len, c.seed)
-    if c.events > 0:
-        data = EventWindows(data.windows.ravel(), c.seq_len, c.seed, tok, c.events)
-    return tok, data
+    """(tokenizer or None, windows): `train.data.load_windows` of --data (pre-tokenized .npy ids, or text / jsonl
+    / chat / tasks / the bundled corpus tokenized with the model's tokenizer; --events into prose)."""
+    tok = None if c.data.endswith(".npy") else ckpt.tokenizer()
+    return tok, load_windows(c.data, tok, c.seq_len, c.seed, c.events)
 
 
 def finish(c: DistillConfig, ckpt, sparse, heads, state, init_host, before, evaluate, loop, tok, rep) -> dict:

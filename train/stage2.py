@@ -14,7 +14,12 @@ metrics.jsonl, progress with tokens/s. Outputs in --run-dir: teacher/ (cache), c
 summary.json (KL and top-k agreement before / after on held-out windows) and `model/`, a converted checkpoint
 of the trained weights with the same roles (serve it with its indexer).
 
-Not yet: several processes (the cache is written by one), answer-span masks from dialogue data.
+Data (`--data`, `train.data.load_windows`): prose (with `--events`, retrieval events whose recalled values are
+marked), chat JSON-lines (assistant turns marked), or `tasks` (the accuracy suite's generators over the corpus's
+train split, the answers marked). Where the data marks answers the loss covers those rows only (eq. 7's answer
+span; `--positions all` for every row); held-out metrics are on the same rows, with `kl_all_rows` beside them.
+
+Not yet: several processes (the cache is written by one).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from rtpurbo_jax.cli import run_cli
 from rtpurbo_jax.lm import apply
 from rtpurbo_jax.params import SHARDING_RULES, param_shardings
 from rtpurbo_jax.sparse_config import SparseConfig
-from train.data import PackedWindows
+from train.data import load_windows
 from train.teacher import TeacherCache, top1_within_topk, topk_agreement, topk_kl
 from train.trainer import (LoopConfig, check_fingerprint, config_from_argv, first_metrics_row, log0, make_mesh,
                            open_checkpoints, plot_curves, read_metrics, run_loop, write_run_config)
@@ -49,7 +54,9 @@ class Stage2Config:
     model: str = ""  # a converted checkpoint with roles (python -m convert, or a stage-1 run's converted/)
     indexer: str = ""  # the stage-1 run's indexer/ (frozen)
     run_dir: str = "runs/stage2"
-    data: str = "kjv"  # as train.distill (a .npy of token ids, text, jsonl, or the bundled corpus)
+    data: str = "kjv"  # train.data.load_windows: a .npy of ids, text, jsonl, chat jsonl, tasks[:NAME,..], or kjv
+    events: float = 0.0  # retrieval events written into prose windows per 1K tokens (their values marked answers)
+    positions: str = "answer"  # answer: the loss on marked answer rows where the data marks them; all: every row
     seq_len: int = 2048
     batch: int = 1  # sequences per micro-step
     accumulate: int = 1  # micro-steps per optimiser step (global batch = batch x accumulate)
@@ -83,11 +90,15 @@ class Stage2Config:
             raise ValueError("--grad-clip must be a finite number > 0 and --weight-decay >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.positions not in ("answer", "all"):
+            raise ValueError(f"--positions must be 'answer' or 'all', got {self.positions!r}")
+        if not 0 <= self.events < float("inf"):
+            raise ValueError(f"--events must be a finite number >= 0, got {self.events}")
         if self.trainable not in TRAINABLE:
             raise ValueError(f"--trainable must be one of {TRAINABLE}, got {self.trainable!r}")
 
 
-FINGERPRINT = ("model", "indexer", "data", "seq_len", "batch", "accumulate", "steps", "lr", "warmup", "weight_decay",
+FINGERPRINT = ("model", "indexer", "data", "events", "positions", "seq_len", "batch", "accumulate", "steps", "lr", "warmup", "weight_decay",
                "grad_clip", "top_k", "top_p", "trainable", "seed")
 
 
@@ -138,10 +149,8 @@ def run(c: Stage2Config) -> dict:
     shipped = SparseConfig.from_dict(ckpt.meta["sparse_config"])
     sparse = dataclasses.replace(shipped, prefill_mode="indexer", top_p=c.top_p, seqlen_threshold=0)
     indexer = load_indexer(c.indexer, cfg, shipped.index_dim)
-    if c.data.endswith(".npy"):
-        data = PackedWindows(np.load(c.data).astype(np.int32).ravel(), c.seq_len, c.seed)
-    else:
-        data = PackedWindows.from_source(c.data, ckpt.tokenizer(), c.seq_len, c.seed)
+    data = load_windows(c.data, None if c.data.endswith(".npy") else ckpt.tokenizer(), c.seq_len, c.seed, c.events)
+    answers = data.marks_answers and c.positions == "answer"
     micro = c.steps * c.accumulate  # micro-batches the run consumes; evaluation windows come after them
     mesh = make_mesh(c.mesh)
     rules = {**SHARDING_RULES, "embed": "data"} if c.fsdp else SHARDING_RULES
@@ -150,8 +159,13 @@ def run(c: Stage2Config) -> dict:
     tok_sh = NamedSharding(mesh, P("data" if c.batch % mesh.shape["data"] == 0 else None))
     batch = lambda i: jax.device_put(data.batch(i, c.batch), tok_sh)
 
+    def example(i):  # (tokens, row weights): the loss rows are the marked answers, or all rows
+        t, w = data.example(i, c.batch)
+        return jax.device_put(t, tok_sh), jax.device_put(w if answers else np.ones_like(w), tok_sh)
+
     cache = TeacherCache(os.path.join(c.run_dir, "teacher"),
-                         {"model": os.path.abspath(c.model), "data": c.data, "seq_len": c.seq_len, "batch": c.batch,
+                         {"model": os.path.abspath(c.model), "data": c.data, "events": c.events, "seq_len": c.seq_len,
+                          "batch": c.batch,
                           "seed": c.seed, "top_k": c.top_k, "windows": micro + c.eval_batches})
     teacher = jax.jit(lambda t: apply(teacher_params, t, cfg))
     cache.build(micro + c.eval_batches, batch, teacher, c.top_k, log=log0)
@@ -165,32 +179,33 @@ def run(c: Stage2Config) -> dict:
     state = jax.device_put(state, state_sh)
     ix = jax.device_put(indexer, rep)
 
-    def loss_fn(p, tokens, t_ids, t_logits):
-        return topk_kl(student_logits(p, tokens, cfg, sparse, ix, c.remat), t_ids, t_logits)
+    def loss_fn(p, tokens, weights, t_ids, t_logits):
+        return topk_kl(student_logits(p, tokens, cfg, sparse, ix, c.remat), t_ids, t_logits, weights)
 
-    def step(state, tokens, t_ids, t_logits):
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"], tokens, t_ids, t_logits)
+    def step(state, tokens, weights, t_ids, t_logits):
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], tokens, weights, t_ids, t_logits)
         updates, opt = tx.update(grads, state["opt_state"], state["params"])
         return ({"params": optax.apply_updates(state["params"], updates), "opt_state": opt},
                 {"loss": loss, "grad_norm": optax.tree.norm(grads)})
 
-    step_j = jax.jit(step, in_shardings=(state_sh, tok_sh, tok_sh, tok_sh), out_shardings=(state_sh, None),
+    step_j = jax.jit(step, in_shardings=(state_sh, tok_sh, tok_sh, tok_sh, tok_sh), out_shardings=(state_sh, None),
                      donate_argnums=(0,))
-    def metrics(p, t, i, lg):
+
+    def metrics(p, t, w, i, lg):  # on the loss rows (answers, or all), and KL on every row beside it
         s = student_logits(p, t, cfg, sparse, ix)
-        return {"kl": topk_kl(s, i, lg), "topk_agreement": topk_agreement(s, i), "top1_within_topk": top1_within_topk(s, i)}
+        return {"kl": topk_kl(s, i, lg, w), "topk_agreement": topk_agreement(s, i, w),
+                "top1_within_topk": top1_within_topk(s, i, w), "kl_all_rows": topk_kl(s, i, lg)}
 
     metrics_j = jax.jit(metrics)
 
     def evaluate(step_no, state):
-        rows = [metrics_j(state["params"], batch(micro + j), *cache.get(micro + j)) for j in range(c.eval_batches)]
+        rows = [metrics_j(state["params"], *example(micro + j), *cache.get(micro + j)) for j in range(c.eval_batches)]
         return {"step": step_no, **{k: float(np.mean([r[k] for r in rows])) for k in rows[0]}}
 
     def train_step(state, i):  # optimiser step i = micro-steps i*A .. i*A + A - 1
         m = None
         for j in range(i * c.accumulate, (i + 1) * c.accumulate):
-            ids, lg = cache.get(j)
-            state, m = step_j(state, batch(j), ids, lg)
+            state, m = step_j(state, *example(j), *cache.get(j))
         return state, m
 
     loop = LoopConfig(run_dir=c.run_dir, steps=c.steps, log_every=c.log_every, ckpt_every=c.ckpt_every, keep=c.keep,
@@ -202,7 +217,7 @@ def run(c: Stage2Config) -> dict:
     first = first_metrics_row(loop, start)
     before = first if first is not None and "kl" in first else evaluate(start, state)
     log0(f"[stage2] {cfg.model_type} {cfg.num_layers} layers, {int(sparse.roles_array.sum())} retrieval heads, "
-         f"trainable {c.trainable}, mesh {dict(mesh.shape)}; before: KL {before['kl']:.4f}, top-{c.top_k} agreement "
+         f"trainable {c.trainable}, loss on {'answer rows' if answers else 'all rows'}, mesh {dict(mesh.shape)}; before: KL {before['kl']:.4f}, top-{c.top_k} agreement "
          f"{before['topk_agreement']:.3f} (top-1 within it {before['top1_within_topk']:.3f})")
     state, stopped = run_loop(loop, state, mngr, start, train_step, evaluate,
                               c.batch * c.accumulate * c.seq_len, rows=[before] if start == 0 else [])

@@ -247,7 +247,7 @@ def plot_curves(rows: list[dict], path: str, eval_keys: dict[str, str], loss_lab
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
     train = [r for r in rows if "grad_norm" in r]
     ax[0].plot([r["step"] for r in train], [r["loss"] for r in train])
-    ax[0].set(xlabel="step", ylabel=loss_label, yscale="log")
+    ax[0].set(xlabel="step", ylabel=loss_label, yscale="log" if all(r["loss"] > 0 for r in train) else "linear")
     for key, label in eval_keys.items():
         ev = [r for r in rows if key in r]
         if ev:

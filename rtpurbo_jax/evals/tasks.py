@@ -20,6 +20,8 @@ values are 7-digit numbers, corpus words or UUIDs drawn from the seed.
 | frequent_words | aggregation | 3 most frequent words of a skewed list | % of the 3 in the output |
 
 Seeds: a prompt's randomness comes from (`seed`, task, length, index) only, so any mode sees the same prompts.
+Training examples (`train_example`, stage 2's `--data tasks`) come from the same generators over the corpus's
+`train` split (haystack prose and needle words), so they never share text with evaluation prompts.
 """
 
 from __future__ import annotations
@@ -49,39 +51,40 @@ class Prompt:
     task: str
 
 
-@functools.lru_cache(maxsize=1)
-def word_list() -> tuple[str, ...]:
-    """Sorted distinct lowercase corpus words of 4-9 letters (the `eval` split): keys, values, word lists."""
+@functools.lru_cache(maxsize=4)
+def word_list(split: str = "eval") -> tuple[str, ...]:
+    """Sorted distinct lowercase words of 4-9 letters of a corpus split: needle keys, values, word lists (and
+    the keys of stage 1's retrieval events)."""
     from convert.corpus import split_verses
 
     words = set()
-    for v in split_verses("eval"):
+    for v in split_verses(split):
         words.update(w for w in re.findall(r"[a-z]+", v.lower()) if 4 <= len(w) <= 9)
     return tuple(sorted(words))
 
 
-def _key(rng) -> str:
-    w = word_list()
-    return f"{w[rng.integers(len(w))]}-{w[rng.integers(len(w))]}"
+def _key(rng, words) -> str:
+    return f"{words[rng.integers(len(words))]}-{words[rng.integers(len(words))]}"
 
 
 def _number(rng) -> str:
     return str(int(rng.integers(1_000_000, 10_000_000)))
 
 
-def _value(rng, kind: str) -> str:
+def _value(rng, kind: str, words) -> str:
     if kind == "uuid":
         return str(_uuid.UUID(bytes=rng.bytes(16), version=4))
     if kind == "word":
-        return word_list()[rng.integers(len(word_list()))]
+        return words[rng.integers(len(words))]
     return _number(rng)
 
 
 class Builder:
-    """Turns (haystack, inserted sentences, question, answer prefix) into exactly `length` tokens."""
+    """Turns (haystack, inserted sentences, question, answer prefix) into exactly `length` tokens. `split`: the
+    corpus split of haystack prose and needle words (`eval` for evaluation, `train` for training examples)."""
 
-    def __init__(self, tok):
-        self.tok = tok
+    def __init__(self, tok, split: str = "eval"):
+        self.tok, self.split, self.words = tok, split, word_list(split)
         head, tail = tok.apply_chat_template([{"role": "user", "content": "XXXX"}], add_generation_prompt=True,
                                              tokenize=False).split("XXXX")
         self.head, self.tail = head, tail
@@ -95,7 +98,7 @@ class Builder:
             return (unit * (n // len(unit) + 1))[:n]
         from convert.corpus import text_tokens
 
-        return text_tokens(self.tok, n, int(rng.integers(2 ** 31)), "eval").tolist()
+        return text_tokens(self.tok, n, int(rng.integers(2 ** 31)), self.split).tolist()
 
     def build(self, length: int, intro: str, hay_kind: str, inserts: list[str], question: str, prefix: str, rng,
               depths=None) -> np.ndarray:
@@ -124,8 +127,8 @@ def _needle(k: str, v: str, kind: str) -> str:
 
 def _niah(b: Builder, length, rng, *, hay, kind, n_keys=1, n_values=1, n_queries=1):
     what = {"number": "special magic number", "word": "special magic word", "uuid": "special magic uuid"}[kind]
-    keys = [_key(rng) for _ in range(n_keys)]
-    values = [[_value(rng, kind) for _ in range(n_values)] for _ in keys]
+    keys = [_key(rng, b.words) for _ in range(n_keys)]
+    values = [[_value(rng, kind, b.words) for _ in range(n_values)] for _ in keys]
     inserts = [_needle(k, v, kind) for k, vs in zip(keys, values) for v in vs]
     order = rng.permutation(len(inserts))
     inserts = [inserts[i] for i in order]
@@ -175,7 +178,7 @@ def _word_list_prompt(b: Builder, length, rng, *, top: int):
     """A word list filling the prompt. top=10 (common words): a numbered list where 10 words appear
     equally often (a 25th of the items, at least 3 times each) and the others once. top=3 (frequent words): words drawn from a Zipf(1.3)
     law over 200 words; the answer is the 3 most frequent in the final list."""
-    vocab = word_list()
+    vocab = b.words
     pick = rng.choice(len(vocab), 4000, replace=False)
     common, rare = [vocab[i] for i in pick[:top]], [vocab[i] for i in pick[top:]]
     if top == 10:
@@ -218,10 +221,38 @@ def _word_list_prompt(b: Builder, length, rng, *, top: int):
 
 def make_prompt(tok, task: str, length: int, index: int, seed: int = 0, builder: Builder | None = None) -> Prompt:
     """The `index`-th prompt of `task` at `length` tokens (deterministic in (seed, task, length, index))."""
+    return _generate(builder or Builder(tok), task, length, np.random.default_rng([seed, _task_id(task), length, index]))
+
+
+def _task_id(task: str) -> int:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; tasks: {sorted(TASKS)}")
-    b = builder or Builder(tok)
-    rng = np.random.default_rng([seed, sorted(TASKS).index(task), length, index])
+    return sorted(TASKS).index(task)
+
+
+def train_example(builder: Builder, task: str, length: int, rng, room: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """A training example of exactly `length` tokens: a `task` prompt of `length - room` tokens (from `builder`,
+    a `train`-split Builder), then its answer (`answer_text`) and end-of-text tokens. Returns (tokens int32
+    [length], answer bool [length]: True on the answer's tokens, cut to `room - 1`)."""
+    if builder.split == "eval":
+        raise ValueError("training examples must not come from the eval split (use Builder(tok, 'train'))")
+    p = _generate(builder, task, length - room, rng)
+    ans = builder.enc(answer_text(p.answers))[: room - 1]
+    eos = builder.tok.eos_token_id if builder.tok.eos_token_id is not None else ans[-1]
+    tail = ans + [eos] * (room - len(ans))
+    mark = np.zeros(length, bool)
+    mark[length - room: length - room + len(ans)] = True
+    return np.concatenate([p.tokens, np.asarray(tail, np.int32)]), mark
+
+
+def answer_text(answers: tuple[str, ...]) -> str:
+    """The reference continuation of a prompt's answer prefix: " a, b and c." (what training examples append)."""
+    body = answers[0] if len(answers) == 1 else ", ".join(answers[:-1]) + " and " + answers[-1]
+    return f" {body}."
+
+
+def _generate(b: Builder, task: str, length: int, rng) -> Prompt:
+    _task_id(task)
     if task == "niah_single_noise":
         t, a = _niah(b, length, rng, hay="noise", kind="number")
     elif task == "niah_single_prose":

@@ -1,0 +1,109 @@
+"""Training data (`train.data`): the answer rows each source marks — chat JSON-lines (assistant turns), the
+accuracy suite's generators over the train split (`--data tasks`), retrieval events — and stage 2's loss
+restricted to them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from rtpurbo_jax.evals.tasks import Builder, answer_text, train_example, word_list
+from train.data import (NIAH_TASKS, PackedWindows, TaskWindows, answer_weights, is_chat, load_windows, read_chat)
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2_path):
+    from convert.gguf_reader import gguf_tokenizer
+
+    return gguf_tokenizer(smollm2_path)
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_answer_weights_mark_the_rows_that_predict_answers():
+    mark = np.array([[0, 0, 1, 1, 0, 1]], bool)
+    np.testing.assert_array_equal(answer_weights(mark), [[0, 1, 1, 0, 1, 0]])
+
+
+def test_chat_jsonl_marks_exactly_the_assistant_turns(tok, tmp_path):
+    src = _write(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue sky."},
+                      {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Green grass."}]},
+        {"prompt": "What is two plus two?", "answer": "Four, of course."}])
+    assert is_chat(src)
+    ids, mark = read_chat(src, tok)
+    assert ids.shape == mark.shape and ids.dtype == np.int32
+    runs = np.flatnonzero(np.diff(np.r_[0, mark.astype(int), 0]))  # starts and ends of the marked runs
+    spans = [tok.decode(ids[a:b]) for a, b in zip(runs[::2], runs[1::2])]
+    assert len(spans) == 3
+    for span, want in zip(spans, ["Blue sky.", "Green grass.", "Four, of course."]):
+        assert span.startswith(want), (span, want)  # the content (and the turn's end marker), not the header
+    assert "Name a colour" not in "".join(spans) and "assistant" not in "".join(spans)
+    w = PackedWindows(ids, 32, 0, marks=mark)
+    t, wt = w.example(0, 2)
+    assert t.shape == wt.shape == (2, 32) and w.marks_answers
+    np.testing.assert_array_equal(wt, answer_weights(w.marks[w.perm[[0, 1]]]))
+
+
+@pytest.mark.parametrize("rows, match", [
+    ([{"messages": [{"role": "user", "content": "hi"}]}], "no assistant turn"),
+    ([{"messages": [{"role": "user"}]}], "'messages'"),
+    ([{"prompt": "a", "answer": "b"}, {"text": "c"}], "row 2"),
+])
+def test_bad_chat_rows_are_named(tok, tmp_path, rows, match):
+    with pytest.raises(ValueError, match=match):
+        read_chat(_write(tmp_path / "bad.jsonl", rows), tok)
+
+
+def test_bad_text_jsonl_is_named(tok, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\nnot json\n')
+    with pytest.raises(ValueError, match="line 2: not valid JSON"):
+        load_windows(str(bad), tok, 16, 0)
+    with pytest.raises(ValueError, match="row 2: expected a 'text' field"):
+        load_windows(_write(tmp_path / "b2.jsonl", [{"text": "a"}, {"body": "b"}]), tok, 16, 0)
+
+
+def test_task_windows_append_the_answer_and_mark_it(tok):
+    data = load_windows("tasks", tok, 768, seed=3)
+    assert isinstance(data, TaskWindows) and data.tasks == NIAH_TASKS
+    t, w = data.example(2, 3)
+    t2, w2 = data.example(2, 3)
+    assert t.shape == w.shape == (3, 768) and t.dtype == np.int32
+    np.testing.assert_array_equal(t, t2)
+    np.testing.assert_array_equal(w, w2)
+    assert not np.array_equal(t, data.example(3, 3)[0])
+    for row in range(3):
+        rows = np.flatnonzero(w[row])
+        assert rows.size and rows.min() >= 768 - 64 - 1
+        answer = tok.decode(t[row, rows + 1])
+        assert answer.strip().endswith(".") and any(ch.isdigit() for ch in answer)
+        prompt = tok.decode(t[row, : 768 - 64])
+        assert all(part.strip(" .") in prompt for part in answer.replace(" and ", ",").split(","))
+    one = load_windows("tasks:niah_single_prose", tok, 512, 0)
+    assert one.tasks == ("niah_single_prose",)
+    with pytest.raises(ValueError, match="unknown task"):
+        load_windows("tasks:nope", tok, 512, 0)
+
+
+def test_training_examples_never_come_from_the_eval_split(tok):
+    with pytest.raises(ValueError, match="eval split"):
+        train_example(Builder(tok), "niah_single_prose", 512, np.random.default_rng(0))
+    assert not set(word_list("train")) <= set(word_list("eval"))
+    t, m = train_example(Builder(tok, "train"), "niah_multivalue", 600, np.random.default_rng(1))
+    assert t.shape == m.shape == (600,)
+    assert tok.decode(t[m]).startswith(answer_text(("x",))[:1])
+
+
+def test_event_windows_mark_the_recalled_values(tok):
+    data = load_windows("kjv", tok, 1024, 0, events=2.0)
+    t, w = data.example(0, 2)
+    assert data.marks_answers and t.shape == w.shape == (2, 1024) and w.sum() > 0
+    np.testing.assert_array_equal(t, data.batch(0, 2))
+    plain = load_windows("kjv", tok, 1024, 0)
+    assert not plain.marks_answers and (plain.example(0, 2)[1] == 1).all()
