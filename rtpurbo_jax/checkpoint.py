@@ -106,6 +106,17 @@ def atomic_dir(out_dir: str, overwrite: bool = False, protect: tuple[str, ...] =
         raise
 
 
+def _here():
+    """Where a restore puts arrays when the caller names no sharding: the first local device (replicated over
+    every device in a multi-process run, where Orbax needs a global target). Naming it makes a checkpoint
+    written on other hardware (say a GPU) load here (say on a CPU) instead of failing on the saved topology."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
+
+    if jax.process_count() > 1:
+        return NamedSharding(Mesh(np.asarray(jax.devices()), ("all",)), PartitionSpec())
+    return SingleDeviceSharding(jax.local_devices()[0])
+
+
 def _checkpointer():
     import orbax.checkpoint as ocp
 
@@ -168,13 +179,9 @@ def load_converted(path: str, dtype=None, shardings=None) -> Converted:
     cfg = ModelConfig.from_dict(meta["model_config"])
     saved = meta.get("param_dtype")
     target = abstract_params(cfg, saved if isinstance(saved, str) else jnp.float32)
-    if shardings is None and jax.process_count() > 1:
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-        rep = NamedSharding(Mesh(np.asarray(jax.devices()), ("all",)), PartitionSpec())
-        shardings = jax.tree.map(lambda _: rep, target)
-    if shardings is not None:
-        target = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), target, shardings)
+    if shardings is None:
+        shardings = jax.tree.map(lambda _: _here(), target)
+    target = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), target, shardings)
     try:
         params = _checkpointer().restore(os.path.join(os.path.abspath(path), "params"), target)
     except Exception as e:
@@ -202,8 +209,9 @@ def load_indexer(path: str, cfg: ModelConfig, index_dim: int) -> dict:
         raise CheckpointError(f"no indexer at {path} (train.distill writes RUN_DIR/indexer when it finishes)")
     l, n, h = cfg.num_layers, cfg.num_heads, cfg.head_dim
     shape = (l, n, h, index_dim)
-    maps = {k: jax.ShapeDtypeStruct(shape, jnp.float32) for k in ("w_q", "w_k")}
-    prior = {"w_local": jax.ShapeDtypeStruct((l, n, h), jnp.float32), "b_local": jax.ShapeDtypeStruct((l, n), jnp.float32)}
+    at = lambda s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=_here())
+    maps = {k: at(shape) for k in ("w_q", "w_k")}
+    prior = {"w_local": at((l, n, h)), "b_local": at((l, n))}
     errors = []
     for target in ({**maps, **prior}, maps):  # with the local prior, then without (indexers trained before it)
         try:

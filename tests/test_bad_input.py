@@ -278,3 +278,38 @@ def test_kernel_apis_validate_plans_and_inputs():
 def test_convert_refuses_window_zero(src, tmp_path, capsys):
     assert convert_main(["--model", src, "--out", str(tmp_path / "w0"), "--window", "0"]) == 2
     assert "--window must be >= 1" in capsys.readouterr().err and not (tmp_path / "w0").exists()
+
+
+def test_checkpoints_written_on_other_hardware_load_here(tmp_path):
+    """An indexer / converted model written with arrays sharded over 8 devices (say a GPU host) loads in a process
+    with one device (say a CPU): restores name the local device instead of trusting the saved topology."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    write = f"""
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from rtpurbo_jax.checkpoint import save_converted, write_params
+from rtpurbo_jax.params import init_params
+from tests.test_calibrate import CFG
+mesh = Mesh(np.asarray(jax.devices()), ("d",))
+put = lambda x: jax.device_put(x, NamedSharding(mesh, P(*([None] * (x.ndim - 1)), "d") if x.shape[-1] % 8 == 0 else P()))
+l, n, h = CFG.num_layers, CFG.num_heads, CFG.head_dim
+write_params({str(tmp_path / "ix")!r}, {{k: put(jax.random.normal(jax.random.key(1), (l, n, h, 8))) for k in ("w_q", "w_k")}})
+save_converted({str(tmp_path / "conv")!r}, jax.tree.map(put, init_params(CFG, jax.random.key(0))), CFG)
+"""
+    read = f"""
+import jax
+from rtpurbo_jax.checkpoint import load_converted, load_indexer
+c = load_converted({str(tmp_path / "conv")!r})
+ix = load_indexer({str(tmp_path / "ix")!r}, c.model_config, 8)
+assert jax.device_count() == 1 and ix["w_q"].shape[-1] == 8 and float(abs(ix["w_q"]).sum()) > 0
+print("ok", len(jax.tree.leaves(c.params)))
+"""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root}
+    for code, devices in ((write, 8), (read, 1)):
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith("ok")
