@@ -31,16 +31,5 @@ python -m benchmarks.accuracy --converted "$OUT/stage2/model" "${common[@]}" --o
 stamp "accuracy after stage 2"
 wait $before || { tail -30 "$OUT/acc_stage1.log"; exit 1; }
 stamp "accuracy before stage 2"
-python - "$OUT" <<'PY'
-import json, sys
-out = sys.argv[1]
-a, b = (json.load(open(f"{out}/{n}.json")) for n in ("acc_stage1", "acc_stage2"))
-for r in b["rows"]:
-    r["mode"] += "_stage2"
-merged = {**a, "rows": a["rows"] + b["rows"], "stage2": json.load(open(f"{out}/stage2/summary.json")),
-          "config_stage2": b["config"]}
-json.dump(merged, open(f"{out}/accuracy_stage2.json", "w"), indent=1)
-for r in merged["rows"]:
-    print(f"{r['mode']:24s} {r['task']:20s} {r['length']:6d} {r['score']:8.2f} {r.get('blocks_frac')}")
-PY
+python -m benchmarks.stage2_summary "$OUT"
 stamp done

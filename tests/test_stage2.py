@@ -178,3 +178,23 @@ def test_stage_flag_and_bad_input(tiny, tmp_path, capsys):
     assert "--positions must be" in capsys.readouterr().err
     assert distill_main(["--stage", "2", *flags(tiny, tmp_path / "z", "--data", "tasks")]) == 2
     assert "tokenizer" in capsys.readouterr().err
+
+
+def test_stage2_summary_merges_before_and_after(tmp_path):
+    from benchmarks import stage2_summary
+
+    row = lambda mode, task, kind, score, bf=None: {"mode": mode, "task": task, "kind": kind, "length": 64, "n": 2,
+                                                     "score": score, "blocks_frac": bf}
+    before = {"model": "m", "device": "d", "date": "x", "config": {}, "rows": [
+        row("rtpurbo", "a", "retrieval", 50.0, 0.2), row("rtpurbo", "b", "retrieval", 0.0, 0.4),
+        row("rtpurbo", "ppl", "ppl", 9.0, 0.5)]}
+    after = {**before, "rows": [row("rtpurbo", "a", "retrieval", 100.0, 0.3), row("rtpurbo", "b", "retrieval", 50.0, 0.3)]}
+    for name, d in (("acc_stage1", before), ("acc_stage2", after)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(d))
+    assert stage2_summary.main([str(tmp_path)]) == 0
+    merged = json.load(open(tmp_path / "accuracy_stage2.json"))
+    assert [r["mode"] for r in merged["rows"]] == ["rtpurbo"] * 3 + ["rtpurbo_stage2"] * 2
+    t = stage2_summary.table(merged["rows"])
+    assert t[("rtpurbo", 64)] == {"retrieval": 25.0, "ppl": 9.0, "blocks_frac": pytest.approx(0.3)}
+    assert t[("rtpurbo_stage2", 64)]["retrieval"] == 75.0
+    assert (tmp_path / "accuracy_stage2.png").stat().st_size > 0
