@@ -6,7 +6,7 @@ softmax(q·k / sqrt(H)) over all causal keys (sinks and local tokens included: t
 distribution, as the paper states). Student: softmax over the same keys of (q_pre W_q)·(k_pre W_k), pre-RoPE
 inputs. Every query position enters the loss (position 0 has a one-key distribution and contributes 0).
 The loss is summed over retrieval heads and averaged over batch and positions. Queries are processed in
-chunks: memory O(R · B · chunk · S), never S².
+chunks, each rematerialised in the backward pass: memory O(R · B · chunk · S), never S², forward and backward.
 
 Axes: R retrieval heads, B batch, T = S sequence, H head_dim, I index_dim, C chunk, Sb key blocks.
 """
@@ -148,7 +148,9 @@ def kl_loss(train: dict, heads_x: dict, chunk: int = 256, *, level: str = "token
         w = jax.lax.stop_gradient(_longrange_mass(tl, mask, start + jnp.arange(chunk), sinks, recent))
         return jnp.stack([(w * kl).sum(), w.sum()])
 
-    tot = jax.lax.map(one, jnp.arange(nc)).sum(0)
+    # remat per chunk: the backward pass recomputes a chunk's logits instead of keeping every chunk's [R, B, C, S]
+    # residuals (O(R · B · S²) — 769 GiB for 50 heads at 32K, which is what stopped training past 8K)
+    tot = jax.lax.map(jax.checkpoint(one), jnp.arange(nc)).sum(0)
     if weight == "uniform":
         return tot[0] / (b * t)
     return r * tot[0] / jnp.maximum(tot[1], 1e-6)
