@@ -198,3 +198,28 @@ def test_stage2_summary_merges_before_and_after(tmp_path):
     assert t[("rtpurbo", 64)] == {"retrieval": 25.0, "ppl": 9.0, "blocks_frac": pytest.approx(0.3)}
     assert t[("rtpurbo_stage2", 64)]["retrieval"] == 75.0
     assert (tmp_path / "accuracy_stage2.png").stat().st_size > 0
+
+
+def test_memory_accounting_matches_the_arrays_stage2_places(tiny):
+    """benchmarks.stage2_memory's per-device bytes (abstract mesh, eval_shape) equal the bytes the real stage-2
+    shardings put on one device, for params and AdamW moments, on the 8-device CPU mesh."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from benchmarks.stage2_memory import GIB, account
+    from rtpurbo_jax.params import init_params, param_shardings
+    from train.stage2 import Stage2Config, make_optimizer, state_rules
+    from train.trainer import make_mesh
+
+    cfg = tiny[0]
+    c = Stage2Config(model="x", indexer="x")
+    mesh = make_mesh("8,1")
+    sh = param_shardings(cfg, mesh, state_rules(c))
+    params = jax.device_put(init_params(cfg, jax.random.key(0)), sh)
+    opt = make_optimizer(c, params).init(params)
+    rep = NamedSharding(mesh, P())
+    opt = jax.device_put(opt, jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else rep, opt))
+    on0 = lambda tree: sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device.id == 0)
+    got = account(cfg, 8, 96, 8, jnp.float32)["gib_per_device"]
+    assert got["params"] * GIB == on0(params)
+    assert got["adamw_moments"] * GIB == pytest.approx(on0(opt), abs=64)  # counters: a few scalar bytes
+    assert account(cfg, 8, 96, 8, jnp.float32, fsdp=False)["gib_per_device"]["params"] > got["params"]

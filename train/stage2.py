@@ -34,9 +34,10 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rtpurbo_jax.checkpoint import load_converted, load_indexer, save_converted
+from rtpurbo_jax.checkpoint import load_converted, load_indexer, read_meta, save_converted
 from rtpurbo_jax.cli import run_cli
 from rtpurbo_jax.lm import apply
+from rtpurbo_jax.model_config import ModelConfig
 from rtpurbo_jax.params import SHARDING_RULES, param_shardings
 from rtpurbo_jax.sparse_config import SparseConfig
 from train.data import load_windows
@@ -130,6 +131,12 @@ def make_optimizer(c: Stage2Config, params: dict):
     return optax.MultiSteps(tx, c.accumulate) if c.accumulate > 1 else tx
 
 
+def state_rules(c: Stage2Config) -> dict:
+    """Logical axis -> mesh axis for params, gradients and optimiser moments: with --fsdp the embedding axis is
+    sharded over `data` too (every matrix is then split across all devices)."""
+    return {**SHARDING_RULES, "embed": "data"} if c.fsdp else SHARDING_RULES
+
+
 def student_logits(params, tokens, cfg, sparse: SparseConfig, indexer: dict, remat: bool = False):
     """The student's fp32 logits [B, T, V]: the model in sparse mode with indexer prefill (`lm.apply`)."""
     return apply(params, tokens, cfg, mode="rtpurbo", sparse=sparse, indexer=indexer, remat=remat)
@@ -138,8 +145,10 @@ def student_logits(params, tokens, cfg, sparse: SparseConfig, indexer: dict, rem
 def run(c: Stage2Config) -> dict:
     c.validate()
     os.makedirs(c.run_dir, exist_ok=True)
-    ckpt = load_converted(c.model)
-    cfg = ckpt.model_config
+    cfg = ModelConfig.from_dict(read_meta(c.model)["model_config"])
+    mesh = make_mesh(c.mesh)
+    params_sh = param_shardings(cfg, mesh, state_rules(c))
+    ckpt = load_converted(c.model, shardings=params_sh)  # each device reads its own shard: no full copy anywhere
     if not ckpt.meta.get("sparse_config"):
         raise ValueError(f"{c.model} has no retrieval-head roles; convert it with calibration first")
     if c.seq_len > cfg.max_position_embeddings:
@@ -152,10 +161,6 @@ def run(c: Stage2Config) -> dict:
     data = load_windows(c.data, None if c.data.endswith(".npy") else ckpt.tokenizer(), c.seq_len, c.seed, c.events)
     answers = data.marks_answers and c.positions == "answer"
     micro = c.steps * c.accumulate  # micro-batches the run consumes; evaluation windows come after them
-    mesh = make_mesh(c.mesh)
-    rules = {**SHARDING_RULES, "embed": "data"} if c.fsdp else SHARDING_RULES
-    params_sh = param_shardings(cfg, mesh, rules)
-    teacher_params = jax.device_put(ckpt.params, param_shardings(cfg, mesh))
     tok_sh = NamedSharding(mesh, P("data" if c.batch % mesh.shape["data"] == 0 else None))
     batch = lambda i: jax.device_put(data.batch(i, c.batch), tok_sh)
 
@@ -167,10 +172,10 @@ def run(c: Stage2Config) -> dict:
                          {"model": os.path.abspath(c.model), "data": c.data, "events": c.events, "seq_len": c.seq_len,
                           "batch": c.batch,
                           "seed": c.seed, "top_k": c.top_k, "windows": micro + c.eval_batches})
-    teacher = jax.jit(lambda t: apply(teacher_params, t, cfg))
-    cache.build(micro + c.eval_batches, batch, teacher, c.top_k, log=log0)
+    teacher_params = ckpt.params  # the same (sharded) arrays: the student starts as the teacher
+    cache.build(micro + c.eval_batches, batch, lambda t: apply(teacher_params, t, cfg), c.top_k, log=log0)
 
-    params = jax.device_put(ckpt.params, params_sh)
+    params = ckpt.params
     tx = make_optimizer(c, params)
     state = {"params": params, "opt_state": jax.jit(tx.init)(params)}
     # optimiser moments follow their params' shardings (FSDP); scalars (step counts) are replicated
