@@ -135,7 +135,8 @@ def test_distill_cli_reads_negative_mesh_and_refuses_bad_numbers():
     assert parse_args(["--mesh", "-1,1"]).mesh == "-1,1"  # the README's own form
     for argv, match in ((["--lr", "nan"], "--lr"), (["--grad-clip", "-1"], "--grad-clip"),
                         (["--kv-block", "0"], "--kv-block"), (["--chunk", "0"], "--chunk"),
-                        (["--lr", "inf"], "--lr"), (["--weight-decay", "nan"], "--weight-decay")):
+                        (["--lr", "inf"], "--lr"), (["--weight-decay", "nan"], "--weight-decay"),
+                        (["--eval-len", "-5"], "--eval-len")):
         with pytest.raises(ValueError, match=match):
             parse_args(argv).validate()
 

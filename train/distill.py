@@ -68,7 +68,7 @@ class DistillConfig:
     seed: int = 0
     calib_len: int = 2048  # when converting on first use
     eval_passkey: int = 4  # needle prompts for the full / before / after check through serving (0 skips)
-    eval_len: int = 1024
+    eval_len: int = 0  # needle prompt length; 0: the local window + 512 (past it, so local heads really drop keys)
     stop_at: int | None = None  # stop after this step (a preemption stand-in; --resume continues)
     skip_distributed: bool = False
     coordinator: str | None = None
@@ -96,6 +96,8 @@ class DistillConfig:
             raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
         if self.kv_block < 1 or self.chunk < 1 or self.keep < 1:
             raise ValueError(f"--kv-block, --chunk and --keep must be >= 1, got {self.kv_block}, {self.chunk}, {self.keep}")
+        if self.eval_len < 0 or self.eval_passkey < 0:
+            raise ValueError(f"--eval-len and --eval-passkey must be >= 0, got {self.eval_len}, {self.eval_passkey}")
         if max_positions is not None and self.seq_len > max_positions:
             raise ValueError(f"--seq-len {self.seq_len} exceeds the model's {max_positions} positions")
 
@@ -284,12 +286,14 @@ def finish(c: DistillConfig, ckpt, sparse, heads, state, init_host, before, eval
                     "KL (summed over retrieval heads)", ylim=(0, 1.02))
     summary = {"before": before, "after": after, "retrieval_heads": len(heads)}
     log0(f"[distill] after {c.steps} steps: {describe(after)}")
-    if c.eval_passkey and tok is not None and c.eval_len + 16 <= cfg.max_position_embeddings:
+    length = c.eval_len or min(sparse.window + 512, cfg.max_position_embeddings - 16)
+    if c.eval_passkey and tok is not None and length + 16 <= cfg.max_position_embeddings:
         init_ix = full_layout(init_host, heads, cfg)
         sp = dataclasses.replace(sparse, seqlen_threshold=0, top_p=c.top_p)
         runs = {"full": (None, None), "before": (sp, init_ix), "after": (sp, indexer)}
-        summary["needle"] = needle_accuracy(ckpt.params, cfg, tok, runs, length=c.eval_len, prompts=c.eval_passkey,
+        summary["needle"] = needle_accuracy(ckpt.params, cfg, tok, runs, length=length, prompts=c.eval_passkey,
                                             seed=c.seed, log=lambda m: log0(f"[distill] {m}"))
+        summary["needle_length"] = length
     if jax.process_index() == 0:
         with open(os.path.join(c.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
