@@ -100,13 +100,10 @@ def read_chat(source: str, tokenizer) -> tuple[np.ndarray, np.ndarray]:
         done: list[int] = []
         for j, m in enumerate(msgs):
             upto = render(msgs[: j + 1])
-            if m["role"] == "assistant":
-                prefix = render(msgs[:j], gen=True)
-                if upto[: len(prefix)] != prefix:
-                    raise ValueError(f"{source} row {i + 1}: the chat template does not render turns as prefixes")
-                cut = len(prefix)
-            else:
-                cut = len(upto)
+            prefix = render(msgs[:j], gen=True) if m["role"] == "assistant" else done
+            if upto[: len(done)] != done or upto[: len(prefix)] != prefix:
+                raise ValueError(f"{source} row {i + 1}: the chat template does not render turns as prefixes")
+            cut = len(prefix) if m["role"] == "assistant" else len(upto)
             new = upto[len(done):]
             mark += [False] * (cut - len(done)) + [m["role"] == "assistant"] * (len(upto) - cut)
             ids += new
