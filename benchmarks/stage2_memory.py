@@ -18,7 +18,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import AbstractMesh
 
 from rtpurbo_jax.model_config import LLAMA3_8B, ModelConfig

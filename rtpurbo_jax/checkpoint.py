@@ -180,7 +180,8 @@ def load_converted(path: str, dtype=None, shardings=None) -> Converted:
     saved = meta.get("param_dtype")
     target = abstract_params(cfg, saved if isinstance(saved, str) else jnp.float32)
     if shardings is None:
-        shardings = jax.tree.map(lambda _: _here(), target)
+        here = _here()
+        shardings = jax.tree.map(lambda _: here, target)
     target = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), target, shardings)
     try:
         params = _checkpointer().restore(os.path.join(os.path.abspath(path), "params"), target)
@@ -209,7 +210,8 @@ def load_indexer(path: str, cfg: ModelConfig, index_dim: int) -> dict:
         raise CheckpointError(f"no indexer at {path} (train.distill writes RUN_DIR/indexer when it finishes)")
     l, n, h = cfg.num_layers, cfg.num_heads, cfg.head_dim
     shape = (l, n, h, index_dim)
-    at = lambda s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=_here())
+    here = _here()
+    at = lambda s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=here)
     maps = {k: at(shape) for k in ("w_q", "w_k")}
     prior = {"w_local": at((l, n, h)), "b_local": at((l, n))}
     errors = []

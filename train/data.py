@@ -47,8 +47,13 @@ def is_chat(source: str) -> bool:
     """True for a JSON-lines file whose first row is a conversation (`messages`, or `prompt` and `answer`)."""
     if not source.endswith((".jsonl", ".json")) or not os.path.isfile(source):
         return False
-    first = _jsonl(source)[0]
-    return "messages" in first or {"prompt", "answer"} <= first.keys()
+    with open(source, encoding="utf-8") as f:
+        line = next((ln for ln in f if ln.strip()), None)
+    try:
+        first = json.loads(line) if line is not None else None
+    except json.JSONDecodeError:
+        return False  # read_texts names the bad line
+    return isinstance(first, dict) and ("messages" in first or {"prompt", "answer"} <= first.keys())
 
 
 def read_texts(source: str) -> list[str]:

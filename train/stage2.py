@@ -172,10 +172,9 @@ def run(c: Stage2Config) -> dict:
                          {"model": os.path.abspath(c.model), "data": c.data, "events": c.events, "seq_len": c.seq_len,
                           "batch": c.batch,
                           "seed": c.seed, "top_k": c.top_k, "windows": micro + c.eval_batches})
-    teacher_params = ckpt.params  # the same (sharded) arrays: the student starts as the teacher
-    cache.build(micro + c.eval_batches, batch, lambda t: apply(teacher_params, t, cfg), c.top_k, log=log0)
+    params = ckpt.params  # the student starts as the teacher: the same (sharded) arrays serve both
+    cache.build(micro + c.eval_batches, batch, lambda t: apply(params, t, cfg), c.top_k, log=log0)
 
-    params = ckpt.params
     tx = make_optimizer(c, params)
     state = {"params": params, "opt_state": jax.jit(tx.init)(params)}
     # optimiser moments follow their params' shardings (FSDP); scalars (step counts) are replicated
