@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 
 NEG = -1e30
 
@@ -53,3 +54,26 @@ def finish_scratch(m_sc, l_sc, acc_sc, o_ref, lse_ref):
     safe = jnp.where(l > 0, l, 1.0)
     o_ref[...] = (acc_sc[...] / safe).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(l > 0, m_sc[...] + jnp.log(safe), -jnp.inf)
+
+
+def scratch_row_step(j, count, last, block_start: int, q_ref, k_ref, v_ref, scale, visible, m_sc, l_sc, acc_sc,
+                     o_ref, lse_ref):
+    """One grid step j of a Mosaic TPU kernel row (the innermost grid axis walks the row's plan entries): reset
+    the scratch at j = 0, take the key block starting at token `block_start` while j < count (scores of q_ref
+    [rows, H] against k_ref [bk, H], masked by visible(k_pos int32 [rows, bk]) -> bool), write the row at
+    j = last. `block_start` must only be read under j < count (pass it as a thunk)."""
+
+    @pl.when(j == 0)
+    def _init():
+        init_scratch(m_sc, l_sc, acc_sc)
+
+    @pl.when(j < count)
+    def _visit():
+        q, k = q_ref[...], k_ref[...]
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+        k_pos = block_start() + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+        step_scratch(s, visible(k_pos), v_ref[...], m_sc, l_sc, acc_sc)
+
+    @pl.when(j == last)
+    def _finish():
+        finish_scratch(m_sc, l_sc, acc_sc, o_ref, lse_ref)

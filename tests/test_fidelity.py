@@ -46,6 +46,29 @@ def test_tasks_exact_length_deterministic_answers_inside(tok, task):
     assert max_new_tokens(task) >= 8
 
 
+def _needle_at(tok, p) -> int:
+    ans = tok(" " + p.answers[0], add_special_tokens=False)["input_ids"]
+    t = p.tokens.tolist()
+    return next(j for j in range(len(t)) if t[j:j + len(ans)] == ans)
+
+
+def test_needle_depth_places_the_needle_and_defaults_stay(tok):
+    """depth=(lo, hi) puts the needle in that part of the haystack (the distill check puts it farther from the
+    question than the local window); the default is RULER's spread and leaves earlier prompts unchanged."""
+    b = Builder(tok)
+    length = 1200
+    early = [_needle_at(tok, make_prompt(tok, "niah_single_prose", length, i, 3, b, (0.0, 0.05))) for i in range(4)]
+    late = [_needle_at(tok, make_prompt(tok, "niah_single_prose", length, i, 3, b, (0.9, 0.95))) for i in range(4)]
+    assert max(early) < 0.15 * length < 0.8 * length < min(late), (early, late)
+    for i in range(3):
+        assert np.array_equal(make_prompt(tok, "niah_single_prose", length, i, 3, b).tokens,
+                              make_prompt(tok, "niah_single_prose", length, i, 3, b, (0.05, 0.95)).tokens)
+    with pytest.raises(ValueError, match="depth must be"):
+        make_prompt(tok, "niah_single_prose", length, 0, 3, b, (0.5, 0.2))
+    with pytest.raises(ValueError, match="only the niah"):
+        make_prompt(tok, "common_words", length, 0, 3, b, (0.0, 0.1))
+
+
 @pytest.mark.parametrize("length", [2048, 4096, 8000])
 def test_word_list_tasks_fill_long_prompts(tok, length):
     """The word lists of common / frequent words fill any length exactly (they once fell short at 4K+)."""

@@ -68,7 +68,7 @@ class DistillConfig:
     seed: int = 0
     calib_len: int = 2048  # when converting on first use
     eval_passkey: int = 4  # needle prompts for the full / before / after check through serving (0 skips)
-    eval_len: int = 0  # needle prompt length; 0: the local window + 512 (past it, so local heads really drop keys)
+    eval_len: int = 0  # needle prompt length; 0: the local window + 384, needles placed past the window from the question
     stop_at: int | None = None  # stop after this step (a preemption stand-in; --resume continues)
     skip_distributed: bool = False
     coordinator: str | None = None
@@ -285,13 +285,17 @@ def finish(c: DistillConfig, ckpt, sparse, heads, state, before, evaluate, loop,
                     "KL (summed over retrieval heads)", ylim=(0, 1.02))
     summary = {"before": before, "after": after, "retrieval_heads": len(heads)}
     log0(f"[distill] after {c.steps} steps: {describe(after)}")
-    length = c.eval_len or min(sparse.window + 512, cfg.max_position_embeddings - 16)
+    length = c.eval_len or min(sparse.window + 384, cfg.max_position_embeddings - 16)
     if c.eval_passkey and tok is not None and length + 16 <= cfg.max_position_embeddings:
         sp = dataclasses.replace(sparse, seqlen_threshold=0, top_p=c.top_p)
-        runs = {"full": (None, None), "after": (sp, indexer)}  # (each run compiles serving: ~1.5 min on 2 CPUs)
+        runs = {"full": (None, None), "after": (sp, indexer)}
+        # needles early enough that the question is farther from them than the local window reaches (when the
+        # prompt is long enough), so every prompt asks the retrieval heads, not the local ones
+        depth = (0.0, max(0.0, (length - sparse.window - 192) / length))
         summary["needle"] = needle_accuracy(ckpt.params, cfg, tok, runs, length=length, prompts=c.eval_passkey,
-                                            seed=c.seed, log=lambda m: log0(f"[distill] {m}"))
+                                            seed=c.seed, depth=depth, log=lambda m: log0(f"[distill] {m}"))
         summary["needle_length"] = length
+        summary["needle_depth"] = depth
     if jax.process_index() == 0:
         with open(os.path.join(c.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)

@@ -29,23 +29,12 @@ def _kernel(blocks_ref, counts_ref, sinks_ref, window_ref, kvlen_ref, qstart_ref
     b, n, t, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
     row = (b * num_heads + n) * num_tiles + t
 
-    @pl.when(j == 0)
-    def _init():
-        online_softmax.init_scratch(m_sc, l_sc, acc_sc)
+    def visible(k_pos):
+        q_pos = qstart_ref[b] + t * q_block + lax.broadcasted_iota(jnp.int32, k_pos.shape, 0)
+        return (k_pos <= q_pos) & (k_pos < kvlen_ref[b]) & ((k_pos < sinks_ref[n]) | (q_pos - k_pos < window_ref[n]))
 
-    @pl.when(j < counts_ref[row])
-    def _visit():
-        start = blocks_ref[row * m_max + j] * kv_block
-        q, k, v = q_ref[...], k_ref[...], v_ref[...]
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-        q_pos = qstart_ref[b] + t * q_block + lax.broadcasted_iota(jnp.int32, s.shape, 0)
-        k_pos = start + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-        vis = (k_pos <= q_pos) & (k_pos < kvlen_ref[b]) & ((k_pos < sinks_ref[n]) | (q_pos - k_pos < window_ref[n]))
-        online_softmax.step_scratch(s, vis, v, m_sc, l_sc, acc_sc)
-
-    @pl.when(j == m_max - 1)
-    def _finish():
-        online_softmax.finish_scratch(m_sc, l_sc, acc_sc, o_ref, lse_ref)
+    online_softmax.scratch_row_step(j, counts_ref[row], m_max - 1, lambda: blocks_ref[row * m_max + j] * kv_block,
+                                    q_ref, k_ref, v_ref, scale, visible, m_sc, l_sc, acc_sc, o_ref, lse_ref)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))

@@ -19,7 +19,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import online_softmax
-from pallas_kernels.sparse_decode.plan import DecodePlan
+from pallas_kernels.sparse_decode.plan import DecodePlan, kernel_dims
 
 
 
@@ -28,40 +28,26 @@ def _kernel(blocks_ref, counts_ref, hmask_ref, sinks_ref, window_ref, shift_ref,
     b, kh, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     row = b * num_kv + kh
 
-    @pl.when(j == 0)
-    def _init():
-        online_softmax.init_scratch(m_sc, l_sc, acc_sc)
-
-    @pl.when(j < counts_ref[row])
-    def _visit():
-        start = blocks_ref[row * m_max + j] * kv_block
-        q, k, v = q_ref[...], k_ref[...], v_ref[...]
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-        gi = lax.broadcasted_iota(jnp.int32, s.shape, 0)
-        k_pos = start + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-        vis = jnp.zeros(s.shape, jnp.bool_)
+    def visible(k_pos):
+        gi = lax.broadcasted_iota(jnp.int32, k_pos.shape, 0)
+        vis = jnp.zeros(k_pos.shape, jnp.bool_)
         for r in range(g):  # per-head scalars from SMEM, spread over the head's row
             hd = kh * g + r
             q_pos = kvlen_ref[b] - 1 - shift_ref[hd]
             ok = (hmask_ref[(row * m_max + j) * g + r] != 0) & (k_pos <= q_pos) & \
                 ((k_pos < sinks_ref[hd]) | (q_pos - k_pos < window_ref[hd]))
             vis = vis | ((gi == r) & ok)
-        online_softmax.step_scratch(s, vis, v, m_sc, l_sc, acc_sc)
+        return vis
 
-    @pl.when(j == m_max - 1)
-    def _finish():
-        online_softmax.finish_scratch(m_sc, l_sc, acc_sc, o_ref, lse_ref)
+    online_softmax.scratch_row_step(j, counts_ref[row], m_max - 1, lambda: blocks_ref[row * m_max + j] * kv_block,
+                                    q_ref, k_ref, v_ref, scale, visible, m_sc, l_sc, acc_sc, o_ref, lse_ref)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
 def sparse_decode_tpu(q, k_hm, v_hm, plan: DecodePlan, *, scale=None, interpret: bool = False):
     """q [B, N, H], head-major k / v [B, K, S, H] -> (out [B, N, H] q.dtype, lse fp32 [B, N])."""
-    b, n, h = q.shape
-    kh, s = k_hm.shape[1], k_hm.shape[2]
-    g = n // kh
-    bk, m_max = plan.kv_block, plan.kv_blocks.shape[-1]
-    if s % bk:
-        raise ValueError(f"S={s} must be a multiple of kv_block={bk} (the api pads)")
+    kh = k_hm.shape[1]
+    b, n, h, g, bk, m_max = kernel_dims(q, k_hm.shape[2], kh, plan)
     gp = -(-g // 8) * 8
     scale = h ** -0.5 if scale is None else scale
     qp = jnp.pad(q.reshape(b, kh, g, h), ((0, 0), (0, 0), (0, gp - g), (0, 0)))

@@ -72,6 +72,15 @@ def decode_plan(sel: jax.Array, num_kv_heads: int, *, sinks, window, kv_len, kv_
                       q_shift=None if q_shift is None else jnp.broadcast_to(jnp.asarray(q_shift, jnp.int32), (n,)))
 
 
+def kernel_dims(q, num_keys: int, num_kv_heads: int, plan: DecodePlan) -> tuple[int, int, int, int, int, int]:
+    """(B, N, H, G, kv_block, M) of a decode kernel call on q [B, N, H] over num_keys keys (a multiple of
+    kv_block: the api pads) of num_kv_heads groups."""
+    b, n, h = q.shape
+    if num_keys % plan.kv_block:
+        raise ValueError(f"S={num_keys} must be a multiple of kv_block={plan.kv_block} (the api pads)")
+    return b, n, h, n // num_kv_heads, plan.kv_block, plan.kv_blocks.shape[-1]
+
+
 def token_mask(plan: DecodePlan, seq_len: int) -> jax.Array:
     """bool [B, N, S]: the exact visibility a plan defines (tests and the reference)."""
     b, k, m = plan.kv_blocks.shape

@@ -21,7 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import online_softmax
-from pallas_kernels.sparse_decode.plan import DecodePlan
+from pallas_kernels.sparse_decode.plan import DecodePlan, kernel_dims
 
 
 
@@ -75,12 +75,8 @@ def default_splits(batch: int, num_kv_heads: int, m_max: int, target_programs: i
 def sparse_decode_triton(q, k, v, plan: DecodePlan, *, scale=None, splits: int | None = None,
                          num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
     """q [B, N, H], k / v [B, S, K, H] (S a multiple of kv_block) -> (out [B, N, H] q.dtype, lse fp32 [B, N])."""
-    b, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
-    g = n // kh
-    bk, m_max = plan.kv_block, plan.kv_blocks.shape[-1]
-    if s % bk:
-        raise ValueError(f"S={s} must be a multiple of kv_block={bk} (the api pads)")
+    b, n, h, g, bk, m_max = kernel_dims(q, s, kh, plan)
     gp = max(16, 1 << (g - 1).bit_length())
     splits = splits or default_splits(b, kh, m_max)
     scale = h ** -0.5 if scale is None else scale

@@ -50,18 +50,21 @@ def run_batch(params, cfg, sparse: SparseConfig | None, indexer, tokens: np.ndar
     return np.stack(out, 1), nll, frac, keep
 
 
-def needle_accuracy(params, cfg, tok, runs: dict, *, length: int, prompts: int, seed: int, log=print) -> dict:
+def needle_accuracy(params, cfg, tok, runs: dict, *, length: int, prompts: int, seed: int, depth=None,
+                    log=print) -> dict:
     """Needle-in-a-haystack accuracy (`tasks` niah_single_prose, held-out text, `length` tokens, `prompts`
-    prompts, 12 greedy tokens) per run: runs = {name: (SparseConfig or None for full attention, indexer)}.
-    Returns {name: {accuracy 0..1, blocks_frac}}."""
+    prompts, needles at `depth` (`tasks.make_prompt`), 12 greedy tokens) per run: runs = {name: (SparseConfig
+    or None for full attention, indexer)}. Returns {name: {accuracy 0..1, blocks_frac}}."""
     from rtpurbo_jax.evals.tasks import Builder, make_prompt, score
 
     b = Builder(tok)
-    ps = [make_prompt(tok, "niah_single_prose", length, i, seed + 11, b) for i in range(prompts)]
+    ps = [make_prompt(tok, "niah_single_prose", length, i, seed + 11, b, depth) for i in range(prompts)]
     toks = np.stack([p.tokens for p in ps])
     lengths = np.full((len(ps),), length, np.int32)
     out = {}
     for name, (sparse, ix) in runs.items():
+        log(f"needle check, {name}: {prompts} prompts of {length} tokens through serving (compiles prefill and "
+            f"decode first)")
         t0 = time.time()
         gen, _, frac, _ = run_batch(params, cfg, sparse, ix, toks, lengths, length + 16, 12)
         acc = float(np.mean([score(tok.decode(list(g)), p.answers) for g, p in zip(gen, ps)])) / 100

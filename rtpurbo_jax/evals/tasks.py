@@ -40,6 +40,7 @@ TASKS = {
     "niah_multiquery": "retrieval", "variable_tracking": "retrieval", "common_words": "aggregation",
     "frequent_words": "aggregation",
 }
+DEPTH = (0.05, 0.95)  # where needles go, as fractions of the haystack (RULER's spread)
 MAX_NEW = {"niah_single_uuid": 40, "niah_multivalue": 48, "niah_multiquery": 48, "variable_tracking": 40,
            "common_words": 48, "frequent_words": 16}  # generated tokens per task (default 12)
 
@@ -101,15 +102,16 @@ class Builder:
         return text_tokens(self.tok, n, int(rng.integers(2 ** 31)), self.split).tolist()
 
     def build(self, length: int, intro: str, hay_kind: str, inserts: list[str], question: str, prefix: str, rng,
-              depths=None) -> np.ndarray:
-        """Prompt tokens: chat head + intro + haystack with `inserts` at `depths` (fractions) + question + prefix."""
+              depth: tuple[float, float] = DEPTH) -> np.ndarray:
+        """Prompt tokens: chat head + intro + haystack with `inserts` at sorted depths (fractions of the haystack)
+        drawn uniformly from `depth` + question + prefix."""
         pre, post = self.enc(self.head + intro), self.enc(question + self.tail + prefix)
         ins = [self.enc(" " + s + " ") for s in inserts]
         n_hay = length - len(pre) - len(post) - sum(len(x) for x in ins)
         if n_hay < 16:
             raise ValueError(f"length {length} leaves no room for a haystack")
         hay = self.haystack(hay_kind, n_hay, rng)
-        depths = sorted(rng.uniform(0.05, 0.95, len(ins))) if depths is None else depths
+        depths = sorted(rng.uniform(depth[0], depth[1], len(ins)))
         out, last = list(pre), 0
         for d, x in zip(depths, ins):
             at = int(d * n_hay)
@@ -125,7 +127,7 @@ def _needle(k: str, v: str, kind: str) -> str:
     return f"One of the {what}s for {k} is: {v}."
 
 
-def _niah(b: Builder, length, rng, *, hay, kind, n_keys=1, n_values=1, n_queries=1):
+def _niah(b: Builder, length, rng, *, hay, kind, n_keys=1, n_values=1, n_queries=1, depth=None):
     what = {"number": "special magic number", "word": "special magic word", "uuid": "special magic uuid"}[kind]
     keys = [_key(rng, b.words) for _ in range(n_keys)]
     values = [[_value(rng, kind, b.words) for _ in range(n_values)] for _ in keys]
@@ -146,7 +148,7 @@ def _niah(b: Builder, length, rng, *, hay, kind, n_keys=1, n_values=1, n_queries
     else:
         question = f"\nWhat is the {what} for {asked[0]} mentioned in the provided text?"
         prefix = f"The {what} for {asked[0]} mentioned in the provided text is"
-    return b.build(length, intro, hay, inserts, question, prefix, rng), answers
+    return b.build(length, intro, hay, inserts, question, prefix, rng, depth or DEPTH), answers
 
 
 def _variable_tracking(b: Builder, length, rng, hops: int = 4):
@@ -219,9 +221,18 @@ def _word_list_prompt(b: Builder, length, rng, *, top: int):
     return out, tuple(sorted(counts, key=lambda w: -counts[w])[:top])
 
 
-def make_prompt(tok, task: str, length: int, index: int, seed: int = 0, builder: Builder | None = None) -> Prompt:
-    """The `index`-th prompt of `task` at `length` tokens (deterministic in (seed, task, length, index))."""
-    return _generate(builder or Builder(tok), task, length, np.random.default_rng([seed, _task_id(task), length, index]))
+def make_prompt(tok, task: str, length: int, index: int, seed: int = 0, builder: Builder | None = None,
+                depth: tuple[float, float] | None = None) -> Prompt:
+    """The `index`-th prompt of `task` at `length` tokens (deterministic in (seed, task, length, index, depth)).
+
+    depth: (lo, hi) fractions of the haystack where the needles of the NIAH tasks go (default `DEPTH`, RULER's
+    spread); e.g. near 0 to put them farther from the question than a local window reaches."""
+    if depth is not None and not (0.0 <= depth[0] <= depth[1] <= 1.0):
+        raise ValueError(f"depth must be (lo, hi) with 0 <= lo <= hi <= 1, got {depth}")
+    if depth is not None and not task.startswith("niah"):
+        raise ValueError(f"depth places needles; task {task!r} has none (only the niah_* tasks take it)")
+    rng = np.random.default_rng([seed, _task_id(task), length, index])
+    return _generate(builder or Builder(tok), task, length, rng, depth)
 
 
 def _task_id(task: str) -> int:
@@ -251,22 +262,22 @@ def answer_text(answers: tuple[str, ...]) -> str:
     return f" {body}."
 
 
-def _generate(b: Builder, task: str, length: int, rng) -> Prompt:
+def _generate(b: Builder, task: str, length: int, rng, depth=None) -> Prompt:
     _task_id(task)
     if task == "niah_single_noise":
-        t, a = _niah(b, length, rng, hay="noise", kind="number")
+        t, a = _niah(b, length, rng, hay="noise", kind="number", depth=depth)
     elif task == "niah_single_prose":
-        t, a = _niah(b, length, rng, hay="prose", kind="number")
+        t, a = _niah(b, length, rng, hay="prose", kind="number", depth=depth)
     elif task == "niah_single_word":
-        t, a = _niah(b, length, rng, hay="prose", kind="word")
+        t, a = _niah(b, length, rng, hay="prose", kind="word", depth=depth)
     elif task == "niah_single_uuid":
-        t, a = _niah(b, length, rng, hay="prose", kind="uuid")
+        t, a = _niah(b, length, rng, hay="prose", kind="uuid", depth=depth)
     elif task == "niah_multikey":
-        t, a = _niah(b, length, rng, hay="prose", kind="number", n_keys=4)
+        t, a = _niah(b, length, rng, hay="prose", kind="number", n_keys=4, depth=depth)
     elif task == "niah_multivalue":
-        t, a = _niah(b, length, rng, hay="prose", kind="number", n_values=4)
+        t, a = _niah(b, length, rng, hay="prose", kind="number", n_values=4, depth=depth)
     elif task == "niah_multiquery":
-        t, a = _niah(b, length, rng, hay="prose", kind="number", n_keys=4, n_queries=4)
+        t, a = _niah(b, length, rng, hay="prose", kind="number", n_keys=4, n_queries=4, depth=depth)
     elif task == "variable_tracking":
         t, a = _variable_tracking(b, length, rng)
     elif task == "common_words":
