@@ -107,6 +107,17 @@ def assert_kernel_matches(out, lse, ref32, lse32, ref_lp=None, *, empty: bool = 
         assert np.all(np.asarray(out) == 0)
 
 
+def check_op_against_reference(op, inputs, dtype, *, empty: bool = False, **kernel_kwargs):
+    """Run op(q, k, v, backend=..., **kw) -> (out, lse) on fp32 `inputs` with the reference, then in `dtype`
+    with `kernel_kwargs` (the backend under test), and `assert_kernel_matches` them. Returns the kernel's out."""
+    ref32, lse32 = op(*map(jnp.asarray, inputs), backend="reference")
+    args = [jnp.asarray(x, dtype) for x in inputs]
+    out, lse = op(*args, **kernel_kwargs)
+    ref_lp = None if dtype == jnp.float32 else op(*args, backend="reference")[0]
+    assert_kernel_matches(out, lse, ref32, lse32, ref_lp, empty=empty)
+    return out
+
+
 @pytest.fixture(scope="session")
 def smollm2_path():
     from convert.bundled import smollm2_gguf

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import assert_kernel_matches
+from tests.conftest import check_op_against_reference
 from pallas_kernels.block_plan import cdiv
 from pallas_kernels.sparse_decode.api import sparse_decode_attention
 from pallas_kernels.sparse_decode.plan import decode_plan, token_mask
@@ -64,12 +64,10 @@ def run_case(backend, case, dtype):
     b, n, kh, h, s, kb, kind, splits = case
     _, _, plan = make(case, rng)
     q, k, v = (rng.normal(size=shape).astype(np.float32) for shape in ((b, n, h), (b, s, kh, h), (b, s, kh, h)))
-    ref32, lse32 = sparse_decode_attention(*map(jnp.asarray, (q, k, v)), plan, backend="reference")
-    args = [jnp.asarray(x, dtype) for x in (q, k, v)]
-    out, lse = sparse_decode_attention(*args, plan, backend=backend, interpret=True, splits=splits)
+    op = lambda *qkv, **kw: sparse_decode_attention(*qkv, plan, **kw)
+    out = check_op_against_reference(op, (q, k, v), dtype, empty=kind == "empty", backend=backend, interpret=True,
+                                     splits=splits)
     assert out.shape == (b, n, h) and out.dtype == dtype
-    ref_lp = None if dtype == jnp.float32 else sparse_decode_attention(*args, plan, backend="reference")[0]
-    assert_kernel_matches(out, lse, ref32, lse32, ref_lp, empty=kind == "empty")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
