@@ -274,6 +274,12 @@ def test_kernel_apis_validate_plans_and_inputs():
                                 backend="reference")
     with pytest.raises(ValueError, match="backend must be one of"):
         sparse_decode_attention(q[:, 0], k, k, dp, backend="mosaic_gpu", interpret=True)
+    # a concrete plan captured by the caller's jit is part of that trace: no host check there (it once raised
+    # a ConcretizationTypeError), and the result is the eager one
+    eager = sparse_decode_attention(q[:, 0], k, k, dp, backend="reference")[0]
+    inside = jax.jit(lambda q: sparse_decode_attention(q, k, k, dp, backend="reference")[0])(q[:, 0])
+    np.testing.assert_allclose(np.asarray(inside), np.asarray(eager), rtol=1e-6, atol=1e-6)
+    jax.jit(lambda q: block_sparse_attention(q, k, k, plan, backend="reference"))(q)
 
 
 def test_convert_refuses_window_zero(src, tmp_path, capsys):

@@ -1,0 +1,146 @@
+"""Does a scan over layers copy each layer's cache slice before a Pallas kernel reads it? (#15 design probe)
+
+Times one decode layer-loop of the sparse decode kernel over L layers' caches two ways on the GPU: unrolled over
+per-layer buffers (today's serving) and `lax.scan` over a stacked [L, B, S, K, H] cache, the cache carried and
+one token written per layer (as serving does); counts the copies in the optimised HLO. Also compiles
+`serving.generate` for a SmolLM2-shaped model (random weights, the roles of a converted checkpoint) and reports
+lower / compile seconds. Writes JSON to --out.
+
+    python -m benchmarks.scan_probe --roles converted/mymodel/rtpurbo.json --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.sparse_decode.api import sparse_decode_attention
+from pallas_kernels.sparse_decode.plan import decode_plan
+
+
+def _time(f, *args, reps=20):
+    jax.block_until_ready(f(*args))
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        out = f(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+def copy_probe(layers=8, b=1, s=131072, kh=8, g=4, h=128, density=0.1, backend="triton"):
+    rng = np.random.default_rng(0)
+    n, sb = kh * g, s // 64
+    sel = jnp.asarray(rng.random((b, n, sb)) < density)
+    plan = decode_plan(sel, kh, sinks=0, window=1 << 30, kv_len=jnp.full((b,), s, jnp.int32), kv_block=64)
+    key = jax.random.key(0)
+    q = jax.random.normal(key, (b, n, h), jnp.bfloat16)
+    stacked = jax.random.normal(key, (layers, b, s, kh, h), jnp.bfloat16)
+    tup = tuple(stacked[i] for i in range(layers))
+    new = jax.random.normal(key, (b, 1, kh, h), jnp.bfloat16)
+
+    def unrolled(q, tup):
+        outs, caches = [], []
+        for k in tup:
+            k = jax.lax.dynamic_update_slice(k, new, (0, s - 1, 0, 0))
+            o, _ = sparse_decode_attention(q, k, k, plan, backend=backend)
+            outs.append(o)
+            caches.append(k)
+            q = o
+        return q, tuple(caches)
+
+    def scanned(q, stacked):
+        def body(q, k):
+            k = jax.lax.dynamic_update_slice(k, new, (0, s - 1, 0, 0))
+            o, _ = sparse_decode_attention(q, k, k, plan, backend=backend)
+            return o, k
+        return jax.lax.scan(body, q, stacked)
+
+    def scanned_carry(q, stacked):
+        def body(carry, i):
+            q, cache = carry
+            cache = jax.lax.dynamic_update_slice(cache, new[None], (i, 0, s - 1, 0, 0))
+            k = jax.lax.dynamic_index_in_dim(cache, i, 0, keepdims=False)
+            o, _ = sparse_decode_attention(q, k, k, plan, backend=backend)
+            return (o, cache), None
+        (q, cache), _ = jax.lax.scan(body, (q, stacked), jnp.arange(layers))
+        return q, cache
+
+    rows = {}
+    for name, f, arg in (("unrolled", unrolled, tup), ("scan_xs", scanned, stacked), ("scan_carry", scanned_carry, stacked)):
+        jf = jax.jit(f, donate_argnums=(1,))
+        hlo = jf.lower(q, arg).compile().as_text()
+        big = b * s * kh * h  # elements of one layer's K: a copy this large is a cache slice materialised
+        copies = sum(int(np.prod([int(d) for d in dims.split(",") if d])) >= big
+                     for dims in re.findall(r"= \w+\[([\d,]*)\]\S* copy(?:-start)?\(", hlo))
+        dyn = len(re.findall(r"dynamic-slice\(", hlo))
+        fresh = jax.tree.map(jnp.copy, arg)
+        t0 = time.perf_counter()
+        jax.block_until_ready(jf(q, fresh))
+        first = time.perf_counter() - t0
+        fresh = jax.tree.map(jnp.copy, arg)
+
+        def run(q, a=[fresh]):
+            out = jf(q, a[0])
+            a[0] = out[1]
+            return out[0]
+
+        rows[name] = {"ms_per_layer_loop": _time(run, q), "first_call_s": first, "hlo_copy_ops": copies,
+                      "hlo_dynamic_slices": dyn}
+        print(name, rows[name], flush=True)
+    kv_bytes = layers * b * s * kh * h * 2
+    return {"layers": layers, "batch": b, "keys": s, "kv_heads": kh, "group": g, "head_dim": h, "density": density,
+            "backend": backend, "k_bytes_all_layers": kv_bytes, "rows": rows}
+
+
+def compile_probe(roles_path):
+    from rtpurbo_jax import serving
+    from rtpurbo_jax.indexer import init_indexer
+    from rtpurbo_jax.model_config import SMOLLM2_135M as cfg
+    from rtpurbo_jax.params import init_params
+    from rtpurbo_jax.sparse_config import SparseConfig
+
+    with open(roles_path) as f:
+        meta = json.load(f)
+    sp = dataclasses.replace(SparseConfig.from_dict(meta["sparse_config"]), seqlen_threshold=0)
+    p = jax.tree.map(lambda x: x.astype(jnp.bfloat16), init_params(cfg, jax.random.key(0), scale=0.02))
+    ix = init_indexer(cfg, sp.index_dim, jax.random.key(1))
+    prompt = jax.random.randint(jax.random.key(2), (1, 2048), 0, cfg.vocab_size)
+    out = {}
+    for name, sparse in (("full", None), ("rtpurbo", sp)):
+        t0 = time.perf_counter()
+        lo = serving._generate.lower(p, prompt, jnp.asarray([2048]), ix, jax.random.key(0), cfg=cfg, sparse=sparse,
+                                     sampling=serving.SamplingConfig(), max_new_tokens=16, stop_tokens=(), chunk=512,
+                                     max_len=2048 + 16, cache_dtype="bfloat16", backend=(None, None), interpret=False)
+        t1 = time.perf_counter()
+        lo.compile()
+        out[name] = {"lower_s": t1 - t0, "compile_s": time.perf_counter() - t1}
+        print("generate compile", name, out[name], flush=True)
+    return {"model": "SmolLM2-135M shape, random weights, roles of " + os.path.basename(os.path.dirname(roles_path)),
+            "retrieval_heads": int(np.asarray(sp.roles_array).sum()), "window": sp.window, "generate": out}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--roles", required=True)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    res = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+           "date": datetime.date.today().isoformat()}
+    res["copy_probe"] = copy_probe()
+    res["compile_probe"] = compile_probe(a.roles)
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "scan_probe.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
