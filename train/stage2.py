@@ -142,6 +142,24 @@ def student_logits(params, tokens, cfg, sparse: SparseConfig, indexer: dict, rem
     return apply(params, tokens, cfg, mode="rtpurbo", sparse=sparse, indexer=indexer, remat=remat)
 
 
+def build_step(cfg: ModelConfig, sparse: SparseConfig, indexer: dict, tx, state_sh, tok_sh, remat: bool = True):
+    """The jitted stage-2 step (state, tokens, row weights, teacher top-k ids, teacher top-k logits) -> (state,
+    {loss, grad_norm}): eq. 7 on the student in sparse mode, gradients, the optimiser; state and batch in their
+    shardings, the state donated. Also lowered for TPU pods in `tests/test_tpu_lowering.py`."""
+
+    def loss_fn(p, tokens, weights, t_ids, t_logits):
+        return topk_kl(student_logits(p, tokens, cfg, sparse, indexer, remat), t_ids, t_logits, weights)
+
+    def step(state, tokens, weights, t_ids, t_logits):
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], tokens, weights, t_ids, t_logits)
+        updates, opt = tx.update(grads, state["opt_state"], state["params"])
+        return ({"params": optax.apply_updates(state["params"], updates), "opt_state": opt},
+                {"loss": loss, "grad_norm": optax.tree.norm(grads)})
+
+    return jax.jit(step, in_shardings=(state_sh, tok_sh, tok_sh, tok_sh, tok_sh), out_shardings=(state_sh, None),
+                   donate_argnums=(0,))
+
+
 def run(c: Stage2Config) -> dict:
     c.validate()
     os.makedirs(c.run_dir, exist_ok=True)
@@ -183,17 +201,7 @@ def run(c: Stage2Config) -> dict:
     state = jax.device_put(state, state_sh)
     ix = jax.device_put(indexer, rep)
 
-    def loss_fn(p, tokens, weights, t_ids, t_logits):
-        return topk_kl(student_logits(p, tokens, cfg, sparse, ix, c.remat), t_ids, t_logits, weights)
-
-    def step(state, tokens, weights, t_ids, t_logits):
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"], tokens, weights, t_ids, t_logits)
-        updates, opt = tx.update(grads, state["opt_state"], state["params"])
-        return ({"params": optax.apply_updates(state["params"], updates), "opt_state": opt},
-                {"loss": loss, "grad_norm": optax.tree.norm(grads)})
-
-    step_j = jax.jit(step, in_shardings=(state_sh, tok_sh, tok_sh, tok_sh, tok_sh), out_shardings=(state_sh, None),
-                     donate_argnums=(0,))
+    step_j = build_step(cfg, sparse, ix, tx, state_sh, tok_sh, c.remat)
 
     def metrics(p, t, w, i, lg):  # on the loss rows (answers, or all), and KL on every row beside it
         s = student_logits(p, t, cfg, sparse, ix)

@@ -15,7 +15,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.block_plan import BlockPlan, cdiv, check_inputs, check_plan_values
+from pallas_kernels.block_plan import BlockPlan, cdiv, check_inputs, check_plan_values, is_concrete
 from pallas_kernels.sparse_attention import reference
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,14 @@ def default_backend(platform: str | None = None, q=None, k=None, plan: BlockPlan
     return {"tpu": "mosaic_tpu"}.get(platform, "reference")
 
 
-def _check_backend(backend: str, interpret: bool) -> None:
+def _check_backend(backend: str, interpret: bool, *inputs) -> None:
+    """Refuse unknown names; on concrete `inputs` (an eager call) also a backend the default device cannot run.
+    Under a trace the program may be lowered for another platform (`jax.export(..., platforms=["tpu"])` from a
+    CPU host), so the platform is left to Pallas's own lowering check."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if inputs and not is_concrete(*inputs):
+        return
     platform = jax.default_backend()
     need = {"triton": "gpu", "mosaic_gpu": "gpu", "mosaic_tpu": "tpu"}.get(backend)
     if need and not interpret and platform != need:
@@ -72,7 +77,7 @@ def block_sparse_attention(q, k, v, plan: BlockPlan, *, backend: str | None = No
     if backend is None:
         backend = default_backend(None, q, k, plan)
         log.info("block_sparse_attention: backend=%s (platform %s)", backend, jax.default_backend())
-    _check_backend(backend, interpret)
+    _check_backend(backend, interpret, q)
     if backend == "reference":
         return reference.block_sparse_attention(q, k, v, plan, scale=scale, return_lse=return_lse)
     b, t, n, h = q.shape

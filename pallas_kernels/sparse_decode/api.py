@@ -43,7 +43,7 @@ def sparse_decode_attention(q, k, v, plan: DecodePlan, *, backend: str | None = 
         log.info("sparse_decode_attention: backend=%s (platform %s)", backend, jax.default_backend())
     if backend not in BACKENDS:  # a named backend is honoured or refused, never swapped for another
         raise ValueError(f"sparse_decode_attention: backend must be one of {BACKENDS}, got {backend!r}")
-    _check_backend(backend, interpret)
+    _check_backend(backend, interpret, q)
     if backend == "reference":
         return reference.sparse_decode_attention(q, k, v, plan, scale)
     s = k.shape[1]
