@@ -91,19 +91,38 @@ def atomic_dir(out_dir: str, overwrite: bool = False, protect: tuple[str, ...] =
     check_replaceable(out_dir, protect)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    lead = jax.process_index() == 0
+    if jax.process_count() > 1:  # one shared temporary directory, which the processes' collective Orbax save fills
+        tmp = os.path.join(parent, os.path.basename(out_dir) + ".tmp-collective")
+        if lead:
+            shutil.rmtree(tmp, ignore_errors=True)  # ours: a crashed earlier collective write
+            os.makedirs(tmp)
+        _sync("rtpurbo-atomic-dir-open")
+    else:
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
     try:
         yield tmp
-        if os.path.exists(out_dir):
+        _sync("rtpurbo-atomic-dir-written")
+        if lead and os.path.exists(out_dir):
             old = tmp + ".old"
             os.rename(out_dir, old)
             os.rename(tmp, out_dir)
             shutil.rmtree(old)
-        else:
+        elif lead:
             os.rename(tmp, out_dir)
+        _sync("rtpurbo-atomic-dir-renamed")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if lead:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _sync(name: str) -> None:
+    """A barrier across processes (no-op with one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _here():
@@ -141,13 +160,14 @@ def save_converted(out_dir: str, params: dict, cfg: ModelConfig, *, sparse_confi
             "param_dtype": sorted(dtypes)[0] if len(dtypes) == 1 else sorted(dtypes), "source": source,
             "extra": extra or {}}
     with atomic_dir(out_dir, overwrite, protect=(source,) if source else ()) as tmp:
-        write_params(os.path.join(tmp, "params"), params)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if write_extra_files is not None:
-            write_extra_files(tmp)
-        with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump(meta, f, indent=2)
+        write_params(os.path.join(tmp, "params"), params)  # collective with several processes (a shared disk)
+        if jax.process_index() == 0:
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if write_extra_files is not None:
+                write_extra_files(tmp)
+            with open(os.path.join(tmp, META_FILE), "w") as f:
+                json.dump(meta, f, indent=2)
     return os.path.abspath(out_dir)
 
 

@@ -72,12 +72,12 @@ def test_stage2_step_lowers_for_tpu_on_a_mesh(sparse):
     rep = NamedSharding(MESH, P())
     state_sh = {"params": params_sh, "opt_state": jax.tree.map(lambda x: by_shape.get((x.shape, x.dtype), rep),
                                                                state["opt_state"])}
-    ix = init_indexer(CFG, sparse.index_dim, jax.random.key(0))  # frozen: a constant of the step (1 MiB here)
+    ix = jax.eval_shape(lambda: init_indexer(CFG, sparse.index_dim, jax.random.key(0)))
     tok_sh = NamedSharding(MESH, P("data"))
-    step_j = build_step(CFG, dataclasses.replace(sparse, prefill_mode="indexer"), ix, tx, state_sh, tok_sh)
+    step_j = build_step(CFG, dataclasses.replace(sparse, prefill_mode="indexer"), tx, state_sh, tok_sh, rep)
     rows = jax.ShapeDtypeStruct((4, 4096), jnp.int32)
     topk = jax.ShapeDtypeStruct((4, 4096, 10), jnp.int32)
-    exp = jax.export.export(step_j, platforms=["tpu"])(state, rows, jax.ShapeDtypeStruct((4, 4096), jnp.float32),
+    exp = jax.export.export(step_j, platforms=["tpu"])(state, ix, rows, jax.ShapeDtypeStruct((4, 4096), jnp.float32),
                                                        topk, jax.ShapeDtypeStruct((4, 4096, 10), jnp.float32))
     _sharded_for(exp, 8)
 

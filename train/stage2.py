@@ -32,6 +32,7 @@ import sys
 import jax
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rtpurbo_jax.checkpoint import load_converted, load_indexer, read_meta, save_converted
@@ -42,8 +43,8 @@ from rtpurbo_jax.params import SHARDING_RULES, param_shardings
 from rtpurbo_jax.sparse_config import SparseConfig
 from train.data import load_windows
 from train.teacher import TeacherCache, top1_within_topk, topk_agreement, topk_kl
-from train.trainer import (LoopConfig, check_fingerprint, config_from_argv, first_metrics_row, log0, make_mesh,
-                           open_checkpoints, plot_curves, read_metrics, run_loop, write_run_config)
+from train.trainer import (LoopConfig, check_fingerprint, config_from_argv, first_metrics_row, init_distributed,
+                           log0, make_mesh, open_checkpoints, plot_curves, read_metrics, run_loop, write_run_config)
 
 CURVES = {"kl": "KL (held-out)", "topk_agreement": "top-k overlap", "top1_within_topk": "top-1 within top-k"}
 
@@ -79,6 +80,10 @@ class Stage2Config:
     resume: bool = False
     seed: int = 0
     stop_at: int | None = None
+    skip_distributed: bool = False
+    coordinator: str | None = None  # several hosts: --coordinator HOST0:PORT --num-processes N --process-id I
+    num_processes: int | None = None
+    process_id: int | None = None
 
     def validate(self) -> None:
         if not self.model or not self.indexer:
@@ -142,26 +147,28 @@ def student_logits(params, tokens, cfg, sparse: SparseConfig, indexer: dict, rem
     return apply(params, tokens, cfg, mode="rtpurbo", sparse=sparse, indexer=indexer, remat=remat)
 
 
-def build_step(cfg: ModelConfig, sparse: SparseConfig, indexer: dict, tx, state_sh, tok_sh, remat: bool = True):
-    """The jitted stage-2 step (state, tokens, row weights, teacher top-k ids, teacher top-k logits) -> (state,
-    {loss, grad_norm}): eq. 7 on the student in sparse mode, gradients, the optimiser; state and batch in their
-    shardings, the state donated. Also lowered for TPU pods in `tests/test_tpu_lowering.py`."""
+def build_step(cfg: ModelConfig, sparse: SparseConfig, tx, state_sh, tok_sh, ix_sh, remat: bool = True):
+    """The jitted stage-2 step (state, indexer, tokens, row weights, teacher top-k ids, teacher top-k logits) ->
+    (state, {loss, grad_norm}): eq. 7 on the student in sparse mode (the frozen indexer selects), gradients, the
+    optimiser; everything in the given shardings, the state donated. Also lowered for TPU pods in
+    `tests/test_tpu_lowering.py`."""
 
-    def loss_fn(p, tokens, weights, t_ids, t_logits):
-        return topk_kl(student_logits(p, tokens, cfg, sparse, indexer, remat), t_ids, t_logits, weights)
+    def loss_fn(p, ix, tokens, weights, t_ids, t_logits):
+        return topk_kl(student_logits(p, tokens, cfg, sparse, ix, remat), t_ids, t_logits, weights)
 
-    def step(state, tokens, weights, t_ids, t_logits):
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"], tokens, weights, t_ids, t_logits)
+    def step(state, ix, tokens, weights, t_ids, t_logits):
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], ix, tokens, weights, t_ids, t_logits)
         updates, opt = tx.update(grads, state["opt_state"], state["params"])
         return ({"params": optax.apply_updates(state["params"], updates), "opt_state": opt},
                 {"loss": loss, "grad_norm": optax.tree.norm(grads)})
 
-    return jax.jit(step, in_shardings=(state_sh, tok_sh, tok_sh, tok_sh, tok_sh), out_shardings=(state_sh, None),
-                   donate_argnums=(0,))
+    return jax.jit(step, in_shardings=(state_sh, ix_sh, tok_sh, tok_sh, tok_sh, tok_sh),
+                   out_shardings=(state_sh, None), donate_argnums=(0,))
 
 
 def run(c: Stage2Config) -> dict:
     c.validate()
+    init_distributed(c.coordinator, c.num_processes, c.process_id, c.skip_distributed)
     os.makedirs(c.run_dir, exist_ok=True)
     cfg = ModelConfig.from_dict(read_meta(c.model)["model_config"])
     mesh = make_mesh(c.mesh)
@@ -171,27 +178,31 @@ def run(c: Stage2Config) -> dict:
         raise ValueError(f"{c.model} has no retrieval-head roles; convert it with calibration first")
     if c.seq_len > cfg.max_position_embeddings:
         raise ValueError(f"--seq-len {c.seq_len} exceeds the model's {cfg.max_position_embeddings} positions")
-    if jax.process_count() > 1:
-        raise ValueError("stage 2 runs in one process for now (the teacher cache is written by one)")
     shipped = SparseConfig.from_dict(ckpt.meta["sparse_config"])
     sparse = dataclasses.replace(shipped, prefill_mode="indexer", top_p=c.top_p, seqlen_threshold=0)
     indexer = load_indexer(c.indexer, cfg, shipped.index_dim)
     data = load_windows(c.data, None if c.data.endswith(".npy") else ckpt.tokenizer(), c.seq_len, c.seed, c.events)
     answers = data.marks_answers and c.positions == "answer"
     micro = c.steps * c.accumulate  # micro-batches the run consumes; evaluation windows come after them
+    pidx, pcount = jax.process_index(), jax.process_count()
+    if c.batch % pcount:
+        raise ValueError(f"--batch {c.batch} must be a multiple of the {pcount} processes (each reads its rows)")
     tok_sh = NamedSharding(mesh, P("data" if c.batch % mesh.shape["data"] == 0 else None))
-    batch = lambda i: jax.device_put(data.batch(i, c.batch), tok_sh)
+    glob = lambda x: jax.make_array_from_process_local_data(tok_sh, x)  # this process's rows -> the global batch
 
     def example(i):  # (tokens, row weights): the loss rows are the marked answers, or all rows
-        t, w = data.example(i, c.batch)
-        return jax.device_put(t, tok_sh), jax.device_put(w if answers else np.ones_like(w), tok_sh)
+        t, w = data.example(i, c.batch, pidx, pcount)
+        return glob(t), glob(w if answers else np.ones_like(w))
 
     cache = TeacherCache(os.path.join(c.run_dir, "teacher"),
                          {"model": os.path.abspath(c.model), "data": c.data, "events": c.events, "seq_len": c.seq_len,
-                          "batch": c.batch,
-                          "seed": c.seed, "top_k": c.top_k, "windows": micro + c.eval_batches})
+                          "batch": c.batch, "seed": c.seed, "top_k": c.top_k, "windows": micro + c.eval_batches,
+                          **({"processes": pcount} if pcount > 1 else {})})
     params = ckpt.params  # the student starts as the teacher: the same (sharded) arrays serve both
-    cache.build(micro + c.eval_batches, batch, lambda t: apply(params, t, cfg), c.top_k, log=log0)
+    cache.build(micro + c.eval_batches, lambda i: glob(data.batch(i, c.batch, pidx, pcount)),
+                lambda t, p: apply(p, t, cfg), c.top_k, log=log0, args=(params,),
+                to_local=lambda x: multihost_utils.global_array_to_host_local_array(x, mesh, tok_sh.spec))
+    teacher = lambda i: tuple(glob(x) for x in cache.get(i))  # this process's rows of step i's teacher top-k
 
     tx = make_optimizer(c, params)
     state = {"params": params, "opt_state": jax.jit(tx.init)(params)}
@@ -201,9 +212,9 @@ def run(c: Stage2Config) -> dict:
     state = jax.device_put(state, state_sh)
     ix = jax.device_put(indexer, rep)
 
-    step_j = build_step(cfg, sparse, ix, tx, state_sh, tok_sh, c.remat)
+    step_j = build_step(cfg, sparse, tx, state_sh, tok_sh, rep, c.remat)
 
-    def metrics(p, t, w, i, lg):  # on the loss rows (answers, or all), and KL on every row beside it
+    def metrics(p, ix, t, w, i, lg):  # on the loss rows (answers, or all), and KL on every row beside it
         s = student_logits(p, t, cfg, sparse, ix)
         return {"kl": topk_kl(s, i, lg, w), "topk_agreement": topk_agreement(s, i, w),
                 "top1_within_topk": top1_within_topk(s, i, w), "kl_all_rows": topk_kl(s, i, lg)}
@@ -211,13 +222,14 @@ def run(c: Stage2Config) -> dict:
     metrics_j = jax.jit(metrics)
 
     def evaluate(step_no, state):
-        rows = [metrics_j(state["params"], *example(micro + j), *cache.get(micro + j)) for j in range(c.eval_batches)]
+        rows = [metrics_j(state["params"], ix, *example(micro + j), *teacher(micro + j))
+                for j in range(c.eval_batches)]
         return {"step": step_no, **{k: float(np.mean([r[k] for r in rows])) for k in rows[0]}}
 
     def train_step(state, i):  # optimiser step i = micro-steps i*A .. i*A + A - 1
         m = None
         for j in range(i * c.accumulate, (i + 1) * c.accumulate):
-            state, m = step_j(state, *example(j), *cache.get(j))
+            state, m = step_j(state, ix, *example(j), *teacher(j))
         return state, m
 
     loop = LoopConfig(run_dir=c.run_dir, steps=c.steps, log_every=c.log_every, ckpt_every=c.ckpt_every, keep=c.keep,
@@ -239,7 +251,7 @@ def run(c: Stage2Config) -> dict:
     log0(f"[stage2] after {c.steps} steps: KL {after['kl']:.4f}, top-{c.top_k} agreement {after['topk_agreement']:.3f} "
          f"(top-1 within it {after['top1_within_topk']:.3f})")
     out = os.path.join(c.run_dir, "model")
-    save_converted(out, jax.device_get(state["params"]), cfg, sparse_config=shipped.to_dict(), source=c.model,
+    save_converted(out, state["params"], cfg, sparse_config=shipped.to_dict(), source=c.model,
                    tokenizer=ckpt.tokenizer() if ckpt.has_tokenizer else None, overwrite=os.path.exists(out),
                    extra={"stage2": {"from": os.path.abspath(c.model), "indexer": os.path.abspath(c.indexer),
                                      "steps": c.steps}})
@@ -247,8 +259,8 @@ def run(c: Stage2Config) -> dict:
     if jax.process_index() == 0:
         plot_curves(read_metrics(loop) + [after], os.path.join(c.run_dir, "curves.png"), CURVES,
                     f"KL on the teacher's top-{c.top_k}")
-    with open(os.path.join(c.run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+        with open(os.path.join(c.run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
     return summary
 
 

@@ -3,7 +3,8 @@
 Cache layout (RUN_DIR/teacher/): one `shard_<first step>.npz` per `steps_per_shard` training steps holding
 ids int32 [steps, B, T, k] and logits float16 [steps, B, T, k] of the dense model on exactly the batches those
 steps train on (`train.data` windows are deterministic per step), plus `meta.json` (model source, data, shapes,
-k). Shards are written to a temporary name and renamed, so a killed build leaves only whole shards; a rebuild
+k, processes). With several processes each one caches its own rows of every batch (B / processes of them) in
+`shard_<first step>.p<process>.npz`, so hosts need not share a disk. Shards are written to a temporary name and renamed, so a killed build leaves only whole shards; a rebuild
 skips them (resumable) and refuses a cache made for other settings.
 
 Loss (eq. 7): per position, forward KL between softmax of the teacher's top-k logits and the softmax of the
@@ -69,7 +70,8 @@ class TeacherCache:
         self._loaded: tuple[int, dict] | None = None
 
     def _path(self, first: int) -> str:
-        return os.path.join(self.root, f"shard_{first:08d}.npz")
+        proc = f".p{jax.process_index()}" if jax.process_count() > 1 else ""
+        return os.path.join(self.root, f"shard_{first:08d}{proc}.npz")
 
     def check_meta(self) -> None:
         """Write meta.json, or refuse an existing cache made for other settings (naming them)."""
@@ -82,31 +84,38 @@ class TeacherCache:
                 raise ValueError(f"{self.root} holds teacher logits for other settings ({'; '.join(diff)}); "
                                  "use another --run-dir")
             return
-        with open(path + ".tmp", "w") as f:
+        tmp = f"{path}.tmp{jax.process_index()}"  # processes sharing a disk write the same content, each its own tmp
+        with open(tmp, "w") as f:
             json.dump(self.meta, f, indent=1)
-        os.replace(path + ".tmp", path)
+        os.replace(tmp, path)
 
     def build(self, steps: int, batch_fn: Callable[[int], np.ndarray], logits_fn: Callable, k: int,
-              log=print) -> int:
-        """Compute the missing shards (process 0 writes; every process computes its batches the same way).
-        batch_fn(step) -> tokens int [B, T]; logits_fn(tokens) -> fp32 [B, T, V]. Returns the bytes on disk."""
+              log=print, to_local: Callable = np.asarray, args: tuple = ()) -> int:
+        """Compute the missing shards. batch_fn(step) -> tokens int [B, T] (the global batch); logits_fn(tokens,
+        *args) -> fp32 [B, T, V] (pass arrays such as params in `args`: a jit may not close over arrays spread
+        over several processes); to_local(x) -> this process's rows of a global result (all in one process).
+        Every process runs the teacher on the global batch and writes its own rows. Returns the bytes on disk."""
         from tqdm import tqdm
 
         self.check_meta()
-        topk = jax.jit(lambda t: teacher_topk(logits_fn(t), k))
-        firsts = [f for f in range(0, steps, self.per) if not os.path.exists(self._path(f))]
+        topk = jax.jit(lambda t, *a: teacher_topk(logits_fn(t, *a), k))
+        missing = [not os.path.exists(self._path(f)) for f in range(0, steps, self.per)]
+        if jax.process_count() > 1:  # every process takes part in every teacher step: agree on what is missing
+            from jax.experimental import multihost_utils
+
+            missing = np.asarray(multihost_utils.process_allgather(np.asarray(missing))).any(0).tolist()
+        firsts = [f for f, m in zip(range(0, steps, self.per), missing) if m]
         bar = tqdm(total=len(firsts) * self.per, desc="teacher top-k", disable=jax.process_index() != 0 or not firsts)
         for first in firsts:
             ids, vals = [], []
             for step in range(first, min(first + self.per, steps)):
-                i, v = topk(jnp.asarray(batch_fn(step)))
-                ids.append(np.asarray(i, np.int32))
-                vals.append(np.asarray(v, np.float16))
+                i, v = topk(batch_fn(step), *args)
+                ids.append(np.asarray(to_local(i), np.int32))
+                vals.append(np.asarray(to_local(v), np.float16))
                 bar.update(1)
-            if jax.process_index() == 0:
-                tmp = self._path(first) + ".tmp.npz"
-                np.savez(tmp, ids=np.stack(ids), logits=np.stack(vals))
-                os.replace(tmp, self._path(first))
+            tmp = self._path(first) + ".tmp.npz"
+            np.savez(tmp, ids=np.stack(ids), logits=np.stack(vals))
+            os.replace(tmp, self._path(first))
         bar.close()
         size = sum(os.path.getsize(os.path.join(self.root, f)) for f in os.listdir(self.root) if f.endswith(".npz"))
         log(f"[stage2] teacher top-{k} logits for {steps} steps: {size / 2**20:.1f} MiB in {self.root}"
@@ -114,7 +123,7 @@ class TeacherCache:
         return size
 
     def get(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """(ids int32 [B, T, k], logits fp32 [B, T, k]) of training step `step`."""
+        """(ids int32 [b, T, k], logits fp32 [b, T, k]) of training step `step`: this process's b rows."""
         first = step - step % self.per
         if self._loaded is None or self._loaded[0] != first:
             with np.load(self._path(first)) as z:
