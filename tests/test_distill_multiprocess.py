@@ -34,15 +34,12 @@ def _losses(run_dir) -> dict:
     return {r["step"]: r["loss"] for r in rows if "grad_norm" in r}
 
 
-def test_two_processes_match_one(tiny, tmp_path):  # noqa: F811
-    common = ["--steps", "4", "--eval-passkey", "0", "--batch", "4", "--mesh=-1,1"]
-    one = tmp_path / "one"
-    subprocess.run([sys.executable, "-m", "train.distill", *flags(tiny, one, *common), "--skip-distributed"],
-                   cwd=ROOT, env=_env(4), check=True, capture_output=True, timeout=600)
-    two = tmp_path / "two"
+def run_two_processes(argv: list[str]) -> list[str]:
+    """Run `python <argv>` as 2 jax.distributed processes on localhost (2 CPU devices each); assert both exit 0;
+    return their outputs."""
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "train.distill", *flags(tiny, two, *common),
-                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+    procs = [subprocess.Popen([sys.executable, *argv, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                               "--process-id", str(i)],
                               cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     outs = []
@@ -52,9 +49,19 @@ def test_two_processes_match_one(tiny, tmp_path):  # noqa: F811
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            pytest.fail("2-process run timed out")
-    for p, out in zip(procs, outs):
+            pytest.fail(f"2-process run timed out: {argv}")
+    for p in procs:
         assert p.returncode == 0, "\n=====\n".join(o[-2500:] for o in outs)
+    return outs
+
+
+def test_two_processes_match_one(tiny, tmp_path):  # noqa: F811
+    common = ["--steps", "4", "--eval-passkey", "0", "--batch", "4", "--mesh=-1,1"]
+    one = tmp_path / "one"
+    subprocess.run([sys.executable, "-m", "train.distill", *flags(tiny, one, *common), "--skip-distributed"],
+                   cwd=ROOT, env=_env(4), check=True, capture_output=True, timeout=600)
+    two = tmp_path / "two"
+    outs = run_two_processes(["-m", "train.distill", *flags(tiny, two, *common)])
     cfg = json.load(open(two / "config.json"))
     assert cfg["devices"] == 4 and cfg["mesh"]["data"] == 4
     a, b = _losses(one), _losses(two)

@@ -9,9 +9,8 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
-from tests.test_distill_multiprocess import ROOT, _env, _free_port
+from tests.test_distill_multiprocess import ROOT, _env, run_two_processes
 from tests.test_stage2 import flags, losses, tiny  # noqa: F401  (module fixture)
 
 
@@ -27,21 +26,7 @@ def test_two_processes_match_one(tiny, tmp_path):  # noqa: F811
     subprocess.run(_cmd(tiny, one, "--skip-distributed"), cwd=ROOT, env=_env(4), check=True, capture_output=True,
                    timeout=600)
     two = tmp_path / "two"
-    port = _free_port()
-    procs = [subprocess.Popen(_cmd(tiny, two, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                                   "--process-id", str(i)),
-                              cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=600)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("2-process stage-2 run timed out")
-    for p in procs:
-        assert p.returncode == 0, "\n=====\n".join(o[-2500:] for o in outs)
+    run_two_processes(_cmd(tiny, two)[1:])
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in a:
