@@ -128,6 +128,27 @@ def compile_probe(roles_path):
             "retrieval_heads": int(np.asarray(sp.roles_array).sum()), "window": sp.window, "generate": out}
 
 
+def plot(res: dict, path: str) -> None:
+    """Bar chart of the copy probe's decode-loop times (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cp = res["copy_probe"]
+    rows = cp["rows"]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ms = [rows[n]["ms_per_layer_loop"] for n in rows]
+    ax.bar(list(rows), ms, color=["tab:green", "tab:orange", "tab:red"][: len(rows)])
+    for i, v in enumerate(ms):
+        ax.text(i, v, f"{v:.2f}", ha="center", va="bottom")
+    ax.set_ylabel(f"ms per {cp['layers']}-layer decode loop")
+    ax.set_title(f"{cp['keys'] // 1024}K keys, {cp['density']:.0%} of blocks, {cp['backend']} sparse decode, "
+                 f"{res['device']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--roles", required=True)
@@ -140,6 +161,7 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "scan_probe.json"), "w") as f:
         json.dump(res, f, indent=1)
+    plot(res, os.path.join(a.out, "scan_probe.png"))
 
 
 if __name__ == "__main__":
