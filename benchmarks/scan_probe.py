@@ -101,7 +101,12 @@ def copy_probe(layers=8, b=1, s=131072, kh=8, g=4, h=128, density=0.1, backend="
             "backend": backend, "k_bytes_all_layers": kv_bytes, "rows": rows}
 
 
-def compile_probe(roles_path):
+OPTION_SETS = {"default": {}, "autotune_0": {"xla_gpu_autotune_level": 0},
+               "llvm_cheap": {"xla_llvm_disable_expensive_passes": True},
+               "both": {"xla_gpu_autotune_level": 0, "xla_llvm_disable_expensive_passes": True}}
+
+
+def compile_probe(roles_path, option_sets=("default",)):
     from rtpurbo_jax import serving
     from rtpurbo_jax.indexer import init_indexer
     from rtpurbo_jax.model_config import SMOLLM2_135M as cfg
@@ -115,15 +120,26 @@ def compile_probe(roles_path):
     ix = init_indexer(cfg, sp.index_dim, jax.random.key(1))
     prompt = jax.random.randint(jax.random.key(2), (1, 2048), 0, cfg.vocab_size)
     out = {}
-    for name, sparse in (("full", None), ("rtpurbo", sp)):
-        t0 = time.perf_counter()
-        lo = serving._generate.lower(p, prompt, jnp.asarray([2048]), ix, jax.random.key(0), cfg=cfg, sparse=sparse,
-                                     sampling=serving.SamplingConfig(), max_new_tokens=16, stop_tokens=(), chunk=512,
-                                     max_len=2048 + 16, cache_dtype="bfloat16", backend=(None, None), interpret=False)
-        t1 = time.perf_counter()
-        lo.compile()
-        out[name] = {"lower_s": t1 - t0, "compile_s": time.perf_counter() - t1}
-        print("generate compile", name, out[name], flush=True)
+    args = (p, prompt, jnp.asarray([2048]), ix, jax.random.key(0))
+    for opts in option_sets:
+        for name, sparse in (("full", None), ("rtpurbo", sp)):
+            t0 = time.perf_counter()
+            lo = serving._generate.lower(*args, cfg=cfg, sparse=sparse, sampling=serving.SamplingConfig(),
+                                         max_new_tokens=16, stop_tokens=(), chunk=512, max_len=2048 + 16,
+                                         cache_dtype="bfloat16", backend=(None, None), interpret=False)
+            t1 = time.perf_counter()
+            exe = lo.compile(compiler_options=OPTION_SETS[opts])
+            row = {"lower_s": t1 - t0, "compile_s": time.perf_counter() - t1}
+            jax.block_until_ready(exe(*args))
+            runs = []
+            for _ in range(3):  # the whole generate call: 2048-token prefill + 16 decode steps
+                t0 = time.perf_counter()
+                jax.block_until_ready(exe(*args))
+                runs.append(time.perf_counter() - t0)
+            row["generate_ms_median"] = float(np.median(runs)) * 1e3
+            key = name if opts == "default" else f"{name}/{opts}"
+            out[key] = {"compiler_options": OPTION_SETS[opts], **row}
+            print("generate", key, out[key], flush=True)
     return {"model": "SmolLM2-135M shape, random weights, roles of " + os.path.basename(os.path.dirname(roles_path)),
             "retrieval_heads": int(np.asarray(sp.roles_array).sum()), "window": sp.window, "generate": out}
 
@@ -153,15 +169,20 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--roles", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--options", nargs="+", default=["default"], choices=sorted(OPTION_SETS),
+                    help="XLA compiler option sets to compile generate with (compile time and run time each)")
+    ap.add_argument("--no-copy-probe", action="store_true")
     a = ap.parse_args()
     res = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
            "date": datetime.date.today().isoformat()}
-    res["copy_probe"] = copy_probe()
-    res["compile_probe"] = compile_probe(a.roles)
+    if not a.no_copy_probe:
+        res["copy_probe"] = copy_probe()
+    res["compile_probe"] = compile_probe(a.roles, a.options)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "scan_probe.json"), "w") as f:
         json.dump(res, f, indent=1)
-    plot(res, os.path.join(a.out, "scan_probe.png"))
+    if "copy_probe" in res:
+        plot(res, os.path.join(a.out, "scan_probe.png"))
 
 
 if __name__ == "__main__":
