@@ -7,6 +7,9 @@ a row that sees no key ends with l = 0: zeros out, lse -inf.
 
 from __future__ import annotations
 
+from typing import Callable
+
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -56,12 +59,12 @@ def finish_scratch(m_sc, l_sc, acc_sc, o_ref, lse_ref):
     lse_ref[...] = jnp.where(l > 0, m_sc[...] + jnp.log(safe), -jnp.inf)
 
 
-def scratch_row_step(j, count, last, block_start: int, q_ref, k_ref, v_ref, scale, visible, m_sc, l_sc, acc_sc,
-                     o_ref, lse_ref):
+def scratch_row_step(j, count, last, block_start: Callable[[], jax.Array], q_ref, k_ref, v_ref, scale, visible,
+                     m_sc, l_sc, acc_sc, o_ref, lse_ref):
     """One grid step j of a Mosaic TPU kernel row (the innermost grid axis walks the row's plan entries): reset
-    the scratch at j = 0, take the key block starting at token `block_start` while j < count (scores of q_ref
-    [rows, H] against k_ref [bk, H], masked by visible(k_pos int32 [rows, bk]) -> bool), write the row at
-    j = last. `block_start` must only be read under j < count (pass it as a thunk)."""
+    the scratch at j = 0; while j < count take the key block whose first token block_start() gives (a thunk:
+    its plan entry is only read then), scoring q_ref [rows, H] against k_ref [bk, H] under
+    visible(k_pos int32 [rows, bk]) -> bool; write the row at j = last."""
 
     @pl.when(j == 0)
     def _init():
