@@ -2,7 +2,8 @@
 training step keeps — params, gradients, AdamW moments (shapes from `jax.eval_shape` of the real optimiser,
 `train.stage2.make_optimizer`; shardings from `train.stage2.state_rules` on an abstract mesh, so no device or
 weight is needed) — plus the activations with `--remat` (each layer's input kept, one layer recomputed at a time)
-and the fp32 logits of the eq. 7 loss. Writes benchmarks/results/stage2_memory_<model>.json.
+and what the eq. 7 loss keeps (the output embedding's rows at the teacher's top-k ids and their gradient: the
+training step never builds the [B, T, V] logits). Writes benchmarks/results/stage2_memory_<model>.json.
 
     python -m benchmarks.stage2_memory [--model llama3_8b] [--devices 1 8] [--seq-len 8192] [--dtype bfloat16]
 """
@@ -55,11 +56,13 @@ def account(cfg: ModelConfig, devices: int, seq_len: int, batch: int, dtype, fsd
     d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     layer_inputs = cfg.num_layers * local_b * seq_len * d * act  # remat keeps each layer's input
     one_layer = local_b * seq_len * (6 * d + 3 * f) * act  # one layer's recomputed working set (qkv, attn, mlp)
-    logits = 3 * local_b * seq_len * v * 4  # fp32 logits, their log-softmax and gradient
+    k = c.top_k  # the loss gathers the output embedding's rows at the teacher's k ids (and their gradient)
+    loss = 2 * local_b * seq_len * k * d * act + 4 * local_b * seq_len * k * 4
     out = {"params": _bytes(params, sh), "grads": _bytes(params, sh), "adamw_moments": int(opt_bytes),
-           "activations_remat": layer_inputs + one_layer, "logits_loss": logits}
-    out = {k: v / GIB for k, v in out.items()}
-    out["total"] = sum(out.values())
+           "activations_remat": layer_inputs + one_layer, "loss_topk_rows": loss,
+           "vocab_logits_avoided": 3 * local_b * seq_len * v * 4}
+    out = {name: b / GIB for name, b in out.items()}
+    out["total"] = sum(b for name, b in out.items() if name != "vocab_logits_avoided")
     return {"devices": devices, "fsdp": fsdp, "local_batch": local_b, "gib_per_device": out}
 
 

@@ -150,3 +150,13 @@ def logits_from_hidden(params: dict, x: jax.Array, cfg: ModelConfig) -> jax.Arra
     """fp32 logits [..., V] from normed hidden states [..., D]."""
     w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
     return jnp.einsum("...d,dv->...v", x, w, precision=_HI, preferred_element_type=jnp.float32)
+
+
+def logits_at(params: dict, x: jax.Array, cfg: ModelConfig, ids: jax.Array) -> jax.Array:
+    """fp32 logits [..., k] at token ids int [..., k] from normed hidden states x [..., D]: the columns of
+    `logits_from_hidden` at `ids`, O(k · D) per position instead of O(V · D)."""
+    if cfg.tie_word_embeddings:
+        rows = jnp.take(params["embed"], ids, axis=0)  # [..., k, D]
+        return jnp.einsum("...d,...kd->...k", x, rows, precision=_HI, preferred_element_type=jnp.float32)
+    cols = jnp.take(params["lm_head"], ids, axis=1)  # [D, ..., k]
+    return jnp.einsum("...d,d...k->...k", x, cols, precision=_HI, preferred_element_type=jnp.float32)

@@ -85,6 +85,49 @@ def test_dense_model_on_itself_has_zero_loss_and_gradient(tiny):
         assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g)) < 1e-5
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_step_loss_never_builds_vocab_logits_and_equals_the_full_one(tiny, tie):
+    """The training step's eq. 7 from the student's logits at the teacher's ids (hidden states x the output
+    embedding's k rows) equals it from the full [B, T, V] logits, value and gradient, tied or untied."""
+    from rtpurbo_jax.checkpoint import load_converted
+    from rtpurbo_jax.indexer import init_indexer
+    from train.stage2 import student_logits
+    from train.teacher import topk_kl_at
+
+    cfg, conv, _, _, sparse = tiny
+    params = load_converted(conv).params
+    if not tie:
+        cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
+        params = {**params, "lm_head": jax.random.normal(jax.random.key(7), params["embed"].T.shape) * 0.2}
+    ix = init_indexer(cfg, sparse.index_dim, jax.random.key(3))
+    sp = dataclasses.replace(sparse, prefill_mode="indexer", top_p=0.9, seqlen_threshold=0)
+    toks = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 64)), jnp.int32)
+    ids, vals = teacher_topk(apply(params, toks, cfg), 10)
+    w = jnp.asarray(np.random.default_rng(3).random((2, 64)) < 0.5)
+    full = lambda p: topk_kl(student_logits(p, toks, cfg, sp, ix), ids, vals, w)
+    at = lambda p: topk_kl_at(student_logits(p, toks, cfg, sp, ix, at=ids), vals, w)
+    (l1, g1), (l2, g2) = jax.value_and_grad(full)(params), jax.value_and_grad(at)(params)
+    assert float(l1) > 1e-3 and float(l2) == pytest.approx(float(l1), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-7)
+
+    def subs(params_):  # the jaxprs inside an equation (scan / remat / pjit bodies)
+        for v in params_.values():
+            for x in (v if isinstance(v, (list, tuple)) else [v]):
+                if hasattr(x, "eqns"):
+                    yield x
+                elif hasattr(x, "jaxpr") and hasattr(x.jaxpr, "eqns"):
+                    yield x.jaxpr
+
+    def vocab_sized(f):  # does any value of the gradient's program have the [B, T, V] shape?
+        def walk(jaxpr):
+            return any(any(getattr(v.aval, "shape", None) == (2, 64, cfg.vocab_size) for v in e.outvars)
+                       or any(walk(sub) for sub in subs(e.params)) for e in jaxpr.eqns)
+        return walk(jax.make_jaxpr(jax.grad(f))(params).jaxpr)
+
+    assert vocab_sized(full) and not vocab_sized(at)
+
+
 def test_loss_falls_and_agreement_rises(tiny, tmp_path):
     """Held-out windows: the KL of eq. 7 falls. (The agreement metrics are reported, not asserted here: on a tiny
     random model over random tokens the teacher's top-10 is nearly flat, and the student lowers the KL by

@@ -38,11 +38,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from rtpurbo_jax.checkpoint import load_converted, load_indexer, read_meta, save_converted
 from rtpurbo_jax.cli import run_cli
 from rtpurbo_jax.lm import apply
+from rtpurbo_jax.model import logits_at
 from rtpurbo_jax.model_config import ModelConfig
 from rtpurbo_jax.params import SHARDING_RULES, param_shardings
 from rtpurbo_jax.sparse_config import SparseConfig
 from train.data import load_windows
-from train.teacher import TeacherCache, top1_within_topk, topk_agreement, topk_kl
+from train.teacher import TeacherCache, top1_within_topk, topk_agreement, topk_kl, topk_kl_at
 from train.trainer import (LoopConfig, check_fingerprint, config_from_argv, first_metrics_row, init_distributed,
                            log0, make_mesh, open_checkpoints, plot_curves, read_metrics, run_loop, write_run_config)
 
@@ -142,9 +143,15 @@ def state_rules(c: Stage2Config) -> dict:
     return {**SHARDING_RULES, "embed": "data"} if c.fsdp else SHARDING_RULES
 
 
-def student_logits(params, tokens, cfg, sparse: SparseConfig, indexer: dict, remat: bool = False):
-    """The student's fp32 logits [B, T, V]: the model in sparse mode with indexer prefill (`lm.apply`)."""
-    return apply(params, tokens, cfg, mode="rtpurbo", sparse=sparse, indexer=indexer, remat=remat)
+def student_logits(params, tokens, cfg, sparse: SparseConfig, indexer: dict, remat: bool = False, at=None):
+    """The student's fp32 logits — [B, T, V], or [B, T, k] at ids `at` int [B, T, k] without ever building the
+    [B, T, V] ones (the training step: eq. 7 needs the teacher's top-k ids only) — of the model in sparse mode
+    with indexer prefill (`lm.apply`)."""
+    if at is None:
+        return apply(params, tokens, cfg, mode="rtpurbo", sparse=sparse, indexer=indexer, remat=remat)
+    hidden = apply(params, tokens, cfg, mode="rtpurbo", sparse=sparse, indexer=indexer, remat=remat,
+                   return_hidden=True)
+    return logits_at(params, hidden, cfg, at)
 
 
 def build_step(cfg: ModelConfig, sparse: SparseConfig, tx, state_sh, tok_sh, ix_sh, remat: bool = True):
@@ -154,7 +161,7 @@ def build_step(cfg: ModelConfig, sparse: SparseConfig, tx, state_sh, tok_sh, ix_
     `tests/test_tpu_lowering.py`."""
 
     def loss_fn(p, ix, tokens, weights, t_ids, t_logits):
-        return topk_kl(student_logits(p, tokens, cfg, sparse, ix, remat), t_ids, t_logits, weights)
+        return topk_kl_at(student_logits(p, tokens, cfg, sparse, ix, remat, at=t_ids), t_logits, weights)
 
     def step(state, ix, tokens, weights, t_ids, t_logits):
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], ix, tokens, weights, t_ids, t_logits)

@@ -39,9 +39,14 @@ def teacher_topk(logits, k: int):
 def topk_kl(student_logits, t_ids, t_logits, mask=None):
     """Mean over positions (where mask [B, T] is True; all without one) of KL(p_t || q_s) with
     p_t = softmax(t_logits [B, T, k]) and q_s = softmax(student_logits [B, T, V] at t_ids [B, T, k])."""
-    s = jnp.take_along_axis(student_logits.astype(jnp.float32), t_ids, axis=-1)
+    return topk_kl_at(jnp.take_along_axis(student_logits.astype(jnp.float32), t_ids, axis=-1), t_logits, mask)
+
+
+def topk_kl_at(student_at_ids, t_logits, mask=None):
+    """`topk_kl` from the student's logits at the teacher's k ids only, fp32 [B, T, k] (`model.logits_at`: the
+    training step never builds the [B, T, V] logits)."""
     log_p = jax.nn.log_softmax(t_logits.astype(jnp.float32), -1)
-    kl = (jnp.exp(log_p) * (log_p - jax.nn.log_softmax(s, -1))).sum(-1)  # [B, T]
+    kl = (jnp.exp(log_p) * (log_p - jax.nn.log_softmax(student_at_ids.astype(jnp.float32), -1))).sum(-1)  # [B, T]
     return _masked_mean(kl, mask)
 
 
