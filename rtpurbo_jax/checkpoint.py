@@ -97,12 +97,12 @@ def atomic_dir(out_dir: str, overwrite: bool = False, protect: tuple[str, ...] =
         if lead:
             shutil.rmtree(tmp, ignore_errors=True)  # ours: a crashed earlier collective write
             os.makedirs(tmp)
-        _sync("rtpurbo-atomic-dir-open")
+        sync("rtpurbo-atomic-dir-open")
     else:
         tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
     try:
         yield tmp
-        _sync("rtpurbo-atomic-dir-written")
+        sync("rtpurbo-atomic-dir-written")
         if lead and os.path.exists(out_dir):
             old = tmp + ".old"
             os.rename(out_dir, old)
@@ -110,14 +110,14 @@ def atomic_dir(out_dir: str, overwrite: bool = False, protect: tuple[str, ...] =
             shutil.rmtree(old)
         elif lead:
             os.rename(tmp, out_dir)
-        _sync("rtpurbo-atomic-dir-renamed")
+        sync("rtpurbo-atomic-dir-renamed")
     except BaseException:
         if lead:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _sync(name: str) -> None:
+def sync(name: str) -> None:
     """A barrier across processes (no-op with one)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils

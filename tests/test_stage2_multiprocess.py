@@ -15,8 +15,9 @@ from tests.test_stage2 import flags, losses, tiny  # noqa: F401  (module fixture
 
 
 def _cmd(tiny, run_dir, *extra):  # noqa: F811
+    # the last --mesh wins: every device of the run on the data axis
     return [sys.executable, "-m", "train.distill", "--stage", "2",
-            *[f if f != "1,1" else "-1,1" for f in flags(tiny, run_dir, "--steps", "3", "--batch", "4", *extra)]]
+            *flags(tiny, run_dir, "--steps", "3", "--batch", "4", "--mesh=-1,1", *extra)]
 
 
 def test_two_processes_match_one(tiny, tmp_path):  # noqa: F811

@@ -4,8 +4,9 @@ Cache layout (RUN_DIR/teacher/): one `shard_<first step>.npz` per `steps_per_sha
 ids int32 [steps, B, T, k] and logits float16 [steps, B, T, k] of the dense model on exactly the batches those
 steps train on (`train.data` windows are deterministic per step), plus `meta.json` (model source, data, shapes,
 k, processes). With several processes each one caches its own rows of every batch (B / processes of them) in
-`shard_<first step>.p<process>.npz`, so hosts need not share a disk. Shards are written to a temporary name and renamed, so a killed build leaves only whole shards; a rebuild
-skips them (resumable) and refuses a cache made for other settings.
+`shard_<first step>.p<process>.npz`, so hosts need not share a disk. Shards are written to a temporary name
+and renamed, so a killed build leaves only whole shards; a rebuild skips them (resumable) and refuses a cache
+made for other settings.
 
 Loss (eq. 7): per position, forward KL between softmax of the teacher's top-k logits and the softmax of the
 student's logits at the same k ids (both renormalised over the k ids), averaged over the positions of `mask`.

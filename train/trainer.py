@@ -22,19 +22,13 @@ from typing import Callable
 import jax
 import numpy as np
 
+from rtpurbo_jax.checkpoint import sync
+
 
 def log0(*a):
     """print on process 0 only."""
     if jax.process_index() == 0:
         print(*a, flush=True)
-
-
-def sync(name: str) -> None:
-    """A barrier across processes (no-op with one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def init_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None,
