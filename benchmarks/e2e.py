@@ -137,16 +137,16 @@ def dense_decode_fn(cfg, impl: str):
     return jax.jit(fn, donate_argnums=(1,))
 
 
-def head_ms(params, cfg, batch: int) -> float:
-    """ms of the per-token work outside the layers (embedding gather, final norm, logits) for `batch` tokens."""
-    f = jax.jit(lambda p, t: logits_from_hidden(p, rms_norm(jnp.take(p["embed"], t, axis=0), p["final_norm"],
-                                                                   cfg.rms_norm_eps), cfg))
-    t = jnp.arange(batch, dtype=jnp.int32)
-    jax.block_until_ready(f(params, t))
-    t0 = time.perf_counter()
-    outs = [f(params, t + i) for i in range(20)]
-    jax.block_until_ready(outs)
-    return (time.perf_counter() - t0) / 20 * 1e3
+def head_ms(params, cfg, batch: int, impl: str) -> float:
+    """ms of one decode step's work outside the layers (embedding gather, final norm, logits) for `batch`
+    tokens: the dense decode program with zero layers."""
+    cfg0 = dataclasses.replace(cfg, num_layers=0)
+    p0 = {**params, "layers": jax.tree.map(lambda a: a[:0], params["layers"])}
+    dec = dense_decode_fn(cfg0, impl)
+    tok = jnp.arange(batch, dtype=jnp.int32)
+    lengths = jnp.zeros((batch,), jnp.int32)
+    ms, _ = timed_steps(lambda c: dec(p0, c, lengths, tok), [], 20)
+    return ms
 
 
 def peak_gib() -> float | None:
@@ -214,7 +214,7 @@ def worker(spec: dict) -> list[dict]:
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, t)), jnp.int32)
     max_len = t + 256
     rows, base = [], {"mode": mode, "context": t, "layers_run": layers}
-    heads = {b: head_ms(params, cfg, b) for b in spec["batches"]}
+    heads = {b: head_ms(params, cfg, b, impl) for b in spec["batches"]}
 
     def row(**kw):
         rows.append({**base, **kw, "peak_mem_gib": peak_gib()})
@@ -291,6 +291,56 @@ def worker(spec: dict) -> list[dict]:
         except Exception as e:  # noqa: BLE001
             row(batch=b, phase="decode", ms=None, error=str(e).splitlines()[0][:300])
     return rows
+
+
+def profile_prefill(t: int, chunk: int, small: bool) -> dict:
+    """ms of the parts of one rtpurbo prefill chunk of one layer (layer 0: 2 retrieval groups of 8) at position
+    t (layer 1 of the pattern: 1 retrieval group of 8), the cache filled with random values: the whole layer, the layer with attention replaced by zeros, the
+    local KV heads' masked attention, the full KV heads' plan + block-sparse op, the plan alone."""
+    from benchmarks.kernels import bench
+    from rtpurbo_jax import planner
+    from rtpurbo_jax.attention import AttentionCall, Positions, _local_kv_attention, cached_attention, heads_attention
+
+    cfg = model_config(2, small)
+    sparse = sparse_config(cfg, "rtpurbo", small)
+    params = init_params(cfg, jax.random.key(0), jnp.bfloat16)
+    lp = jax.tree.map(lambda a: a[1], params["layers"])
+    cache = init_cache(cfg, 1, t + chunk, sparse, jnp.bfloat16)
+    keys = iter(jax.random.split(jax.random.key(2), 16))
+    lc = jax.tree.map(lambda a: jax.random.normal(next(keys), a.shape, a.dtype), cache.layers[1])
+    ll, layout = cache.layout.layers[1], cache.layout
+    ix = {"w_q": jnp.zeros((len(ll.retrieval_q), cfg.head_dim, layout.index_dim), jnp.float32)}
+    ix["w_k"] = ix["w_q"]
+    x = jax.random.normal(next(keys), (1, chunk, cfg.hidden_size), jnp.bfloat16)
+    q_pos = t + jnp.arange(chunk, dtype=jnp.int32)[None]
+    pos = Positions(q_pos, jnp.ones_like(q_pos, bool), jnp.asarray([t], jnp.int32), jnp.asarray([t + chunk], jnp.int32))
+    call = AttentionCall(decode=False, tile=1, dense_retrieval=True, prefill_backend=None, decode_backend=None,
+                         chunk=chunk)
+    cos, sin = rope_cos_sin(q_pos, cfg.rope, cfg.head_dim)
+    qkv = jax.jit(lambda x: project_qkv(lp, x, cfg, cos, sin))(x)
+    sinks, window = jnp.int32(sparse.sinks), jnp.int32(sparse.window)
+    qf, ql = ll.q_heads(ll.full_kv), ll.q_heads(ll.local_kv)
+    is_r = np.isin(np.asarray(qf), ll.retrieval_q)
+    kl = jnp.asarray(ll.local_kv, jnp.int32)
+    fns = {
+        "layer": lambda x, lc: decoder_layer(lp, x, cfg, cos, sin, lambda q: cached_attention(
+            q, lc, ll, layout, cfg, sparse, ix, pos, call)[:2])[0],
+        "layer_without_attention": lambda x, lc: decoder_layer(
+            lp, x, cfg, cos, sin, lambda q: (jnp.zeros_like(q["q"]), None))[0],
+        "local_heads": lambda x, lc: _local_kv_attention(qkv["q"][:, :, jnp.asarray(ql, jnp.int32)], qkv["k"][:, :, kl],
+                                                          qkv["v"][:, :, kl], lc, layout, pos, sinks, window)[0],
+        "full_heads_plan_and_op": lambda x, lc: heads_attention(qkv["q"][:, :, jnp.asarray(qf, jnp.int32)], lc.k_full,
+                                                                lc.v_full, is_r, (), None, pos, sparse, cfg, call)[0],
+        "full_heads_plan": lambda x, lc: planner.chunk_plan(is_r, (), None, q_pos[:, 0], chunk, t + chunk,
+                                                            pos.new_len, sinks, window, q_block=128,
+                                                            kv_block=sparse.kv_block).kv_blocks,
+    }
+    out = {"context": t, "chunk": chunk, "full_kv_heads": len(ll.full_kv), "local_kv_heads": len(ll.local_kv),
+           "retrieval_q_heads": len(ll.retrieval_q)}
+    for name, f in fns.items():
+        out[name + "_ms"] = bench(jax.jit(f), x, lc, reps=5, rounds=3) * 1e3
+    print(json.dumps(out), flush=True)
+    return out
 
 
 def scope_rows(raw: list[dict], full_layers: int) -> list[dict]:
@@ -387,12 +437,20 @@ def main(argv=None):
     p.add_argument("--out", default="benchmarks/results/e2e")
     p.add_argument("--merge", nargs="*", default=[], help="earlier OUT.json files whose raw rows join this run's")
     p.add_argument("--small", action="store_true", help="tiny shapes, for a CPU check of the script")
+    p.add_argument("--profile-prefill", type=int, nargs="*", default=None, metavar="CONTEXT",
+                   help="only time the parts of one rtpurbo prefill chunk of one layer at these positions")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print("DEVICE " + jax.devices()[0].device_kind, flush=True)
         rows = worker(json.loads(args.worker))
         print("ROWS " + json.dumps(rows), flush=True)
+        return
+    if args.profile_prefill is not None:
+        rows = [profile_prefill(t, args.chunk, args.small) for t in args.profile_prefill]
+        with open(args.out + "_profile.json", "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                       "date": datetime.date.today().isoformat(), "rows": rows}, f, indent=1)
         return
     if min(args.batches) != 1:
         raise SystemExit("--batches must include 1 (decode calibrates its density and prefills at batch 1)")
