@@ -152,7 +152,8 @@ def scatter_rows(buf, new, slot, ok):
 
 def _local_kv_attention(q, k_new, v_new, lc: LayerCache, layout: CacheLayout, pos: Positions, sinks, window):
     """Local KV heads: attention over sinks + ring + the call's new keys (jnp, a few thousand keys), and the
-    updated (k_sink, v_sink, k_ring, v_ring). q [B, C, Nl, H]; k_new, v_new [B, C, Kl, H]."""
+    updated (k_sink, v_sink, k_ring, v_ring). Decode steps and the reference backend use this attention; a
+    prefill chunk on a kernel backend uses `_local_kv_attention_op`. q [B, C, Nl, H]; k_new, v_new [B, C, Kl, H]."""
     b = q.shape[0]
     q_pos, valid, start = pos.q_pos, pos.valid, pos.start_len
     sink_pos = jnp.where(jnp.arange(layout.sinks)[None] < start[:, None], jnp.arange(layout.sinks)[None], -1)
@@ -168,6 +169,49 @@ def _local_kv_attention(q, k_new, v_new, lc: LayerCache, layout: CacheLayout, po
     slot = jnp.mod(q_pos - layout.sinks, max(layout.ring, 1))
     return out, (scatter_rows(lc.k_sink, k_new, q_pos, in_sink), scatter_rows(lc.v_sink, v_new, q_pos, in_sink),
                  scatter_rows(lc.k_ring, k_new, slot, keep), scatter_rows(lc.v_ring, v_new, slot, keep))
+
+
+def _local_kv_attention_op(q, k_new, v_new, lc: LayerCache, layout: CacheLayout, pos: Positions, sinks, window,
+                           kv_block: int, call: AttentionCall):
+    """`_local_kv_attention`'s output for a prefill chunk through the block-sparse prefill op (the device's
+    kernel) instead of a masked jnp attention over sinks + ring + chunk (O(C · (ring + C)) fp32 scores).
+
+    The ring is unrolled into a linear buffer whose index i holds position s0 + i (s0 = the start when it lies
+    inside the sinks, else max(sinks, start - ring): every buffered position is written), the chunk's keys
+    follow it, and a band plan (window, no sinks; causal in buffer indices = positions) runs on the op with its
+    log-sum-exp. The sink slots' positions the band does not cover (below s0, or out of its window) are a tiny
+    masked attention over the updated sink slots; the two parts merge by log-sum-exp. Same semantics."""
+    b, c, nl, _ = q.shape
+    ring, n_sinks = max(layout.ring, 1), layout.sinks
+    start, q_pos, valid = pos.start_len, pos.q_pos, pos.valid
+    s0 = jnp.where(start < n_sinks, start, jnp.maximum(n_sinks, start - layout.ring))  # [B]
+    slot = jnp.mod((s0 - n_sinks)[:, None] + jnp.arange(ring, dtype=jnp.int32)[None], ring)  # [B, ring]
+    off = (start - s0)[:, None] + jnp.arange(c, dtype=jnp.int32)[None]  # chunk rows in buffer indices [B, C]
+
+    def linear(ring_buf, new):
+        unrolled = jnp.take_along_axis(ring_buf, slot[:, :, None, None], axis=1)
+        buf = jnp.concatenate([unrolled, jnp.zeros((b, c) + new.shape[2:], ring_buf.dtype)], axis=1)
+        return scatter_rows(buf, new, off, valid)
+
+    k_buf, v_buf = linear(lc.k_ring, k_new), linear(lc.v_ring, v_new)
+    new_len = pos.new_len
+    plan = planner.chunk_plan(np.zeros(nl, bool), (), None, start - s0, c, ring + c, new_len - s0, jnp.int32(0),
+                              window, q_block=128, kv_block=kv_block)
+    out_b, lse_b = prefill_op.block_sparse_attention(q, k_buf, v_buf, plan, backend=call.prefill_backend,
+                                                     interpret=call.interpret, return_lse=True)
+    in_sink = valid & (q_pos < n_sinks)
+    k_sink, v_sink = scatter_rows(lc.k_sink, k_new, q_pos, in_sink), scatter_rows(lc.v_sink, v_new, q_pos, in_sink)
+    sp = jnp.arange(n_sinks, dtype=jnp.int32)[None, None, None, :]
+    qp = q_pos[:, None, :, None]
+    in_band = (sp >= s0[:, None, None, None]) & (qp - sp < window)  # already counted by the band part
+    mask = ((sp < new_len[:, None, None, None]) & (sp <= qp) & ((sp < sinks) | (qp - sp < window)) & ~in_band
+            & valid[:, None, :, None])
+    out_s, lse_s = masked_attention(q, k_sink, v_sink, mask)
+    lse = jnp.logaddexp(lse_b, lse_s)  # [B, N, C]
+    safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    w_b = jnp.where(jnp.isfinite(lse_b), jnp.exp(lse_b - safe), 0.0).transpose(0, 2, 1)[..., None]
+    w_s = jnp.where(jnp.isfinite(lse_s), jnp.exp(lse_s - safe), 0.0).transpose(0, 2, 1)[..., None]
+    return out_b.astype(jnp.float32) * w_b + out_s * w_s
 
 
 def cached_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLayout, cfg: ModelConfig,
@@ -204,8 +248,12 @@ def cached_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLa
         kl = jnp.asarray(ll.local_kv)
         ql = ll.q_heads(ll.local_kv)
         sinks, window = planner.local_band(sparse, cfg, planner.dense_call(sparse, pos.total_len))
-        out, (k_sink, v_sink, k_ring, v_ring) = _local_kv_attention(
-            qkv["q"][:, :, jnp.asarray(ql)], qkv["k"][:, :, kl], qkv["v"][:, :, kl], lc, layout, pos, sinks, window)
+        q_l, k_l, v_l = qkv["q"][:, :, jnp.asarray(ql)], qkv["k"][:, :, kl], qkv["v"][:, :, kl]
+        out, (k_sink, v_sink, k_ring, v_ring) = _local_kv_attention(q_l, k_l, v_l, lc, layout, pos, sinks, window)
+        if not call.decode and call.prefill_backend != "reference":  # the kernel; the jnp path above still
+            # writes the cache, and XLA drops its unused attention
+            out = _local_kv_attention_op(q_l, k_l, v_l, lc, layout, pos, sinks, window,
+                                         sparse.kv_block if sparse is not None else 64, call)
         outs.append(out)
         order += list(ql)
         lc = dataclasses.replace(lc, k_sink=k_sink, v_sink=v_sink, k_ring=k_ring, v_ring=v_ring)

@@ -292,3 +292,33 @@ def test_prefill_chunks_with_kernel_backends_match_reference(model, backend):
                                  sparse=sp, chunk=16, backend=be, interpret=True)
             outs[be] = np.stack([lg1, lg2])
         assert_logits_close(outs[backend], outs["reference"])
+
+
+@pytest.mark.parametrize("starts,window,sinks_now", [((0, 0), 20, 3), ((2, 45), 20, 3), ((30, 77), 20, 3),
+                                                      ((5, 61), 9, 3), ((40, 13), 1 << 30, 0)])
+def test_local_heads_prefill_through_the_op_equals_the_masked_path(starts, window, sinks_now):
+    """A prefill chunk's local KV heads through the block-sparse op (unrolled ring + band plan + sinks merged by
+    log-sum-exp) = the masked jnp attention over sinks + ring + chunk: starts inside the sinks, before and
+    after the ring wraps, ragged rows, a narrower band, and a dense call (no sinks, unbounded window)."""
+    from rtpurbo_jax.attention import AttentionCall, Positions, _local_kv_attention, _local_kv_attention_op
+    from rtpurbo_jax.kv_cache import CacheLayout
+
+    sp = sparse_cfg(window=20, sinks=3)
+    layout = CacheLayout.build(CFG, sp, 128)
+    ll = layout.layers[1]
+    b, c, nl, kl = 2, 16, len(ll.q_heads(ll.local_kv)), len(ll.local_kv)
+    rng = np.random.default_rng(sum(starts) + window)
+    lc = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), jnp.float32),
+                      init_cache(CFG, b, 128, sp, jnp.float32).layers[1])
+    start = jnp.asarray(starts, jnp.int32)
+    n_valid = jnp.asarray([c, c - 5], jnp.int32)
+    q_pos = start[:, None] + jnp.arange(c, dtype=jnp.int32)[None]
+    valid = jnp.arange(c)[None] < n_valid[:, None]
+    pos = Positions(q_pos, valid, start, start + n_valid)
+    q, k, v = (jnp.asarray(rng.standard_normal((b, c, n, CFG.head_dim)), jnp.float32) for n in (nl, kl, kl))
+    band = (jnp.int32(sinks_now), jnp.int32(window))
+    want, _ = _local_kv_attention(q, k, v, lc, layout, pos, *band)
+    call = AttentionCall(prefill_backend="reference")
+    got = _local_kv_attention_op(q, k, v, lc, layout, pos, *band, sp.kv_block, call)
+    ok = np.asarray(valid)
+    np.testing.assert_allclose(np.asarray(got)[ok], np.asarray(want)[ok], rtol=2e-5, atol=2e-5)
