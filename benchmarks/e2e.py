@@ -293,6 +293,29 @@ def worker(spec: dict) -> list[dict]:
     return rows
 
 
+def decode_copies(cfg, sparse, params, t: int) -> list[str]:
+    """Copies of 1 MiB or more in the optimized program of `serving.decode_step` (2 layers, cache of t + 256
+    positions): each is bytes moved per step that a donated, in-place cache would not need."""
+    import re
+
+    from rtpurbo_jax import serving
+
+    cache = jax.eval_shape(lambda: init_cache(cfg, 1, t + 256, sparse, jnp.bfloat16))
+    ix = init_indexer(cfg, sparse.index_dim, jax.random.key(1))
+    text = serving._decode_jit.lower(params, cache, jnp.zeros((1,), jnp.int32), ix, cfg=cfg, sparse=sparse,
+                                     backend=serving.op_backends(None), interpret=False,
+                                     stats=False).compile().as_text()
+    big = []
+    for line in text.splitlines():
+        m = re.search(r"= (\w+)\[([\d,]+)\][^ ]* copy\(", line)
+        if m:
+            size = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1}.get(m.group(1), 8)
+            n = int(np.prod([int(d) for d in m.group(2).split(",")])) * size
+            if n >= 2 ** 20:
+                big.append(f"{m.group(1)}[{m.group(2)}] {n / 2 ** 20:.0f} MiB")
+    return big
+
+
 def profile_prefill(t: int, chunk: int, small: bool) -> dict:
     """ms of the parts of one rtpurbo prefill chunk of one layer (layer 0: 2 retrieval groups of 8) at position
     t (layer 1 of the pattern: 1 retrieval group of 8), the cache filled with random values: the whole layer, the layer with attention replaced by zeros, the
@@ -339,6 +362,7 @@ def profile_prefill(t: int, chunk: int, small: bool) -> dict:
            "retrieval_q_heads": len(ll.retrieval_q)}
     for name, f in fns.items():
         out[name + "_ms"] = bench(jax.jit(f), x, lc, reps=5, rounds=3) * 1e3
+    out["decode_step_copies"] = decode_copies(cfg, sparse, params, t)
     print(json.dumps(out), flush=True)
     return out
 
