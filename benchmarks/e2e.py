@@ -319,10 +319,11 @@ def decode_copies(cfg, sparse, params, t: int) -> list[str]:
 def profile_prefill(t: int, chunk: int, small: bool) -> dict:
     """ms of the parts of one rtpurbo prefill chunk of one layer (layer 0: 2 retrieval groups of 8) at position
     t (layer 1 of the pattern: 1 retrieval group of 8), the cache filled with random values: the whole layer, the layer with attention replaced by zeros, the
-    local KV heads' masked attention, the full KV heads' plan + block-sparse op, the plan alone."""
+    local KV heads' masked jnp attention and the same through the op (serving's prefill path), the full KV heads' plan + block-sparse op, the plan alone."""
     from benchmarks.kernels import bench
     from rtpurbo_jax import planner
-    from rtpurbo_jax.attention import AttentionCall, Positions, _local_kv_attention, cached_attention, heads_attention
+    from rtpurbo_jax.attention import (AttentionCall, Positions, _local_kv_attention, _local_kv_attention_op,
+                                      cached_attention, heads_attention)
 
     cfg = model_config(2, small)
     sparse = sparse_config(cfg, "rtpurbo", small)
@@ -352,6 +353,9 @@ def profile_prefill(t: int, chunk: int, small: bool) -> dict:
             lp, x, cfg, cos, sin, lambda q: (jnp.zeros_like(q["q"]), None))[0],
         "local_heads": lambda x, lc: _local_kv_attention(qkv["q"][:, :, jnp.asarray(ql, jnp.int32)], qkv["k"][:, :, kl],
                                                           qkv["v"][:, :, kl], lc, layout, pos, sinks, window)[0],
+        "local_heads_op": lambda x, lc: _local_kv_attention_op(
+            qkv["q"][:, :, jnp.asarray(ql, jnp.int32)], qkv["k"][:, :, kl], qkv["v"][:, :, kl], lc, layout, pos, sinks,
+            window, sparse.kv_block, call),
         "full_heads_plan_and_op": lambda x, lc: heads_attention(qkv["q"][:, :, jnp.asarray(qf, jnp.int32)], lc.k_full,
                                                                 lc.v_full, is_r, (), None, pos, sparse, cfg, call)[0],
         "full_heads_plan": lambda x, lc: planner.chunk_plan(is_r, (), None, q_pos[:, 0], chunk, t + chunk,
