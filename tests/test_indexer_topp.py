@@ -39,7 +39,7 @@ def test_index_projections_use_the_group_kv_head():
     np.testing.assert_allclose(ki[0, :, 4], k_pre[0, :, 1] @ w_k[4], rtol=1e-5)  # head 4 of 6 -> kv head 1 of 2
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(sb=st.integers(1, 40), p=st.floats(0.05, 1.0), seed=st.integers(0, 10**6), budget=st.one_of(st.none(), st.integers(1, 8)))
 def test_topp_select_properties(sb, p, seed, budget):
     rng = np.random.default_rng(seed)
@@ -149,11 +149,12 @@ def test_topp_select_with_ties_matches_stable_sort_definition():
     rng = np.random.default_rng(7)
     for it in range(60):
         n = int(rng.integers(1, 30))
-        vis = rng.random((4, n)) < 0.8
-        raw = rng.integers(0, 4, (4, n)).astype(np.float64)
+        vis = rng.random((4, 30)) < 0.8
+        vis[:, n:] = False  # rows of n blocks padded to 30 invisible ones: one compilation per p
+        raw = rng.integers(0, 4, (4, 30)).astype(np.float64)
         mass = np.where(vis, raw, 0.0)
         mass = mass / np.maximum(mass.sum(-1, keepdims=True), 1e-9)
-        forced = rng.random((4, n)) < 0.15
+        forced = rng.random((4, 30)) < 0.15
         p = float(rng.choice([0.3, 0.6, 0.9, 0.999]))
         got = np.asarray(topp_select(jnp.asarray(mass, jnp.float32), jnp.asarray(vis), jnp.asarray(forced), p))
         m32 = mass.astype(np.float32)

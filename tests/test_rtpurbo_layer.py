@@ -130,18 +130,20 @@ def test_mode_errors(model):
 
 
 @pytest.mark.slow
-def test_smollm2_rtpurbo_at_4k(smollm2):
-    """The real model in rtpurbo mode at 4K tokens on CPU; positions inside the window equal full attention."""
+def test_smollm2_rtpurbo_at_2k(smollm2):
+    """The real model in rtpurbo mode at 2K tokens (4x the window) on CPU; positions inside the window equal full
+    attention."""
     cfg, params, tok = smollm2
     rng = np.random.default_rng(0)
-    tokens = jnp.asarray(rng.integers(100, 40000, size=(1, 4096)))
+    tokens = jnp.asarray(rng.integers(100, 40000, size=(1, 2048)))
     roles = np.zeros((cfg.num_layers, cfg.num_heads), int)
     roles[rng.random(roles.shape) < 0.15] = 1
     sp = SparseConfig(roles=roles, window=512, seqlen_threshold=0)
-    out = jax.jit(lambda p, t: apply(p, t, cfg, mode="rtpurbo", sparse=sp))(params, tokens)
-    assert out.shape == (1, 4096, cfg.vocab_size) and np.isfinite(np.asarray(out[0, -8:])).all()
+    head, tail = jax.jit(lambda p, t: (lambda o: (o[:, :512], o[:, -8:]))(apply(p, t, cfg, mode="rtpurbo",
+                                                                                   sparse=sp)))(params, tokens)
+    assert np.isfinite(np.asarray(tail)).all()
     ref = forward(params, tokens[:, :512], cfg)
-    np.testing.assert_allclose(out[0, :512], ref[0], atol=1e-3 * np.abs(np.asarray(ref)).max())
+    np.testing.assert_allclose(head[0], ref[0], atol=1e-3 * np.abs(np.asarray(ref)).max())
 
 
 @pytest.mark.parametrize("backend", ["mosaic_gpu", "triton"])

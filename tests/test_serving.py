@@ -282,7 +282,8 @@ def test_prefill_chunks_with_kernel_backends_match_reference(model, backend):
     per q_block tile, dense retrieval, and a dense cache."""
     params, ix = model
     toks = tokens(2, 70, seed=41)
-    for sp in (sparse_cfg(window=12, sinks=2), sparse_cfg(prefill_mode="dense", window=12), None):
+    configs = (sparse_cfg(window=12, sinks=2), sparse_cfg(prefill_mode="dense", window=12), None)
+    for sp in configs if backend == "triton" else configs[:1]:  # Mosaic TPU interpret is slow: indexer plans only
         outs = {}
         for be in ("reference", backend):
             cache = init_cache(CFG, 2, 80, sp, jnp.float32)
