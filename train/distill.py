@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -216,6 +217,10 @@ def run(c: DistillConfig) -> dict:
     def global_batch(step):
         return jax.make_array_from_process_local_data(tok_sh, data.batch(step, c.batch, pidx, pcount))
 
+    pca = f"the PCA init (one teacher pass of {c.seq_len} tokens), " if c.init == "pca" else ""
+    log0(f"[distill] {r} retrieval heads: {pca}compiling the step and evaluating the start before the first step "
+         f"(minutes on a CPU at long --seq-len)")
+    t_prep = time.time()
     calib_x = jax.jit(make_teacher(cfg, heads))(params, global_batch(10 ** 6)) if c.init == "pca" else None
     train0 = init_rows(c.init, heads, cfg, c.index_dim, jax.random.key(c.seed), calib_x,
                        local_prior=c.local_prior == "query")
@@ -247,15 +252,23 @@ def run(c: DistillConfig) -> dict:
             m.update({f"heldout_{k}": float(v) for k, v in ho.items() if k != "loss"})
         return {"step": step, **m}
 
+    def evaluate_at(state, length: int) -> dict:
+        """Held-out retrieval rows at another length (the needle check's: past the local window)."""
+        t, rows = held_out_retrieval(tok, length, c.seed)
+        t = jax.device_put(np.broadcast_to(t, (c.batch, length)), tok_sh)
+        m = eval_j(state["params"], params, t, c.top_p, c.kv_block, jnp.asarray(rows))
+        return {k: float(v) for k, v in m.items() if k != "loss"}
+
     first = first_metrics_row(loop, start)
     before = first if first is not None and "recall" in first else evaluate(start, state)
     log0(f"[distill] {r} retrieval heads, index_dim {c.index_dim}, init {c.init}, mesh {dict(mesh.shape)}, "
-         f"loss {c.loss_level}/{c.loss_weight}, {c.events} events per 1K tokens; before: {describe(before)}")
+         f"loss {c.loss_level}/{c.loss_weight}, {c.events} events per 1K tokens ({time.time() - t_prep:.0f}s); "
+         f"before: {describe(before)}")
     state, stopped = run_loop(loop, state, mngr, start, lambda s, i: step_j(s, params, global_batch(i)), evaluate,
                               c.batch * c.seq_len, rows=[before] if start == 0 else [])
     if stopped:
         return {"stopped_at": c.stop_at}
-    return finish(c, ckpt, sparse, heads, state, before, evaluate, loop, tok, rep)
+    return finish(c, ckpt, sparse, heads, state, before, evaluate, loop, tok, rep, evaluate_at)
 
 
 def load_data(c: DistillConfig, ckpt):
@@ -265,7 +278,7 @@ def load_data(c: DistillConfig, ckpt):
     return tok, load_windows(c.data, tok, c.seq_len, c.seed, c.events)
 
 
-def finish(c: DistillConfig, ckpt, sparse, heads, state, before, evaluate, loop, tok, rep) -> dict:
+def finish(c: DistillConfig, ckpt, sparse, heads, state, before, evaluate, loop, tok, rep, evaluate_at=None) -> dict:
     """After the last step: evaluate, export the indexer (full layout) to RUN_DIR/indexer, draw the curves,
     run the needle check through serving, write summary.json."""
     cfg = ckpt.model_config
@@ -288,6 +301,12 @@ def finish(c: DistillConfig, ckpt, sparse, heads, state, before, evaluate, loop,
     length = c.eval_len or min(sparse.window + 384, cfg.max_position_embeddings - 16)
     if c.eval_passkey and tok is not None and length + 16 <= cfg.max_position_embeddings:
         sp = dataclasses.replace(sparse, seqlen_threshold=0, top_p=c.top_p)
+        if evaluate_at is not None and length > c.seq_len:  # where the local heads are really local
+            m = evaluate_at(state, length)
+            summary["at_needle_length"] = m
+            log0(f"[distill] at {length} tokens (local window {sparse.window}), held-out retrieval rows: recall "
+                 f"{m['recall']:.3f} needle-block hit {m['top_hit']:.3f} blocks {m['selected_frac']:.3f} (oracle "
+                 f"{m['oracle_frac']:.3f})")
         runs = {"full": (None, None), "after": (sp, indexer)}
         # needles early enough that the question is farther from them than the local window reaches (when the
         # prompt is long enough), so every prompt asks the retrieval heads, not the local ones
