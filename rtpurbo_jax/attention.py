@@ -199,6 +199,8 @@ def _local_kv_attention_op(q, k_new, v_new, lc: LayerCache, layout: CacheLayout,
                               window, q_block=128, kv_block=kv_block)
     out_b, lse_b = prefill_op.block_sparse_attention(q, k_buf, v_buf, plan, backend=call.prefill_backend,
                                                      interpret=call.interpret, return_lse=True)
+    if n_sinks == 0:  # no sink slots: the band is everything
+        return out_b.astype(jnp.float32)
     in_sink = valid & (q_pos < n_sinks)
     k_sink, v_sink = scatter_rows(lc.k_sink, k_new, q_pos, in_sink), scatter_rows(lc.v_sink, v_new, q_pos, in_sink)
     sp = jnp.arange(n_sinks, dtype=jnp.int32)[None, None, None, :]

@@ -295,16 +295,18 @@ def test_prefill_chunks_with_kernel_backends_match_reference(model, backend):
         assert_logits_close(outs[backend], outs["reference"])
 
 
-@pytest.mark.parametrize("starts,window,sinks_now", [((0, 0), 20, 3), ((2, 45), 20, 3), ((30, 77), 20, 3),
-                                                      ((5, 61), 9, 3), ((40, 13), 1 << 30, 0)])
-def test_local_heads_prefill_through_the_op_equals_the_masked_path(starts, window, sinks_now):
+@pytest.mark.parametrize("starts,window,sinks_now,layout_sinks", [
+    ((0, 0), 20, 3, 3), ((2, 45), 20, 3, 3), ((30, 77), 20, 3, 3), ((5, 61), 9, 3, 3), ((40, 13), 1 << 30, 0, 3),
+    ((0, 33), 20, 0, 0)])
+def test_local_heads_prefill_through_the_op_equals_the_masked_path(starts, window, sinks_now, layout_sinks):
     """A prefill chunk's local KV heads through the block-sparse op (unrolled ring + band plan + sinks merged by
     log-sum-exp) = the masked jnp attention over sinks + ring + chunk: starts inside the sinks, before and
-    after the ring wraps, ragged rows, a narrower band, and a dense call (no sinks, unbounded window)."""
+    after the ring wraps, ragged rows, a narrower band, a dense call (no sinks, unbounded window), a cache
+    without sink slots."""
     from rtpurbo_jax.attention import AttentionCall, Positions, _local_kv_attention, _local_kv_attention_op
     from rtpurbo_jax.kv_cache import CacheLayout
 
-    sp = sparse_cfg(window=20, sinks=3)
+    sp = sparse_cfg(window=20, sinks=layout_sinks)
     layout = CacheLayout.build(CFG, sp, 128)
     ll = layout.layers[1]
     b, c, nl, kl = 2, 16, len(ll.q_heads(ll.local_kv)), len(ll.local_kv)
