@@ -195,7 +195,7 @@ def check_against_serving(params, cfg, tokens, logits, caches, dec, max_len, bac
     """Relative errors of the cuDNN baseline's prefill and first decode logits against `serving` with full
     attention (sparse=None) on the same prompt."""
     t = tokens.shape[1]
-    cache = init_cache(cfg, 1, max_len, None, jnp.bfloat16)
+    cache = init_cache(cfg, 1, max_len, None, params["embed"].dtype)
     lg, cache = prefill(params, cache, tokens, jnp.asarray([t]), cfg=cfg, chunk=4096, backend=backend, check=False)
     tok = jnp.argmax(lg, -1).astype(jnp.int32)
     dl, _ = decode_step(params, cache, tok, cfg=cfg, backend=backend, check=False)

@@ -1,0 +1,40 @@
+"""benchmarks.e2e's dense baseline computes the model serving computes, and its row arithmetic."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import e2e
+from rtpurbo_jax.params import init_params
+
+
+def test_dense_baseline_equals_serving_full_attention():
+    """The cuDNN-shaped baseline (whole-prompt prefill, MLP in chunks; decode over a dense cache masked by
+    lengths), run with the XLA implementation on CPU, gives serving's full-attention logits (fp32)."""
+    cfg = e2e.model_config(2, small=True)
+    params = init_params(cfg, jax.random.key(0), jnp.float32, scale=0.2)
+    t, max_len = 64, 96
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, t)), jnp.int32)
+    logits, caches = e2e.dense_prefill_fn(cfg, max_len, 16, "xla")(params, tokens)
+    dec = e2e.dense_decode_fn(cfg, "xla")
+    errs = e2e.check_against_serving(params, cfg, tokens, logits, caches, dec, max_len, "reference")
+    assert errs["check_rel_err_prefill"] < 1e-4 and errs["check_rel_err_decode"] < 1e-4, errs
+    wrong = e2e.dense_prefill_fn(cfg, max_len, 16, "xla")(params, tokens[:, ::-1])[0]
+    assert e2e.rel_err(wrong, logits) > 1e-2  # the check can fail
+
+
+def test_scope_rows_and_extrapolation():
+    raw = [{"mode": "dense_cudnn", "context": c, "layers_run": 4, "batch": 8, "phase": "decode", "ms": ms,
+            "head_ms": 1.0, "density": 1.0, "peak_mem_gib": 1.0, "cache_gib": 4.0}
+           for c, ms in ((100, 5.0), (200, 9.0))]
+    raw.append({"mode": "dense_cudnn", "context": 400, "layers_run": 4, "batch": 8, "phase": "decode", "ms": None,
+                "error": "RESOURCE_EXHAUSTED"})
+    rows = e2e.extrapolate(e2e.scope_rows(raw, 32), raw)
+    e2e.add_speedups(rows)
+    got = {(r["context"], r["scope"]): r for r in rows}
+    assert got[(100, "layer")]["ms"] == 1.0 and got[(100, "model")]["ms"] == 33.0
+    assert got[(100, "model")]["measured"] is False and got[(100, "layer")]["measured"] is True
+    assert got[(400, "layer")]["ms"] == 4.0 and got[(400, "layer")]["measured"] is False  # linear: 1, 2 -> 4
+    assert got[(400, "model")]["ms"] == 129.0
