@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.serve import rel as rel_err
 from rtpurbo_jax.indexer import init_indexer
 from rtpurbo_jax.kv_cache import cache_bytes, init_cache
 from rtpurbo_jax.model import decoder_layer, logits_from_hidden, project_qkv, rms_norm, rope_cos_sin
@@ -186,11 +187,6 @@ def calibrate(params, cache, indexer, tok, cfg, sparse, target: float, backend, 
     return best[0], best[1], cache
 
 
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def check_against_serving(params, cfg, tokens, logits, caches, dec, max_len, backend) -> dict:
     """Relative errors of the cuDNN baseline's prefill and first decode logits against `serving` with full
     attention (sparse=None) on the same prompt."""
@@ -317,9 +313,10 @@ def decode_copies(cfg, sparse, params, t: int) -> list[str]:
 
 
 def profile_prefill(t: int, chunk: int, small: bool) -> dict:
-    """ms of the parts of one rtpurbo prefill chunk of one layer (layer 0: 2 retrieval groups of 8) at position
-    t (layer 1 of the pattern: 1 retrieval group of 8), the cache filled with random values: the whole layer, the layer with attention replaced by zeros, the
-    local KV heads' masked jnp attention and the same through the op (serving's prefill path), the full KV heads' plan + block-sparse op, the plan alone."""
+    """ms of the parts of one rtpurbo prefill chunk of one layer at position t (layer 1 of the pattern: 1
+    retrieval group of 8), the cache filled with random values: the whole layer, the layer with attention replaced
+    by zeros, the local KV heads' masked jnp attention and the same through the op (serving's prefill path), the
+    full KV heads' plan + block-sparse op, the plan alone."""
     from benchmarks.kernels import bench
     from rtpurbo_jax import planner
     from rtpurbo_jax.attention import (AttentionCall, Positions, _local_kv_attention, _local_kv_attention_op,
@@ -355,7 +352,7 @@ def profile_prefill(t: int, chunk: int, small: bool) -> dict:
                                                           qkv["v"][:, :, kl], lc, layout, pos, sinks, window)[0],
         "local_heads_op": lambda x, lc: _local_kv_attention_op(
             qkv["q"][:, :, jnp.asarray(ql, jnp.int32)], qkv["k"][:, :, kl], qkv["v"][:, :, kl], lc, layout, pos, sinks,
-            window, sparse.kv_block, call),
+            window, sparse.kv_block, call)[0],
         "full_heads_plan_and_op": lambda x, lc: heads_attention(qkv["q"][:, :, jnp.asarray(qf, jnp.int32)], lc.k_full,
                                                                 lc.v_full, is_r, (), None, pos, sparse, cfg, call)[0],
         "full_heads_plan": lambda x, lc: planner.chunk_plan(is_r, (), None, q_pos[:, 0], chunk, t + chunk,

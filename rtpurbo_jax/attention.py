@@ -150,6 +150,18 @@ def scatter_rows(buf, new, slot, ok):
     return buf.at[jnp.arange(buf.shape[0])[:, None], idx].set(new.astype(buf.dtype), mode="drop")
 
 
+def _local_kv_updates(k_new, v_new, lc: LayerCache, layout: CacheLayout, pos: Positions):
+    """The local KV heads' updated (k_sink, v_sink, k_ring, v_ring) after writing the call's valid rows
+    (k_new, v_new [B, C, Kl, H]): positions below `sinks` into the sink slots, the last `ring` others into the
+    ring."""
+    q_pos, valid = pos.q_pos, pos.valid
+    in_sink = valid & (q_pos < layout.sinks)
+    keep = valid & (q_pos >= layout.sinks) & (q_pos > (pos.new_len - 1)[:, None] - layout.ring)
+    slot = jnp.mod(q_pos - layout.sinks, max(layout.ring, 1))
+    return (scatter_rows(lc.k_sink, k_new, q_pos, in_sink), scatter_rows(lc.v_sink, v_new, q_pos, in_sink),
+            scatter_rows(lc.k_ring, k_new, slot, keep), scatter_rows(lc.v_ring, v_new, slot, keep))
+
+
 def _local_kv_attention(q, k_new, v_new, lc: LayerCache, layout: CacheLayout, pos: Positions, sinks, window):
     """Local KV heads: attention over sinks + ring + the call's new keys (jnp, a few thousand keys), and the
     updated (k_sink, v_sink, k_ring, v_ring). Decode steps and the reference backend use this attention; a
@@ -164,11 +176,7 @@ def _local_kv_attention(q, k_new, v_new, lc: LayerCache, layout: CacheLayout, po
     kp, qp = k_pos[:, None, None, :], q_pos[:, None, :, None]
     mask = (kp >= 0) & (kp <= qp) & ((kp < sinks) | (qp - kp < window)) & valid[:, None, :, None]
     out, _ = masked_attention(q, keys, vals, mask)
-    in_sink = valid & (q_pos < layout.sinks)
-    keep = valid & (q_pos >= layout.sinks) & (q_pos > (pos.new_len - 1)[:, None] - layout.ring)
-    slot = jnp.mod(q_pos - layout.sinks, max(layout.ring, 1))
-    return out, (scatter_rows(lc.k_sink, k_new, q_pos, in_sink), scatter_rows(lc.v_sink, v_new, q_pos, in_sink),
-                 scatter_rows(lc.k_ring, k_new, slot, keep), scatter_rows(lc.v_ring, v_new, slot, keep))
+    return out, _local_kv_updates(k_new, v_new, lc, layout, pos)
 
 
 def _local_kv_attention_op(q, k_new, v_new, lc: LayerCache, layout: CacheLayout, pos: Positions, sinks, window,
@@ -180,7 +188,8 @@ def _local_kv_attention_op(q, k_new, v_new, lc: LayerCache, layout: CacheLayout,
     inside the sinks, else max(sinks, start - ring): every buffered position is written), the chunk's keys
     follow it, and a band plan (window, no sinks; causal in buffer indices = positions) runs on the op with its
     log-sum-exp. The sink slots' positions the band does not cover (below s0, or out of its window) are a tiny
-    masked attention over the updated sink slots; the two parts merge by log-sum-exp. Same semantics."""
+    masked attention over the updated sink slots; the two parts merge by log-sum-exp. Same semantics and the
+    same return value: (out fp32 [B, C, Nl, H], the updated (k_sink, v_sink, k_ring, v_ring))."""
     b, c, nl, _ = q.shape
     ring, n_sinks = max(layout.ring, 1), layout.sinks
     start, q_pos, valid = pos.start_len, pos.q_pos, pos.valid
@@ -199,10 +208,10 @@ def _local_kv_attention_op(q, k_new, v_new, lc: LayerCache, layout: CacheLayout,
                               window, q_block=128, kv_block=kv_block)
     out_b, lse_b = prefill_op.block_sparse_attention(q, k_buf, v_buf, plan, backend=call.prefill_backend,
                                                      interpret=call.interpret, return_lse=True)
+    updates = _local_kv_updates(k_new, v_new, lc, layout, pos)
     if n_sinks == 0:  # no sink slots: the band is everything
-        return out_b.astype(jnp.float32)
-    in_sink = valid & (q_pos < n_sinks)
-    k_sink, v_sink = scatter_rows(lc.k_sink, k_new, q_pos, in_sink), scatter_rows(lc.v_sink, v_new, q_pos, in_sink)
+        return out_b.astype(jnp.float32), updates
+    k_sink, v_sink = updates[:2]
     sp = jnp.arange(n_sinks, dtype=jnp.int32)[None, None, None, :]
     qp = q_pos[:, None, :, None]
     in_band = (sp >= s0[:, None, None, None]) & (qp - sp < window)  # already counted by the band part
@@ -213,7 +222,7 @@ def _local_kv_attention_op(q, k_new, v_new, lc: LayerCache, layout: CacheLayout,
     safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
     w_b = jnp.where(jnp.isfinite(lse_b), jnp.exp(lse_b - safe), 0.0).transpose(0, 2, 1)[..., None]
     w_s = jnp.where(jnp.isfinite(lse_s), jnp.exp(lse_s - safe), 0.0).transpose(0, 2, 1)[..., None]
-    return out_b.astype(jnp.float32) * w_b + out_s * w_s
+    return out_b.astype(jnp.float32) * w_b + out_s * w_s, updates
 
 
 def cached_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLayout, cfg: ModelConfig,
@@ -251,11 +260,12 @@ def cached_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLa
         ql = ll.q_heads(ll.local_kv)
         sinks, window = planner.local_band(sparse, cfg, planner.dense_call(sparse, pos.total_len))
         q_l, k_l, v_l = qkv["q"][:, :, jnp.asarray(ql)], qkv["k"][:, :, kl], qkv["v"][:, :, kl]
-        out, (k_sink, v_sink, k_ring, v_ring) = _local_kv_attention(q_l, k_l, v_l, lc, layout, pos, sinks, window)
-        if not call.decode and call.prefill_backend != "reference":  # the kernel; the jnp path above still
-            # writes the cache, and XLA drops its unused attention
-            out = _local_kv_attention_op(q_l, k_l, v_l, lc, layout, pos, sinks, window,
-                                         sparse.kv_block if sparse is not None else 64, call)
+        if call.decode or call.prefill_backend == "reference":
+            out, (k_sink, v_sink, k_ring, v_ring) = _local_kv_attention(q_l, k_l, v_l, lc, layout, pos, sinks,
+                                                                        window)
+        else:  # a prefill chunk on the op (local KV heads exist only with a SparseConfig)
+            out, (k_sink, v_sink, k_ring, v_ring) = _local_kv_attention_op(q_l, k_l, v_l, lc, layout, pos, sinks,
+                                                                           window, sparse.kv_block, call)
         outs.append(out)
         order += list(ql)
         lc = dataclasses.replace(lc, k_sink=k_sink, v_sink=v_sink, k_ring=k_ring, v_ring=v_ring)

@@ -14,9 +14,9 @@ prefill op (`pallas_kernels.sparse_attention`: Mosaic GPU on Hopper when the pla
 on TPUs), a decode step the sparse decode op (`pallas_kernels.sparse_decode`, plans from the fused selection
 kernels on GPUs); on CPU both run their jnp reference. A backend name is honoured by both ops or refused;
 `{"prefill": ..., "decode": ...}` names each. `interpret=True` runs Pallas backends in interpret mode. Local
-KV heads (sinks + ring) run a band plan on the same prefill op over the unrolled ring in prefill, and a masked jnp
-attention at decode and with the reference backend. The reference prefill op holds O(B · N · chunk · max_len) floats per layer. Keep max_len a multiple of kv_block so the kernels need no
-padded copy of the cache.
+KV heads (sinks + ring) run a band plan on the same prefill op over the unrolled ring in prefill, and a masked
+jnp attention at decode and with the reference backend. The reference prefill op holds O(B · N · chunk ·
+max_len) floats per layer. Keep max_len a multiple of kv_block so the kernels need no padded copy of the cache.
 """
 
 from __future__ import annotations

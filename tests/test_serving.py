@@ -320,8 +320,10 @@ def test_local_heads_prefill_through_the_op_equals_the_masked_path(starts, windo
     pos = Positions(q_pos, valid, start, start + n_valid)
     q, k, v = (jnp.asarray(rng.standard_normal((b, c, n, CFG.head_dim)), jnp.float32) for n in (nl, kl, kl))
     band = (jnp.int32(sinks_now), jnp.int32(window))
-    want, _ = _local_kv_attention(q, k, v, lc, layout, pos, *band)
+    want, want_cache = _local_kv_attention(q, k, v, lc, layout, pos, *band)
     call = AttentionCall(prefill_backend="reference")
-    got = _local_kv_attention_op(q, k, v, lc, layout, pos, *band, sp.kv_block, call)
+    got, got_cache = _local_kv_attention_op(q, k, v, lc, layout, pos, *band, sp.kv_block, call)
     ok = np.asarray(valid)
     np.testing.assert_allclose(np.asarray(got)[ok], np.asarray(want)[ok], rtol=2e-5, atol=2e-5)
+    for g, w in zip(got_cache, want_cache):  # the same cache writes
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))

@@ -315,7 +315,8 @@ def finish(c: DistillConfig, ckpt, sparse, heads, state, before, evaluate, loop,
                                             seed=c.seed, depth=depth, log=lambda m: log0(f"[distill] {m}"))
         summary["needle_length"] = length
         summary["needle_depth"] = depth
-        if c.seq_len <= sparse.window and summary["needle"]["after"]["accuracy"] < summary["needle"]["full"]["accuracy"]:
+        needle = summary["needle"]
+        if c.seq_len <= sparse.window and needle["after"]["accuracy"] < needle["full"]["accuracy"]:
             log0(f"[distill] this indexer trained on {c.seq_len}-token windows, inside the {sparse.window}-token local "
                  f"window, for {c.steps} steps: it has not learned to find needles past the window. The full recipe "
                  f"(--seq-len 8192, a few hundred steps, an accelerator) matches dense retrieval heads (README, "
