@@ -368,6 +368,72 @@ def profile_prefill(t: int, chunk: int, small: bool) -> dict:
     return out
 
 
+def device_kernels(trace_dir: str, steps: int) -> dict:
+    """{kernel name: device µs per step} from a `jax.profiler.trace(..., create_perfetto_trace=True)` directory:
+    the complete events of the processes whose name says GPU (every process on a CPU run), summed per name."""
+    import glob
+    import gzip
+
+    path = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True))[-1]
+    data = json.load(gzip.open(path))
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, n in names.items() if "GPU" in n or "gpu" in n}
+    per: dict = {}
+    for e in events:
+        if e.get("ph") == "X" and (e["pid"] in gpu if gpu else not e["name"].startswith("$")) and "dur" in e:
+            per[e["name"]] = per.get(e["name"], 0.0) + float(e["dur"]) / steps
+    return {"processes": sorted(set(names.values())), "gpu_found": bool(gpu),
+            "kernels": dict(sorted(per.items(), key=lambda kv: -kv[1]))}
+
+
+def profile_decode(t: int, batches: list[int], small: bool, density: float, steps: int = 8) -> list[dict]:
+    """Device time per kernel of `serving.decode_step` (the e2e model with 4 layers: retrieval groups 2, 1, 1, 1)
+    at context t, the cache filled with random values, the indexer scaled to `density`; `steps` donated steps
+    under the JAX profiler, next to their wall time; the same for the dense cuDNN decode."""
+    cfg = model_config(4, small)
+    sparse = sparse_config(cfg, "rtpurbo", small)
+    params = init_params(cfg, jax.random.key(0), jnp.bfloat16)
+    impl = "xla" if jax.default_backend() == "cpu" else "cudnn"
+    backend = "reference" if jax.default_backend() == "cpu" else None
+    out = []
+    for b in batches:
+        keys = iter(jax.random.split(jax.random.key(b), 64))
+        fill = lambda a: jax.random.normal(next(keys), a.shape, a.dtype)
+        cache = init_cache(cfg, b, t + 256, sparse, jnp.bfloat16)
+        cache = dataclasses.replace(cache, layers=jax.tree.map(fill, cache.layers),
+                                    lengths=jnp.full((b,), t, jnp.int32))
+        tok = jnp.arange(b, dtype=jnp.int32)
+        ix, frac, cache = calibrate(params, cache, init_indexer(cfg, sparse.index_dim, jax.random.key(1)), tok, cfg,
+                                    sparse, density, backend)
+        modes = {"rtpurbo": (lambda c: decode_step(params, c, tok, ix, cfg=cfg, sparse=sparse, backend=backend,
+                                                  check=False), cache)}
+        dec = dense_decode_fn(cfg, impl)
+        dense = [(fill(jax.ShapeDtypeStruct((b, t + 256, cfg.num_kv_heads, cfg.head_dim), jnp.bfloat16)),
+                  fill(jax.ShapeDtypeStruct((b, t + 256, cfg.num_kv_heads, cfg.head_dim), jnp.bfloat16)))
+                 for _ in range(cfg.num_layers)]
+        lengths = jnp.full((b,), t, jnp.int32)
+        modes["dense_cudnn"] = (lambda c: dec(params, c, lengths, tok), dense)
+        for name, (step, state) in modes.items():
+            ms, state = timed_steps(step, state, steps)
+            d = f"/tmp/e2e_trace_{name}_{t}_{b}"
+            with jax.profiler.trace(d, create_perfetto_trace=True):
+                for _ in range(steps):
+                    lg, state = step(state)
+                jax.block_until_ready((lg, state))
+            found = device_kernels(d, steps)
+            kernels = found.pop("kernels")
+            row = {**found, "mode": name, "context": t, "batch": b, "layers_run": cfg.num_layers, "wall_ms_per_step": ms,
+                   "device_us_per_step": sum(kernels.values()), "density": frac if name == "rtpurbo" else 1.0,
+                   "kernels_us_per_step": {k: round(v, 2) for k, v in list(kernels.items())[:60]}}
+            print(json.dumps(row), flush=True)
+            out.append(row)
+            state = None
+        modes = dense = cache = None
+    return out
+
+
 def scope_rows(raw: list[dict], full_layers: int) -> list[dict]:
     """Layer and model rows from the workers' raw rows (ms of `layers_run` layers, head included at decode)."""
     out = []
@@ -464,6 +530,8 @@ def main(argv=None):
     p.add_argument("--small", action="store_true", help="tiny shapes, for a CPU check of the script")
     p.add_argument("--profile-prefill", type=int, nargs="*", default=None, metavar="CONTEXT",
                    help="only time the parts of one rtpurbo prefill chunk of one layer at these positions")
+    p.add_argument("--profile-decode", type=int, nargs="*", default=None, metavar="CONTEXT",
+                   help="only trace the device kernels of decode steps (4 layers) at these contexts, per batch")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -476,6 +544,14 @@ def main(argv=None):
         with open(args.out + "_profile.json", "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                        "date": datetime.date.today().isoformat(), "rows": rows}, f, indent=1)
+        return
+    if args.profile_decode is not None:
+        res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+               "date": datetime.date.today().isoformat(), "rows": []}
+        for t in args.profile_decode:
+            res["rows"] += profile_decode(t, args.batches, args.small, args.density)
+            with open(args.out + "_decode_profile.json", "w") as f:
+                json.dump(res, f, indent=1)
         return
     if min(args.batches) != 1:
         raise SystemExit("--batches must include 1 (decode calibrates its density and prefills at batch 1)")
