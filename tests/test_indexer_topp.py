@@ -278,4 +278,35 @@ def test_decode_selection_kernels_lower_for_an_h100():
                                   jax.ShapeDtypeStruct((b, sbp * kb, r, 16), jnp.bfloat16), i32(b), i32(r), i32(r),
                                   i32(r), i32(b)).lower(lowering_platforms=("cuda",))
     text = low.as_text()
-    assert "rtpurbo_decode_topp_plan" in text and "rtpurbo_index_block_lse" in text
+    for name in ("rtpurbo_index_block_lse", "rtpurbo_decode_topp_select", "rtpurbo_decode_topp_plan"):
+        assert name in text
+
+
+@pytest.mark.parametrize("chunk", [8, 32])
+def test_plan_packing_over_chunks_equals_one_chunk(chunk):
+    """The packing kernel spread over chunks of blocks (each program placing its chunk by the union counts of
+    the chunks before it) writes the same plan, padding slots included, as one chunk per group; mixed
+    retrieval / local heads and heads that select nothing, ragged lengths, a dense row."""
+    from pallas_kernels.indexer_topp.plan_triton import decode_plan_triton
+
+    rng = np.random.default_rng(chunk)
+    b, kh, g, sbp, kb = 3, 2, 4, 64, 16
+    lse = jnp.asarray(rng.normal(size=(b, kh * g, sbp)) * 2, jnp.float32)
+    isr = jnp.asarray([1, 0, 1, 0, 1, 1, 0, 0], jnp.int32)
+    hs = jnp.asarray(rng.integers(0, 5, kh * g), jnp.int32)
+    hw = jnp.asarray(rng.integers(20, 300, kh * g), jnp.int32).at[6:].set(-(1 << 30))  # heads 6, 7 select nothing
+    kv_len = jnp.asarray([sbp * kb, 333, 17], jnp.int32)
+    dense = jnp.asarray([0, 1, 0], jnp.int32)
+    kw = dict(num_kv_heads=kh, top_p=0.8, kv_block=kb, sinks=4, keep_recent=16, interpret=True)
+    one = decode_plan_triton(lse, isr, hs, hw, kv_len, dense, chunk=sbp, **kw)
+    many = decode_plan_triton(lse, isr, hs, hw, kv_len, dense, chunk=chunk, **kw)
+    for a, c in zip(one, many):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+    counts = np.asarray(one[1])
+    assert counts.min() >= 0 and counts.max() > chunk  # several chunks hold union blocks
+    blocks = np.asarray(one[0])
+    for bi in range(b):
+        for ki in range(kh):
+            c = counts[bi, ki]
+            assert (np.diff(blocks[bi, ki, :c]) > 0).all()  # ascending union ids
+            assert (blocks[bi, ki, c:] == (blocks[bi, ki, c - 1] if c else 0)).all()  # padding repeats the last

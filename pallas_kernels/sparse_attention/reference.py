@@ -42,18 +42,8 @@ def masked_scores(q_chunk, k, scale):
 
 def softmax_av(scores, mask, v):
     """Softmax over visible keys and the weighted sum of v: out [B, C, N, H] fp32, lse [B, N, C]."""
-    b, n, c, s = scores.shape
-    kh = v.shape[2]
-    scores = jnp.where(mask, scores, -jnp.inf)
-    mx = jnp.max(scores, axis=-1, keepdims=True)
-    mx_safe = jnp.where(jnp.isfinite(mx), mx, 0.0)
-    p = jnp.exp(scores - mx_safe)
-    denom = p.sum(-1, keepdims=True)
-    lse = jnp.where(denom[..., 0] > 0, jnp.log(denom[..., 0]) + mx_safe[..., 0], -jnp.inf)
-    p = p / jnp.where(denom > 0, denom, 1.0)
-    pg = p.reshape(b, kh, n // kh, c, s)
-    out = jnp.einsum("bkgcs,bskh->bckgh", pg, v.astype(jnp.float32), precision=_HI)
-    return out.reshape(b, c, n, v.shape[-1]), lse
+    p, lse = _softmax(scores, jnp.broadcast_to(mask, scores.shape))
+    return _weighted_v(p, v), lse
 
 
 def masked_attention(q, k, v, mask, scale=None):
@@ -61,9 +51,49 @@ def masked_attention(q, k, v, mask, scale=None):
 
     Returns out fp32 [B, C, N, H] and lse fp32 [B, N, C]; fully masked rows give zeros / -inf. O(B·N·C·S).
     """
+    return masked_attention_parts(q, [(k, v, mask)], scale)
+
+
+def masked_attention_parts(q, parts, scale=None, p_in_v_dtype: bool = False):
+    """`masked_attention` over keys held in several buffers, one softmax, without concatenating them:
+    parts = [(k_i, v_i [B, S_i, K, H], mask_i bool [B|1, N|1, C, S_i])]. Only the fp32 scores are joined
+    ([B, N, C, sum S_i], small for a decode token), so a cache buffer is read in place, never copied.
+    p_in_v_dtype: probabilities meet a low-precision v in v's dtype with fp32 accumulation (as flash kernels
+    do) instead of v converted to fp32 (exact; the default). Returns out fp32 [B, C, N, H], lse fp32 [B, N, C]."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = masked_scores(q, k, scale)
-    return softmax_av(scores, jnp.broadcast_to(mask, scores.shape), v)
+    scores = [masked_scores(q, k, scale) for k, _, _ in parts]
+    masks = [jnp.broadcast_to(m, sc.shape) for (_, _, m), sc in zip(parts, scores)]
+    p, lse = _softmax(jnp.concatenate(scores, -1), jnp.concatenate(masks, -1))
+    out, off = 0.0, 0
+    for _, v, _ in parts:
+        s_i = v.shape[1]
+        out = out + _weighted_v(p[..., off:off + s_i], v, p_in_v_dtype)
+        off += s_i
+    return out, lse
+
+
+def _softmax(scores, mask):
+    """(probabilities fp32 [B, N, C, S] over visible keys, lse fp32 [B, N, C]); fully masked rows give 0 / -inf."""
+    scores = jnp.where(mask, scores, -jnp.inf)
+    mx = jnp.max(scores, axis=-1, keepdims=True)
+    mx_safe = jnp.where(jnp.isfinite(mx), mx, 0.0)
+    p = jnp.exp(scores - mx_safe)
+    denom = p.sum(-1, keepdims=True)
+    lse = jnp.where(denom[..., 0] > 0, jnp.log(denom[..., 0]) + mx_safe[..., 0], -jnp.inf)
+    return p / jnp.where(denom > 0, denom, 1.0), lse
+
+
+def _weighted_v(p, v, p_in_v_dtype: bool = False):
+    """fp32 [B, C, N, H]: probabilities p fp32 [B, N, C, S] times v [B, S, K, H] (GQA by grouping), exactly
+    (v in fp32) or with p cast to v's dtype and fp32 accumulation."""
+    b, n, c, s = p.shape
+    kh = v.shape[2]
+    pg = p.reshape(b, kh, n // kh, c, s)
+    if v.dtype == jnp.float32 or not p_in_v_dtype:
+        out = jnp.einsum("bkgcs,bskh->bckgh", pg, v.astype(jnp.float32), precision=_HI)
+    else:
+        out = jnp.einsum("bkgcs,bskh->bckgh", pg.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, c, n, v.shape[-1])
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "return_lse"))

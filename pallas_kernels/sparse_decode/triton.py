@@ -26,7 +26,7 @@ from pallas_kernels.sparse_decode.plan import DecodePlan, kernel_dims
 
 
 def _kernel(blocks_ref, counts_ref, hmask_ref, sinks_ref, window_ref, shift_ref, kvlen_ref, q_ref, k_ref, v_ref,
-            o_ref, lse_ref, *, scale, kv_block, m_max, gp, num_kv, splits):
+            o_ref, lse_ref, *, scale, kv_block, m_max, gp, num_kv, splits, bits):
     b, kh, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     row = b * num_kv + kh
     count = counts_ref[row]
@@ -43,7 +43,10 @@ def _kernel(blocks_ref, counts_ref, hmask_ref, sinks_ref, window_ref, shift_ref,
     def body(j, carry):
         acc, m_prev, l_prev = carry
         start = pl.multiple_of(blocks_ref[row * m_max + j] * kv_block, kv_block)
-        use = hmask_ref[pl.ds((row * m_max + j) * gp, gp)][:, None] != 0
+        if bits:  # the entry's head mask as one int32 word, bit h for query head h of the group
+            use = ((hmask_ref[row * m_max + j] >> lax.broadcasted_iota(jnp.int32, (gp, 1), 0)) & 1) != 0
+        else:
+            use = hmask_ref[pl.ds((row * m_max + j) * gp, gp)][:, None] != 0
         k = k_ref[pl.ds(start, kv_block), :]
         s = pltriton.dot(q, k, trans_b=True) * qk_scale  # [Gp, bk] fp32
         k_pos = start + lax.broadcasted_iota(jnp.int32, (gp, kv_block), 1)
@@ -83,11 +86,17 @@ def sparse_decode_triton(q, k, v, plan: DecodePlan, *, scale=None, splits: int |
     pad_g = lambda x, fill: jnp.pad(x.reshape(*x.shape[:-1], kh, g), [(0, 0)] * (x.ndim - 1) + [(0, 0), (0, gp - g)],
                                     constant_values=fill)
     qp = jnp.pad(q.reshape(b, kh, g, h), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
-    hm = jnp.pad(plan.head_mask, ((0, 0), (0, 0), (0, 0), (0, gp - g))).astype(jnp.int32).reshape(-1)
+    bits = g <= 32  # head masks packed one word per union entry (G bytes -> 4), else one int32 per head
+    if bits:
+        hm = (plan.head_mask.astype(jnp.uint32) << jnp.arange(g, dtype=jnp.uint32)).sum(-1, dtype=jnp.uint32)
+        hm = lax.bitcast_convert_type(hm, jnp.int32).reshape(-1)
+    else:
+        hm = jnp.pad(plan.head_mask, ((0, 0), (0, 0), (0, 0), (0, gp - g))).astype(jnp.int32).reshape(-1)
     args = (plan.kv_blocks.reshape(-1), plan.counts.reshape(-1), hm, pad_g(plan.sinks, 0).reshape(-1),
             pad_g(plan.window, 0).reshape(-1), pad_g(plan.shifts(), 0).reshape(-1), plan.kv_len.astype(jnp.int32))
     whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
-    kernel = functools.partial(_kernel, scale=scale, kv_block=bk, m_max=m_max, gp=gp, num_kv=kh, splits=splits)
+    kernel = functools.partial(_kernel, scale=scale, kv_block=bk, m_max=m_max, gp=gp, num_kv=kh, splits=splits,
+                               bits=bits)
     o_parts, lse_parts = pl.pallas_call(
         kernel, grid=(b, kh, splits),
         in_specs=[whole(a) for a in args] + [
