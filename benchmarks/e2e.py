@@ -516,7 +516,8 @@ def plot(res: dict, path: str) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--contexts", type=int, nargs="+", default=[1 << k for k in range(15, 21)])
+    p.add_argument("--contexts", type=int, nargs="*", default=[1 << k for k in range(15, 21)],
+                   help="contexts to run (none: only merge --merge files into OUT.json / .png)")
     p.add_argument("--layers", type=int, default=4, help="layers run (the model rows scale them to 32)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--modes", nargs="+", default=list(MODES[:2]), choices=MODES)
@@ -596,6 +597,12 @@ def main(argv=None):
             add_speedups(res["rows"])
             with open(args.out + ".json", "w") as f:  # after every process: a timeout keeps what ran
                 json.dump(res, f, indent=1)
+    res["device"] = res["device"] or next((r.get("device") for path in args.merge
+                                           for r in [json.load(open(path))] if r.get("device")), None)
+    res["rows"] = extrapolate(scope_rows(res["raw"], FULL_LAYERS), res["raw"])
+    add_speedups(res["rows"])
+    with open(args.out + ".json", "w") as f:
+        json.dump(res, f, indent=1)
     try:
         plot(res, args.out + ".png")
     except ImportError as e:  # no matplotlib on the device: plot from the JSON later (--merge OUT.json --contexts)

@@ -81,6 +81,12 @@ def test_fp32_matches_reference(backend):
     run_case(backend, CASES[2], jnp.float32)
 
 
+def test_triton_group_wider_than_a_mask_word():
+    """G = 64 query heads per KV head: more than the 32 bits of the packed head-mask word, so the kernel
+    reads one int32 per head instead (the other cases run the packed word)."""
+    run_case("triton", (1, 64, 1, 64, 80, 16, "random", 2), jnp.float32)
+
+
 def test_tpu_decode_kernel_lowers_for_tpu():
     from pallas_kernels.sparse_decode.mosaic_tpu import sparse_decode_tpu
 
