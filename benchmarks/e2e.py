@@ -24,6 +24,9 @@ decode, quadratic for prefill attention) and marked `measured: false`. Prefill i
 
 Output `OUT.json` (rows `{mode, context, batch, phase, scope, ms, speedup_vs_cudnn, measured, density,
 peak_mem_gib, cache_gib}`) and `OUT.png` (speed-up against context next to the paper's curve).
+`--profile-prefill CONTEXT...` times the parts of one prefill chunk; `--profile-decode CONTEXT...` lists the
+device time per kernel of decode steps (JAX profiler trace) for both modes -> `OUT_decode_profile.json`;
+`--contexts` with no value only merges `--merge` files.
 """
 
 from __future__ import annotations
