@@ -73,6 +73,27 @@ def test_tpu_kernel_lowers_for_tpu():
     assert "tpu_custom_call" in exp.mlir_module()
 
 
+@pytest.mark.parametrize("tile_keys,kind", [(32, "random"), (64, "band"), (48, "random")])
+def test_tpu_key_tiles_of_several_plan_blocks(tile_keys, kind):
+    """mosaic_tpu with key tiles of tile_keys / kv_block plan blocks (48: a tile of 3): several tiles per query
+    tile, heads of one group visiting different blocks of one tile (the per-entry head bits), S not a multiple
+    of the tile (padded keys), ragged kv_len, a query offset; fp32 against the reference, out and lse."""
+    from pallas_kernels.sparse_attention import reference
+    from pallas_kernels.sparse_attention.mosaic_tpu import block_sparse_attention_tpu, default_tile_blocks, tile_plan
+
+    b, t, s, n, kh, h, qb, kb, off = 2, 48, 208, 8, 2, 64, 16, 16, 100
+    rng = np.random.default_rng(tile_keys)
+    q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((b, t, n, h), (b, s, kh, h), (b, s, kh, h)))
+    plan = make_plan(rng, kind, b, n, t, s, qb, kb, off)
+    tbk = default_tile_blocks(kb, n // kh, tile_keys)
+    assert tbk == tile_keys // kb and int(tile_plan(plan, kh, s // kb, tbk).counts.max()) > 1
+    hm = lambda x: jnp.swapaxes(x, 1, 2)
+    out, lse = block_sparse_attention_tpu(hm(q), hm(k), hm(v), plan, interpret=True, tile_keys=tile_keys)
+    want, want_lse = reference.block_sparse_attention(q, k, v, plan, return_lse=True)
+    np.testing.assert_allclose(np.asarray(hm(out)), np.asarray(want), atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(np.asarray(lse[..., 0]), np.asarray(want_lse), atol=2e-5, rtol=2e-5)
+
+
 def test_named_backend_that_cannot_run_raises():
     plan = band_plan(1, 2, 16, 16, sinks=0, window=16, q_block=16, kv_block=16)
     x = jnp.ones((1, 16, 2, 64))

@@ -1,16 +1,28 @@
-"""Block-sparse flash attention, Pallas Mosaic TPU backend (scalar-prefetched plan, as splash attention does).
+"""Block-sparse flash attention, Pallas Mosaic TPU backend: key tiles per GQA group, plans streamed per query tile.
 
-Grid (B, N, Tb, M): the innermost axis walks the plan's M entries. The plan (flattened int32) is
-scalar-prefetched into SMEM; the K/V index_map reads the block id for entry j, so only planned blocks are
-DMA'd (entries past `counts` repeat the last id, which Pallas does not re-fetch, and are skipped by
-`pl.when`). Online-softmax state lives in VMEM scratch across the M axis.
+Grid (B, K, Tb): one program per (sequence, KV group, query tile). The G query heads of the group are stacked
+into one [G · q_block, H] tile, so each key tile is read once for the whole group. Keys move in **tiles** of
+`tile_blocks` consecutive plan blocks (256-512 keys for 64-key blocks: TPU matmuls want wide tiles, one
+64-key block at a time wastes them).
 
-Layouts: q is taken head-major [B, N, T, H] and k/v [B, K, S, H] so each block's last two dims are
-(rows, H), as TPU tiling wants; `api.py` transposes. T and S must be multiples of q_block / kv_block.
+The plan reaches the kernel as a `TilePlan` (`tile_plan`, built from the BlockPlan by XLA): per (b, k, query
+tile) the ascending list of key tiles any head of the group visits, and per entry one int32 word whose bit
+h · tile_blocks + j says whether head h visits block j of the tile. Only the per-row counts are scalar-
+prefetched; each program copies its own row of the plan from HBM into SMEM when it starts (a 1M-token plan
+never has to fit in SMEM, only one query tile's row: St = S / tile keys words) and then walks it, copying K/V
+tiles from HBM into a double buffer in VMEM (the next tile's copy runs under the current tile's matmuls).
+Token masks (the head's blocks, causal, kv_len, sinks + window) are computed in the kernel from iotas, never
+materialised; the online-softmax state is fp32 in VMEM.
+
+Layouts: q head-major [B, N, T, H] (viewed as [B, K, G, T, H]) and k/v [B, K, S, H]; `api.py` transposes.
+T must be a multiple of q_block and S of kv_block (`api.py` pads); S is padded here to whole key tiles
+(padded keys lie past kv_len). Limits: G · tile_blocks <= 32 (tile_blocks shrinks for wide groups; G <= 32).
+Plans are int32 (an int16 layout would halve the streamed bytes; not done).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -20,59 +32,168 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import online_softmax
-from pallas_kernels.block_plan import BlockPlan, kernel_plan_args
+from pallas_kernels.block_plan import BlockPlan, cdiv, kernel_plan_args
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TilePlan:
+    """A BlockPlan regrouped per (sequence, KV group, query tile) over key tiles of `tile_blocks` blocks.
 
-def _kernel(blocks_ref, counts_ref, sinks_ref, window_ref, kvlen_ref, qstart_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
-            m_sc, l_sc, acc_sc, *, scale, q_block, kv_block, num_heads, num_tiles, m_max):
-    b, n, t, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
-    row = (b * num_heads + n) * num_tiles + t
+    tiles int32 [B, K, Tb, St]: ascending key-tile ids any head of the group visits in the first `counts`
+    entries, then repeats of the last (0 when empty); masks int32 [B, K, Tb, St]: bit h · tile_blocks + j set
+    when head h of the group visits block j of the entry's tile; counts int32 [B, K, Tb]."""
 
-    def visible(k_pos):
-        q_pos = qstart_ref[b] + t * q_block + lax.broadcasted_iota(jnp.int32, k_pos.shape, 0)
-        return (k_pos <= q_pos) & (k_pos < kvlen_ref[b]) & ((k_pos < sinks_ref[n]) | (q_pos - k_pos < window_ref[n]))
-
-    online_softmax.scratch_row_step(j, counts_ref[row], m_max - 1, lambda: blocks_ref[row * m_max + j] * kv_block,
-                                    q_ref, k_ref, v_ref, scale, visible, m_sc, l_sc, acc_sc, o_ref, lse_ref)
+    tiles: jax.Array
+    masks: jax.Array
+    counts: jax.Array
+    tile_blocks: int = dataclasses.field(metadata=dict(static=True))
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def block_sparse_attention_tpu(q_hm, k_hm, v_hm, plan: BlockPlan, *, scale=None, interpret=False, o_init=None):
+def default_tile_blocks(kv_block: int, group: int, tile_keys: int = 512) -> int:
+    """Blocks per key tile: about `tile_keys` keys, with the group's G x tile_blocks head bits in one word."""
+    if group > 32:
+        raise ValueError(f"mosaic_tpu: at most 32 query heads per KV head, got {group}")
+    return max(1, min(max(1, tile_keys // kv_block), 32 // group))
+
+
+def tile_plan(plan: BlockPlan, num_kv_heads: int, num_kv_blocks: int, tile_blocks: int) -> TilePlan:
+    """The TilePlan of `plan` (N query heads in num_kv_heads groups, keys in num_kv_blocks blocks)."""
+    b, n, tb, m = plan.kv_blocks.shape
+    g = n // num_kv_heads
+    st = cdiv(num_kv_blocks, tile_blocks)
+    blk = plan.kv_blocks
+    valid = jnp.arange(m) < plan.counts[..., None]  # [B, N, Tb, M]
+    head = (jnp.arange(n, dtype=jnp.int32) % g)[None, :, None, None]
+    bit = jnp.left_shift(jnp.int32(1), head * tile_blocks + blk % tile_blocks)  # distinct per (head, block)
+    bi, ni, ti = jnp.meshgrid(jnp.arange(b), jnp.arange(n), jnp.arange(tb), indexing="ij")
+    words = jnp.zeros((b, num_kv_heads, tb, st), jnp.int32).at[
+        bi[..., None], (ni // g)[..., None], ti[..., None], blk // tile_blocks].add(jnp.where(valid, bit, 0))
+    active = words != 0  # adding distinct powers of two never carries: add == or
+    ids = jnp.arange(st, dtype=jnp.int32)
+    order = jnp.sort(jnp.where(active, ids, st + ids), axis=-1)
+    counts = active.sum(-1).astype(jnp.int32)
+    tiles = jnp.where(order >= st, order - st, order)
+    last = jnp.take_along_axis(tiles, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
+    in_list = jnp.arange(st) < counts[..., None]
+    tiles = jnp.where(in_list, tiles, jnp.where(counts[..., None] > 0, last, 0))
+    masks = jnp.where(in_list, jnp.take_along_axis(words, tiles, axis=-1), 0)
+    return TilePlan(tiles=tiles, masks=masks, counts=counts, tile_blocks=tile_blocks)
+
+
+def _kernel(counts_ref, sinks_ref, window_ref, kvlen_ref, qstart_ref, tiles_hbm, masks_hbm, q_ref, k_hbm, v_hbm,
+            o_ref, lse_ref, tiles_sm, masks_sm, k_buf, v_buf, sem, plan_sem, m_sc, l_sc, acc_sc, *, scale,
+            q_block, kv_block, tile_blocks, g, num_kv, num_tiles):
+    b, kg, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    row = (b * num_kv + kg) * num_tiles + t
+    count = counts_ref[row]
+    kt = tile_blocks * kv_block
+    rows = g * q_block
+    h = q_ref.shape[-1]
+    # this query tile's row of the plan: HBM -> SMEM (the whole plan never sits in SMEM)
+    plan_copies = (pltpu.make_async_copy(tiles_hbm.at[row], tiles_sm, plan_sem.at[0]),
+                   pltpu.make_async_copy(masks_hbm.at[row], masks_sm, plan_sem.at[1]))
+    for c in plan_copies:
+        c.start()
+    for c in plan_copies:
+        c.wait()
+    online_softmax.init_scratch(m_sc, l_sc, acc_sc)
+
+    def kv_copies(e, slot):
+        start = pl.multiple_of(tiles_sm[e] * kt, kt)
+        return (pltpu.make_async_copy(k_hbm.at[b, kg, pl.ds(start, kt)], k_buf.at[slot], sem.at[0, slot]),
+                pltpu.make_async_copy(v_hbm.at[b, kg, pl.ds(start, kt)], v_buf.at[slot], sem.at[1, slot]))
+
+    @pl.when(count > 0)
+    def _first():
+        for c in kv_copies(0, 0):
+            c.start()
+
+    r_iota = lax.broadcasted_iota(jnp.int32, (rows, kt), 0)
+    c_iota = lax.broadcasted_iota(jnp.int32, (rows, kt), 1)
+    head = lax.div(r_iota, jnp.int32(q_block))  # lax.div / rem: no sign op on TPU
+    q_pos = qstart_ref[b] + t * q_block + lax.rem(r_iota, jnp.int32(q_block))
+    bit = head * tile_blocks + lax.div(c_iota, jnp.int32(kv_block))
+    sink = jnp.zeros((rows, kt), jnp.int32)
+    window = jnp.zeros((rows, kt), jnp.int32)
+    for hi in range(g):  # per-row band of the stacked heads
+        sink = jnp.where(head == hi, sinks_ref[kg * g + hi], sink)
+        window = jnp.where(head == hi, window_ref[kg * g + hi], window)
+    q = q_ref[...].reshape(rows, h)
+
+    def body(e, carry):
+        slot = lax.rem(e, jnp.int32(2))
+
+        @pl.when(e + 1 < count)
+        def _next():
+            for c in kv_copies(e + 1, 1 - slot):
+                c.start()
+
+        for c in kv_copies(e, slot):
+            c.wait()
+        k, v = k_buf[slot], v_buf[slot]
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+        k_pos = tiles_sm[e] * kt + c_iota
+        use = lax.bitwise_and(lax.shift_right_logical(jnp.full(bit.shape, masks_sm[e], jnp.int32), bit), 1) != 0
+        vis = use & (k_pos <= q_pos) & (k_pos < kvlen_ref[b]) & ((k_pos < sink) | (q_pos - k_pos < window))
+        online_softmax.step_scratch(s, vis, v, m_sc, l_sc, acc_sc)
+        return carry
+
+    lax.fori_loop(0, count, body, 0)
+    l = l_sc[...]
+    safe = jnp.where(l > 0, l, 1.0)
+    o_ref[...] = (acc_sc[...] / safe).astype(o_ref.dtype).reshape(g, q_block, h)
+    lse_ref[...] = jnp.where(l > 0, m_sc[...] + jnp.log(safe), -jnp.inf).reshape(g, q_block, 1)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "tile_keys"))
+def block_sparse_attention_tpu(q_hm, k_hm, v_hm, plan: BlockPlan, *, scale=None, interpret=False, o_init=None,
+                               tile_keys: int = 512):
     """Head-major q [B, N, T, H], k/v [B, K, S, H] -> out [B, N, T, H] (q.dtype), lse fp32 [B, N, T, 1].
 
-    o_init: optional [B, N, T, H] buffer aliased to the output (tests pass NaNs to catch unwritten rows).
+    tile_keys: keys per tile to aim for (`default_tile_blocks`). o_init: optional [B, N, T, H] buffer aliased
+    to the output (tests pass NaNs to catch unwritten rows).
     """
     b, n, t, h = q_hm.shape
     kh, s = k_hm.shape[1], k_hm.shape[2]
     bq, bk = plan.q_block, plan.kv_block
-    prefetch = kernel_plan_args(plan, t, s)
-    tb, m_max, g = t // bq, plan.kv_blocks.shape[-1], n // kh
+    _, counts, sinks, window, kv_len, q_start = kernel_plan_args(plan, t, s)  # checks whole blocks
+    g, tb = n // kh, t // bq
+    tbk = default_tile_blocks(bk, g, tile_keys)
+    kt = tbk * bk
+    sp = cdiv(s, kt) * kt
+    k_hm, v_hm = (jnp.pad(x, ((0, 0), (0, 0), (0, sp - s), (0, 0))) for x in (k_hm, v_hm))
+    tp = tile_plan(plan, kh, s // bk, tbk)
+    st = tp.tiles.shape[-1]
     scale = h ** -0.5 if scale is None else scale
-
-    def kv_map(bi, ni, ti, ji, blocks, *_):
-        return bi, lax.div(ni, g), blocks[((bi * n + ni) * tb + ti) * m_max + ji], 0  # lax.div: no sign op on TPU
-
-    q_map = lambda bi, ni, ti, ji, *_: (bi, ni, ti, 0)
-    in_specs = [pl.BlockSpec((None, None, bq, h), q_map), pl.BlockSpec((None, None, bk, h), kv_map),
-                pl.BlockSpec((None, None, bk, h), kv_map)]
+    q5 = q_hm.reshape(b, kh, g, t, h)
+    prefetch = (tp.counts.reshape(-1), sinks, window, kv_len, q_start)
+    q_map = lambda bi, ki, ti, *_: (bi, ki, 0, ti, 0)
+    hbm = pl.BlockSpec(memory_space=pl.ANY)
+    in_specs = [hbm, hbm, pl.BlockSpec((None, None, g, bq, h), q_map), hbm, hbm]
     extra, aliases = (), {}
     if o_init is not None:  # aliased output buffer, never read
-        in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
-        extra, aliases = (o_init,), {len(prefetch) + 3: 0}
+        in_specs.append(hbm)
+        extra, aliases = (o_init.reshape(b, kh, g, t, h),), {len(prefetch) + 5: 0}
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=len(prefetch), grid=(b, n, tb, m_max),
-        in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, None, bq, h), q_map), pl.BlockSpec((None, None, bq, 1), q_map)],
-        scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
-                        pltpu.VMEM((bq, h), jnp.float32)])
-    kernel = functools.partial(_kernel, scale=scale, q_block=bq, kv_block=bk, num_heads=n, num_tiles=tb, m_max=m_max)
+        num_scalar_prefetch=len(prefetch), grid=(b, kh, tb), in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, None, g, bq, h), q_map), pl.BlockSpec((None, None, g, bq, 1), q_map)],
+        scratch_shapes=[pltpu.SMEM((st,), jnp.int32), pltpu.SMEM((st,), jnp.int32),
+                        pltpu.VMEM((2, kt, h), k_hm.dtype), pltpu.VMEM((2, kt, h), v_hm.dtype),
+                        pltpu.SemaphoreType.DMA((2, 2)), pltpu.SemaphoreType.DMA((2,)),
+                        pltpu.VMEM((g * bq, 1), jnp.float32), pltpu.VMEM((g * bq, 1), jnp.float32),
+                        pltpu.VMEM((g * bq, h), jnp.float32)])
+    kernel = functools.partial(_kernel, scale=scale, q_block=bq, kv_block=bk, tile_blocks=tbk, g=g, num_kv=kh,
+                               num_tiles=tb)
     if o_init is not None:
         inner = kernel
-        kernel = lambda *refs: inner(*refs[:9], *refs[10:])  # drop the aliased buffer's input ref
-    return pl.pallas_call(
+        n_in = len(prefetch) + 5
+        kernel = lambda *refs: inner(*refs[:n_in], *refs[n_in + 1:])  # drop the aliased buffer's input ref
+    out, lse = pl.pallas_call(
         kernel, grid_spec=grid_spec, input_output_aliases=aliases,
-        out_shape=[jax.ShapeDtypeStruct(q_hm.shape, q_hm.dtype), jax.ShapeDtypeStruct((b, n, t, 1), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        out_shape=[jax.ShapeDtypeStruct((b, kh, g, t, h), q_hm.dtype),
+                   jax.ShapeDtypeStruct((b, kh, g, t, 1), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
         interpret=pltpu.InterpretParams() if interpret else False, name="rtpurbo_block_sparse_attention_tpu",
-    )(*prefetch, q_hm, k_hm, v_hm, *extra)
+    )(*prefetch, tp.tiles.reshape(-1, st), tp.masks.reshape(-1, st), q5, k_hm, v_hm, *extra)
+    return out.reshape(b, n, t, h), lse.reshape(b, n, t, 1)
