@@ -56,7 +56,7 @@ def sparse_decode_attention(q, k, v, plan: DecodePlan, *, backend: str | None = 
     from pallas_kernels.sparse_decode.mosaic_tpu import sparse_decode_tpu
 
     hm = lambda x: jnp.swapaxes(x, 1, 2)
-    return sparse_decode_tpu(q, hm(k), hm(v), plan, scale=scale, interpret=interpret)
+    return sparse_decode_tpu(q, hm(k), hm(v), plan, scale=scale, splits=splits, interpret=interpret)
 
 
 def sparse_decode_tokens(q, k, v, plan: DecodePlan, *, backend: str | None = None, interpret: bool = False,

@@ -1,11 +1,17 @@
-"""Sparse decode attention, Pallas Mosaic TPU backend (scalar-prefetched union lists).
+"""Sparse decode attention, Pallas Mosaic TPU backend: the union list streamed per program, split-K, key tiles.
 
-Grid (B, K, M): the innermost axis walks the group's union entries; the K/V index_map reads entry j's block id
-from SMEM, so only planned blocks are DMA'd (entries past `counts` repeat the last id and are skipped). All G
-query heads of the group (rows padded to a multiple of 8) share each block; `head_mask` (SMEM scalars) masks per
-head. Online-softmax state lives in VMEM scratch across M.
+Grid (B, K, splits): one program per (sequence, GQA group, split). A program takes its share of the group's
+union entries (`counts` split evenly at run time, as the Triton backend does, so short plans do not idle most
+splits), copies that share of the plan (block ids and one head-mask word per entry, bit h for query head h)
+from HBM into SMEM — the whole plan never sits in scalar memory — and walks it `gather` blocks at a time: the
+blocks' K/V rows are DMA'd from HBM into one [gather · kv_block, H] VMEM tile (double-buffered: the next tile's
+copies run under the current tile's matmuls), so each matmul sees 256 keys instead of 64. All G query heads of
+the group (rows padded to a multiple of 8) share each tile; masks (head bits, causal, sinks + window, entries
+past the share) are computed from iotas. Each split writes a normalised partial output and its log-sum-exp;
+`triton.combine` merges them (one small XLA fusion).
 
 Layouts: q [B, K, Gp, H]; k / v head-major [B, K, S, H] (the api transposes); S a multiple of kv_block.
+Limits: G <= 32 (one mask word per entry).
 """
 
 from __future__ import annotations
@@ -20,56 +26,134 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import online_softmax
 from pallas_kernels.sparse_decode.plan import DecodePlan, kernel_dims
+from pallas_kernels.sparse_decode.triton import combine
 
 
-
-def _kernel(blocks_ref, counts_ref, hmask_ref, sinks_ref, window_ref, shift_ref, kvlen_ref, q_ref, k_ref, v_ref,
-            o_ref, lse_ref, m_sc, l_sc, acc_sc, *, scale, kv_block, m_max, g, gp, num_kv):
-    b, kh, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+def _kernel(counts_ref, sinks_ref, window_ref, shift_ref, kvlen_ref, blocks_hbm, words_hbm, q_ref, k_hbm, v_hbm,
+            o_ref, lse_ref, blocks_sm, words_sm, k_buf, v_buf, sem, plan_sem, m_sc, l_sc, acc_sc, *, scale,
+            kv_block, g, num_kv, splits, share, gather):
+    b, kh, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     row = b * num_kv + kh
+    count = counts_ref[row]
+    per = lax.div(count + (splits - 1), jnp.int32(splits))
+    lo = sp * per
+    n_e = jnp.maximum(jnp.minimum(lo + per, count) - lo, 0)
+    plan_copies = (pltpu.make_async_copy(blocks_hbm.at[row, pl.ds(lo, share)], blocks_sm, plan_sem.at[0]),
+                   pltpu.make_async_copy(words_hbm.at[row, pl.ds(lo, share)], words_sm, plan_sem.at[1]))
+    for c in plan_copies:
+        c.start()
+    for c in plan_copies:
+        c.wait()
+    online_softmax.init_scratch(m_sc, l_sc, acc_sc)
+    steps = lax.div(n_e + (gather - 1), jnp.int32(gather))
+    entry = lambda step, i: jnp.minimum(step * gather + i, jnp.maximum(n_e - 1, 0))  # past the share: re-read
 
-    def visible(k_pos):
-        gi = lax.broadcasted_iota(jnp.int32, k_pos.shape, 0)
-        vis = jnp.zeros(k_pos.shape, jnp.bool_)
-        for r in range(g):  # per-head scalars from SMEM, spread over the head's row
-            hd = kh * g + r
-            q_pos = kvlen_ref[b] - 1 - shift_ref[hd]
-            ok = (hmask_ref[(row * m_max + j) * g + r] != 0) & (k_pos <= q_pos) & \
-                ((k_pos < sinks_ref[hd]) | (q_pos - k_pos < window_ref[hd]))
-            vis = vis | ((gi == r) & ok)
-        return vis
+    def kv_copies(step, slot):
+        out = []
+        for i in range(gather):
+            start = pl.multiple_of(blocks_sm[entry(step, i)] * kv_block, kv_block)
+            dst = pl.ds(i * kv_block, kv_block)
+            out += [pltpu.make_async_copy(k_hbm.at[b, kh, pl.ds(start, kv_block)], k_buf.at[slot, dst], sem.at[0, slot]),
+                    pltpu.make_async_copy(v_hbm.at[b, kh, pl.ds(start, kv_block)], v_buf.at[slot, dst], sem.at[1, slot])]
+        return out
 
-    online_softmax.scratch_row_step(j, counts_ref[row], m_max - 1, lambda: blocks_ref[row * m_max + j] * kv_block,
-                                    q_ref, k_ref, v_ref, scale, visible, m_sc, l_sc, acc_sc, o_ref, lse_ref)
+    @pl.when(n_e > 0)
+    def _first():
+        for c in kv_copies(0, 0):
+            c.start()
+
+    gp, h = q_ref.shape
+    width = gather * kv_block
+    r_iota = lax.broadcasted_iota(jnp.int32, (gp, width), 0)
+    c_iota = lax.broadcasted_iota(jnp.int32, (gp, width), 1)
+    col_blk = lax.div(c_iota, jnp.int32(kv_block))
+    q_pos = jnp.zeros((gp, width), jnp.int32)
+    sink = jnp.zeros((gp, width), jnp.int32)
+    window = jnp.zeros((gp, width), jnp.int32)
+    for r in range(g):  # per-head scalars from SMEM, spread over the head's row
+        hd = kh * g + r
+        q_pos = jnp.where(r_iota == r, kvlen_ref[b] - 1 - shift_ref[hd], q_pos)
+        sink = jnp.where(r_iota == r, sinks_ref[hd], sink)
+        window = jnp.where(r_iota == r, window_ref[hd], window)
+    q = q_ref[...]
+
+    def body(step, carry):
+        slot = lax.rem(step, jnp.int32(2))
+
+        @pl.when(step + 1 < steps)
+        def _next():
+            for c in kv_copies(step + 1, 1 - slot):
+                c.start()
+
+        for c in kv_copies(step, slot):
+            c.wait()
+        k, v = k_buf[slot], v_buf[slot]
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+        k_pos = jnp.zeros((gp, width), jnp.int32)
+        word = jnp.zeros((gp, width), jnp.int32)
+        for i in range(gather):  # each column's block: its position and its entry's head bits
+            e = entry(step, i)
+            live = step * gather + i < n_e
+            k_pos = jnp.where(col_blk == i, blocks_sm[e] * kv_block, k_pos)
+            word = jnp.where(col_blk == i, jnp.where(live, words_sm[e], 0), word)
+        k_pos = k_pos + lax.rem(c_iota, jnp.int32(kv_block))
+        use = lax.bitwise_and(lax.shift_right_logical(word, r_iota), 1) != 0
+        vis = use & (k_pos <= q_pos) & ((k_pos < sink) | (q_pos - k_pos < window))
+        online_softmax.step_scratch(s, vis, v, m_sc, l_sc, acc_sc)
+        return carry
+
+    lax.fori_loop(0, steps, body, 0)
+    online_softmax.finish_scratch(m_sc, l_sc, acc_sc, o_ref, lse_ref)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def sparse_decode_tpu(q, k_hm, v_hm, plan: DecodePlan, *, scale=None, interpret: bool = False):
-    """q [B, N, H], head-major k / v [B, K, S, H] -> (out [B, N, H] q.dtype, lse fp32 [B, N])."""
+def default_splits(batch: int, num_kv_heads: int) -> int:
+    """2 when batch x groups cannot keep two TensorCores busy (megacore chips), else 1."""
+    return 2 if batch * num_kv_heads < 2 else 1
+
+
+@functools.partial(jax.jit, static_argnames=("splits", "gather", "interpret"))
+def sparse_decode_tpu(q, k_hm, v_hm, plan: DecodePlan, *, scale=None, splits: int | None = None, gather: int = 4,
+                      interpret: bool = False):
+    """q [B, N, H], head-major k / v [B, K, S, H] -> (out [B, N, H] q.dtype, lse fp32 [B, N]).
+
+    splits: programs per group sharing its union list (None: `default_splits`); gather: plan blocks per K/V tile.
+    """
     kh = k_hm.shape[1]
     b, n, h, g, bk, m_max = kernel_dims(q, k_hm.shape[2], kh, plan)
+    if g > 32:
+        raise ValueError(f"mosaic_tpu decode: at most 32 query heads per KV head, got {g}")
     gp = -(-g // 8) * 8
+    splits = splits or default_splits(b, kh)
+    share = -(-m_max // splits)
     scale = h ** -0.5 if scale is None else scale
     qp = jnp.pad(q.reshape(b, kh, g, h), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
-    prefetch = (plan.kv_blocks.reshape(-1), plan.counts.reshape(-1), plan.head_mask.astype(jnp.int32).reshape(-1),
-                plan.sinks, plan.window, plan.shifts(), plan.kv_len.astype(jnp.int32))
-
-    def kv_map(bi, ki, ji, blocks, *_):
-        return bi, ki, blocks[(bi * kh + ki) * m_max + ji], 0
-
-    q_map = lambda bi, ki, ji, *_: (bi, ki, 0, 0)
+    words = (plan.head_mask.astype(jnp.uint32) << jnp.arange(g, dtype=jnp.uint32)).sum(-1, dtype=jnp.uint32)
+    words = lax.bitcast_convert_type(words, jnp.int32).reshape(b * kh, m_max)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, share)))  # a share's window may run past M
+    blocks = pad(plan.kv_blocks.reshape(b * kh, m_max).astype(jnp.int32))
+    prefetch = (plan.counts.reshape(-1).astype(jnp.int32), plan.sinks, plan.window, plan.shifts(),
+                plan.kv_len.astype(jnp.int32))
+    q_map = lambda bi, ki, si, *_: (bi, ki, 0, 0)
+    o_map = lambda bi, ki, si, *_: (bi, ki, si, 0, 0)
+    hbm = pl.BlockSpec(memory_space=pl.ANY)
+    width = gather * bk
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=len(prefetch), grid=(b, kh, m_max),
-        in_specs=[pl.BlockSpec((None, None, gp, h), q_map), pl.BlockSpec((None, None, bk, h), kv_map),
-                  pl.BlockSpec((None, None, bk, h), kv_map)],
-        out_specs=[pl.BlockSpec((None, None, gp, h), q_map), pl.BlockSpec((None, None, gp, 1), q_map)],
-        scratch_shapes=[pltpu.VMEM((gp, 1), jnp.float32), pltpu.VMEM((gp, 1), jnp.float32),
+        num_scalar_prefetch=len(prefetch), grid=(b, kh, splits),
+        in_specs=[hbm, hbm, pl.BlockSpec((None, None, gp, h), q_map), hbm, hbm],
+        out_specs=[pl.BlockSpec((None, None, None, gp, h), o_map), pl.BlockSpec((None, None, None, gp, 1), o_map)],
+        scratch_shapes=[pltpu.SMEM((share,), jnp.int32), pltpu.SMEM((share,), jnp.int32),
+                        pltpu.VMEM((2, width, h), k_hm.dtype), pltpu.VMEM((2, width, h), v_hm.dtype),
+                        pltpu.SemaphoreType.DMA((2, 2)), pltpu.SemaphoreType.DMA((2,)),
+                        pltpu.VMEM((gp, 1), jnp.float32), pltpu.VMEM((gp, 1), jnp.float32),
                         pltpu.VMEM((gp, h), jnp.float32)])
-    kernel = functools.partial(_kernel, scale=scale, kv_block=bk, m_max=m_max, g=g, gp=gp, num_kv=kh)
-    out, lse = pl.pallas_call(
+    kernel = functools.partial(_kernel, scale=scale, kv_block=bk, g=g, num_kv=kh, splits=splits, share=share,
+                               gather=gather)
+    o_parts, lse_parts = pl.pallas_call(
         kernel, grid_spec=grid_spec,
-        out_shape=[jax.ShapeDtypeStruct((b, kh, gp, h), q.dtype), jax.ShapeDtypeStruct((b, kh, gp, 1), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        out_shape=[jax.ShapeDtypeStruct((b, kh, splits, gp, h), jnp.float32),
+                   jax.ShapeDtypeStruct((b, kh, splits, gp, 1), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
         interpret=pltpu.InterpretParams() if interpret else False, name="rtpurbo_sparse_decode_tpu",
-    )(*prefetch, qp, k_hm, v_hm)
-    return out[:, :, :g].reshape(b, n, h), lse[:, :, :g, 0].reshape(b, n)
+    )(*prefetch, blocks, pad(words), qp, k_hm, v_hm)
+    out, lse = combine(o_parts, lse_parts[..., 0])  # [B, K, Gp, H], [B, K, Gp]
+    return out[:, :, :g].reshape(b, n, h).astype(q.dtype), lse[:, :, :g].reshape(b, n)
