@@ -59,6 +59,33 @@ def test_plan_mask_matches_numpy_definition():
             np.testing.assert_array_equal(np.asarray(plan.kv_blocks[bi, ki, :c]), union)
 
 
+@pytest.mark.parametrize("max_blocks", [None, 3, 7])
+def test_plan_packing_against_numpy(max_blocks):
+    """decode_plan's sort-free packing: the first counts entries are the group's union ids ascending (the lowest
+    max_blocks of them when capped), padding repeats the last (0 when empty), head_mask marks each head's own
+    blocks and nothing past counts."""
+    rng = np.random.default_rng(5 if max_blocks is None else max_blocks)
+    b, n, kh, sb = 3, 8, 2, 12
+    sel = rng.random((b, n, sb)) < 0.3
+    sel[1, :4] = False  # an empty group
+    plan = decode_plan(jnp.asarray(sel), kh, sinks=0, window=1 << 20, kv_len=jnp.full((b,), sb * 16), kv_block=16,
+                       max_blocks=max_blocks)
+    m = sb if max_blocks is None else max_blocks
+    g = n // kh
+    for bi in range(b):
+        for ki in range(kh):
+            grp = sel[bi, ki * g:(ki + 1) * g]
+            want = np.flatnonzero(grp.any(0))[:m]
+            c = int(plan.counts[bi, ki])
+            blocks = np.asarray(plan.kv_blocks[bi, ki])
+            assert c == len(want) and blocks.shape == (m,)
+            np.testing.assert_array_equal(blocks[:c], want)
+            assert (blocks[c:] == (want[-1] if c else 0)).all()
+            hm = np.asarray(plan.head_mask[bi, ki])  # [M, G]
+            np.testing.assert_array_equal(hm[:c], grp[:, want].T)
+            assert not hm[c:].any()
+
+
 def run_case(backend, case, dtype):
     rng = np.random.default_rng(abs(hash(case)) % 2**32)
     b, n, kh, h, s, kb, kind, splits = case

@@ -58,9 +58,14 @@ def decode_plan(sel: jax.Array, num_kv_heads: int, *, sinks, window, kv_len, kv_
     union = grp.any(2)  # [B, K, Sb]
     m = sb if max_blocks is None else min(max_blocks, sb)
     ids = jnp.arange(sb, dtype=jnp.int32)
-    order = jnp.sort(jnp.where(union, ids, sb + ids), axis=-1)[..., :m]
-    counts = jnp.minimum(union.sum(-1), m).astype(jnp.int32)
-    blocks = jnp.where(order >= sb, order - sb, order)
+    # sort-free: union block i goes to slot (union blocks before it), a scatter of distinct slots (XLA sorts are
+    # slow on TPUs); blocks past M are dropped, so the lowest ids are kept
+    incl = jnp.cumsum(union.astype(jnp.int32), axis=-1)
+    slot = jnp.where(union, incl - 1, m)
+    bi, ki = jnp.meshgrid(jnp.arange(b), jnp.arange(num_kv_heads), indexing="ij")
+    blocks = jnp.zeros((b, num_kv_heads, m), jnp.int32).at[bi[..., None], ki[..., None], slot].set(
+        jnp.broadcast_to(ids, slot.shape), mode="drop", unique_indices=True)
+    counts = jnp.minimum(incl[..., -1], m).astype(jnp.int32)
     last = jnp.take_along_axis(blocks, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
     blocks = jnp.where(jnp.arange(m) < counts[..., None], blocks, jnp.where(counts[..., None] > 0, last, 0))
     valid = jnp.arange(m) < counts[..., None]  # [B, K, M]
