@@ -106,11 +106,14 @@ def heads_attention(q, k, v, is_r, rows, sel, pos: Positions, sparse: SparseConf
     kv_block = sparse.kv_block if sparse is not None else 64
     if call.decode:
         q_sel, k_sel, bias = sel if sel is not None else (None, None, None)
-        fused = call.decode_backend == "triton" and sparse is not None and sparse.selector == "indexer"
+        indexer = sparse is not None and sparse.selector == "indexer"
+        # the decode op's selection: the fused kernels on Triton, the sort-free XLA top-p on TPUs, else the reference
+        selection = {"triton": "triton", "mosaic_tpu": "xla"}.get(call.decode_backend, "reference") if indexer \
+            else "reference"
         plan = planner.decode_step_plan(np.asarray(is_r), None if q_sel is None else q_sel[:, 0], k_sel,
                                         None if bias is None else bias[:, 0], new_len, sinks, window, sparse,
                                         num_kv_heads=kh, num_keys=s, dense=dense, interpret=call.interpret,
-                                        selection_backend="triton" if fused else "reference")
+                                        selection_backend=selection)
         out, _ = sparse_decode_attention(q[:, 0], k, v, plan, backend=call.decode_backend, interpret=call.interpret)
         return out[:, None].astype(jnp.float32), planner.visited_fraction(plan, rows or (), new_len)
     sel_r = None

@@ -116,7 +116,8 @@ def decode_step_plan(is_r: np.ndarray, q_sel, k_sel, bias, kv_len, sinks, window
 
     is_r: static bool [N']; q_sel fp32 [B, R, X] / k_sel [B, S, R, X] / bias fp32 [B, R] or None: the retrieval
     heads' selection inputs, or q_sel None when they run dense. selection_backend "triton": the fused scoring +
-    sort-free top-p + packing kernels (`decode_plan_select`); "reference": exact sort-based selection."""
+    sort-free top-p + packing kernels (`decode_plan_select`); "xla": the sort-free top-p in XLA (TPUs);
+    "reference": exact sort-based selection."""
     kv_block = sparse.kv_block if sparse is not None else 64
     rows = tuple(int(i) for i in np.flatnonzero(is_r))
     n = len(is_r)

@@ -309,3 +309,55 @@ def test_plan_packing_over_chunks_equals_one_chunk(chunk):
             c = counts[bi, ki]
             assert (np.diff(blocks[bi, ki, :c]) > 0).all()  # ascending union ids
             assert (blocks[bi, ki, c:] == (blocks[bi, ki, c - 1] if c else 0)).all()  # padding repeats the last
+
+
+def test_sortfree_xla_topp_equals_the_sort_reference():
+    """backend "xla": the bisection top-p selects the reference's stable-sort set — random masses (p kept away
+    from every partial sum), many exact ties (masses from 3 integer weights), rows whose candidates cannot
+    reach p, rows whose forced mass already does, rows with nothing visible, and p = 1."""
+    from pallas_kernels.indexer_topp.xla import topp_select_sortfree
+
+    rng = np.random.default_rng(3)
+    rows, sb = 64, 40
+    for weights in ("random", "ties"):
+        w = rng.random((rows, sb)) ** 3 if weights == "random" else rng.integers(1, 4, (rows, sb)).astype(float)
+        visible = rng.random((rows, sb)) < 0.8
+        visible[5] = False
+        forced = rng.random((rows, sb)) < 0.1
+        forced[7] = visible[7]  # forced mass is everything
+        w = np.where(visible, w, 0.0)
+        mass = w / np.maximum(w.sum(-1, keepdims=True), 1e-30)
+        # p away from every row's partial sums of the stable descending order (float rounding cannot flip a block)
+        cums = []
+        for r in range(rows):
+            f = forced[r] & visible[r]
+            cand = sorted(np.flatnonzero(visible[r] & ~f), key=lambda i: (-mass[r, i], i))
+            cums.append(mass[r, f].sum() + np.concatenate([[0.0], np.cumsum(mass[r, cand])]))
+        for p in rng.uniform(0.3, 0.97, 40):
+            if min(np.abs(c - p).min() for c in cums) > 1e-4:
+                break
+        args = (jnp.asarray(mass, jnp.float32), jnp.asarray(visible), jnp.asarray(forced))
+        for top_p in (float(p), 1.0):
+            got = np.asarray(topp_select_sortfree(*args, top_p))
+            want = np.asarray(topp_select(*args, top_p))
+            np.testing.assert_array_equal(got, want)
+        assert not got[5].any()
+
+
+@pytest.mark.parametrize("b,n,kh,s,kb,p,retrieval", [(2, 8, 2, 1000, 16, 0.9, (0, 3, 5)),
+                                                     (3, 8, 1, 700, 64, 0.95, (0, 1, 2, 3, 4, 5, 6, 7))])
+def test_xla_decode_plan_matches_the_reference(b, n, kh, s, kb, p, retrieval):
+    """decode_plan_select with backend "xla" (XLA scoring, sort-free top-p, sort-free packing) builds the
+    reference's DecodePlan: mixed retrieval / local heads, ragged lengths, a dense row."""
+    from pallas_kernels.indexer_topp.api import decode_plan_select
+
+    rng = np.random.default_rng(s)
+    r = len(retrieval)
+    q = jnp.asarray(rng.normal(size=(b, r, 16)) * 1.5, jnp.float32)
+    k = jnp.asarray(rng.normal(size=(b, s, r, 16)), jnp.float32)
+    kvl = jnp.asarray(rng.integers(s // 3, s + 1, b))
+    kw = dict(retrieval=retrieval, num_kv_heads=kh, head_sinks=rng.integers(0, 9, n),
+              head_window=rng.integers(20, 200, n), top_p=p, kv_block=kb, sinks=4, keep_recent=10,
+              dense=jnp.arange(b) == 1)
+    _plans_equal(decode_plan_select(q, k, kvl, backend="xla", **kw),
+                 decode_plan_select(q, k, kvl, backend="reference", **kw), s)

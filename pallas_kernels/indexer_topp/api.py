@@ -2,8 +2,10 @@
 
 backend "reference": `reference.topp_selection_at` (XLA; scores all [B, R, S] tokens, then block stats).
 backend "triton": the fused Pallas scoring + block log-sum-exp kernel (`triton.py`), then the same exact
-sort-based top-p on the [B, R, Sb] block masses. None picks triton on GPUs, the reference elsewhere (logged).
-Both return the same selection (tested in interpret mode); only the scoring differs in rounding.
+sort-based top-p on the [B, R, Sb] block masses (`decode_plan_select`: the sort-free top-p + packing kernels).
+backend "xla": XLA scoring and the sort-free exact top-p by bisection (`xla.py`; XLA sorts are slow on TPUs).
+None picks triton on GPUs, xla on TPUs, the reference elsewhere (logged). All return the same selection
+(tested; triton in interpret mode); scoring and mass sums differ only in rounding.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from pallas_kernels.sparse_attention.api import _check_backend
 log = logging.getLogger(__name__)
 
 
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "triton", "xla")
 
 
 def default_backend(platform: str | None = None) -> str:
-    """The backend None resolves to: triton on GPUs, the reference elsewhere."""
-    return "triton" if (platform or jax.default_backend()) in ("gpu", "cuda") else "reference"
+    """The backend None resolves to: triton on GPUs, xla on TPUs, the reference elsewhere."""
+    return {"gpu": "triton", "cuda": "triton", "tpu": "xla"}.get(platform or jax.default_backend(), "reference")
 
 
 def _pick_backend(backend: str | None, top_p: float, interpret: bool, what: str) -> str:
@@ -37,7 +39,8 @@ def _pick_backend(backend: str | None, top_p: float, interpret: bool, what: str)
         log.info("%s: backend=%s (platform %s)", what, backend, jax.default_backend())
     if backend not in BACKENDS:
         raise ValueError(f"{what}: backend must be one of {BACKENDS}, got {backend!r}")
-    _check_backend(backend, interpret)
+    if backend == "triton":  # the only backend that needs a device (reference and xla run anywhere)
+        _check_backend(backend, interpret)
     return backend
 
 
@@ -81,11 +84,20 @@ def decode_selection(q_idx, k_idx, kv_len, *, top_p: float, kv_block: int, sinks
                                  kv_block=kv_block, sinks=sinks, keep_recent=keep_recent, max_blocks=max_blocks,
                                  local_bias=None if local_bias is None else local_bias[:, None])[:, :, 0]
     sb = cdiv(s, kv_block)
-    lse = _block_lse(q_idx, k_idx, kv_len, kv_block, bpp, interpret)
+    if backend == "xla":
+        from pallas_kernels.indexer_topp.xla import block_lse_xla
+
+        lse = block_lse_xla(q_idx, k_idx, kv_len, kv_block)
+    else:
+        lse = _block_lse(q_idx, k_idx, kv_len, kv_block, bpp, interpret)
     forced = forced_blocks(kv_len - 1, kv_len - 1, sb, kv_block, sinks, keep_recent)[:, None]  # [B, 1, Sb]
     lse = add_local_bias(lse, forced, local_bias)
     tot = jax.nn.logsumexp(lse, axis=-1, keepdims=True)
     mass = jnp.where(jnp.isfinite(lse), jnp.exp(lse - jnp.where(jnp.isfinite(tot), tot, 0.0)), 0.0)
+    if backend == "xla" and max_blocks is None:
+        from pallas_kernels.indexer_topp.xla import topp_select_sortfree
+
+        return topp_select_sortfree(mass, jnp.isfinite(lse), forced, top_p)
     return topp_select(mass, jnp.isfinite(lse), forced, top_p, max_blocks)
 
 
@@ -115,7 +127,7 @@ def decode_plan_select(q_idx, k_idx, kv_len, *, retrieval: tuple[int, ...], num_
     plan_sinks = jnp.where(is_r, 0, jnp.asarray(head_sinks, jnp.int32))
     plan_window = jnp.where(is_r, FULL_WINDOW, jnp.asarray(head_window, jnp.int32))
     dense = jnp.zeros((b,), bool) if dense is None else jnp.asarray(dense, bool)
-    if backend == "reference" or max_blocks is not None:
+    if backend in ("reference", "xla") or max_blocks is not None:
         sel_r = decode_selection(q_idx, k_idx, kv_len, top_p=top_p, kv_block=kv_block, sinks=sinks,
                                  keep_recent=keep_recent, max_blocks=max_blocks, backend=backend,
                                  interpret=interpret, bpp=bpp, local_bias=local_bias) | dense[:, None, None]
