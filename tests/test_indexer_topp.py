@@ -191,10 +191,12 @@ def _plans_equal(got, want, seq_len):
                                                      (1, 4, 4, 333, 32, 0.5, (1,)),
                                                      (3, 8, 1, 700, 64, 0.95, (0, 1, 2, 3, 4, 5, 6, 7)),
                                                      (2, 4, 1, 129, 8, 1.0, (2,))])
-def test_fused_topp_plan_kernel_matches_the_reference(b, n, kh, s, kb, p, retrieval):
-    """Scoring kernel + sort-free top-p / packing kernel (Triton lowering, interpret mode) build the same
-    DecodePlan as the sort-based reference: mixed retrieval / local heads per group, ragged lengths, a row below
-    seqlen_threshold (dense), block counts that are not powers of two."""
+@pytest.mark.parametrize("backend", ["triton", "xla"])
+def test_decode_plan_backends_match_the_reference(b, n, kh, s, kb, p, retrieval, backend):
+    """Scoring kernel + sort-free top-p / packing kernels (Triton lowering, interpret mode), and the XLA
+    sort-free top-p + packing (backend "xla", the TPU path), build the same DecodePlan as the sort-based
+    reference: mixed retrieval / local heads per group, ragged lengths, a row below seqlen_threshold (dense),
+    block counts that are not powers of two."""
     from pallas_kernels.indexer_topp.api import decode_plan_select
 
     rng = np.random.default_rng(s + n)
@@ -206,7 +208,7 @@ def test_fused_topp_plan_kernel_matches_the_reference(b, n, kh, s, kb, p, retrie
               head_window=rng.integers(20, 200, n), top_p=p, kv_block=kb, sinks=4, keep_recent=10,
               dense=jnp.arange(b) == 1)
     want = decode_plan_select(q, k, kvl, backend="reference", **kw)
-    got = decode_plan_select(q, k, kvl, backend="triton", interpret=True, **kw)
+    got = decode_plan_select(q, k, kvl, backend=backend, interpret=True, **kw)
     _plans_equal(got, want, s)
     assert 0 < np.asarray(want.counts).min() and np.asarray(want.counts).max() < cdiv(s, kb) or p == 1.0
 
@@ -342,22 +344,3 @@ def test_sortfree_xla_topp_equals_the_sort_reference():
             want = np.asarray(topp_select(*args, top_p))
             np.testing.assert_array_equal(got, want)
         assert not got[5].any()
-
-
-@pytest.mark.parametrize("b,n,kh,s,kb,p,retrieval", [(2, 8, 2, 1000, 16, 0.9, (0, 3, 5)),
-                                                     (3, 8, 1, 700, 64, 0.95, (0, 1, 2, 3, 4, 5, 6, 7))])
-def test_xla_decode_plan_matches_the_reference(b, n, kh, s, kb, p, retrieval):
-    """decode_plan_select with backend "xla" (XLA scoring, sort-free top-p, sort-free packing) builds the
-    reference's DecodePlan: mixed retrieval / local heads, ragged lengths, a dense row."""
-    from pallas_kernels.indexer_topp.api import decode_plan_select
-
-    rng = np.random.default_rng(s)
-    r = len(retrieval)
-    q = jnp.asarray(rng.normal(size=(b, r, 16)) * 1.5, jnp.float32)
-    k = jnp.asarray(rng.normal(size=(b, s, r, 16)), jnp.float32)
-    kvl = jnp.asarray(rng.integers(s // 3, s + 1, b))
-    kw = dict(retrieval=retrieval, num_kv_heads=kh, head_sinks=rng.integers(0, 9, n),
-              head_window=rng.integers(20, 200, n), top_p=p, kv_block=kb, sinks=4, keep_recent=10,
-              dense=jnp.arange(b) == 1)
-    _plans_equal(decode_plan_select(q, k, kvl, backend="xla", **kw),
-                 decode_plan_select(q, k, kvl, backend="reference", **kw), s)

@@ -33,6 +33,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import online_softmax
 from pallas_kernels.block_plan import BlockPlan, cdiv, kernel_plan_args
+from pallas_kernels.tpu_dma import walk_double_buffered
 
 
 @jax.tree_util.register_dataclass
@@ -104,11 +105,6 @@ def _kernel(counts_ref, sinks_ref, window_ref, kvlen_ref, qstart_ref, tiles_hbm,
         return (pltpu.make_async_copy(k_hbm.at[b, kg, pl.ds(start, kt)], k_buf.at[slot], sem.at[0, slot]),
                 pltpu.make_async_copy(v_hbm.at[b, kg, pl.ds(start, kt)], v_buf.at[slot], sem.at[1, slot]))
 
-    @pl.when(count > 0)
-    def _first():
-        for c in kv_copies(0, 0):
-            c.start()
-
     r_iota = lax.broadcasted_iota(jnp.int32, (rows, kt), 0)
     c_iota = lax.broadcasted_iota(jnp.int32, (rows, kt), 1)
     head = lax.div(r_iota, jnp.int32(q_block))  # lax.div / rem: no sign op on TPU
@@ -121,25 +117,15 @@ def _kernel(counts_ref, sinks_ref, window_ref, kvlen_ref, qstart_ref, tiles_hbm,
         window = jnp.where(head == hi, window_ref[kg * g + hi], window)
     q = q_ref[...].reshape(rows, h)
 
-    def body(e, carry):
-        slot = lax.rem(e, jnp.int32(2))
-
-        @pl.when(e + 1 < count)
-        def _next():
-            for c in kv_copies(e + 1, 1 - slot):
-                c.start()
-
-        for c in kv_copies(e, slot):
-            c.wait()
+    def visit(e, slot):
         k, v = k_buf[slot], v_buf[slot]
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
         k_pos = tiles_sm[e] * kt + c_iota
         use = lax.bitwise_and(lax.shift_right_logical(jnp.full(bit.shape, masks_sm[e], jnp.int32), bit), 1) != 0
         vis = use & (k_pos <= q_pos) & (k_pos < kvlen_ref[b]) & ((k_pos < sink) | (q_pos - k_pos < window))
         online_softmax.step_scratch(s, vis, v, m_sc, l_sc, acc_sc)
-        return carry
 
-    lax.fori_loop(0, count, body, 0)
+    walk_double_buffered(count, kv_copies, visit)
     l = l_sc[...]
     safe = jnp.where(l > 0, l, 1.0)
     o_ref[...] = (acc_sc[...] / safe).astype(o_ref.dtype).reshape(g, q_block, h)

@@ -27,6 +27,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels import online_softmax
 from pallas_kernels.sparse_decode.plan import DecodePlan, kernel_dims
 from pallas_kernels.sparse_decode.triton import combine
+from pallas_kernels.tpu_dma import walk_double_buffered
 
 
 def _kernel(counts_ref, sinks_ref, window_ref, shift_ref, kvlen_ref, blocks_hbm, words_hbm, q_ref, k_hbm, v_hbm,
@@ -57,11 +58,6 @@ def _kernel(counts_ref, sinks_ref, window_ref, shift_ref, kvlen_ref, blocks_hbm,
                     pltpu.make_async_copy(v_hbm.at[b, kh, pl.ds(start, kv_block)], v_buf.at[slot, dst], sem.at[1, slot])]
         return out
 
-    @pl.when(n_e > 0)
-    def _first():
-        for c in kv_copies(0, 0):
-            c.start()
-
     gp, h = q_ref.shape
     width = gather * kv_block
     r_iota = lax.broadcasted_iota(jnp.int32, (gp, width), 0)
@@ -77,16 +73,7 @@ def _kernel(counts_ref, sinks_ref, window_ref, shift_ref, kvlen_ref, blocks_hbm,
         window = jnp.where(r_iota == r, window_ref[hd], window)
     q = q_ref[...]
 
-    def body(step, carry):
-        slot = lax.rem(step, jnp.int32(2))
-
-        @pl.when(step + 1 < steps)
-        def _next():
-            for c in kv_copies(step + 1, 1 - slot):
-                c.start()
-
-        for c in kv_copies(step, slot):
-            c.wait()
+    def visit(step, slot):
         k, v = k_buf[slot], v_buf[slot]
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
         k_pos = jnp.zeros((gp, width), jnp.int32)
@@ -100,9 +87,8 @@ def _kernel(counts_ref, sinks_ref, window_ref, shift_ref, kvlen_ref, blocks_hbm,
         use = lax.bitwise_and(lax.shift_right_logical(word, r_iota), 1) != 0
         vis = use & (k_pos <= q_pos) & ((k_pos < sink) | (q_pos - k_pos < window))
         online_softmax.step_scratch(s, vis, v, m_sc, l_sc, acc_sc)
-        return carry
 
-    lax.fori_loop(0, steps, body, 0)
+    walk_double_buffered(steps, kv_copies, visit)
     online_softmax.finish_scratch(m_sc, l_sc, acc_sc, o_ref, lse_ref)
 
 
