@@ -73,11 +73,12 @@ def test_tpu_kernel_lowers_for_tpu():
     assert "tpu_custom_call" in exp.mlir_module()
 
 
-@pytest.mark.parametrize("tile_keys,kind", [(32, "random"), (64, "band"), (48, "random")])
-def test_tpu_key_tiles_of_several_plan_blocks(tile_keys, kind):
+@pytest.mark.parametrize("tile_keys,kind,pack", [(32, "random", True), (64, "band", True), (48, "random", False)])
+def test_tpu_key_tiles_of_several_plan_blocks(tile_keys, kind, pack):
     """mosaic_tpu with key tiles of tile_keys / kv_block plan blocks (48: a tile of 3): several tiles per query
     tile, heads of one group visiting different blocks of one tile (the per-entry head bits), S not a multiple
-    of the tile (padded keys), ragged kv_len, a query offset; fp32 against the reference, out and lse."""
+    of the tile (padded keys), ragged kv_len, a query offset, tile ids streamed as 16-bit pairs or int32; fp32
+    against the reference, out and lse."""
     from pallas_kernels.sparse_attention import reference
     from pallas_kernels.sparse_attention.mosaic_tpu import block_sparse_attention_tpu, default_tile_blocks, tile_plan
 
@@ -88,7 +89,8 @@ def test_tpu_key_tiles_of_several_plan_blocks(tile_keys, kind):
     tbk = default_tile_blocks(kb, n // kh, tile_keys)
     assert tbk == tile_keys // kb and int(tile_plan(plan, kh, s // kb, tbk).counts.max()) > 1
     hm = lambda x: jnp.swapaxes(x, 1, 2)
-    out, lse = block_sparse_attention_tpu(hm(q), hm(k), hm(v), plan, interpret=True, tile_keys=tile_keys)
+    out, lse = block_sparse_attention_tpu(hm(q), hm(k), hm(v), plan, interpret=True, tile_keys=tile_keys,
+                                          pack_tiles=pack)
     want, want_lse = reference.block_sparse_attention(q, k, v, plan, return_lse=True)
     np.testing.assert_allclose(np.asarray(hm(out)), np.asarray(want), atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(np.asarray(lse[..., 0]), np.asarray(want_lse), atol=2e-5, rtol=2e-5)

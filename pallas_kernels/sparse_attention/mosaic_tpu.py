@@ -17,7 +17,8 @@ materialised; the online-softmax state is fp32 in VMEM.
 Layouts: q head-major [B, N, T, H] (viewed as [B, K, G, T, H]) and k/v [B, K, S, H]; `api.py` transposes.
 T must be a multiple of q_block and S of kv_block (`api.py` pads); S is padded here to whole key tiles
 (padded keys lie past kv_len). Limits: G · tile_blocks <= 32 (tile_blocks shrinks for wide groups; G <= 32).
-Plans are int32 (an int16 layout would halve the streamed bytes; not done).
+The tile lists stream as two 16-bit ids per int32 word when ids fit (< 65536 tiles: 32M tokens of 512-key
+tiles); the head-bit words stay int32.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def tile_plan(plan: BlockPlan, num_kv_heads: int, num_kv_blocks: int, tile_block
 
 def _kernel(counts_ref, sinks_ref, window_ref, kvlen_ref, qstart_ref, tiles_hbm, masks_hbm, q_ref, k_hbm, v_hbm,
             o_ref, lse_ref, tiles_sm, masks_sm, k_buf, v_buf, sem, plan_sem, m_sc, l_sc, acc_sc, *, scale,
-            q_block, kv_block, tile_blocks, g, num_kv, num_tiles):
+            q_block, kv_block, tile_blocks, g, num_kv, num_tiles, packed):
     b, kg, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     row = (b * num_kv + kg) * num_tiles + t
     count = counts_ref[row]
@@ -92,6 +93,11 @@ def _kernel(counts_ref, sinks_ref, window_ref, kvlen_ref, qstart_ref, tiles_hbm,
     rows = g * q_block
     h = q_ref.shape[-1]
     # this query tile's row of the plan: HBM -> SMEM (the whole plan never sits in SMEM)
+    if packed:  # two 16-bit tile ids per int32 word: entry e in word e // 2, low half first
+        tile_of = lambda e: lax.bitwise_and(lax.shift_right_logical(tiles_sm[lax.div(e, 2)], 16 * lax.rem(e, 2)),
+                                            0xFFFF)
+    else:
+        tile_of = lambda e: tiles_sm[e]
     plan_copies = (pltpu.make_async_copy(tiles_hbm.at[row], tiles_sm, plan_sem.at[0]),
                    pltpu.make_async_copy(masks_hbm.at[row], masks_sm, plan_sem.at[1]))
     for c in plan_copies:
@@ -101,7 +107,7 @@ def _kernel(counts_ref, sinks_ref, window_ref, kvlen_ref, qstart_ref, tiles_hbm,
     online_softmax.init_scratch(m_sc, l_sc, acc_sc)
 
     def kv_copies(e, slot):
-        start = pl.multiple_of(tiles_sm[e] * kt, kt)
+        start = pl.multiple_of(tile_of(e) * kt, kt)
         return (pltpu.make_async_copy(k_hbm.at[b, kg, pl.ds(start, kt)], k_buf.at[slot], sem.at[0, slot]),
                 pltpu.make_async_copy(v_hbm.at[b, kg, pl.ds(start, kt)], v_buf.at[slot], sem.at[1, slot]))
 
@@ -120,7 +126,7 @@ def _kernel(counts_ref, sinks_ref, window_ref, kvlen_ref, qstart_ref, tiles_hbm,
     def visit(e, slot):
         k, v = k_buf[slot], v_buf[slot]
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-        k_pos = tiles_sm[e] * kt + c_iota
+        k_pos = tile_of(e) * kt + c_iota
         use = lax.bitwise_and(lax.shift_right_logical(jnp.full(bit.shape, masks_sm[e], jnp.int32), bit), 1) != 0
         vis = use & (k_pos <= q_pos) & (k_pos < kvlen_ref[b]) & ((k_pos < sink) | (q_pos - k_pos < window))
         online_softmax.step_scratch(s, vis, v, m_sc, l_sc, acc_sc)
@@ -132,13 +138,14 @@ def _kernel(counts_ref, sinks_ref, window_ref, kvlen_ref, qstart_ref, tiles_hbm,
     lse_ref[...] = jnp.where(l > 0, m_sc[...] + jnp.log(safe), -jnp.inf).reshape(g, q_block, 1)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "tile_keys"))
+@functools.partial(jax.jit, static_argnames=("interpret", "tile_keys", "pack_tiles"))
 def block_sparse_attention_tpu(q_hm, k_hm, v_hm, plan: BlockPlan, *, scale=None, interpret=False, o_init=None,
-                               tile_keys: int = 512):
+                               tile_keys: int = 512, pack_tiles: bool | None = None):
     """Head-major q [B, N, T, H], k/v [B, K, S, H] -> out [B, N, T, H] (q.dtype), lse fp32 [B, N, T, 1].
 
-    tile_keys: keys per tile to aim for (`default_tile_blocks`). o_init: optional [B, N, T, H] buffer aliased
-    to the output (tests pass NaNs to catch unwritten rows).
+    tile_keys: keys per tile to aim for (`default_tile_blocks`). pack_tiles: stream tile ids as 16-bit pairs
+    (None: when they fit). o_init: optional [B, N, T, H] buffer aliased to the output (tests pass NaNs to catch
+    unwritten rows).
     """
     b, n, t, h = q_hm.shape
     kh, s = k_hm.shape[1], k_hm.shape[2]
@@ -151,6 +158,11 @@ def block_sparse_attention_tpu(q_hm, k_hm, v_hm, plan: BlockPlan, *, scale=None,
     k_hm, v_hm = (jnp.pad(x, ((0, 0), (0, 0), (0, sp - s), (0, 0))) for x in (k_hm, v_hm))
     tp = tile_plan(plan, kh, s // bk, tbk)
     st = tp.tiles.shape[-1]
+    tiles = tp.tiles.reshape(-1, st)
+    packed = st < (1 << 16) if pack_tiles is None else pack_tiles  # int16 pairs when ids fit: half the bytes
+    if packed:
+        tiles = jnp.pad(tiles, ((0, 0), (0, st % 2)))
+        tiles = lax.bitwise_or(tiles[:, 0::2], lax.shift_left(tiles[:, 1::2], 16))
     scale = h ** -0.5 if scale is None else scale
     q5 = q_hm.reshape(b, kh, g, t, h)
     prefetch = (tp.counts.reshape(-1), sinks, window, kv_len, q_start)
@@ -164,13 +176,13 @@ def block_sparse_attention_tpu(q_hm, k_hm, v_hm, plan: BlockPlan, *, scale=None,
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=len(prefetch), grid=(b, kh, tb), in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, None, g, bq, h), q_map), pl.BlockSpec((None, None, g, bq, 1), q_map)],
-        scratch_shapes=[pltpu.SMEM((st,), jnp.int32), pltpu.SMEM((st,), jnp.int32),
+        scratch_shapes=[pltpu.SMEM((tiles.shape[-1],), jnp.int32), pltpu.SMEM((st,), jnp.int32),
                         pltpu.VMEM((2, kt, h), k_hm.dtype), pltpu.VMEM((2, kt, h), v_hm.dtype),
                         pltpu.SemaphoreType.DMA((2, 2)), pltpu.SemaphoreType.DMA((2,)),
                         pltpu.VMEM((g * bq, 1), jnp.float32), pltpu.VMEM((g * bq, 1), jnp.float32),
                         pltpu.VMEM((g * bq, h), jnp.float32)])
     kernel = functools.partial(_kernel, scale=scale, q_block=bq, kv_block=bk, tile_blocks=tbk, g=g, num_kv=kh,
-                               num_tiles=tb)
+                               num_tiles=tb, packed=packed)
     if o_init is not None:
         inner = kernel
         n_in = len(prefetch) + 5
@@ -181,5 +193,5 @@ def block_sparse_attention_tpu(q_hm, k_hm, v_hm, plan: BlockPlan, *, scale=None,
                    jax.ShapeDtypeStruct((b, kh, g, t, 1), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
         interpret=pltpu.InterpretParams() if interpret else False, name="rtpurbo_block_sparse_attention_tpu",
-    )(*prefetch, tp.tiles.reshape(-1, st), tp.masks.reshape(-1, st), q5, k_hm, v_hm, *extra)
+    )(*prefetch, tiles, tp.masks.reshape(-1, st), q5, k_hm, v_hm, *extra)
     return out.reshape(b, n, t, h), lse.reshape(b, n, t, 1)
