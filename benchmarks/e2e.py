@@ -3,7 +3,8 @@
 A Llama-3.1-8B-shaped model (32 q / 8 kv heads, head_dim 128, D 4096, F 14336, vocab 128256, bf16, random
 weights: speed does not depend on values) with `--layers` layers. Modes, each in its own process (peak memory
 is the process's, OOM stays contained):
-- `dense_cudnn`: the dense model with `jax.nn.dot_product_attention(implementation="cudnn")` — prefill of the
+- `dense_cudnn`: the dense model with the platform's baseline attention (`benchmarks.baselines`: cuDNN through
+  `jax.nn.dot_product_attention(implementation="cudnn")` on GPUs, splash attention on TPUs) — prefill of the
   whole prompt per layer (causal; the MLP in token chunks), decode over a dense cache masked by
   `key_value_seq_lengths`. It runs `model.decoder_layer`, the layer every path runs; only the attention differs.
 - `rtpurbo`: `serving.prefill` (chunked, `--chunk`) and `serving.decode_step` over the hybrid cache with the
@@ -44,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import baselines
 from benchmarks.serve import rel as rel_err
 from rtpurbo_jax.indexer import init_indexer
 from rtpurbo_jax.kv_cache import cache_bytes, init_cache
@@ -78,17 +80,10 @@ def sparse_config(cfg, mode: str, small: bool) -> SparseConfig:
                         prefill_mode="indexer" if mode == "rtpurbo_indexer_prefill" else "dense")
 
 
-def cudnn_attention(impl: str):
-    def attn(q, k, v, causal, kv_lengths=None):
-        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=kv_lengths,
-                                            implementation=impl)
-    return attn
-
-
-def dense_prefill_fn(cfg, max_len: int, mlp_chunk: int, impl: str):
+def dense_prefill_fn(cfg, max_len: int, mlp_chunk: int):
     """jit(params, tokens [B, T]) -> (logits fp32 [B, V] of the last token, [(k, v) [B, max_len, K, H]] per
-    layer): the dense model, attention of the whole prompt at once, the rest in `mlp_chunk`-token chunks."""
-    attn = cudnn_attention(impl)
+    layer): the dense model, attention of the whole prompt at once (the platform's baseline,
+    `benchmarks.baselines`), the rest in `mlp_chunk`-token chunks."""
 
     def fn(params, tokens):
         b, t = tokens.shape
@@ -102,7 +97,7 @@ def dense_prefill_fn(cfg, max_len: int, mlp_chunk: int, impl: str):
         for li in range(cfg.num_layers):
             lp = jax.tree.map(lambda a: a[li], params["layers"])
             qkv = project_qkv(lp, rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps), cfg, cos, sin)
-            o = attn(qkv["q"], qkv["k"], qkv["v"], True)
+            o = baselines.dense_attention(qkv["q"], qkv["k"], qkv["v"])
             # the rest of the block per token chunk; decoder_layer's own q/k/v projections are unused (DCE'd)
             rest = lambda a: decoder_layer(lp, a[0], cfg, a[2], a[3], lambda _: (a[1], None))[0]
             x = jax.lax.map(rest, (split(x), split(o), split(cos), split(sin))).swapaxes(0, 1).reshape(x.shape)
@@ -114,11 +109,9 @@ def dense_prefill_fn(cfg, max_len: int, mlp_chunk: int, impl: str):
     return jax.jit(fn)
 
 
-def dense_decode_fn(cfg, impl: str):
+def dense_decode_fn(cfg):
     """jit(params, caches, lengths int [B] (equal), tokens int [B]) -> (logits fp32 [B, V], caches): one token
     per sequence written at `lengths`, cuDNN decode over the cache masked to lengths + 1."""
-    attn = cudnn_attention(impl)
-
     def fn(params, caches, lengths, tokens):
         pos = lengths[:, None]
         cos, sin = rope_cos_sin(pos, cfg.rope, cfg.head_dim)
@@ -131,7 +124,7 @@ def dense_decode_fn(cfg, impl: str):
                 at = (0, lengths[0], 0, 0)  # the benchmark's rows share one length
                 k = jax.lax.dynamic_update_slice(kc, qkv["k"].astype(kc.dtype), at)
                 v = jax.lax.dynamic_update_slice(vc, qkv["v"].astype(vc.dtype), at)
-                return attn(qkv["q"], k, v, False, lengths + 1), (k, v)
+                return baselines.dense_attention(qkv["q"], k, v, causal=False, kv_lengths=lengths + 1), (k, v)
 
             x, _, kv = decoder_layer(lp, x, cfg, cos, sin, attend)
             new.append(kv)
@@ -141,12 +134,12 @@ def dense_decode_fn(cfg, impl: str):
     return jax.jit(fn, donate_argnums=(1,))
 
 
-def head_ms(params, cfg, batch: int, impl: str) -> float:
+def head_ms(params, cfg, batch: int) -> float:
     """ms of one decode step's work outside the layers (embedding gather, final norm, logits) for `batch`
     tokens: the dense decode program with zero layers."""
     cfg0 = dataclasses.replace(cfg, num_layers=0)
     p0 = {**params, "layers": jax.tree.map(lambda a: a[:0], params["layers"])}
-    dec = dense_decode_fn(cfg0, impl)
+    dec = dense_decode_fn(cfg0)
     tok = jnp.arange(batch, dtype=jnp.int32)
     lengths = jnp.zeros((batch,), jnp.int32)
     ms, _ = timed_steps(lambda c: dec(p0, c, lengths, tok), [], 20)
@@ -206,21 +199,20 @@ def worker(spec: dict) -> list[dict]:
     """Rows of one mode at one context, layer scope before scaling (ms of spec['layers'] layers)."""
     small, mode, t, layers = spec["small"], spec["mode"], spec["context"], spec["layers"]
     cfg = model_config(layers, small)
-    impl = "xla" if jax.default_backend() == "cpu" else "cudnn"
     backend = "reference" if jax.default_backend() == "cpu" else None
     params = init_params(cfg, jax.random.key(0), jnp.bfloat16)
     rng = np.random.default_rng(t)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, t)), jnp.int32)
     max_len = t + 256
     rows, base = [], {"mode": mode, "context": t, "layers_run": layers}
-    heads = {b: head_ms(params, cfg, b, impl) for b in spec["batches"]}
+    heads = {b: head_ms(params, cfg, b) for b in spec["batches"]}
 
     def row(**kw):
         rows.append({**base, **kw, "peak_mem_gib": peak_gib()})
         print(json.dumps(rows[-1]), flush=True)
 
     if mode == "dense_cudnn":
-        pf = dense_prefill_fn(cfg, max_len, spec["chunk"], impl)
+        pf = dense_prefill_fn(cfg, max_len, spec["chunk"])
         compiled = pf.lower(params, tokens).compile()
         t0 = time.perf_counter()
         logits, caches = compiled(params, tokens)
@@ -228,7 +220,7 @@ def worker(spec: dict) -> list[dict]:
         cache_gib = sum(k.nbytes + v.nbytes for k, v in caches) / GIB
         row(batch=1, phase="prefill", ms=(time.perf_counter() - t0) * 1e3, head_ms=0.0, density=1.0,
             cache_gib=cache_gib)
-        dec = dense_decode_fn(cfg, impl)
+        dec = dense_decode_fn(cfg)
         if spec.get("check"):  # the baseline computes the model serving computes (full attention, dense cache)
             rows[-1].update(check_against_serving(params, cfg, tokens, logits, caches, dec, max_len, backend))
         for b in spec["batches"]:
@@ -398,7 +390,6 @@ def profile_decode(t: int, batches: list[int], small: bool, density: float, step
     cfg = model_config(4, small)
     sparse = sparse_config(cfg, "rtpurbo", small)
     params = init_params(cfg, jax.random.key(0), jnp.bfloat16)
-    impl = "xla" if jax.default_backend() == "cpu" else "cudnn"
     backend = "reference" if jax.default_backend() == "cpu" else None
     out = []
     for b in batches:
@@ -412,7 +403,7 @@ def profile_decode(t: int, batches: list[int], small: bool, density: float, step
                                     sparse, density, backend)
         modes = {"rtpurbo": (lambda c: decode_step(params, c, tok, ix, cfg=cfg, sparse=sparse, backend=backend,
                                                   check=False), cache)}
-        dec = dense_decode_fn(cfg, impl)
+        dec = dense_decode_fn(cfg)
         dense = [(fill(jax.ShapeDtypeStruct((b, t + 256, cfg.num_kv_heads, cfg.head_dim), jnp.bfloat16)),
                   fill(jax.ShapeDtypeStruct((b, t + 256, cfg.num_kv_heads, cfg.head_dim), jnp.bfloat16)))
                  for _ in range(cfg.num_layers)]
@@ -562,7 +553,8 @@ def main(argv=None):
     raw = [r for path in args.merge for r in json.load(open(path))["raw"]]
     res = {"device": None, "jax": jax.__version__, "date": datetime.date.today().isoformat(),
            "model": "Llama-3.1-8B shape, random bf16 weights", "layers_run": args.layers, "full_layers": FULL_LAYERS,
-           "config": {"retrieval": "kv granularity, 2/1/1/1 of 8 KV groups per layer (15.6%)", "sinks": 4,
+           "config": {"dense_baseline": baselines.name(),
+                      "retrieval": "kv granularity, 2/1/1/1 of 8 KV groups per layer (15.6%)", "sinks": 4,
                       "window": 8192, "top_p": 0.9, "prefill_chunk": args.chunk, "decode_steps": args.decode_steps,
                       "density_target": args.density, "density_source": "flag (random indexer scaled to it)"},
            "raw": raw, "rows": []}

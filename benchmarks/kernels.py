@@ -1,4 +1,4 @@
-"""Block-sparse prefill attention microbenchmarks on the GPU against cuDNN, in one run.
+"""Block-sparse prefill attention microbenchmarks against the platform's dense baseline, in one run.
 
     python -m benchmarks.kernels [--lengths 8192 32768 131072 524288 1048576] [--out benchmarks/results/kernels_h100]
 
@@ -10,6 +10,8 @@ to back and one block_until_ready (median of `rounds`). TFLOP/s count visited bl
 query tile, visited block) — masked elements of edge blocks count as done, the kernel computes them. Speed-ups are
 against cuDNN causal dense attention on the same shapes in the same run. Local heads are also compared with
 cuDNN's sliding window (8192, no sinks: a lower bound for a window + sink pass merged by log-sum-exp).
+On a TPU the same command runs the same plans on mosaic_tpu against splash attention (`benchmarks.baselines`;
+rows named splash_*); not yet run on a TPU.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import baselines
 from benchmarks.prefill_plans import causal_block_count, layer_plan
 from pallas_kernels.sparse_attention.reference import block_sparse_attention as reference_bsa
 
@@ -60,9 +63,23 @@ def rel_err(a, b) -> float:
 def kernel_fn(backend: str, **kw):
     if backend == "mosaic_gpu":
         from pallas_kernels.sparse_attention.mosaic_gpu import block_sparse_attention_mosaic_gpu as f
-    else:
+    elif backend == "triton":
         from pallas_kernels.sparse_attention.triton import block_sparse_attention_triton as f
+    else:  # mosaic_tpu (and reference) through the op's API, which lays q / k / v out head-major
+        from pallas_kernels.sparse_attention.api import block_sparse_attention
+
+        return jax.jit(lambda q, k, v, plan: block_sparse_attention(q, k, v, plan, backend=backend, **kw))
     return jax.jit(lambda q, k, v, plan: f(q, k, v, plan, **kw)[0])
+
+
+def platform_variants(t: int, triton_max: int, platform: str):
+    """The variant rows for the device: GPU rows as `variants`; on TPUs the same plans on mosaic_tpu (128-key
+    blocks); elsewhere (a CPU check of the script) on the jnp reference."""
+    rows = variants(t, triton_max)
+    if platform in ("gpu", "cuda"):
+        return rows
+    backend = "mosaic_tpu" if platform == "tpu" else "reference"
+    return [(name, backend, kb, kw) for name, b, kb, kw in rows if b == "mosaic_gpu" and kb == 128]
 
 
 def variants(t: int, triton_max: int):
@@ -98,8 +115,9 @@ def main(argv=None):
                    help="run only these variants (names as in the JSON, e.g. dense_plan)")
     args = p.parse_args(argv)
     dev = jax.devices()[0]
+    base = baselines.name()
     res = {"device": dev.device_kind, "jax": jax.__version__, "date": datetime.date.today().isoformat(),
-           "shape": {"B": B, "N": N, "K": K, "H": H, "dtype": "bfloat16"}, "rows": []}
+           "shape": {"B": B, "N": N, "K": K, "H": H, "dtype": "bfloat16"}, "baseline": base, "rows": []}
 
     def record(**row):
         res["rows"].append(row)
@@ -112,16 +130,15 @@ def main(argv=None):
         k = jax.random.normal(kk, (B, t, K, H), jnp.bfloat16)
         v = jax.random.normal(kv, (B, t, K, H), jnp.bfloat16)
         dense_flops = 4 * B * N * H * t * (t + 1) / 2
-        cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"))
+        cudnn = jax.jit(lambda q, k, v: baselines.dense_attention(q, k, v))  # the platform's baseline
         ref_dense = cudnn(q, k, v)
         t_cudnn = bench(cudnn, q, k, v, reps=reps, rounds=rounds)
-        record(length=t, variant="cudnn_dense", ms=t_cudnn * 1e3, tflops=dense_flops / t_cudnn / 1e12, speedup=1.0)
-        win = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn",
-                                                                  local_window_size=(8191, 0)))
+        record(length=t, variant=f"{base}_dense", ms=t_cudnn * 1e3, tflops=dense_flops / t_cudnn / 1e12, speedup=1.0)
+        win = jax.jit(lambda q, k, v: baselines.dense_attention(q, k, v, window=8192))
         t_win = bench(win, q, k, v, reps=reps, rounds=rounds)
-        record(length=t, variant="cudnn_window8192_all_heads", ms=t_win * 1e3, speedup=t_cudnn / t_win)
+        record(length=t, variant=f"{base}_window8192_all_heads", ms=t_win * 1e3, speedup=t_cudnn / t_win)
         tokamax_row(q, k, v, ref_dense, t_cudnn, dense_flops, t, reps, rounds, record)
-        for name, backend, kb, kw in variants(t, args.triton_max_length):
+        for name, backend, kb, kw in platform_variants(t, args.triton_max_length, jax.default_backend()):
             if args.only is not None and name not in args.only:
                 continue
             plan, visited = layer_plan(t=t, num_heads=N, kb=kb, **kw)
@@ -181,9 +198,9 @@ def decode_rows(t, k, v, record, reps):
     from pallas_kernels.indexer_topp.reference import topp_selection
 
     q1 = jax.random.normal(jax.random.key(1), (B, 1, N, H), jnp.bfloat16)
-    dec = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
+    dec = jax.jit(lambda q, k, v: baselines.dense_attention(q, k, v, causal=False))
     t_dec = bench(dec, q1, k, v, reps=reps * 5)
-    record(length=t, variant="cudnn_decode_b1", us=t_dec * 1e6, gbps=2 * t * K * H * 2 / t_dec / 1e9)
+    record(length=t, variant=f"{baselines.name()}_decode_b1", us=t_dec * 1e6, gbps=2 * t * K * H * 2 / t_dec / 1e9)
     qi = jax.random.normal(jax.random.key(2), (B, 1, 5, 16), jnp.float32)
     ki = jax.random.normal(jax.random.key(3), (B, t, 5, 16), jnp.float32)
     sel = jax.jit(lambda qi, ki: topp_selection(qi, ki, jnp.asarray([t]), top_p=0.9, q_block=1, kv_block=64,
@@ -213,7 +230,7 @@ def plot(res: dict, path: str) -> None:
         ax.bar(np.arange(len(lengths)) + i * w, ys, w, label=n, color=colors[i % len(colors)])
     ax.set_xticks(np.arange(len(lengths)) + 0.4 - w / 2, [f"{L // 1024}K" for L in lengths])
     ax.set_yscale("log")
-    ax.set_ylabel("speed-up vs cuDNN dense causal")
+    ax.set_ylabel(f"speed-up vs {res.get('baseline', 'cudnn')} dense causal")
     ax.axhline(1.0, color="k", lw=0.6)
     ax.set_title(f"one attention layer, B=1, 32q/8kv heads, d=128, bf16 ({res['device']}, jax {res['jax']})",
                  fontsize=9)

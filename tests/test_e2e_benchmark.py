@@ -17,11 +17,11 @@ def test_dense_baseline_equals_serving_full_attention():
     params = init_params(cfg, jax.random.key(0), jnp.float32, scale=0.2)
     t, max_len = 64, 96
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, t)), jnp.int32)
-    logits, caches = e2e.dense_prefill_fn(cfg, max_len, 16, "xla")(params, tokens)
-    dec = e2e.dense_decode_fn(cfg, "xla")
+    logits, caches = e2e.dense_prefill_fn(cfg, max_len, 16)(params, tokens)
+    dec = e2e.dense_decode_fn(cfg)
     errs = e2e.check_against_serving(params, cfg, tokens, logits, caches, dec, max_len, "reference")
     assert errs["check_rel_err_prefill"] < 1e-4 and errs["check_rel_err_decode"] < 1e-4, errs
-    wrong = e2e.dense_prefill_fn(cfg, max_len, 16, "xla")(params, tokens[:, ::-1])[0]
+    wrong = e2e.dense_prefill_fn(cfg, max_len, 16)(params, tokens[:, ::-1])[0]
     assert e2e.rel_err(wrong, logits) > 1e-2  # the check can fail
 
 
@@ -38,3 +38,20 @@ def test_scope_rows_and_extrapolation():
     assert got[(100, "model")]["measured"] is False and got[(100, "layer")]["measured"] is True
     assert got[(400, "layer")]["ms"] == 4.0 and got[(400, "layer")]["measured"] is False  # linear: 1, 2 -> 4
     assert got[(400, "model")]["ms"] == 129.0
+
+
+def test_tpu_baseline_is_splash_attention_and_matches_xla():
+    """benchmarks.baselines on a TPU: splash attention (Pallas TPU flash, GQA as MQA per KV group; interpret mode
+    here) gives XLA's causal and sliding-window attention; GPUs name cuDNN."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks import baselines
+
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((1, 256, 4, 64), (1, 256, 2, 64), (1, 256, 2, 64)))
+    for window in (None, 100):
+        got = baselines.dense_attention(q, k, v, window=window, platform="tpu", interpret=True)
+        want = baselines.dense_attention(q, k, v, window=window, platform="cpu")
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+    assert (baselines.name("tpu"), baselines.name("gpu"), baselines.name("cpu")) == ("splash", "cudnn", "xla")
