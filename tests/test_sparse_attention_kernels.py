@@ -73,24 +73,26 @@ def test_tpu_kernel_lowers_for_tpu():
     assert "tpu_custom_call" in exp.mlir_module()
 
 
-@pytest.mark.parametrize("tile_keys,kind,pack", [(32, "random", True), (64, "band", True), (48, "random", False)])
-def test_tpu_key_tiles_of_several_plan_blocks(tile_keys, kind, pack):
-    """mosaic_tpu with key tiles of tile_keys / kv_block plan blocks (48: a tile of 3): several tiles per query
-    tile, heads of one group visiting different blocks of one tile (the per-entry head bits), S not a multiple
-    of the tile (padded keys), ragged kv_len, a query offset, tile ids streamed as 16-bit pairs or int32; fp32
-    against the reference, out and lse."""
+@pytest.mark.parametrize("tile_blocks,tile_keys,kind,pack", [(1, 64, "random", True), (2, 32, "random", True),
+                                                             (4, 64, "band", True), (3, 96, "random", False)])
+def test_tpu_gathered_entries_and_runs_of_blocks(tile_blocks, tile_keys, kind, pack):
+    """mosaic_tpu walking plan entries of tile_blocks consecutive blocks (1: the union of blocks itself; 3: a
+    run that is not a power of two), tile_keys / (tile_blocks x kv_block) entries gathered per K/V tile, heads
+    of one group visiting different blocks of an entry (the head bits), several tiles per query tile, S not a
+    multiple of an entry (padded keys), ragged kv_len, a query offset, ids streamed as 16-bit pairs or int32;
+    fp32 against the reference, out and lse."""
     from pallas_kernels.sparse_attention import reference
-    from pallas_kernels.sparse_attention.mosaic_tpu import block_sparse_attention_tpu, default_tile_blocks, tile_plan
+    from pallas_kernels.sparse_attention.mosaic_tpu import block_sparse_attention_tpu, tile_plan
 
-    b, t, s, n, kh, h, qb, kb, off = 2, 48, 208, 8, 2, 64, 16, 16, 100
-    rng = np.random.default_rng(tile_keys)
+    b, t, s, n, kh, h, qb, kb, off = 2, 48, 208, 8, 2, 64, 16, 16, 160  # the last rows see every key
+    rng = np.random.default_rng(tile_blocks * 100 + tile_keys)
     q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((b, t, n, h), (b, s, kh, h), (b, s, kh, h)))
     plan = make_plan(rng, kind, b, n, t, s, qb, kb, off)
-    tbk = default_tile_blocks(kb, n // kh, tile_keys)
-    assert tbk == tile_keys // kb and int(tile_plan(plan, kh, s // kb, tbk).counts.max()) > 1
+    gather = max(1, tile_keys // (tile_blocks * kb))
+    assert int(tile_plan(plan, kh, s // kb, tile_blocks).counts.max()) > 2 * gather  # several K/V tiles
     hm = lambda x: jnp.swapaxes(x, 1, 2)
     out, lse = block_sparse_attention_tpu(hm(q), hm(k), hm(v), plan, interpret=True, tile_keys=tile_keys,
-                                          pack_tiles=pack)
+                                          tile_blocks=tile_blocks, pack_tiles=pack)
     want, want_lse = reference.block_sparse_attention(q, k, v, plan, return_lse=True)
     np.testing.assert_allclose(np.asarray(hm(out)), np.asarray(want), atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(np.asarray(lse[..., 0]), np.asarray(want_lse), atol=2e-5, rtol=2e-5)

@@ -1,24 +1,22 @@
-"""Block-sparse flash attention, Pallas Mosaic TPU backend: key tiles per GQA group, plans streamed per query tile.
+"""Block-sparse flash attention, Pallas Mosaic TPU backend: GQA groups stacked, plans streamed per query tile.
 
 Grid (B, K, Tb): one program per (sequence, KV group, query tile). The G query heads of the group are stacked
-into one [G · q_block, H] tile, so each key tile is read once for the whole group. Keys move in **tiles** of
-`tile_blocks` consecutive plan blocks (256-512 keys for 64-key blocks: TPU matmuls want wide tiles, one
-64-key block at a time wastes them).
+into one [G · q_block, H] tile, so each key block is read once for the whole group.
 
 The plan reaches the kernel as a `TilePlan` (`tile_plan`, built from the BlockPlan by XLA): per (b, k, query
-tile) the ascending list of key tiles any head of the group visits, and per entry one int32 word whose bit
-h · tile_blocks + j says whether head h visits block j of the tile. Only the per-row counts are scalar-
-prefetched; each program copies its own row of the plan from HBM into SMEM when it starts (a 1M-token plan
-never has to fit in SMEM, only one query tile's row: St = S / tile keys words) and then walks it, copying K/V
-tiles from HBM into a double buffer in VMEM (the next tile's copy runs under the current tile's matmuls).
-Token masks (the head's blocks, causal, kv_len, sinks + window) are computed in the kernel from iotas, never
-materialised; the online-softmax state is fp32 in VMEM.
+tile) the ascending list of the key blocks (or runs of `tile_blocks` consecutive blocks) any head of the group
+visits, and per entry one int32 word whose bit h · tile_blocks + j says whether head h visits block j of the
+entry. Only the per-row counts are scalar-prefetched; each program copies its own row of the plan from HBM
+into SMEM when it starts (a 1M-token plan never has to fit in SMEM, only one query tile's row) and walks it
+`gather` entries at a time: their K/V rows are DMA'd from HBM into one [~512 keys, H] VMEM tile (TPU matmuls
+want wide tiles; gathering visited blocks reads nothing no head visits), double-buffered so the next tile's
+copies run under the current tile's matmuls. Token masks (the head's blocks, causal, kv_len, sinks + window)
+are computed in the kernel from iotas, never materialised; the online-softmax state is fp32 in VMEM.
 
 Layouts: q head-major [B, N, T, H] (viewed as [B, K, G, T, H]) and k/v [B, K, S, H]; `api.py` transposes.
-T must be a multiple of q_block and S of kv_block (`api.py` pads); S is padded here to whole key tiles
-(padded keys lie past kv_len). Limits: G · tile_blocks <= 32 (tile_blocks shrinks for wide groups; G <= 32).
-The tile lists stream as two 16-bit ids per int32 word when ids fit (< 65536 tiles: 32M tokens of 512-key
-tiles); the head-bit words stay int32.
+T must be a multiple of q_block and S of kv_block (`api.py` pads); S is padded here to whole entries (padded
+keys lie past kv_len). Limits: G · tile_blocks <= 32 (G <= 32). The entry ids stream as two 16-bit ids per
+int32 word when they fit (< 65536 entries); the head-bit words stay int32.
 """
 
 from __future__ import annotations
@@ -40,11 +38,11 @@ from pallas_kernels.tpu_dma import walk_double_buffered
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TilePlan:
-    """A BlockPlan regrouped per (sequence, KV group, query tile) over key tiles of `tile_blocks` blocks.
+    """A BlockPlan regrouped per (sequence, KV group, query tile) over entries of `tile_blocks` blocks.
 
-    tiles int32 [B, K, Tb, St]: ascending key-tile ids any head of the group visits in the first `counts`
-    entries, then repeats of the last (0 when empty); masks int32 [B, K, Tb, St]: bit h · tile_blocks + j set
-    when head h of the group visits block j of the entry's tile; counts int32 [B, K, Tb]."""
+    tiles int32 [B, K, Tb, St]: ascending entry ids (key block // tile_blocks) any head of the group visits in
+    the first `counts` entries, then repeats of the last (0 when empty); masks int32 [B, K, Tb, St]: bit
+    h · tile_blocks + j set when head h of the group visits block j of the entry; counts int32 [B, K, Tb]."""
 
     tiles: jax.Array
     masks: jax.Array
@@ -52,11 +50,11 @@ class TilePlan:
     tile_blocks: int = dataclasses.field(metadata=dict(static=True))
 
 
-def default_tile_blocks(kv_block: int, group: int, tile_keys: int = 512) -> int:
-    """Blocks per key tile: about `tile_keys` keys, with the group's G x tile_blocks head bits in one word."""
-    if group > 32:
-        raise ValueError(f"mosaic_tpu: at most 32 query heads per KV head, got {group}")
-    return max(1, min(max(1, tile_keys // kv_block), 32 // group))
+def check_tile_blocks(group: int, tile_blocks: int) -> None:
+    """Raise unless the group's G x tile_blocks head bits fit one int32 word."""
+    if tile_blocks < 1 or group * tile_blocks > 32:
+        raise ValueError(f"mosaic_tpu: G x tile_blocks must be in 1..32 (one mask word per plan entry), got "
+                         f"G={group}, tile_blocks={tile_blocks}")
 
 
 def tile_plan(plan: BlockPlan, num_kv_heads: int, num_kv_blocks: int, tile_blocks: int) -> TilePlan:
@@ -85,11 +83,12 @@ def tile_plan(plan: BlockPlan, num_kv_heads: int, num_kv_blocks: int, tile_block
 
 def _kernel(counts_ref, sinks_ref, window_ref, kvlen_ref, qstart_ref, tiles_hbm, masks_hbm, q_ref, k_hbm, v_hbm,
             o_ref, lse_ref, tiles_sm, masks_sm, k_buf, v_buf, sem, plan_sem, m_sc, l_sc, acc_sc, *, scale,
-            q_block, kv_block, tile_blocks, g, num_kv, num_tiles, packed):
+            q_block, kv_block, tile_blocks, gather, g, num_kv, num_tiles, packed):
     b, kg, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     row = (b * num_kv + kg) * num_tiles + t
     count = counts_ref[row]
-    kt = tile_blocks * kv_block
+    kt = tile_blocks * kv_block  # keys per plan entry
+    width = gather * kt  # keys per K/V tile in VMEM: `gather` entries
     rows = g * q_block
     h = q_ref.shape[-1]
     # this query tile's row of the plan: HBM -> SMEM (the whole plan never sits in SMEM)
@@ -105,46 +104,61 @@ def _kernel(counts_ref, sinks_ref, window_ref, kvlen_ref, qstart_ref, tiles_hbm,
     for c in plan_copies:
         c.wait()
     online_softmax.init_scratch(m_sc, l_sc, acc_sc)
+    steps = lax.div(count + (gather - 1), jnp.int32(gather))
+    entry = lambda step, i: jnp.minimum(step * gather + i, jnp.maximum(count - 1, 0))  # past the list: re-read
 
-    def kv_copies(e, slot):
-        start = pl.multiple_of(tile_of(e) * kt, kt)
-        return (pltpu.make_async_copy(k_hbm.at[b, kg, pl.ds(start, kt)], k_buf.at[slot], sem.at[0, slot]),
-                pltpu.make_async_copy(v_hbm.at[b, kg, pl.ds(start, kt)], v_buf.at[slot], sem.at[1, slot]))
+    def kv_copies(step, slot):
+        out = []
+        for i in range(gather):
+            start = pl.multiple_of(tile_of(entry(step, i)) * kt, kt)
+            dst = pl.ds(i * kt, kt)
+            out += [pltpu.make_async_copy(k_hbm.at[b, kg, pl.ds(start, kt)], k_buf.at[slot, dst], sem.at[0, slot]),
+                    pltpu.make_async_copy(v_hbm.at[b, kg, pl.ds(start, kt)], v_buf.at[slot, dst], sem.at[1, slot])]
+        return out
 
-    r_iota = lax.broadcasted_iota(jnp.int32, (rows, kt), 0)
-    c_iota = lax.broadcasted_iota(jnp.int32, (rows, kt), 1)
+    r_iota = lax.broadcasted_iota(jnp.int32, (rows, width), 0)
+    c_iota = lax.broadcasted_iota(jnp.int32, (rows, width), 1)
     head = lax.div(r_iota, jnp.int32(q_block))  # lax.div / rem: no sign op on TPU
     q_pos = qstart_ref[b] + t * q_block + lax.rem(r_iota, jnp.int32(q_block))
-    bit = head * tile_blocks + lax.div(c_iota, jnp.int32(kv_block))
-    sink = jnp.zeros((rows, kt), jnp.int32)
-    window = jnp.zeros((rows, kt), jnp.int32)
+    col_entry = lax.div(c_iota, jnp.int32(kt))
+    in_entry = lax.rem(c_iota, jnp.int32(kt))
+    bit = head * tile_blocks + lax.div(in_entry, jnp.int32(kv_block))
+    sink = jnp.zeros((rows, width), jnp.int32)
+    window = jnp.zeros((rows, width), jnp.int32)
     for hi in range(g):  # per-row band of the stacked heads
         sink = jnp.where(head == hi, sinks_ref[kg * g + hi], sink)
         window = jnp.where(head == hi, window_ref[kg * g + hi], window)
     q = q_ref[...].reshape(rows, h)
 
-    def visit(e, slot):
+    def visit(step, slot):
         k, v = k_buf[slot], v_buf[slot]
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-        k_pos = tile_of(e) * kt + c_iota
-        use = lax.bitwise_and(lax.shift_right_logical(jnp.full(bit.shape, masks_sm[e], jnp.int32), bit), 1) != 0
+        k_pos = in_entry
+        word = jnp.zeros((rows, width), jnp.int32)
+        for i in range(gather):  # each column's entry: its first key and its head / block bits
+            e = entry(step, i)
+            k_pos = jnp.where(col_entry == i, tile_of(e) * kt + in_entry, k_pos)
+            word = jnp.where(col_entry == i, jnp.where(step * gather + i < count, masks_sm[e], 0), word)
+        use = lax.bitwise_and(lax.shift_right_logical(word, bit), 1) != 0
         vis = use & (k_pos <= q_pos) & (k_pos < kvlen_ref[b]) & ((k_pos < sink) | (q_pos - k_pos < window))
         online_softmax.step_scratch(s, vis, v, m_sc, l_sc, acc_sc)
 
-    walk_double_buffered(count, kv_copies, visit)
+    walk_double_buffered(steps, kv_copies, visit)
     l = l_sc[...]
     safe = jnp.where(l > 0, l, 1.0)
     o_ref[...] = (acc_sc[...] / safe).astype(o_ref.dtype).reshape(g, q_block, h)
     lse_ref[...] = jnp.where(l > 0, m_sc[...] + jnp.log(safe), -jnp.inf).reshape(g, q_block, 1)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "tile_keys", "pack_tiles"))
+@functools.partial(jax.jit, static_argnames=("interpret", "tile_keys", "tile_blocks", "pack_tiles"))
 def block_sparse_attention_tpu(q_hm, k_hm, v_hm, plan: BlockPlan, *, scale=None, interpret=False, o_init=None,
-                               tile_keys: int = 512, pack_tiles: bool | None = None):
+                               tile_keys: int = 512, tile_blocks: int = 1, pack_tiles: bool | None = None):
     """Head-major q [B, N, T, H], k/v [B, K, S, H] -> out [B, N, T, H] (q.dtype), lse fp32 [B, N, T, 1].
 
-    tile_keys: keys per tile to aim for (`default_tile_blocks`). pack_tiles: stream tile ids as 16-bit pairs
-    (None: when they fit). o_init: optional [B, N, T, H] buffer aliased to the output (tests pass NaNs to catch
+    tile_blocks: plan blocks per list entry (1: the union of blocks itself, nothing read that no head visits;
+    more: runs of consecutive blocks, fewer entries). tile_keys: keys per K/V tile in VMEM (entries gathered
+    per matmul: tile_keys / (tile_blocks x kv_block)). pack_tiles: stream entry ids as 16-bit pairs (None:
+    when they fit). o_init: optional [B, N, T, H] buffer aliased to the output (tests pass NaNs to catch
     unwritten rows).
     """
     b, n, t, h = q_hm.shape
@@ -152,8 +166,10 @@ def block_sparse_attention_tpu(q_hm, k_hm, v_hm, plan: BlockPlan, *, scale=None,
     bq, bk = plan.q_block, plan.kv_block
     _, counts, sinks, window, kv_len, q_start = kernel_plan_args(plan, t, s)  # checks whole blocks
     g, tb = n // kh, t // bq
-    tbk = default_tile_blocks(bk, g, tile_keys)
+    check_tile_blocks(g, tile_blocks)
+    tbk = tile_blocks
     kt = tbk * bk
+    ng = max(1, tile_keys // kt)  # entries gathered per K/V tile
     sp = cdiv(s, kt) * kt
     k_hm, v_hm = (jnp.pad(x, ((0, 0), (0, 0), (0, sp - s), (0, 0))) for x in (k_hm, v_hm))
     tp = tile_plan(plan, kh, s // bk, tbk)
@@ -177,12 +193,12 @@ def block_sparse_attention_tpu(q_hm, k_hm, v_hm, plan: BlockPlan, *, scale=None,
         num_scalar_prefetch=len(prefetch), grid=(b, kh, tb), in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, None, g, bq, h), q_map), pl.BlockSpec((None, None, g, bq, 1), q_map)],
         scratch_shapes=[pltpu.SMEM((tiles.shape[-1],), jnp.int32), pltpu.SMEM((st,), jnp.int32),
-                        pltpu.VMEM((2, kt, h), k_hm.dtype), pltpu.VMEM((2, kt, h), v_hm.dtype),
+                        pltpu.VMEM((2, ng * kt, h), k_hm.dtype), pltpu.VMEM((2, ng * kt, h), v_hm.dtype),
                         pltpu.SemaphoreType.DMA((2, 2)), pltpu.SemaphoreType.DMA((2,)),
                         pltpu.VMEM((g * bq, 1), jnp.float32), pltpu.VMEM((g * bq, 1), jnp.float32),
                         pltpu.VMEM((g * bq, h), jnp.float32)])
-    kernel = functools.partial(_kernel, scale=scale, q_block=bq, kv_block=bk, tile_blocks=tbk, g=g, num_kv=kh,
-                               num_tiles=tb, packed=packed)
+    kernel = functools.partial(_kernel, scale=scale, q_block=bq, kv_block=bk, tile_blocks=tbk, gather=ng, g=g,
+                               num_kv=kh, num_tiles=tb, packed=packed)
     if o_init is not None:
         inner = kernel
         n_in = len(prefetch) + 5
