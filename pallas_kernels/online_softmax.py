@@ -52,11 +52,12 @@ def step_scratch(s, vis, v, m_sc, l_sc, acc_sc):
 
 
 def finish_scratch(m_sc, l_sc, acc_sc, o_ref, lse_ref):
-    """Write out = acc / l (zeros where l = 0) and lse = m + log l (-inf where l = 0) from the scratch refs."""
+    """Write out = acc / l (zeros where l = 0) and lse = m + log l (-inf where l = 0) from the scratch refs,
+    reshaped to the output blocks (a stacked [G · rows, ...] state into [G, rows, ...] blocks)."""
     l = l_sc[...]
     safe = jnp.where(l > 0, l, 1.0)
-    o_ref[...] = (acc_sc[...] / safe).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(l > 0, m_sc[...] + jnp.log(safe), -jnp.inf)
+    o_ref[...] = (acc_sc[...] / safe).astype(o_ref.dtype).reshape(o_ref.shape)
+    lse_ref[...] = jnp.where(l > 0, m_sc[...] + jnp.log(safe), -jnp.inf).reshape(lse_ref.shape)
 
 
 def scratch_row_step(j, count, last, block_start: Callable[[], jax.Array], q_ref, k_ref, v_ref, scale, visible,

@@ -32,7 +32,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import online_softmax
 from pallas_kernels.block_plan import BlockPlan, cdiv, kernel_plan_args
-from pallas_kernels.tpu_dma import walk_double_buffered
+from pallas_kernels.tpu_dma import copy_in, entry_columns, walk_gathered
 
 
 @jax.tree_util.register_dataclass
@@ -97,32 +97,16 @@ def _kernel(counts_ref, sinks_ref, window_ref, kvlen_ref, qstart_ref, tiles_hbm,
                                             0xFFFF)
     else:
         tile_of = lambda e: tiles_sm[e]
-    plan_copies = (pltpu.make_async_copy(tiles_hbm.at[row], tiles_sm, plan_sem.at[0]),
-                   pltpu.make_async_copy(masks_hbm.at[row], masks_sm, plan_sem.at[1]))
-    for c in plan_copies:
-        c.start()
-    for c in plan_copies:
-        c.wait()
+    copy_in(pltpu.make_async_copy(tiles_hbm.at[row], tiles_sm, plan_sem.at[0]),
+            pltpu.make_async_copy(masks_hbm.at[row], masks_sm, plan_sem.at[1]))
     online_softmax.init_scratch(m_sc, l_sc, acc_sc)
-    steps = lax.div(count + (gather - 1), jnp.int32(gather))
-    entry = lambda step, i: jnp.minimum(step * gather + i, jnp.maximum(count - 1, 0))  # past the list: re-read
-
-    def kv_copies(step, slot):
-        out = []
-        for i in range(gather):
-            start = pl.multiple_of(tile_of(entry(step, i)) * kt, kt)
-            dst = pl.ds(i * kt, kt)
-            out += [pltpu.make_async_copy(k_hbm.at[b, kg, pl.ds(start, kt)], k_buf.at[slot, dst], sem.at[0, slot]),
-                    pltpu.make_async_copy(v_hbm.at[b, kg, pl.ds(start, kt)], v_buf.at[slot, dst], sem.at[1, slot])]
-        return out
+    first_key = lambda e: tile_of(e) * kt
 
     r_iota = lax.broadcasted_iota(jnp.int32, (rows, width), 0)
     c_iota = lax.broadcasted_iota(jnp.int32, (rows, width), 1)
     head = lax.div(r_iota, jnp.int32(q_block))  # lax.div / rem: no sign op on TPU
     q_pos = qstart_ref[b] + t * q_block + lax.rem(r_iota, jnp.int32(q_block))
-    col_entry = lax.div(c_iota, jnp.int32(kt))
-    in_entry = lax.rem(c_iota, jnp.int32(kt))
-    bit = head * tile_blocks + lax.div(in_entry, jnp.int32(kv_block))
+    bit = head * tile_blocks + lax.div(lax.rem(c_iota, jnp.int32(kt)), jnp.int32(kv_block))
     sink = jnp.zeros((rows, width), jnp.int32)
     window = jnp.zeros((rows, width), jnp.int32)
     for hi in range(g):  # per-row band of the stacked heads
@@ -130,24 +114,16 @@ def _kernel(counts_ref, sinks_ref, window_ref, kvlen_ref, qstart_ref, tiles_hbm,
         window = jnp.where(head == hi, window_ref[kg * g + hi], window)
     q = q_ref[...].reshape(rows, h)
 
-    def visit(step, slot):
+    def visit(slot, entries):
         k, v = k_buf[slot], v_buf[slot]
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-        k_pos = in_entry
-        word = jnp.zeros((rows, width), jnp.int32)
-        for i in range(gather):  # each column's entry: its first key and its head / block bits
-            e = entry(step, i)
-            k_pos = jnp.where(col_entry == i, tile_of(e) * kt + in_entry, k_pos)
-            word = jnp.where(col_entry == i, jnp.where(step * gather + i < count, masks_sm[e], 0), word)
+        k_pos, word = entry_columns((rows, width), kt, entries, first_key, lambda e: masks_sm[e])
         use = lax.bitwise_and(lax.shift_right_logical(word, bit), 1) != 0
         vis = use & (k_pos <= q_pos) & (k_pos < kvlen_ref[b]) & ((k_pos < sink) | (q_pos - k_pos < window))
         online_softmax.step_scratch(s, vis, v, m_sc, l_sc, acc_sc)
 
-    walk_double_buffered(steps, kv_copies, visit)
-    l = l_sc[...]
-    safe = jnp.where(l > 0, l, 1.0)
-    o_ref[...] = (acc_sc[...] / safe).astype(o_ref.dtype).reshape(g, q_block, h)
-    lse_ref[...] = jnp.where(l > 0, m_sc[...] + jnp.log(safe), -jnp.inf).reshape(g, q_block, 1)
+    walk_gathered(count, gather, kt, first_key, k_hbm.at[b, kg], v_hbm.at[b, kg], k_buf, v_buf, sem, visit)
+    online_softmax.finish_scratch(m_sc, l_sc, acc_sc, o_ref, lse_ref)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "tile_keys", "tile_blocks", "pack_tiles"))

@@ -27,7 +27,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels import online_softmax
 from pallas_kernels.sparse_decode.plan import DecodePlan, kernel_dims
 from pallas_kernels.sparse_decode.triton import combine
-from pallas_kernels.tpu_dma import walk_double_buffered
+from pallas_kernels.tpu_dma import copy_in, entry_columns, walk_gathered
 
 
 def _kernel(counts_ref, sinks_ref, window_ref, shift_ref, kvlen_ref, blocks_hbm, words_hbm, q_ref, k_hbm, v_hbm,
@@ -39,30 +39,14 @@ def _kernel(counts_ref, sinks_ref, window_ref, shift_ref, kvlen_ref, blocks_hbm,
     per = lax.div(count + (splits - 1), jnp.int32(splits))
     lo = sp * per
     n_e = jnp.maximum(jnp.minimum(lo + per, count) - lo, 0)
-    plan_copies = (pltpu.make_async_copy(blocks_hbm.at[row, pl.ds(lo, share)], blocks_sm, plan_sem.at[0]),
-                   pltpu.make_async_copy(words_hbm.at[row, pl.ds(lo, share)], words_sm, plan_sem.at[1]))
-    for c in plan_copies:
-        c.start()
-    for c in plan_copies:
-        c.wait()
+    copy_in(pltpu.make_async_copy(blocks_hbm.at[row, pl.ds(lo, share)], blocks_sm, plan_sem.at[0]),
+            pltpu.make_async_copy(words_hbm.at[row, pl.ds(lo, share)], words_sm, plan_sem.at[1]))
     online_softmax.init_scratch(m_sc, l_sc, acc_sc)
-    steps = lax.div(n_e + (gather - 1), jnp.int32(gather))
-    entry = lambda step, i: jnp.minimum(step * gather + i, jnp.maximum(n_e - 1, 0))  # past the share: re-read
-
-    def kv_copies(step, slot):
-        out = []
-        for i in range(gather):
-            start = pl.multiple_of(blocks_sm[entry(step, i)] * kv_block, kv_block)
-            dst = pl.ds(i * kv_block, kv_block)
-            out += [pltpu.make_async_copy(k_hbm.at[b, kh, pl.ds(start, kv_block)], k_buf.at[slot, dst], sem.at[0, slot]),
-                    pltpu.make_async_copy(v_hbm.at[b, kh, pl.ds(start, kv_block)], v_buf.at[slot, dst], sem.at[1, slot])]
-        return out
+    first_key = lambda e: blocks_sm[e] * kv_block
 
     gp, h = q_ref.shape
     width = gather * kv_block
     r_iota = lax.broadcasted_iota(jnp.int32, (gp, width), 0)
-    c_iota = lax.broadcasted_iota(jnp.int32, (gp, width), 1)
-    col_blk = lax.div(c_iota, jnp.int32(kv_block))
     q_pos = jnp.zeros((gp, width), jnp.int32)
     sink = jnp.zeros((gp, width), jnp.int32)
     window = jnp.zeros((gp, width), jnp.int32)
@@ -73,22 +57,15 @@ def _kernel(counts_ref, sinks_ref, window_ref, shift_ref, kvlen_ref, blocks_hbm,
         window = jnp.where(r_iota == r, window_ref[hd], window)
     q = q_ref[...]
 
-    def visit(step, slot):
+    def visit(slot, entries):
         k, v = k_buf[slot], v_buf[slot]
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-        k_pos = jnp.zeros((gp, width), jnp.int32)
-        word = jnp.zeros((gp, width), jnp.int32)
-        for i in range(gather):  # each column's block: its position and its entry's head bits
-            e = entry(step, i)
-            live = step * gather + i < n_e
-            k_pos = jnp.where(col_blk == i, blocks_sm[e] * kv_block, k_pos)
-            word = jnp.where(col_blk == i, jnp.where(live, words_sm[e], 0), word)
-        k_pos = k_pos + lax.rem(c_iota, jnp.int32(kv_block))
+        k_pos, word = entry_columns((gp, width), kv_block, entries, first_key, lambda e: words_sm[e])
         use = lax.bitwise_and(lax.shift_right_logical(word, r_iota), 1) != 0
         vis = use & (k_pos <= q_pos) & ((k_pos < sink) | (q_pos - k_pos < window))
         online_softmax.step_scratch(s, vis, v, m_sc, l_sc, acc_sc)
 
-    walk_double_buffered(steps, kv_copies, visit)
+    walk_gathered(n_e, gather, kv_block, first_key, k_hbm.at[b, kh], v_hbm.at[b, kh], k_buf, v_buf, sem, visit)
     online_softmax.finish_scratch(m_sc, l_sc, acc_sc, o_ref, lse_ref)
 
 
