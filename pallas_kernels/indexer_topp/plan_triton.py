@@ -3,7 +3,8 @@
 **Selection** (`rtpurbo_decode_topp_select`), one program per (sequence, query head) over that head's row of
 block log-sum-exps [Sbp] (from the fused scoring kernel, `triton.py`):
 - retrieval head: block masses (softmax over visible blocks), forced blocks (sinks, the last `keep_recent`
-  tokens), then the exact top-p set without a sort: a 30-step bisection on the fp32 bit pattern of the
+  tokens), then the exact top-p set without a sort (`xla.topp_select_sortfree`, run on the row): a 30-step
+  bisection on the fp32 bit pattern of the
   candidates' masses (non-negative floats order like their int32 bits) finds the boundary value tau = the
   largest mass v with  base + sum(mass >= v) >= p;  everything above tau is kept, and ties at tau are kept
   in index order while the running mass stays below p (the sort-based reference's stable-order rule);
@@ -37,9 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-_ONE_PLUS = 0x3F800001  # int32 bits just above 1.0f: no block mass reaches it
-_STEPS = 30  # 2**30 > _ONE_PLUS: the bisection interval closes
-
+from pallas_kernels.indexer_topp.xla import topp_select_sortfree
 
 def _select_kernel(kvlen_ref, isr_ref, sinks_ref, win_ref, dense_ref, lse_ref, sel_ref, *, top_p: float,
                    kv_block: int, r_sinks: int, keep_recent: int):
@@ -60,30 +59,8 @@ def _select_kernel(kvlen_ref, isr_ref, sinks_ref, win_ref, dense_ref, lse_ref, s
         l = jnp.sum(e)
         mass = e / jnp.where(l > 0, l, 1.0)
         forced = vis & ((k_lo < r_sinks) | (k_hi > q_pos - max(keep_recent, 1)))
-        if top_p >= 1.0:
-            sel = vis
-        else:
-            base = jnp.sum(jnp.where(forced, mass, 0.0))
-            is_cand = vis & ~forced
-            cand = jnp.where(is_cand, mass, 0.0)
-            bits = jnp.where(is_cand, lax.bitcast_convert_type(cand, jnp.int32), -1)
-            total = base + jnp.sum(cand)
-
-            def bisect(_, lohi):
-                lo, hi = lohi
-                mid = lo + (hi - lo) // 2
-                ok = base + jnp.sum(jnp.where(bits >= mid, cand, 0.0)) >= top_p
-                return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-            tau_bits, _ = lax.fori_loop(0, _STEPS, bisect, (jnp.int32(0), jnp.int32(_ONE_PLUS)))
-            tau = lax.bitcast_convert_type(tau_bits, jnp.float32)
-            above = bits > tau_bits
-            s_gt = jnp.sum(jnp.where(above, cand, 0.0))
-            tie = bits == tau_bits
-            rank = jnp.cumsum(tie.astype(jnp.int32)) - 1
-            keep_tie = tie & (base + s_gt + rank.astype(jnp.float32) * tau < top_p)
-            keep = jnp.where(total < top_p, is_cand, (base < top_p) & (above | keep_tie))
-            sel = jnp.where(dense_ref[b] != 0, vis, forced | keep)
+        # the XLA backend's bisection, on this program's row (one jnp function, lowered by Triton here)
+        sel = jnp.where(dense_ref[b] != 0, vis, topp_select_sortfree(mass, vis, forced, top_p))
         sel_ref[...] = sel.astype(jnp.int32)
 
     @pl.when(jnp.logical_not(is_r))

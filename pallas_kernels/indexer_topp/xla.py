@@ -1,7 +1,7 @@
 """Decode top-p selection in XLA without a sort (backend "xla": the TPU default, any platform).
 
-The exact top-p set of `reference.topp_select` (without `max_blocks`) by the bisection the Triton kernel runs
-(`plan_triton.py`), batched over rows: non-negative fp32 masses order like their int32 bit patterns, so 30
+The exact top-p set of `reference.topp_select` (without `max_blocks`) by bisection, batched over rows (the
+Triton selection kernel, `plan_triton.py`, runs this same function on its row): non-negative fp32 masses order like their int32 bit patterns, so 30
 halvings of [0, bits(1.0)] find tau = the largest mass v with  base + sum(mass >= v) >= p;  masses above tau
 are kept and ties at tau in index order while the running mass stays below p (the stable sort's order). Each
 step is one masked row sum: no sort (XLA sorts are slow on TPUs) and no data-dependent shapes. Masses are summed
@@ -13,7 +13,6 @@ Scoring stays in XLA too: token scores q_idx · k_idx, per-block log-sum-exp (`r
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 

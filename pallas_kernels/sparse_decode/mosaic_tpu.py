@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import online_softmax
-from pallas_kernels.sparse_decode.plan import DecodePlan, kernel_dims
+from pallas_kernels.sparse_decode.plan import DecodePlan, head_mask_words, kernel_dims
 from pallas_kernels.sparse_decode.triton import combine
 from pallas_kernels.tpu_dma import copy_in, entry_columns, walk_gathered
 
@@ -83,15 +83,12 @@ def sparse_decode_tpu(q, k_hm, v_hm, plan: DecodePlan, *, scale=None, splits: in
     """
     kh = k_hm.shape[1]
     b, n, h, g, bk, m_max = kernel_dims(q, k_hm.shape[2], kh, plan)
-    if g > 32:
-        raise ValueError(f"mosaic_tpu decode: at most 32 query heads per KV head, got {g}")
     gp = -(-g // 8) * 8
     splits = splits or default_splits(b, kh)
     share = -(-m_max // splits)
     scale = h ** -0.5 if scale is None else scale
     qp = jnp.pad(q.reshape(b, kh, g, h), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
-    words = (plan.head_mask.astype(jnp.uint32) << jnp.arange(g, dtype=jnp.uint32)).sum(-1, dtype=jnp.uint32)
-    words = lax.bitcast_convert_type(words, jnp.int32).reshape(b * kh, m_max)
+    words = head_mask_words(plan).reshape(b * kh, m_max)
     pad = lambda x: jnp.pad(x, ((0, 0), (0, share)))  # a share's window may run past M
     blocks = pad(plan.kv_blocks.reshape(b * kh, m_max).astype(jnp.int32))
     prefetch = (plan.counts.reshape(-1).astype(jnp.int32), plan.sinks, plan.window, plan.shifts(),

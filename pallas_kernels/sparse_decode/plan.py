@@ -77,6 +77,16 @@ def decode_plan(sel: jax.Array, num_kv_heads: int, *, sinks, window, kv_len, kv_
                       q_shift=None if q_shift is None else jnp.broadcast_to(jnp.asarray(q_shift, jnp.int32), (n,)))
 
 
+def head_mask_words(plan: DecodePlan) -> jax.Array:
+    """int32 [B, K, M]: each union entry's head mask as one word, bit h for query head h of the group (G <= 32),
+    what the decode kernels read instead of G flags per entry."""
+    g = plan.head_mask.shape[-1]
+    if g > 32:
+        raise ValueError(f"head_mask_words: at most 32 query heads per KV head, got {g}")
+    words = (plan.head_mask.astype(jnp.uint32) << jnp.arange(g, dtype=jnp.uint32)).sum(-1, dtype=jnp.uint32)
+    return jax.lax.bitcast_convert_type(words, jnp.int32)
+
+
 def kernel_dims(q, num_keys: int, num_kv_heads: int, plan: DecodePlan) -> tuple[int, int, int, int, int, int]:
     """(B, N, H, G, kv_block, M) of a decode kernel call on q [B, N, H] over num_keys keys (a multiple of
     kv_block: the api pads) of num_kv_heads groups."""

@@ -21,7 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import online_softmax
-from pallas_kernels.sparse_decode.plan import DecodePlan, kernel_dims
+from pallas_kernels.sparse_decode.plan import DecodePlan, head_mask_words, kernel_dims
 
 
 
@@ -88,8 +88,7 @@ def sparse_decode_triton(q, k, v, plan: DecodePlan, *, scale=None, splits: int |
     qp = jnp.pad(q.reshape(b, kh, g, h), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
     bits = g <= 32  # head masks packed one word per union entry (G bytes -> 4), else one int32 per head
     if bits:
-        hm = (plan.head_mask.astype(jnp.uint32) << jnp.arange(g, dtype=jnp.uint32)).sum(-1, dtype=jnp.uint32)
-        hm = lax.bitcast_convert_type(hm, jnp.int32).reshape(-1)
+        hm = head_mask_words(plan).reshape(-1)
     else:
         hm = jnp.pad(plan.head_mask, ((0, 0), (0, 0), (0, 0), (0, gp - g))).astype(jnp.int32).reshape(-1)
     args = (plan.kv_blocks.reshape(-1), plan.counts.reshape(-1), hm, pad_g(plan.sinks, 0).reshape(-1),
