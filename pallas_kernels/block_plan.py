@@ -126,15 +126,7 @@ def plan_from_selection(sel: jax.Array, *, sinks, window, kv_len, q_block: int, 
     Keeps the lowest block ids when a row selects more than M blocks (callers enforce budgets before this).
     """
     sb = sel.shape[-1]
-    m = sb if max_blocks is None else min(max_blocks, sb)
-    ids = jnp.arange(sb, dtype=jnp.int32)
-    key = jnp.where(sel, ids, sb + ids)  # selected first, each part ascending
-    order = jnp.sort(key, axis=-1)[..., :m]
-    counts = jnp.minimum(sel.sum(-1), m).astype(jnp.int32)
-    blocks = jnp.where(order >= sb, order - sb, order).astype(jnp.int32)
-    last = jnp.take_along_axis(blocks, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
-    last = jnp.where(counts[..., None] > 0, last, 0)
-    blocks = jnp.where(jnp.arange(m) < counts[..., None], blocks, last)
+    blocks, counts = pack_ascending(jnp.asarray(sel, bool), sb if max_blocks is None else min(max_blocks, sb))
     b, n = sel.shape[:2]
     return BlockPlan(
         kv_blocks=blocks, counts=counts,
@@ -211,6 +203,23 @@ def band_plan(batch: int, num_heads: int, q_len: int, kv_len: int, *, sinks, win
     kv_len_arr = kv_len if lengths is None else lengths
     return plan_from_selection(sel, sinks=sinks, window=window, kv_len=kv_len_arr, q_block=q_block,
                                kv_block=kv_block, q_offset=q_offset, max_blocks=m)
+
+
+def pack_ascending(active: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
+    """(ids int32 [..., m], counts int32 [...]): the positions where active bool [..., S] holds, ascending (the
+    lowest m when there are more), then repeats of the last (0 when none). Sort-free — a prefix count and one
+    scatter of distinct slots (XLA sorts are slow on TPUs): the packing of decode plans and TPU tile plans."""
+    lead, s = active.shape[:-1], active.shape[-1]
+    flat = active.reshape(-1, s)
+    pos = jnp.arange(s, dtype=jnp.int32)
+    incl = jnp.cumsum(flat.astype(jnp.int32), axis=-1)
+    slot = jnp.where(flat, incl - 1, s + pos)  # distinct; >= m is dropped
+    ids = jnp.zeros((flat.shape[0], m), jnp.int32).at[jnp.arange(flat.shape[0])[:, None], slot].set(
+        jnp.broadcast_to(pos, slot.shape), mode="drop", unique_indices=True)
+    counts = jnp.minimum(incl[:, -1], m).astype(jnp.int32)
+    last = jnp.take_along_axis(ids, jnp.maximum(counts - 1, 0)[:, None], axis=-1)
+    ids = jnp.where(jnp.arange(m) < counts[:, None], ids, jnp.where(counts[:, None] > 0, last, 0))
+    return ids.reshape(*lead, m), counts.reshape(lead)
 
 
 def kernel_plan_args(plan: BlockPlan, q_len: int, kv_len: int) -> tuple[jax.Array, ...]:

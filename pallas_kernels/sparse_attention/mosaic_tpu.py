@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import online_softmax
-from pallas_kernels.block_plan import BlockPlan, cdiv, kernel_plan_args
+from pallas_kernels.block_plan import BlockPlan, cdiv, kernel_plan_args, pack_ascending
 from pallas_kernels.tpu_dma import copy_in, entry_columns, walk_gathered
 
 
@@ -70,14 +70,8 @@ def tile_plan(plan: BlockPlan, num_kv_heads: int, num_kv_blocks: int, tile_block
     words = jnp.zeros((b, num_kv_heads, tb, st), jnp.int32).at[
         bi[..., None], (ni // g)[..., None], ti[..., None], blk // tile_blocks].add(jnp.where(valid, bit, 0))
     active = words != 0  # adding distinct powers of two never carries: add == or
-    ids = jnp.arange(st, dtype=jnp.int32)
-    order = jnp.sort(jnp.where(active, ids, st + ids), axis=-1)
-    counts = active.sum(-1).astype(jnp.int32)
-    tiles = jnp.where(order >= st, order - st, order)
-    last = jnp.take_along_axis(tiles, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
-    in_list = jnp.arange(st) < counts[..., None]
-    tiles = jnp.where(in_list, tiles, jnp.where(counts[..., None] > 0, last, 0))
-    masks = jnp.where(in_list, jnp.take_along_axis(words, tiles, axis=-1), 0)
+    tiles, counts = pack_ascending(active, st)
+    masks = jnp.where(jnp.arange(st) < counts[..., None], jnp.take_along_axis(words, tiles, axis=-1), 0)
     return TilePlan(tiles=tiles, masks=masks, counts=counts, tile_blocks=tile_blocks)
 
 

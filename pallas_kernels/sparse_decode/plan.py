@@ -27,6 +27,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.block_plan import pack_ascending
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -57,17 +59,7 @@ def decode_plan(sel: jax.Array, num_kv_heads: int, *, sinks, window, kv_len, kv_
     grp = sel.reshape(b, num_kv_heads, g, sb)
     union = grp.any(2)  # [B, K, Sb]
     m = sb if max_blocks is None else min(max_blocks, sb)
-    ids = jnp.arange(sb, dtype=jnp.int32)
-    # sort-free: union block i goes to slot (union blocks before it), a scatter of distinct slots (XLA sorts are
-    # slow on TPUs); blocks past M are dropped, so the lowest ids are kept
-    incl = jnp.cumsum(union.astype(jnp.int32), axis=-1)
-    slot = jnp.where(union, incl - 1, m)
-    bi, ki = jnp.meshgrid(jnp.arange(b), jnp.arange(num_kv_heads), indexing="ij")
-    blocks = jnp.zeros((b, num_kv_heads, m), jnp.int32).at[bi[..., None], ki[..., None], slot].set(
-        jnp.broadcast_to(ids, slot.shape), mode="drop", unique_indices=True)
-    counts = jnp.minimum(incl[..., -1], m).astype(jnp.int32)
-    last = jnp.take_along_axis(blocks, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
-    blocks = jnp.where(jnp.arange(m) < counts[..., None], blocks, jnp.where(counts[..., None] > 0, last, 0))
+    blocks, counts = pack_ascending(union, m)  # the lowest ids when a group keeps more than M
     valid = jnp.arange(m) < counts[..., None]  # [B, K, M]
     hm = jnp.take_along_axis(grp, blocks[:, :, None, :], axis=-1) & valid[:, :, None, :]  # [B, K, G, M]
     return DecodePlan(kv_blocks=blocks.astype(jnp.int32), counts=counts, head_mask=jnp.moveaxis(hm, 2, 3),
