@@ -18,6 +18,9 @@ Modes (every sparse mode runs the split at every length: `seqlen_threshold` is s
 Rows: {mode, task, kind, length, n, score, blocks_frac}; score is 0-100 (mean per-prompt score), for kind
 "ppl" it is the perplexity of the last 64 tokens of held-out text (decoded token by token, teacher-forced).
 blocks_frac: mean over decode steps and retrieval heads of the fraction of visible key blocks visited.
+The JSON is rewritten atomically after every cell; an existing one is never replaced without `--overwrite`,
+and `--resume` keeps the cells an interrupted run of the same configuration (model, device, roles, prompts,
+seed, indexers, dtype) saved and runs the rest.
 """
 
 from __future__ import annotations
@@ -92,10 +95,22 @@ def ppl_prompts(tok, length: int, n: int, seed: int):
 
 
 def evaluate(params, cfg, tok, modes: list[Mode], indexers: dict, lengths: list[int], tasks: list[str], n: int,
-             seed: int, log=print) -> list[dict]:
-    """Rows of every mode x task x length (plus ppl) on the same prompts."""
+             seed: int, log=print, done: dict | None = None, on_row=None) -> list[dict]:
+    """Rows of every mode x task x length (plus ppl) on the same prompts.
+
+    done: rows of an earlier run of the same configuration keyed by (mode, task, length); those cells are taken
+    as they are instead of run again (`--resume`). on_row(row) is called after each row (the CLI saves there)."""
     b = Builder(tok)
     rows: list[dict] = []
+    done = done or {}
+
+    def add(row, resumed=False, extra=""):
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+        log(f"[accuracy] {row['length']:>6} {row['mode']:<26} {row['task']:<18} score {row['score']:8.2f} "
+            f"blocks {row['blocks_frac']}{extra} ({'resumed' if resumed else f'{time.time() - t0:.0f}s'})")
+
     gen = max(max_new_tokens(t) for t in tasks) if tasks else 0
     t0 = time.time()
     for length in lengths:
@@ -119,25 +134,59 @@ def evaluate(params, cfg, tok, modes: list[Mode], indexers: dict, lengths: list[
                 toks, lens, steps, forced = inputs(task)
                 cache = None
                 for m in group:
-                    ix = indexers.get(m.indexer)
-                    out, nll, frac, cache = run_batch(params, cfg, m.sparse, ix, toks, lens, max_len, steps, forced, cache)
-                    rows.append(_row(m.name, task, length, n, out, nll, frac, prompts, tok, steps))
-                    if m.name == "rtpurbo" and frac is not None:
-                        frac_rtp.append(frac)
-                    log(f"[accuracy] {length:>6} {m.name:<26} {task:<18} score {rows[-1]['score']:8.2f} "
-                        f"blocks {rows[-1]['blocks_frac']} ({time.time() - t0:.0f}s)")
+                    if (m.name, task, length) in done:
+                        add(done[(m.name, task, length)], resumed=True)
+                    else:
+                        ix = indexers.get(m.indexer)
+                        out, nll, frac, cache = run_batch(params, cfg, m.sparse, ix, toks, lens, max_len, steps,
+                                                          forced, cache)
+                        add(_row(m.name, task, length, n, out, nll, frac, prompts, tok, steps))
+                    if m.name == "rtpurbo" and rows[-1]["blocks_frac"] is not None:
+                        frac_rtp.append(rows[-1]["blocks_frac"])
         topk = [m for m in modes if m.name == "topk_same_budget"]
         if topk and frac_rtp:
             base = next(m for m in modes if m.name == "rtpurbo").sparse
             k = max(1, math.ceil(float(np.mean(frac_rtp)) * -(-length // base.kv_block)))
             m = Mode("topk_same_budget", dataclasses.replace(base, top_p=1.0, max_blocks=k), topk[0].indexer)
             for task in tasks + ["ppl"]:
+                if (m.name, task, length) in done:
+                    add(done[(m.name, task, length)], resumed=True)
+                    continue
                 toks, lens, steps, forced = inputs(task)
                 out, nll, frac, _ = run_batch(params, cfg, m.sparse, indexers.get(m.indexer), toks, lens, max_len, steps,
                                               forced)
-                rows.append({**_row(m.name, task, length, n, out, nll, frac, prompts, tok, steps), "max_blocks": k})
-                log(f"[accuracy] {length:>6} {m.name:<26} {task:<18} score {rows[-1]['score']:8.2f} (k={k})")
+                add({**_row(m.name, task, length, n, out, nll, frac, prompts, tok, steps), "max_blocks": k},
+                    extra=f" k={k}")
     return rows
+
+
+def earlier_rows(path: str, config: dict, resume: bool, overwrite: bool) -> dict:
+    """{(mode, task, length): row} of an earlier run at `path` (JSON) to keep with --resume; {} for a fresh run.
+
+    Refuses to touch an existing file unless resume or overwrite is given, and refuses to resume one written
+    with another configuration (naming the keys that differ)."""
+    if not os.path.exists(path):
+        return {}
+    if resume:
+        with open(path) as f:
+            old = json.load(f)
+        have = {**old.get("config", {}), "model": old.get("model"), "device": old.get("device")}
+        diff = sorted(k for k in set(config) | set(have) if config.get(k) != have.get(k))
+        if diff:
+            raise ValueError(f"{path} was written with another configuration ({', '.join(diff)} differ): "
+                             f"choose another --out, or --overwrite to replace it")
+        return {(r["mode"], r["task"], r["length"]): r for r in old["rows"]}
+    if not overwrite:
+        raise FileExistsError(f"{path} exists: --resume to keep its cells and run the rest, --overwrite to replace "
+                              f"it, or another --out")
+    return {}
+
+
+def write_json(path: str, obj: dict) -> None:
+    """Write obj to path atomically (a temporary sibling renamed over it)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def _row(mode, task, length, n, out, nll, frac, prompts, tok, steps) -> dict:
@@ -203,6 +252,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, help="param dtype (default: as converted)")
     p.add_argument("--out", default=None, help="output prefix (default benchmarks/results/accuracy_<model>_<device>)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the cells an interrupted run of the same configuration saved in --out, run the rest")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out JSON")
     args = p.parse_args(argv)
     ckpt = load_converted(args.converted)
     cfg, tok = ckpt.model_config, ckpt.tokenizer()
@@ -224,13 +276,17 @@ def main(argv=None) -> int:
           f"{args.prompts} prompts per cell", flush=True)
     out = args.out or f"benchmarks/results/accuracy_{model}_{device.lower().replace(' ', '_')}"
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    config = {**_result(model, device, shipped, args, params, [])["config"], "model": model, "device": device}
+    done = earlier_rows(out + ".json", config, args.resume, args.overwrite)
     rows: list[dict] = []
-    for length in args.lengths:  # the JSON is rewritten after each length: a cut-off run keeps what it measured
-        rows += evaluate(params, cfg, tok, modes, indexers, [length], args.tasks, args.prompts, args.seed,
-                         log=lambda s: print(s, flush=True))
-        res = _result(model, device, shipped, args, params, rows)
-        with open(out + ".json", "w") as f:
-            json.dump(res, f, indent=1)
+
+    def save(row):  # after every cell, atomically: a cut-off run keeps what it measured and --resume goes on
+        rows.append(row)
+        write_json(out + ".json", _result(model, device, shipped, args, params, rows))
+
+    evaluate(params, cfg, tok, modes, indexers, args.lengths, args.tasks, args.prompts, args.seed,
+             log=lambda s: print(s, flush=True), done=done, on_row=save)
+    res = _result(model, device, shipped, args, params, rows)
     plot(res, out + ".png")
     print(f"[accuracy] wrote {out}.json / .png")
     return 0

@@ -5,6 +5,8 @@ local prior, and retrieval events in the training windows."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -112,9 +114,10 @@ def test_suite_scores_right_model_100_wrong_model_0(tok, monkeypatch, right):
     assert {r["kind"] for r in rows} == {"retrieval", "aggregation", "ppl"}
 
 
-def test_suite_end_to_end_tiny_model(tok, tmp_path):
+def test_suite_end_to_end_tiny_model(tok, tmp_path, monkeypatch):
     """The real path (serving prefill + decode_step over the hybrid cache) on a tiny random model: the schema,
-    blocks_frac bounds, and full == dense_retrieval == oracle at p=1 when the window covers the prompt."""
+    blocks_frac bounds, and full == dense_retrieval == oracle at p=1 when the window covers the prompt. A resumed
+    run recomputes only the cells it lacks and gives the same rows."""
     from rtpurbo_jax.model_config import ModelConfig
     from rtpurbo_jax.params import init_params
     from rtpurbo_jax.indexer import init_indexer
@@ -141,6 +144,33 @@ def test_suite_end_to_end_tiny_model(tok, tmp_path):
         assert by[(m, "ppl")]["score"] == pytest.approx(by[("full", "ppl")]["score"], rel=1e-4)
         assert by[(m, "niah_single_noise")]["sample"] == by[("full", "niah_single_noise")]["sample"]
     assert by[("rtpurbo", "ppl")]["score"] != pytest.approx(by[("full", "ppl")]["score"], rel=1e-6)
+
+    calls, real = [], accuracy.run_batch
+    monkeypatch.setattr(accuracy, "run_batch", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    done = {(r["mode"], r["task"], r["length"]): r for r in rows if r["mode"] != "rtpurbo"}
+    saved = []
+    again = accuracy.evaluate(params, cfg, tok, modes, ix, [400], ["niah_single_noise"], 2, 0, log=lambda s: None,
+                              done=done, on_row=saved.append)
+    assert len(calls) == 2 and all(c.top_p == wide.top_p and c.selector == "indexer" for c in calls)  # rtpurbo only
+    assert saved == again and [(r["mode"], r["task"]) for r in again] == [(r["mode"], r["task"]) for r in rows]
+    for r, w in zip(again, rows):
+        assert r["score"] == pytest.approx(w["score"], rel=1e-6) and r["blocks_frac"] == w["blocks_frac"]
+
+
+def test_results_file_is_never_replaced_silently_and_resumes_only_its_own_config(tmp_path):
+    path = str(tmp_path / "acc.json")
+    config = {"prompts": 20, "seed": 0, "model": "m", "device": "d"}
+    assert accuracy.earlier_rows(path, config, resume=True, overwrite=False) == {}  # nothing to resume: fresh
+    row = {"mode": "full", "task": "ppl", "kind": "ppl", "length": 400, "n": 20, "score": 3.0, "blocks_frac": None}
+    accuracy.write_json(path, {"model": "m", "device": "d", "config": {"prompts": 20, "seed": 0}, "rows": [row]})
+    assert not os.path.exists(path + ".tmp")
+    with pytest.raises(FileExistsError, match="--resume.*--overwrite"):
+        accuracy.earlier_rows(path, config, resume=False, overwrite=False)
+    assert accuracy.earlier_rows(path, config, resume=True, overwrite=False) == {("full", "ppl", 400): row}
+    with pytest.raises(ValueError, match="device, prompts differ"):
+        accuracy.earlier_rows(path, {**config, "prompts": 10, "device": "e"}, resume=True, overwrite=False)
+    assert accuracy.earlier_rows(path, config, resume=False, overwrite=True) == {}
+    assert json.load(open(path))["rows"] == [row]  # deciding to overwrite does not delete before new rows come
 
 
 def test_oracle_selection_holds_top_p_of_exact_attention():
