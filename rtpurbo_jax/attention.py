@@ -92,6 +92,17 @@ def selection_inputs(qkv, keys, ix, k_index, heads_r, kv_r, sparse: SparseConfig
     return ixr.project_queries(q_pre, ix["w_q"]), k_index, ixr.local_prior(q_pre, ix)
 
 
+def selection_backend(op_backend: str | None, indexer: bool) -> str:
+    """The indexer selection backend (`pallas_kernels.indexer_topp.api`) that goes with an attention op's backend:
+    the Triton selection kernels with the GPU ops, the sort-free XLA top-p with Mosaic TPU, else the reference
+    (also for the oracle selector). None (the op picks for the device) follows the default device."""
+    if not indexer:
+        return "reference"
+    if op_backend is None:
+        op_backend = {"gpu": "triton", "cuda": "triton", "tpu": "mosaic_tpu"}.get(jax.default_backend(), "reference")
+    return {"triton": "triton", "mosaic_gpu": "triton", "mosaic_tpu": "xla"}.get(op_backend, "reference")
+
+
 def heads_attention(q, k, v, is_r, rows, sel, pos: Positions, sparse: SparseConfig | None, cfg: ModelConfig,
                     call: AttentionCall):
     """Attention of N' query heads q [B, C, N', H] over keys k, v [B, S, K', H] holding every position, through
@@ -104,12 +115,10 @@ def heads_attention(q, k, v, is_r, rows, sel, pos: Positions, sparse: SparseConf
     sinks, window = planner.local_band(sparse, cfg, dense)
     new_len = pos.new_len
     kv_block = sparse.kv_block if sparse is not None else 64
+    indexer = sparse is not None and sparse.selector == "indexer"
     if call.decode:
         q_sel, k_sel, bias = sel if sel is not None else (None, None, None)
-        indexer = sparse is not None and sparse.selector == "indexer"
-        # the decode op's selection: the fused kernels on Triton, the sort-free XLA top-p on TPUs, else the reference
-        selection = {"triton": "triton", "mosaic_tpu": "xla"}.get(call.decode_backend, "reference") if indexer \
-            else "reference"
+        selection = selection_backend(call.decode_backend, indexer)
         plan = planner.decode_step_plan(np.asarray(is_r), None if q_sel is None else q_sel[:, 0], k_sel,
                                         None if bias is None else bias[:, 0], new_len, sinks, window, sparse,
                                         num_kv_heads=kh, num_keys=s, dense=dense, interpret=call.interpret,
@@ -118,7 +127,9 @@ def heads_attention(q, k, v, is_r, rows, sel, pos: Positions, sparse: SparseConf
         return out[:, None].astype(jnp.float32), planner.visited_fraction(plan, rows or (), new_len)
     sel_r = None
     if sel is not None:
-        sel_r = planner.retrieval_selection(*sel, pos.q_pos, pos.valid, new_len, sparse, tile=call.tile, dense=dense)
+        sel_r = planner.retrieval_selection(*sel, pos.q_pos, pos.valid, new_len, sparse, tile=call.tile, dense=dense,
+                                            backend=selection_backend(call.prefill_backend, indexer),
+                                            interpret=call.interpret)
     plan = planner.chunk_plan(is_r, rows, sel_r, pos.q_pos[:, 0], c, s, new_len, sinks, window,
                               q_block=call.tile if sel_r is not None else 128, kv_block=kv_block)
     if call.prefill_backend == "reference":

@@ -29,8 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.block_plan import FULL_WINDOW, BlockPlan, band_blocks, cdiv, plan_from_selection
-from pallas_kernels.indexer_topp.api import decode_plan_select
-from pallas_kernels.indexer_topp.reference import topp_selection_at
+from pallas_kernels.indexer_topp.api import decode_plan_select, prefill_selection
 from pallas_kernels.sparse_decode.plan import DecodePlan, decode_plan
 from rtpurbo_jax.model_config import ModelConfig
 from rtpurbo_jax.sparse_config import SparseConfig
@@ -54,18 +53,22 @@ def local_band(sparse: SparseConfig | None, cfg: ModelConfig, dense) -> tuple[ja
             jnp.where(dense, FULL_WINDOW, sparse.window).astype(jnp.int32))
 
 
-def retrieval_selection(q_sel, k_sel, bias, q_pos, valid, kv_len, sparse: SparseConfig, *, tile: int, dense):
+def retrieval_selection(q_sel, k_sel, bias, q_pos, valid, kv_len, sparse: SparseConfig, *, tile: int, dense,
+                        backend: str = "reference", interpret: bool = False):
     """bool [B, R, C / tile, Sb]: the key blocks each retrieval head's query tiles visit (top-p, or all when
     `dense`). q_sel fp32 [B, C, R, X], k_sel [B, S, R, X], bias fp32 [B, C, R] or None (`selection_inputs`);
-    q_pos int [B, C]; valid bool [B, C]; kv_len int [B] keys written so far. A last partial tile is padded."""
+    q_pos int [B, C]; valid bool [B, C]; kv_len int [B] keys written so far. A last partial tile is padded.
+    backend: `pallas_kernels.indexer_topp.api.prefill_selection`'s ("triton": every tile's block masses in one
+    kernel; "xla": sort-free top-p; "reference": the definition)."""
     pad = cdiv(q_pos.shape[1], tile) * tile - q_pos.shape[1]
     if pad:
         rows = lambda x, fill: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
         q_sel, q_pos, valid = rows(q_sel, 0), rows(q_pos, -1), rows(valid, False)
         bias = None if bias is None else rows(bias, 0)
-    sel = topp_selection_at(q_sel, k_sel.astype(jnp.float32), jnp.where(valid, q_pos, -1), kv_len, tile=tile,
-                            top_p=sparse.top_p, kv_block=sparse.kv_block, sinks=sparse.sinks,
-                            keep_recent=sparse.keep_recent, max_blocks=sparse.max_blocks, local_bias=bias)
+    sel = prefill_selection(q_sel, k_sel.astype(jnp.float32) if backend != "triton" else k_sel,
+                            jnp.where(valid, q_pos, -1), kv_len, tile=tile, top_p=sparse.top_p,
+                            kv_block=sparse.kv_block, sinks=sparse.sinks, keep_recent=sparse.keep_recent,
+                            max_blocks=sparse.max_blocks, local_bias=bias, backend=backend, interpret=interpret)
     return sel | dense
 
 

@@ -115,6 +115,46 @@ def test_topp_selection_p1_is_dense_causal():
     np.testing.assert_array_equal(sel[0, 0], np.tril(np.ones((5, 5), bool)))
 
 
+@pytest.mark.parametrize("c,start,s,tile,kb,bias", [(40, (0, 7), 47, 8, 8, False), (37, (60, 3), 131, 16, 16, True),
+                                                     (16, (32, 20), 48, 16, 4, True)])
+def test_prefill_tile_masses_and_selection_backends_match_the_reference(c, start, s, tile, kb, bias):
+    """The one-launch tile-mass kernel (Triton lowering, interpret mode) gives the reference's per-tile block
+    masses; every backend then selects the reference's blocks: ragged starts and kv_len, a partial last tile
+    (padding rows), keys past kv_len, S not a multiple of the block, the local prior, bf16 index keys."""
+    from pallas_kernels.indexer_topp.api import prefill_selection
+    from pallas_kernels.indexer_topp.prefill_triton import tile_block_mass_triton
+    from pallas_kernels.indexer_topp.reference import tile_bounds, tile_masses
+
+    rng = np.random.default_rng(c + s)
+    b, r, i = 2, 3, 8
+    cp = cdiv(c, tile) * tile
+    q_idx = jnp.asarray(rng.normal(size=(b, cp, r, i)) * 1.5, jnp.float32)
+    k_idx = jnp.asarray(rng.normal(size=(b, s, r, i)) * 1.5, jnp.bfloat16)
+    st = jnp.asarray(start, jnp.int32)
+    q_pos = st[:, None] + jnp.arange(cp, dtype=jnp.int32)[None]
+    q_pos = jnp.where(jnp.arange(cp)[None] < c - jnp.asarray([0, 5])[:, None], q_pos, -1)  # row 1: 5 fewer rows
+    kv_len = jnp.minimum(jnp.max(q_pos, axis=1) + 1, s).astype(jnp.int32)
+    lb = jnp.asarray(rng.normal(size=(b, cp, r)), jnp.float32) if bias else None
+    opts = dict(tile=tile, kv_block=kb, sinks=3, keep_recent=8)
+    mass, visible, forced = tile_masses(q_idx, k_idx.astype(jnp.float32), q_pos, kv_len, local_bias=lb, **opts)
+    pos, _, forced_t = tile_bounds(q_pos, kv_len, tile=tile, num_kv_blocks=cdiv(s, kb), kv_block=kb, sinks=3,
+                                   keep_recent=8)
+    kp = jnp.pad(k_idx, ((0, 0), (0, cdiv(s, kb) * kb - s), (0, 0), (0, 0)))
+    got = tile_block_mass_triton(q_idx, kp, pos, kv_len, forced_t, lb, tile=tile, kv_block=kb, interpret=True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(mass), atol=2e-6, rtol=1e-4)
+    assert np.asarray(mass).sum(-1)[np.asarray(visible).any(-1)] == pytest.approx(1.0, abs=1e-4)  # real masses
+    want = np.asarray(topp_selection_for(q_idx, k_idx, q_pos, kv_len, lb, opts))
+    assert 0 < want.sum() < np.asarray(visible).sum(), "p=0.7 should select some but not all visible blocks"
+    for backend in ("xla", "triton"):
+        sel = prefill_selection(q_idx, k_idx, q_pos, kv_len, top_p=0.7, local_bias=lb, backend=backend,
+                                interpret=True, **opts)
+        np.testing.assert_array_equal(np.asarray(sel), want, err_msg=backend)
+
+
+def topp_selection_for(q_idx, k_idx, q_pos, kv_len, lb, opts):
+    return topp_selection_at(q_idx, k_idx.astype(jnp.float32), q_pos, kv_len, top_p=0.7, local_bias=lb, **opts)
+
+
 @pytest.mark.parametrize("b,r,s,kb,bpp", [(2, 3, 200, 16, 4), (1, 4, 1000, 64, 8), (3, 1, 77, 8, 2), (1, 2, 64, 64, 1)])
 def test_fused_decode_scoring_selects_like_the_reference(b, r, s, kb, bpp):
     """The Pallas (Triton lowering, interpret mode) scoring + block-LSE kernel gives the reference's top-p blocks."""
@@ -282,6 +322,27 @@ def test_decode_selection_kernels_lower_for_an_h100():
     text = low.as_text()
     for name in ("rtpurbo_index_block_lse", "rtpurbo_decode_topp_select", "rtpurbo_decode_topp_plan"):
         assert name in text
+
+
+def test_prefill_tile_mass_kernel_lowers_for_an_h100():
+    """The prefill tile-mass kernel lowers through Pallas' Triton lowering for an abstract H100 (128-row tiles,
+    64-key blocks, bf16 index keys, 16 index dims)."""
+    import jax
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+
+    from pallas_kernels.indexer_topp.prefill_triton import tile_block_mass_triton
+
+    b, c, r, s = 1, 512, 4, 8192
+    f = lambda q, k, pos, kv_len, forced, bias: tile_block_mass_triton(q, k, pos, kv_len, forced, bias, tile=128,
+                                                                      kv_block=64)
+    dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=dev)):
+        low = jax.jit(f).trace(jax.ShapeDtypeStruct((b, c, r, 16), jnp.float32),
+                               jax.ShapeDtypeStruct((b, s, r, 16), jnp.bfloat16),
+                               jax.ShapeDtypeStruct((b, c), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32),
+                               jax.ShapeDtypeStruct((b, c // 128, s // 64), jnp.int32),
+                               jax.ShapeDtypeStruct((b, c, r), jnp.float32)).lower(lowering_platforms=("cuda",))
+    assert "rtpurbo_prefill_tile_block_mass" in low.as_text()
 
 
 @pytest.mark.parametrize("chunk", [8, 32])

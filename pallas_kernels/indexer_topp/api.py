@@ -1,4 +1,5 @@
-"""Decode-time indexer scoring + exact top-p block selection with a backend choice.
+"""Indexer scoring + exact top-p block selection with a backend choice: at decode (`decode_selection`,
+`decode_plan_select`) and per prefill tile (`prefill_selection`).
 
 backend "reference": `reference.topp_selection_at` (XLA; scores all [B, R, S] tokens, then block stats).
 backend "triton": the fused Pallas scoring + block log-sum-exp kernel (`triton.py`), then the same exact
@@ -16,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_plan import FULL_WINDOW, band_blocks, cdiv
-from pallas_kernels.indexer_topp.reference import forced_blocks, topp_select, topp_selection_at
+from pallas_kernels.indexer_topp.reference import (forced_blocks, tile_bounds, tile_masses, topp_select,
+                                                   topp_selection_at)
 from pallas_kernels.sparse_attention.api import _check_backend
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,46 @@ def decode_selection(q_idx, k_idx, kv_len, *, top_p: float, kv_block: int, sinks
 
         return topp_select_sortfree(mass, jnp.isfinite(lse), forced, top_p)
     return topp_select(mass, jnp.isfinite(lse), forced, top_p, max_blocks)
+
+
+def prefill_selection(q_idx, k_idx, q_pos, kv_len, *, tile: int, top_p: float, kv_block: int, sinks: int = 0,
+                      keep_recent: int = 64, max_blocks: int | None = None, local_bias=None,
+                      backend: str | None = None, interpret: bool = False):
+    """bool [B, R, C / tile, Sb]: the top-p key blocks of each tile of `tile` query rows (indexer-mode prefill).
+
+    q_idx fp32 [B, C, R, I] (C a multiple of tile), k_idx [B, S, R, I], q_pos int [B, C] (-1: padding row),
+    kv_len int [B], local_bias fp32 [B, C, R] or None. backend "reference": `reference.topp_selection_at` (token
+    scores per tile in a `lax.map`, sort-based top-p); "xla": the same masses, the sort-free top-p over all tiles
+    at once; "triton": every tile's block masses in one kernel (`prefill_triton.py`, scores never leave
+    registers), then the sort-free top-p. With `max_blocks` the sort-based selection runs on the masses.
+    """
+    backend = _pick_backend(backend, top_p, interpret, "prefill_selection")
+    kv_len = jnp.asarray(kv_len, jnp.int32)
+    opts = dict(tile=tile, kv_block=kv_block, sinks=sinks, keep_recent=keep_recent)
+    if backend == "reference":
+        return topp_selection_at(q_idx, k_idx, q_pos, kv_len, top_p=top_p, max_blocks=max_blocks,
+                                 local_bias=local_bias, **opts)
+    if backend == "xla":
+        mass, visible, forced = tile_masses(q_idx, k_idx, q_pos, kv_len, local_bias=local_bias, **opts)
+    else:
+        from pallas_kernels.indexer_topp.prefill_triton import tile_block_mass_triton
+
+        b, c = q_idx.shape[:2]
+        s = k_idx.shape[1]
+        sb = cdiv(s, kv_block)
+        pos, q_hi, forced = tile_bounds(jnp.broadcast_to(jnp.asarray(q_pos, jnp.int32), (b, c)), kv_len, tile=tile,
+                                        num_kv_blocks=sb, kv_block=kv_block, sinks=sinks, keep_recent=keep_recent)
+        if s % kv_block:
+            k_idx = jnp.pad(k_idx, ((0, 0), (0, sb * kv_block - s), (0, 0), (0, 0)))
+        mass = tile_block_mass_triton(q_idx, k_idx, pos, kv_len, forced, local_bias, tile=tile, kv_block=kv_block,
+                                      interpret=interpret)
+        visible = (jnp.arange(sb) * kv_block <= q_hi[..., None])[:, None]  # [B, 1, Tb, Sb]
+        forced = forced[:, None]
+    if max_blocks is not None:
+        return topp_select(mass, visible, forced, top_p, max_blocks)
+    from pallas_kernels.indexer_topp.xla import topp_select_sortfree
+
+    return topp_select_sortfree(mass, visible, forced, top_p)
 
 
 def decode_plan_select(q_idx, k_idx, kv_len, *, retrieval: tuple[int, ...], num_kv_heads: int, head_sinks,

@@ -114,40 +114,51 @@ def forced_blocks(q_lo, q_hi, num_kv_blocks: int, kv_block: int, sinks: int, kee
     return band_blocks(jnp.asarray(q_lo), jnp.asarray(q_hi), num_kv_blocks, kv_block, sinks, max(keep_recent, 1))
 
 
+def tile_bounds(q_pos, kv_len, *, tile: int, num_kv_blocks: int, kv_block: int, sinks: int, keep_recent: int):
+    """(q_pos int [B, C] with -1 for rows that are padding or past kv_len, q_hi int [B, C / tile] the last valid
+    row's position per tile (-1 when none), forced bool [B, C / tile, Sb] each tile's forced blocks)."""
+    b, c = q_pos.shape
+    nt = c // tile
+    valid = (q_pos >= 0) & (q_pos < kv_len[:, None])
+    pos_t = q_pos.reshape(b, nt, tile)
+    val_t = valid.reshape(b, nt, tile)
+    q_lo = jnp.where(val_t, pos_t, jnp.iinfo(jnp.int32).max).min(-1)
+    q_hi = jnp.where(val_t, pos_t, -1).max(-1)
+    forced = forced_blocks(q_lo, q_hi, num_kv_blocks, kv_block, sinks, keep_recent)
+    return jnp.where(valid, q_pos, -1), q_hi, forced
+
+
+def tile_masses(q_idx, k_idx, q_pos, kv_len, *, tile: int, kv_block: int, sinks: int = 0, keep_recent: int = 64,
+                local_bias=None):
+    """(mass fp32 [B, N, C / tile, Sb], visible bool [B, N, C / tile, Sb], forced bool [B, 1, C / tile, Sb]): each
+    tile's mean per-row block mass (`_tile_block_mass`, one tile at a time through a `lax.map`: memory
+    O(B · N · tile · S)). Arguments as `topp_selection_at`."""
+    b, c, n, i = q_idx.shape
+    if c % tile:
+        raise ValueError(f"{c} query rows are not a whole number of tiles of {tile}")
+    sb = cdiv(k_idx.shape[1], kv_block)
+    kv_len = jnp.asarray(kv_len, jnp.int32)
+    q_pos, _, forced = tile_bounds(jnp.broadcast_to(jnp.asarray(q_pos, jnp.int32), (b, c)), kv_len, tile=tile,
+                                   num_kv_blocks=sb, kv_block=kv_block, sinks=sinks, keep_recent=keep_recent)
+
+    def one(j):
+        rows = lambda x: jax.lax.dynamic_slice_in_dim(x, j * tile, tile, axis=1)
+        bias = None if local_bias is None else rows(local_bias)
+        return _tile_block_mass(rows(q_idx), k_idx, rows(q_pos), kv_len, kv_block, forced[:, j][:, None], bias)
+
+    mass, visible = jax.lax.map(one, jnp.arange(c // tile))  # [Tb, B, N, Sb]
+    return jnp.moveaxis(mass, 0, 2), jnp.moveaxis(visible, 0, 2), forced[:, None]
+
+
 def topp_selection_at(q_idx, k_idx, q_pos, kv_len, *, top_p: float, tile: int, kv_block: int, sinks: int = 0,
                       keep_recent: int = 64, max_blocks: int | None = None, local_bias=None):
     """bool [B, N, C / tile, Sb]: top-p selection for queries at traced positions (serving: decode, prefill chunks).
 
     q_idx fp32 [B, C, N, I]; k_idx fp32 [B, S, N, I] (positions 0..S-1); q_pos int [B, C], -1 for padding rows;
     kv_len int [B]. Each run of `tile` consecutive rows shares one plan (decode: tile=1; prefill: q_block, the
-    tiles counted from the first row). Forced blocks come
-    from each row's valid positions. local_bias fp32 [B, C, N] or None: the local prior (module docstring),
-    added to the tile's forced blocks. Memory O(B · N · C · S).
+    tiles counted from the first row). Forced blocks come from each row's valid positions. local_bias fp32
+    [B, C, N] or None: the local prior (module docstring), added to the tile's forced blocks.
     """
-    b, c, n, i = q_idx.shape
-    if c % tile:
-        raise ValueError(f"{c} query rows are not a whole number of tiles of {tile}")
-    sb = cdiv(k_idx.shape[1], kv_block)
-    nt = c // tile
-    q_pos = jnp.broadcast_to(jnp.asarray(q_pos, jnp.int32), (b, c))
-    kv_len = jnp.asarray(kv_len, jnp.int32)
-    valid = (q_pos >= 0) & (q_pos < kv_len[:, None])
-    pos_t = q_pos.reshape(b, nt, tile)
-    val_t = valid.reshape(b, nt, tile)
-    big = jnp.iinfo(jnp.int32).max
-    q_lo = jnp.where(val_t, pos_t, big).min(-1)
-    q_hi = jnp.where(val_t, pos_t, -1).max(-1)
-    forced = forced_blocks(q_lo, q_hi, sb, kv_block, sinks, keep_recent)  # [B, nt, Sb]
-
-    def one(j):
-        qc = jax.lax.dynamic_slice_in_dim(q_idx, j * tile, tile, axis=1)
-        pc = jnp.where(jax.lax.dynamic_slice_in_dim(valid, j * tile, tile, axis=1),
-                       jax.lax.dynamic_slice_in_dim(q_pos, j * tile, tile, axis=1), -1)
-        bias = None if local_bias is None else jax.lax.dynamic_slice_in_dim(local_bias, j * tile, tile, axis=1)
-        mass, visible = _tile_block_mass(qc, k_idx, pc, kv_len, kv_block, forced[:, j][:, None], bias)
-        return topp_select(mass, visible, forced[:, j][:, None], top_p, max_blocks)
-
-    sel = jax.lax.map(one, jnp.arange(nt))  # [nt, B, N, Sb]
-    return jnp.moveaxis(sel, 0, 2)
-
-
+    mass, visible, forced = tile_masses(q_idx, k_idx, q_pos, kv_len, tile=tile, kv_block=kv_block, sinks=sinks,
+                                        keep_recent=keep_recent, local_bias=local_bias)
+    return topp_select(mass, visible, forced, top_p, max_blocks)
