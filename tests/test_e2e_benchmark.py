@@ -1,10 +1,12 @@
-"""benchmarks.e2e's dense baseline computes the model serving computes, and its row arithmetic."""
+"""benchmarks.e2e's dense baseline computes the model serving computes, and its row arithmetic; the prefill selection
+benchmark runs."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from benchmarks import e2e
 from rtpurbo_jax.params import init_params
@@ -55,3 +57,20 @@ def test_tpu_baseline_is_splash_attention_and_matches_xla():
         want = baselines.dense_attention(q, k, v, window=window, platform="cpu")
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
     assert (baselines.name("tpu"), baselines.name("gpu"), baselines.name("cpu")) == ("splash", "cudnn", "xla")
+
+
+def test_prefill_selection_benchmark_compares_backends_and_keeps_results(tmp_path):
+    """`python -m benchmarks.prefill_selection` on a CPU (kernels interpreted): every backend selects the
+    reference's blocks, rows carry the schema, an existing output is not replaced."""
+    import json
+
+    from benchmarks import prefill_selection
+
+    out = str(tmp_path / "ps")
+    assert prefill_selection.main(["--contexts", "384", "--heads", "2", "--interpret", "--out", out]) == 0
+    rows = json.load(open(out + ".json"))["rows"]
+    assert [r["backend"] for r in rows] == ["dense_attention_xla", "reference", "xla", "triton"]
+    for r in rows[1:]:
+        assert r["mismatch_frac"] == 0.0 and 0.0 < r["blocks_frac"] <= 1.0 and r["ms"] > 0
+    with pytest.raises(FileExistsError):
+        prefill_selection.main(["--contexts", "384", "--interpret", "--out", out])
