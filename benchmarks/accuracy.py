@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.kernels import save
 from rtpurbo_jax.evals.decoding import run_batch
 from rtpurbo_jax.evals.tasks import TASKS, Builder, make_prompt, max_new_tokens, score
 from rtpurbo_jax.serving import check_indexer
@@ -182,13 +183,6 @@ def earlier_rows(path: str, config: dict, resume: bool, overwrite: bool) -> dict
     return {}
 
 
-def write_json(path: str, obj: dict) -> None:
-    """Write obj to path atomically (a temporary sibling renamed over it)."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
 def _row(mode, task, length, n, out, nll, frac, prompts, tok, steps) -> dict:
     if task == "ppl":
         return {"mode": mode, "task": "ppl", "kind": "ppl", "length": length, "n": n,
@@ -280,12 +274,12 @@ def main(argv=None) -> int:
     done = earlier_rows(out + ".json", config, args.resume, args.overwrite)
     rows: list[dict] = []
 
-    def save(row):  # after every cell, atomically: a cut-off run keeps what it measured and --resume goes on
+    def save_row(row):  # after every cell, atomically: a cut-off run keeps what it measured and --resume goes on
         rows.append(row)
-        write_json(out + ".json", _result(model, device, shipped, args, params, rows))
+        save(_result(model, device, shipped, args, params, rows), out)
 
     evaluate(params, cfg, tok, modes, indexers, args.lengths, args.tasks, args.prompts, args.seed,
-             log=lambda s: print(s, flush=True), done=done, on_row=save)
+             log=lambda s: print(s, flush=True), done=done, on_row=save_row)
     res = _result(model, device, shipped, args, params, rows)
     plot(res, out + ".png")
     print(f"[accuracy] wrote {out}.json / .png")

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import baselines
-from benchmarks.kernels import bench
+from benchmarks.kernels import bench, save
+from benchmarks.prefill_plans import causal_block_count
 from pallas_kernels.indexer_topp.api import prefill_selection
 
 
@@ -42,6 +43,7 @@ def run(t: int, heads: int, index_dim: int, head_dim: int, scale: float, backend
     dense_ms = bench(dense, q, k, v, reps=3, rounds=3) * 1e3
     rows = [{"context": t, "backend": f"dense_attention_{baselines.name()}", "ms": dense_ms, "vs_dense_attention": 1.0}]
     want = None
+    causal_blocks = causal_block_count(t, tile, kv_block)  # per head
     for be in backends:
         fn = jax.jit(lambda q_idx, k_idx, be=be: prefill_selection(
             q_idx, k_idx, q_pos, kv_len, tile=tile, top_p=top_p, kv_block=kv_block, sinks=4, keep_recent=64,
@@ -54,8 +56,6 @@ def run(t: int, heads: int, index_dim: int, head_dim: int, scale: float, backend
             continue
         if want is None and be == "reference":
             want = sel
-        causal_blocks = sum(min(((i + 1) * tile + kv_block - 1) // kv_block, -(-t // kv_block))
-                            for i in range(t // tile))
         row = {"context": t, "backend": be, "ms": ms, "vs_dense_attention": ms / dense_ms,
                "blocks_frac": float(sel.sum() / (heads * causal_blocks)),
                "mismatch_frac": None if want is None else float((sel != want).any(-1).mean())}
@@ -109,15 +109,12 @@ def main(argv=None) -> int:
     out = a.out or f"benchmarks/results/prefill_selection_{device.lower().replace(' ', '_')}"
     if os.path.exists(out + ".json"):
         raise FileExistsError(f"{out}.json exists: choose another --out")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     res = {"device": device, "jax": jax.__version__, "date": datetime.date.today().isoformat(),
            "config": {"heads": a.heads, "index_dim": a.index_dim, "head_dim": a.head_dim, "scale": a.scale,
                       "top_p": a.top_p, "tile": 128, "kv_block": 64, "batch": 1}, "rows": []}
     for t in a.contexts:
         res["rows"] += run(t, a.heads, a.index_dim, a.head_dim, a.scale, a.backends, a.top_p, interpret=a.interpret)
-        with open(out + ".json.tmp", "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(out + ".json.tmp", out + ".json")
+        save(res, out)
     plot(res, out + ".png")
     print(f"[prefill_selection] wrote {out}.json / .png")
     return 0

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.indexer_topp.api import default_backend as selection_default_backend
 from pallas_kernels.sparse_attention import api as prefill_op
 from pallas_kernels.sparse_attention import reference as prefill_reference
 from pallas_kernels.sparse_attention.reference import masked_attention, masked_attention_parts
@@ -99,7 +100,7 @@ def selection_backend(op_backend: str | None, indexer: bool) -> str:
     if not indexer:
         return "reference"
     if op_backend is None:
-        op_backend = {"gpu": "triton", "cuda": "triton", "tpu": "mosaic_tpu"}.get(jax.default_backend(), "reference")
+        return selection_default_backend()
     return {"triton": "triton", "mosaic_gpu": "triton", "mosaic_tpu": "xla"}.get(op_backend, "reference")
 
 

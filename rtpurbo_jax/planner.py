@@ -65,8 +65,7 @@ def retrieval_selection(q_sel, k_sel, bias, q_pos, valid, kv_len, sparse: Sparse
         rows = lambda x, fill: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
         q_sel, q_pos, valid = rows(q_sel, 0), rows(q_pos, -1), rows(valid, False)
         bias = None if bias is None else rows(bias, 0)
-    sel = prefill_selection(q_sel, k_sel.astype(jnp.float32) if backend != "triton" else k_sel,
-                            jnp.where(valid, q_pos, -1), kv_len, tile=tile, top_p=sparse.top_p,
+    sel = prefill_selection(q_sel, k_sel, jnp.where(valid, q_pos, -1), kv_len, tile=tile, top_p=sparse.top_p,
                             kv_block=sparse.kv_block, sinks=sparse.sinks, keep_recent=sparse.keep_recent,
                             max_blocks=sparse.max_blocks, local_bias=bias, backend=backend, interpret=interpret)
     return sel | dense

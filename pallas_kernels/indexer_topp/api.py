@@ -117,11 +117,12 @@ def prefill_selection(q_idx, k_idx, q_pos, kv_len, *, tile: int, top_p: float, k
     backend = _pick_backend(backend, top_p, interpret, "prefill_selection")
     kv_len = jnp.asarray(kv_len, jnp.int32)
     opts = dict(tile=tile, kv_block=kv_block, sinks=sinks, keep_recent=keep_recent)
-    if backend == "reference":
-        return topp_selection_at(q_idx, k_idx, q_pos, kv_len, top_p=top_p, max_blocks=max_blocks,
-                                 local_bias=local_bias, **opts)
+    if backend == "reference":  # the XLA paths score in fp32; the kernel reads the keys as stored
+        return topp_selection_at(q_idx, k_idx.astype(jnp.float32), q_pos, kv_len, top_p=top_p,
+                                 max_blocks=max_blocks, local_bias=local_bias, **opts)
     if backend == "xla":
-        mass, visible, forced = tile_masses(q_idx, k_idx, q_pos, kv_len, local_bias=local_bias, **opts)
+        mass, visible, forced = tile_masses(q_idx, k_idx.astype(jnp.float32), q_pos, kv_len, local_bias=local_bias,
+                                            **opts)
     else:
         from pallas_kernels.indexer_topp.prefill_triton import tile_block_mass_triton
 
