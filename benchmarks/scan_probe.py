@@ -104,7 +104,7 @@ OPTION_SETS = {"default": {}, "autotune_0": {"xla_gpu_autotune_level": 0},
                "both": {"xla_gpu_autotune_level": 0, "xla_llvm_disable_expensive_passes": True}}
 
 
-def compile_probe(roles_path, option_sets=("default",)):
+def compile_probe(roles_path, option_sets=("default",), scan=(False, True)):
     from rtpurbo_jax import serving
     from rtpurbo_jax.indexer import init_indexer
     from rtpurbo_jax.model_config import SMOLLM2_135M as cfg
@@ -120,14 +120,17 @@ def compile_probe(roles_path, option_sets=("default",)):
     out = {}
     args = (p, prompt, jnp.asarray([2048]), ix, jax.random.key(0))
     for opts in option_sets:
-        for name, sparse in (("full", None), ("rtpurbo", sp)):
+        for name, sparse, scan_layers in [(n + ("_scan" if sc else ""), s_, sc) for sc in scan
+                                          for n, s_ in (("full", None), ("rtpurbo", sp))]:
             t0 = time.perf_counter()
             lo = serving._generate.lower(*args, cfg=cfg, sparse=sparse, sampling=serving.SamplingConfig(),
                                          max_new_tokens=16, stop_tokens=(), chunk=512, max_len=2048 + 16,
-                                         cache_dtype="bfloat16", backend=(None, None), interpret=False)
+                                         cache_dtype="bfloat16", backend=(None, None), interpret=False,
+                                         scan_layers=scan_layers)
             t1 = time.perf_counter()
             exe = lo.compile(compiler_options=OPTION_SETS[opts])
-            row = {"lower_s": t1 - t0, "compile_s": time.perf_counter() - t1}
+            row = {"lower_s": t1 - t0, "compile_s": time.perf_counter() - t1, "scan_layers": scan_layers,
+                   "stablehlo_ops": lo.as_text().count(" = ")}
             jax.block_until_ready(exe(*args))
             runs = []
             for _ in range(3):  # the whole generate call: 2048-token prefill + 16 decode steps

@@ -10,8 +10,14 @@ Per layer the KV heads split in two (static, from the roles):
 Each retrieval *query* head also keeps its index keys (`index_dim` values per position). Bytes therefore equal
 `rtpurbo_jax.kv_memory.kv_cache_bytes` exactly (tested).
 
-Layers are a tuple (not stacked): their full/local splits differ, and stacking would pad every layer to the
-widest one and give the savings back.
+Layers are a tuple of per-layer buffers by default: their full/local splits differ, and stacking would pad every
+layer to the widest one and give the savings back. With `scan=True` (`init_cache(..., scan=True)`) layers of
+equal **head split** — the same numbers of full / local KV heads and the same retrieval heads per full KV head —
+share one stacked buffer ([layers of the group, B, ...]; no padding, the same bytes), so that serving can scan
+over layers and compile one layer body per split instead of one per layer (SmolLM2: 9 splits for 30 layers).
+To make equal splits equal layouts, each layer's heads are listed in a canonical order: full KV heads by
+descending retrieval count (then id), retrieval query heads in that KV order (ascending within a KV head),
+local KV heads ascending; `LayerLayout.canonical` / `perms` map a layer onto its group's shared layout.
 
 Axes: B batch, S = max_len, Kf / Kl full / local KV heads of a layer, R retrieval query heads, H head_dim,
 I index_dim; ring slots are spelled `ring` (R is the retrieval heads' letter).
@@ -44,6 +50,35 @@ class LayerLayout:
         """Query heads served by `kv_heads`, in order."""
         return tuple(k * self.group + g for k in kv_heads for g in range(self.group))
 
+    @classmethod
+    def from_roles(cls, roles: np.ndarray, num_kv_heads: int) -> "LayerLayout":
+        """The canonical layout of one layer from its roles bool [N] (see the module docstring)."""
+        g = roles.shape[0] // num_kv_heads
+        count = roles.reshape(num_kv_heads, g).sum(-1)
+        full = sorted(np.flatnonzero(count > 0).tolist(), key=lambda k: (-count[k], k))
+        retrieval = tuple(k * g + j for k in full for j in range(g) if roles[k * g + j])
+        return cls(tuple(full), tuple(np.flatnonzero(count == 0).tolist()), retrieval, g)
+
+    @property
+    def split(self) -> tuple:
+        """Hashable head split: (full KV heads, local KV heads, retrieval heads per full KV head)."""
+        counts = tuple(sum(1 for r in self.retrieval_q if r // self.group == k) for k in self.full_kv)
+        return len(self.full_kv), len(self.local_kv), counts
+
+    def canonical(self) -> "LayerLayout":
+        """The layout every layer of this split shares once its heads are permuted by `perms`."""
+        nf, nl, counts = self.split
+        return LayerLayout(tuple(range(nf)), tuple(range(nf, nf + nl)),
+                           tuple(j * self.group + i for j, c in enumerate(counts) for i in range(c)), self.group)
+
+    def perms(self) -> tuple[np.ndarray, np.ndarray]:
+        """(q_perm int [N], kv_perm int [K]): head i of the canonical layout is head q_perm[i] (KV: kv_perm[i])
+        of this layer; retrieval query heads first within each KV head."""
+        kv = np.asarray(self.full_kv + self.local_kv, np.int32)
+        q = [r for k in kv for r in sorted(range(k * self.group, (k + 1) * self.group),
+                                              key=lambda n: (n not in self.retrieval_q, n))]
+        return np.asarray(q, np.int32), kv
+
 
 @dataclasses.dataclass(frozen=True)
 class CacheLayout:
@@ -55,28 +90,38 @@ class CacheLayout:
     ring: int  # ring slots: min(local_span, max_len - sinks)
     window: int
     index_dim: int
+    scan: bool = False  # layers of equal split stacked (see the module docstring)
+
+    @property
+    def groups(self) -> tuple[tuple[int, ...], ...]:
+        """Layer ids per stacked buffer, in order of first appearance (scan=True; one group per layer otherwise)."""
+        if not self.scan:
+            return tuple((i,) for i in range(len(self.layers)))
+        out: dict = {}
+        for i, ll in enumerate(self.layers):
+            out.setdefault(ll.split, []).append(i)
+        return tuple(tuple(v) for v in out.values())
+
+    def slot(self, layer: int) -> tuple[int, int]:
+        """(buffer, index in it) of `layer`."""
+        return next((g, ids.index(layer)) for g, ids in enumerate(self.groups) if layer in ids)
 
     @classmethod
-    def build(cls, cfg: ModelConfig, sparse: SparseConfig | None, max_len: int) -> "CacheLayout":
-        """Layout for a model; `sparse=None` gives a dense cache (every KV head full, no index keys)."""
+    def build(cls, cfg: ModelConfig, sparse: SparseConfig | None, max_len: int, scan: bool = False) -> "CacheLayout":
+        """Layout for a model; `sparse=None` gives a dense cache (every KV head full, no index keys); `scan`:
+        stack layers of equal split."""
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
         g = cfg.num_heads // cfg.num_kv_heads
         if sparse is None:
             roles = np.ones((cfg.num_layers, cfg.num_heads), bool)
             layers = tuple(LayerLayout(tuple(range(cfg.num_kv_heads)), (), (), g) for _ in range(cfg.num_layers))
-            return cls(layers, max_len, 0, 0, max_len, 0)
+            return cls(layers, max_len, 0, 0, max_len, 0, scan)
         sparse.check_model(cfg.num_layers, cfg.num_heads, cfg.num_kv_heads)
-        roles = sparse.roles_array
-        layers = []
-        for r in roles:
-            full = r.reshape(cfg.num_kv_heads, g).any(-1)
-            layers.append(LayerLayout(tuple(int(k) for k in np.flatnonzero(full)),
-                                      tuple(int(k) for k in np.flatnonzero(~full)),
-                                      tuple(int(n) for n in np.flatnonzero(r)), g))
+        layers = tuple(LayerLayout.from_roles(r, cfg.num_kv_heads) for r in sparse.roles_array)
         sinks = min(sparse.sinks, max_len)
-        return cls(tuple(layers), max_len, sinks, min(sparse.local_span, max_len - sinks), sparse.window,
-                   sparse.index_dim)
+        return cls(layers, max_len, sinks, min(sparse.local_span, max_len - sinks), sparse.window,
+                   sparse.index_dim, scan)
 
 
 @jax.tree_util.register_dataclass
@@ -100,26 +145,35 @@ class LayerCache:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class HybridCache:
-    """layers: one LayerCache per layer; lengths: int32 [B] positions written so far per sequence."""
+    """layers: one LayerCache per layer, or with `layout.scan` one per group of layers (`layout.groups`), its
+    arrays stacked on a leading axis; lengths: int32 [B] positions written so far per sequence."""
 
     layers: tuple[LayerCache, ...]
     lengths: jax.Array
     layout: CacheLayout = dataclasses.field(metadata=dict(static=True))
 
+    def layer(self, i: int) -> LayerCache:
+        """Layer i's arrays (a slice of its group's buffer when stacked)."""
+        g, j = self.layout.slot(i)
+        return jax.tree.map(lambda a: a[j], self.layers[g]) if self.layout.scan else self.layers[g]
+
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, sparse: SparseConfig | None = None,
-               dtype=jnp.bfloat16) -> HybridCache:
-    """An empty cache for `batch` sequences of up to `max_len` positions (sparse=None: a dense cache)."""
-    layout = CacheLayout.build(cfg, sparse, max_len)
+               dtype=jnp.bfloat16, scan: bool = False) -> HybridCache:
+    """An empty cache for `batch` sequences of up to `max_len` positions (sparse=None: a dense cache). scan:
+    stack layers of equal head split (serving then scans over layers; see the module docstring)."""
+    layout = CacheLayout.build(cfg, sparse, max_len, scan)
     h = cfg.head_dim
-    z = lambda *shape: jnp.zeros((batch,) + shape, dtype)
-    layers = tuple(
-        LayerCache(k_full=z(max_len, len(ll.full_kv), h), v_full=z(max_len, len(ll.full_kv), h),
-                   k_sink=z(layout.sinks, len(ll.local_kv), h), v_sink=z(layout.sinks, len(ll.local_kv), h),
-                   k_ring=z(layout.ring, len(ll.local_kv), h), v_ring=z(layout.ring, len(ll.local_kv), h),
-                   k_index=z(max_len, len(ll.retrieval_q), layout.index_dim))
-        for ll in layout.layers)
-    return HybridCache(layers, jnp.zeros((batch,), jnp.int32), layout)
+    layers = []
+    for ids in layout.groups:
+        ll = layout.layers[ids[0]]
+        z = lambda *shape: jnp.zeros(((len(ids),) if scan else ()) + (batch,) + shape, dtype)
+        layers.append(LayerCache(
+            k_full=z(max_len, len(ll.full_kv), h), v_full=z(max_len, len(ll.full_kv), h),
+            k_sink=z(layout.sinks, len(ll.local_kv), h), v_sink=z(layout.sinks, len(ll.local_kv), h),
+            k_ring=z(layout.ring, len(ll.local_kv), h), v_ring=z(layout.ring, len(ll.local_kv), h),
+            k_index=z(max_len, len(ll.retrieval_q), layout.index_dim)))
+    return HybridCache(tuple(layers), jnp.zeros((batch,), jnp.int32), layout)
 
 
 def cache_bytes(cache: HybridCache) -> dict:
@@ -133,9 +187,9 @@ def cache_bytes(cache: HybridCache) -> dict:
         kv += sum(nbytes(x) for x in (lc.k_full, lc.v_full, lc.k_sink, lc.v_sink, lc.k_ring, lc.v_ring))
         idx += nbytes(lc.k_index)
     lc = cache.layers[0]
-    b, s, h = lc.k_full.shape[0], cache.layout.max_len, lc.k_full.shape[-1]
+    b, s, h = cache.lengths.shape[0], cache.layout.max_len, lc.k_full.shape[-1]
     kv_heads = len(cache.layout.layers[0].full_kv) + len(cache.layout.layers[0].local_kv)
-    dense = len(cache.layers) * b * s * kv_heads * h * 2 * jnp.dtype(lc.k_full.dtype).itemsize
+    dense = len(cache.layout.layers) * b * s * kv_heads * h * 2 * jnp.dtype(lc.k_full.dtype).itemsize
     return {"hybrid": kv + idx, "dense": dense, "ratio": (kv + idx) / dense, "kv": kv, "index_keys": idx}
 
 
@@ -161,12 +215,15 @@ def cache_shardings(cache: HybridCache, mesh, data_axis: str | None = "data", mo
     names = set(mesh.axis_names)
     size = lambda a: mesh.shape[a] if a in names else 1
 
+    lead = (None,) if cache.layout.scan else ()  # the stacked layers' axis
+
     def spec(x):
         if x.ndim == 1:
             return NamedSharding(mesh, P(data_axis if data_axis in names and x.shape[0] % size(data_axis) == 0 else None))
-        d = data_axis if data_axis in names and x.shape[0] % size(data_axis) == 0 else None
-        m = model_axis if model_axis in names and x.shape[2] and x.shape[2] % size(model_axis) == 0 else None
-        return NamedSharding(mesh, P(d, None, m, None))
+        shape = x.shape[len(lead):]
+        d = data_axis if data_axis in names and shape[0] % size(data_axis) == 0 else None
+        m = model_axis if model_axis in names and shape[2] and shape[2] % size(model_axis) == 0 else None
+        return NamedSharding(mesh, P(*lead, d, None, m, None))
 
     return jax.tree.map(spec, cache)
 

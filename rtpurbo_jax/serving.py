@@ -7,7 +7,12 @@ planner and ops as the full-sequence forward (`lm.apply`), whose semantics are d
 `rtpurbo_jax.planner`; with `sparse=None` the cache is dense and the model runs plain causal attention.
 
 Layers run as an unrolled Python loop (each layer's cache has its own head split), tokens of a chunk at traced
-positions, so one compilation serves every chunk and every decode step.
+positions, so one compilation serves every chunk and every decode step. A cache made with
+`init_cache(..., scan=True)` (or `generate(..., scan_layers=True)`) stacks the layers of equal head split and
+serving scans over layers instead, compiling one attention per split (SmolLM2's 30 layers have 9): the same
+results, less compile time; but each layer's slice of a stacked buffer is copied in and out around the Pallas
+kernels (XLA does not alias a dynamic slice into a custom call), which costs time at long contexts on GPUs
+(`benchmarks/scan_probe.py`), so it is not the default.
 
 Backends (`backend`): None lets each op pick for the device and log it — a prefill chunk runs the block-sparse
 prefill op (`pallas_kernels.sparse_attention`: Mosaic GPU on Hopper when the plan fits it, else Triton; Mosaic
@@ -26,6 +31,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.block_plan import cdiv, is_concrete
 from pallas_kernels.sparse_decode.api import default_backend
@@ -92,22 +98,34 @@ def check_indexer(cfg: ModelConfig, sparse: SparseConfig | None, indexer: dict |
     ixr.check_indexer(indexer, cfg, sparse.index_dim)
 
 
+def _layer_indexer(indexer, li, heads, cfg: ModelConfig, layout) -> dict | None:
+    """The indexer rows of layer li's retrieval heads `heads` (int [R]; li may be traced), zeros when the
+    retrieval heads run dense everywhere (index keys unused), None without retrieval heads."""
+    if not len(heads):
+        return None
+    if indexer is not None:
+        return ixr.rows(indexer, li, heads)
+    zero = jnp.zeros((len(heads), cfg.head_dim, layout.index_dim), jnp.float32)
+    return {"w_q": zero, "w_k": zero}
+
+
 def _run_tokens(params, cache: HybridCache, tokens, pos: Positions, indexer, cfg: ModelConfig,
                 sparse: SparseConfig | None, call: AttentionCall):
     """Final normed hidden states [B, C, D] of C new tokens per sequence, the updated cache, and fp32 [B]: the
-    mean over retrieval heads (all layers) of the fraction of visible key blocks visited (decode; 0 if none)."""
+    mean over layers with retrieval heads of the mean over their retrieval heads of the fraction of visible
+    key blocks visited (decode; 0 if none). Layers unrolled, or scanned when the cache stacks them."""
     layout = cache.layout
     cos, sin = rope_cos_sin(pos.q_pos, cfg.rope, cfg.head_dim)
     x = jnp.take(params["embed"], tokens, axis=0)
+    if layout.scan:
+        x, caches, frac = _scan_layers(params, cache.layers, x, cos, sin, pos, indexer, cfg, sparse, call, layout)
+        x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+        return x, HybridCache(caches, pos.new_len, layout), frac
     layers, fracs = [], []
     for li, (lc, ll) in enumerate(zip(cache.layers, layout.layers)):
         lp = jax.tree.map(lambda a: a[li], params["layers"])
-        ix = None
-        if ll.retrieval_q and indexer is not None:
-            ix = ixr.rows(indexer, li, ll.retrieval_q)
-        elif ll.retrieval_q:  # dense retrieval everywhere: index keys are unused, keep them zero
-            zero = jnp.zeros((len(ll.retrieval_q), cfg.head_dim, layout.index_dim), jnp.float32)
-            ix = {"w_q": zero, "w_k": zero}
+        ix = _layer_indexer(indexer, li, ll.retrieval_q, cfg, layout)
+
         def attend(qkv):  # called at once, inside this iteration
             out, new_lc, frac = cached_attention(qkv, lc, ll, layout, cfg, sparse, ix, pos, call)
             return out, (new_lc, frac)
@@ -119,6 +137,55 @@ def _run_tokens(params, cache: HybridCache, tokens, pos: Positions, indexer, cfg
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     frac = jnp.stack(fracs).mean(0) if fracs else jnp.zeros((x.shape[0],), jnp.float32)
     return x, HybridCache(tuple(layers), pos.new_len, layout), frac
+
+
+def _scan_layers(params, caches, x, cos, sin, pos: Positions, indexer, cfg: ModelConfig, sparse, call, layout):
+    """`lax.scan` over layers for a stacked cache (`init_cache(..., scan=True)`): one layer body, whose attention
+    switches over the head splits (`layout.groups`). Each branch permutes the layer's heads into its split's
+    canonical layout (`LayerLayout.perms`), runs `cached_attention` on its slice of the group's buffer and writes
+    the slice back; the output heads are permuted back before wo. Compiles one attention per split."""
+    groups = layout.groups
+    group_of, slot_of = np.zeros(len(layout.layers), np.int32), np.zeros(len(layout.layers), np.int32)
+    for g, ids in enumerate(groups):
+        group_of[list(ids)], slot_of[list(ids)] = g, np.arange(len(ids))
+    perms = [ll.perms() for ll in layout.layers]
+    q_perm = jnp.asarray(np.stack([p[0] for p in perms]))
+    kv_perm = jnp.asarray(np.stack([p[1] for p in perms]))
+    inv_q = jnp.asarray(np.stack([np.argsort(p[0]) for p in perms]).astype(np.int32))
+    b = x.shape[0]
+
+    def branch(g):
+        cl = layout.layers[groups[g][0]].canonical()
+
+        def run(qkv, caches, li, si, qp, kp):
+            lc = jax.tree.map(lambda a: a[si], caches[g])
+            qkv = {k: jnp.take(v, qp if k in ("q", "q_pre") else kp, axis=2) for k, v in qkv.items()}
+            ix = _layer_indexer(indexer, li, qp[jnp.asarray(cl.retrieval_q, jnp.int32)], cfg, layout) \
+                if cl.retrieval_q else None
+            out, new_lc, frac = cached_attention(qkv, lc, cl, layout, cfg, sparse, ix, pos, call)
+            caches = caches[:g] + (jax.tree.map(lambda a, n: a.at[si].set(n), caches[g], new_lc),) + caches[g + 1:]
+            has = jnp.float32(frac is not None)
+            return out, caches, jnp.zeros((b,), jnp.float32) if frac is None else frac.astype(jnp.float32), has
+        return run
+
+    branches = [branch(g) for g in range(len(groups))]
+
+    def body(carry, xs):
+        x, caches, frac_sum, n_frac = carry
+        lp, li, gi, si, qp, kp, iq = xs
+
+        def attend(qkv):
+            out, new, frac, has = jax.lax.switch(gi, branches, qkv, caches, li, si, qp, kp)
+            return jnp.take(out, iq, axis=2), (new, frac, has)
+
+        x, _, (caches, frac, has) = decoder_layer(lp, x, cfg, cos, sin, attend)
+        return (x, caches, frac_sum + frac, n_frac + has), None
+
+    xs = (params["layers"], jnp.arange(len(layout.layers), dtype=jnp.int32), jnp.asarray(group_of),
+          jnp.asarray(slot_of), q_perm, kv_perm, inv_q)
+    init = (x, tuple(caches), jnp.zeros((b,), jnp.float32), jnp.float32(0))
+    (x, caches, frac_sum, n_frac), _ = jax.lax.scan(body, init, xs)
+    return x, caches, frac_sum / jnp.maximum(n_frac, 1.0)
 
 
 def _prefill(params, cache, tokens, lengths, indexer, cfg, sparse, chunk, backends=("reference", "reference"),
@@ -247,11 +314,12 @@ def decode_step(params, cache: HybridCache, tokens, indexer=None, *, cfg: ModelC
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sparse", "sampling", "max_new_tokens", "stop_tokens",
-                                             "chunk", "max_len", "cache_dtype", "backend", "interpret"))
+                                             "chunk", "max_len", "cache_dtype", "backend", "interpret",
+                                             "scan_layers"))
 def _generate(params, prompts, lengths, indexer, key, *, cfg, sparse, sampling, max_new_tokens, stop_tokens,
-              chunk, max_len, cache_dtype, backend, interpret):
+              chunk, max_len, cache_dtype, backend, interpret, scan_layers=False):
     b = prompts.shape[0]
-    cache = init_cache(cfg, b, max_len, sparse, cache_dtype)
+    cache = init_cache(cfg, b, max_len, sparse, cache_dtype, scan=scan_layers)
     backend = _resolve(backend)
     logits, cache = _prefill(params, cache, prompts, lengths, indexer, cfg, sparse, chunk, backend, interpret)
     stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
@@ -276,13 +344,15 @@ def _generate(params, prompts, lengths, indexer, key, *, cfg, sparse, sampling, 
 def generate(params, prompts, lengths, *, cfg: ModelConfig, max_new_tokens: int, sparse: SparseConfig | None = None,
              indexer: dict | None = None, sampling: SamplingConfig = SamplingConfig(), stop_tokens=(),
              key=None, chunk: int = 512, max_len: int | None = None, cache_dtype=None, backend: str | None = None,
-             interpret: bool = False):
+             interpret: bool = False, scan_layers: bool = False):
     """Generate up to `max_new_tokens` per prompt (prefill + a scanned decode loop, one jitted program).
 
     prompts int [B, T] right-padded, lengths int [B]. stop_tokens: ids that end a row (the stop token is kept;
     later positions repeat the first stop id). Returns dict tokens int32 [B, max_new_tokens], num_tokens int32
     [B] (generated tokens up to and including a stop), cache (the final HybridCache). backend / interpret: the
-    attention backend of prefill and decode (see the module docstring).
+    attention backend of prefill and decode (see the module docstring). scan_layers: stack the cache's layers
+    of equal head split and scan over them (compiles one layer per split instead of one per layer; see the
+    module docstring for what it costs on GPUs).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -311,7 +381,8 @@ def generate(params, prompts, lengths, *, cfg: ModelConfig, max_new_tokens: int,
                                      jax.random.key(0) if key is None else key, cfg=cfg, sparse=sparse,
                                      sampling=sampling, max_new_tokens=max_new_tokens,
                                      stop_tokens=tuple(int(t) for t in stop_tokens), chunk=chunk, max_len=max_len,
-                                     cache_dtype=dtype.name, backend=backend, interpret=interpret)
+                                     cache_dtype=dtype.name, backend=backend, interpret=interpret,
+                                     scan_layers=bool(scan_layers))
     return {"tokens": tokens, "num_tokens": count, "cache": cache}
 
 

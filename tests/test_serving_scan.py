@@ -1,0 +1,88 @@
+"""Serving with layers scanned over a stacked cache (`init_cache(..., scan=True)`) equals the unrolled layers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rtpurbo_jax.indexer import init_indexer
+from rtpurbo_jax.kv_cache import CacheLayout, LayerLayout, cache_bytes, init_cache
+from rtpurbo_jax.params import init_params
+from rtpurbo_jax.serving import decode_step, generate, prefill
+from rtpurbo_jax.sparse_config import SparseConfig
+from tests.test_serving import CFG
+
+CFG4 = dataclasses.replace(CFG, num_layers=4)
+ROLES = np.zeros((4, 8), int)
+ROLES[0, 1] = 1  # split (1 full, 1 local, (1,)) on KV head 0
+ROLES[1, 6] = 1  # the same split on KV head 1: one buffer with layer 0, heads permuted differently
+ROLES[2, [0, 2, 5]] = 1  # (2, 0, (2, 1))
+# layer 3: no retrieval head (0, 2, ())
+
+
+@pytest.fixture(scope="module")
+def model():
+    return init_params(CFG4, jax.random.key(0), scale=0.2), init_indexer(CFG4, 4, jax.random.key(1))
+
+
+def sparse_cfg(**kw):
+    base = dict(roles=ROLES.tolist(), sinks=3, window=12, kv_block=8, q_block=8, index_dim=4, top_p=0.7,
+                seqlen_threshold=0, prefill_mode="indexer", keep_recent=8)
+    return SparseConfig(**{**base, **kw})
+
+
+def test_canonical_layouts():
+    lay = CacheLayout.build(CFG4, sparse_cfg(), 64, scan=True)
+    assert lay.groups == ((0, 1), (2,), (3,))
+    assert lay.layers[0].canonical() == lay.layers[1].canonical() != lay.layers[2].canonical()
+    ll = LayerLayout.from_roles(ROLES[2].astype(bool), 2)
+    assert ll.full_kv == (0, 1) and ll.retrieval_q == (0, 2, 5)
+    q_perm, kv_perm = ll.perms()
+    assert q_perm.tolist() == [0, 2, 1, 3, 5, 4, 6, 7]  # retrieval heads first within each KV head
+    # every retrieval head sits where the canonical layout puts retrieval heads
+    assert set(q_perm[list(ll.canonical().retrieval_q)].tolist()) == {0, 2, 5}
+    assert kv_perm.tolist() == [0, 1]
+    # a KV head with more retrieval heads comes first
+    ll = LayerLayout.from_roles(np.isin(np.arange(8), [1, 4, 6]), 2)
+    assert ll.full_kv == (1, 0) and ll.retrieval_q == (4, 6, 1) and ll.split == (2, 0, (2, 1))
+
+
+@pytest.mark.parametrize("mode,chunk", [("indexer", 8), ("dense", 16)])
+def test_scanned_layers_match_unrolled(model, mode, chunk):
+    params, ix = model
+    sp = sparse_cfg(prefill_mode=mode)
+    toks = jnp.asarray(np.random.default_rng(0).integers(0, CFG4.vocab_size, (2, 40)), jnp.int32)
+    lens = jnp.asarray([29, 33])
+    got = {}
+    for scan in (False, True):
+        cache = init_cache(CFG4, 2, 48, sp, jnp.float32, scan=scan)
+        lg, cache = prefill(params, cache, toks[:, :33], lens, ix, cfg=CFG4, sparse=sp, chunk=chunk)
+        out, fr = [lg], []
+        for i in range(33, 40):
+            lg, cache, st = decode_step(params, cache, toks[:, i], ix, cfg=CFG4, sparse=sp, stats=True)
+            out.append(lg)
+            fr.append(st["blocks_frac"])
+        got[scan] = (np.stack(out), np.stack(fr), cache)
+    (a, fa, ca), (b, fb, cb) = got[False], got[True]
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fb, fa, rtol=1e-6)
+    assert cache_bytes(cb) == cache_bytes(ca)
+    assert len(cb.layers) == 3 and cb.layers[0].k_full.shape[0] == 2
+    for i in range(4):  # the same buffers, layer by layer
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-5),
+                     ca.layer(i), cb.layer(i))
+
+
+def test_generate_scan_layers(model):
+    params, ix = model
+    sp = sparse_cfg()
+    prompts = jnp.asarray(np.random.default_rng(1).integers(0, CFG4.vocab_size, (2, 24)), jnp.int32)
+    kw = dict(cfg=CFG4, max_new_tokens=6, sparse=sp, indexer=ix, chunk=8, max_len=32)
+    a = generate(params, prompts, jnp.asarray([24, 17]), **kw)
+    b = generate(params, prompts, jnp.asarray([24, 17]), scan_layers=True, **kw)
+    np.testing.assert_array_equal(np.asarray(b["tokens"]), np.asarray(a["tokens"]))
+    assert b["cache"].layout.scan and not a["cache"].layout.scan
