@@ -114,7 +114,6 @@ class CacheLayout:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
         g = cfg.num_heads // cfg.num_kv_heads
         if sparse is None:
-            roles = np.ones((cfg.num_layers, cfg.num_heads), bool)
             layers = tuple(LayerLayout(tuple(range(cfg.num_kv_heads)), (), (), g) for _ in range(cfg.num_layers))
             return cls(layers, max_len, 0, 0, max_len, 0, scan)
         sparse.check_model(cfg.num_layers, cfg.num_heads, cfg.num_kv_heads)
