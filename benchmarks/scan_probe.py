@@ -104,7 +104,10 @@ OPTION_SETS = {"default": {}, "autotune_0": {"xla_gpu_autotune_level": 0},
                "both": {"xla_gpu_autotune_level": 0, "xla_llvm_disable_expensive_passes": True}}
 
 
-def compile_probe(roles_path, option_sets=("default",), scan=(False, True)):
+VARIANTS = ("full", "rtpurbo", "full_scan", "rtpurbo_scan")
+
+
+def compile_probe(roles_path, option_sets=("default",), variants=VARIANTS):
     from rtpurbo_jax import serving
     from rtpurbo_jax.indexer import init_indexer
     from rtpurbo_jax.model_config import SMOLLM2_135M as cfg
@@ -120,8 +123,9 @@ def compile_probe(roles_path, option_sets=("default",), scan=(False, True)):
     out = {}
     args = (p, prompt, jnp.asarray([2048]), ix, jax.random.key(0))
     for opts in option_sets:
-        for name, sparse, scan_layers in [(n + ("_scan" if sc else ""), s_, sc) for sc in scan
-                                          for n, s_ in (("full", None), ("rtpurbo", sp))]:
+        for name, sparse, scan_layers in [(n + ("_scan" if sc else ""), s_, sc) for sc in (False, True)
+                                          for n, s_ in (("full", None), ("rtpurbo", sp))
+                                          if n + ("_scan" if sc else "") in variants]:
             t0 = time.perf_counter()
             lo = serving._generate.lower(*args, cfg=cfg, sparse=sparse, sampling=serving.SamplingConfig(),
                                          max_new_tokens=16, stop_tokens=(), chunk=512, max_len=2048 + 16,
@@ -173,12 +177,15 @@ def main():
     ap.add_argument("--options", nargs="+", default=["default"], choices=sorted(OPTION_SETS),
                     help="XLA compiler option sets to compile generate with (compile time and run time each)")
     ap.add_argument("--no-copy-probe", action="store_true")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                    help="generate variants compiled and timed (layers unrolled / scanned, full / RTPurbo)")
     a = ap.parse_args()
     res = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
            "date": datetime.date.today().isoformat()}
     if not a.no_copy_probe:
         res["copy_probe"] = copy_probe()
-    res["compile_probe"] = compile_probe(a.roles, a.options)
+    res["compile_probe"] = compile_probe(a.roles, a.options, a.variants)
+    res["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "scan_probe.json"), "w") as f:
         json.dump(res, f, indent=1)
