@@ -86,3 +86,26 @@ def test_generate_scan_layers(model):
     b = generate(params, prompts, jnp.asarray([24, 17]), scan_layers=True, **kw)
     np.testing.assert_array_equal(np.asarray(b["tokens"]), np.asarray(a["tokens"]))
     assert b["cache"].layout.scan and not a["cache"].layout.scan
+
+
+def test_scanned_dense_cache_sharded(model):
+    """A dense stacked cache (one split): heads on the model axis behind the layers' axis, same logits."""
+    from jax.sharding import Mesh
+
+    from rtpurbo_jax.kv_cache import cache_shardings
+    from rtpurbo_jax.params import param_shardings
+
+    params, _ = model
+    toks = jnp.asarray(np.random.default_rng(2).integers(0, CFG4.vocab_size, (2, 20)), jnp.int32)
+    mesh = Mesh(np.asarray(jax.devices()[:4]).reshape(2, 2), ("data", "model"))
+    out = {}
+    for scan in (False, True):
+        cache = init_cache(CFG4, 2, 24, None, jnp.float32, scan=scan)
+        cache = jax.device_put(cache, cache_shardings(cache, mesh))
+        out[scan], cache = prefill(jax.device_put(params, param_shardings(CFG4, mesh)), cache, toks,
+                                   jnp.asarray([20, 17]), cfg=CFG4, chunk=8)
+    assert len(cache.layers) == 1 and cache.layers[0].k_full.shape[:2] == (4, 2)
+    want = cache_shardings(cache, mesh).layers[0].k_full
+    assert tuple(want.spec) == (None, "data", None, "model", None)
+    assert cache.layers[0].k_full.sharding.is_equivalent_to(want, 5)  # prefill kept the cache where it was
+    np.testing.assert_allclose(np.asarray(out[True]), np.asarray(out[False]), rtol=1e-5, atol=1e-5)
