@@ -123,9 +123,8 @@ def compile_probe(roles_path, option_sets=("default",), variants=VARIANTS):
     out = {}
     args = (p, prompt, jnp.asarray([2048]), ix, jax.random.key(0))
     for opts in option_sets:
-        for name, sparse, scan_layers in [(n + ("_scan" if sc else ""), s_, sc) for sc in (False, True)
-                                          for n, s_ in (("full", None), ("rtpurbo", sp))
-                                          if n + ("_scan" if sc else "") in variants]:
+        for name in [v for v in VARIANTS if v in variants]:
+            sparse, scan_layers = (None if name.startswith("full") else sp), name.endswith("_scan")
             t0 = time.perf_counter()
             lo = serving._generate.lower(*args, cfg=cfg, sparse=sparse, sampling=serving.SamplingConfig(),
                                          max_new_tokens=16, stop_tokens=(), chunk=512, max_len=2048 + 16,

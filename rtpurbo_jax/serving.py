@@ -118,24 +118,23 @@ def _run_tokens(params, cache: HybridCache, tokens, pos: Positions, indexer, cfg
     cos, sin = rope_cos_sin(pos.q_pos, cfg.rope, cfg.head_dim)
     x = jnp.take(params["embed"], tokens, axis=0)
     if layout.scan:
-        x, caches, frac = _scan_layers(params, cache.layers, x, cos, sin, pos, indexer, cfg, sparse, call, layout)
-        x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-        return x, HybridCache(caches, pos.new_len, layout), frac
-    layers, fracs = [], []
-    for li, (lc, ll) in enumerate(zip(cache.layers, layout.layers)):
-        lp = jax.tree.map(lambda a: a[li], params["layers"])
-        ix = _layer_indexer(indexer, li, ll.retrieval_q, cfg, layout)
+        x, layers, frac = _scan_layers(params, cache.layers, x, cos, sin, pos, indexer, cfg, sparse, call, layout)
+    else:
+        layers, fracs = [], []
+        for li, (lc, ll) in enumerate(zip(cache.layers, layout.layers)):
+            lp = jax.tree.map(lambda a: a[li], params["layers"])
+            ix = _layer_indexer(indexer, li, ll.retrieval_q, cfg, layout)
 
-        def attend(qkv):  # called at once, inside this iteration
-            out, new_lc, frac = cached_attention(qkv, lc, ll, layout, cfg, sparse, ix, pos, call)
-            return out, (new_lc, frac)
+            def attend(qkv):  # called at once, inside this iteration
+                out, new_lc, frac = cached_attention(qkv, lc, ll, layout, cfg, sparse, ix, pos, call)
+                return out, (new_lc, frac)
 
-        x, _, (lc, frac) = decoder_layer(lp, x, cfg, cos, sin, attend)
-        if frac is not None:
-            fracs.append(frac)
-        layers.append(lc)
+            x, _, (lc, frac) = decoder_layer(lp, x, cfg, cos, sin, attend)
+            if frac is not None:
+                fracs.append(frac)
+            layers.append(lc)
+        frac = jnp.stack(fracs).mean(0) if fracs else jnp.zeros((x.shape[0],), jnp.float32)
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    frac = jnp.stack(fracs).mean(0) if fracs else jnp.zeros((x.shape[0],), jnp.float32)
     return x, HybridCache(tuple(layers), pos.new_len, layout), frac
 
 
@@ -145,9 +144,7 @@ def _scan_layers(params, caches, x, cos, sin, pos: Positions, indexer, cfg: Mode
     canonical layout (`LayerLayout.perms`), runs `cached_attention` on its slice of the group's buffer and writes
     the slice back; the output heads are permuted back before wo. Compiles one attention per split."""
     groups = layout.groups
-    group_of, slot_of = np.zeros(len(layout.layers), np.int32), np.zeros(len(layout.layers), np.int32)
-    for g, ids in enumerate(groups):
-        group_of[list(ids)], slot_of[list(ids)] = g, np.arange(len(ids))
+    group_of, slot_of = np.asarray([layout.slot(i) for i in range(len(layout.layers))], np.int32).T
     perms = [ll.perms() for ll in layout.layers]
     q_perm = jnp.asarray(np.stack([p[0] for p in perms]))
     kv_perm = jnp.asarray(np.stack([p[1] for p in perms]))
@@ -160,8 +157,7 @@ def _scan_layers(params, caches, x, cos, sin, pos: Positions, indexer, cfg: Mode
         def run(qkv, caches, li, si, qp, kp):
             lc = jax.tree.map(lambda a: a[si], caches[g])
             qkv = {k: jnp.take(v, qp if k in ("q", "q_pre") else kp, axis=2) for k, v in qkv.items()}
-            ix = _layer_indexer(indexer, li, qp[jnp.asarray(cl.retrieval_q, jnp.int32)], cfg, layout) \
-                if cl.retrieval_q else None
+            ix = _layer_indexer(indexer, li, qp[np.asarray(cl.retrieval_q, np.int32)], cfg, layout)
             out, new_lc, frac = cached_attention(qkv, lc, cl, layout, cfg, sparse, ix, pos, call)
             caches = caches[:g] + (jax.tree.map(lambda a, n: a.at[si].set(n), caches[g], new_lc),) + caches[g + 1:]
             has = jnp.float32(frac is not None)
