@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import sys
 import time
@@ -84,7 +85,8 @@ def run(args) -> dict:
     kw = dict(max_new_tokens=args.max_new_tokens, chunk=args.chunk, stop_tokens=cfg.eos_tokens,
               sampling=SamplingConfig(args.temperature, args.top_k, args.top_p), scan_layers=args.scan_layers)
     report = {"model": args.model, "prompt_tokens": int(ids.shape[1]), "platform": jax.default_backend(),
-              "device": jax.devices()[0].device_kind, "jax": jax.__version__, "scan_layers": args.scan_layers,
+              "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+              "date": datetime.date.today().isoformat(), "scan_layers": args.scan_layers,
               "modes": {}}
     for mode in args.modes.split(","):
         sp = sparse if mode == "rtpurbo" else None
