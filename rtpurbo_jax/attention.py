@@ -105,10 +105,11 @@ def selection_backend(op_backend: str | None, indexer: bool) -> str:
 
 
 def heads_attention(q, k, v, is_r, rows, sel, pos: Positions, sparse: SparseConfig | None, cfg: ModelConfig,
-                    call: AttentionCall):
+                    call: AttentionCall, active=None):
     """Attention of N' query heads q [B, C, N', H] over keys k, v [B, S, K', H] holding every position, through
     one plan. is_r bool [N'] (static numpy, or traced with rows=None); rows: static positions of the heads whose
-    selection inputs `sel` (from `selection_inputs`) holds, or None for all N'; sel None: retrieval heads dense.
+    selection inputs `sel` (from `selection_inputs`) holds, or None for all N'; sel None: retrieval heads dense;
+    active: None, or bool [R] (traced) — which of the `rows` are retrieval heads (`planner.roles_of`).
     Returns (out fp32 [B, C, N', H], blocks_frac fp32 [B] for a decode step with retrieval heads, else None)."""
     b, c = q.shape[:2]
     s, kh = k.shape[1], k.shape[2]
@@ -123,16 +124,16 @@ def heads_attention(q, k, v, is_r, rows, sel, pos: Positions, sparse: SparseConf
         plan = planner.decode_step_plan(np.asarray(is_r), None if q_sel is None else q_sel[:, 0], k_sel,
                                         None if bias is None else bias[:, 0], new_len, sinks, window, sparse,
                                         num_kv_heads=kh, num_keys=s, dense=dense, interpret=call.interpret,
-                                        selection_backend=selection)
+                                        selection_backend=selection, active=active)
         out, _ = sparse_decode_attention(q[:, 0], k, v, plan, backend=call.decode_backend, interpret=call.interpret)
-        return out[:, None].astype(jnp.float32), planner.visited_fraction(plan, rows or (), new_len)
+        return out[:, None].astype(jnp.float32), planner.visited_fraction(plan, rows or (), new_len, active)
     sel_r = None
     if sel is not None:
         sel_r = planner.retrieval_selection(*sel, pos.q_pos, pos.valid, new_len, sparse, tile=call.tile, dense=dense,
                                             backend=selection_backend(call.prefill_backend, indexer),
                                             interpret=call.interpret)
     plan = planner.chunk_plan(is_r, rows, sel_r, pos.q_pos[:, 0], c, s, new_len, sinks, window,
-                              q_block=call.tile if sel_r is not None else 128, kv_block=kv_block)
+                              q_block=call.tile if sel_r is not None else 128, kv_block=kv_block, active=active)
     if call.prefill_backend == "reference":
         out = prefill_reference.block_sparse_attention(q, k, v, plan, chunk=min(call.chunk, c))
     else:
@@ -248,13 +249,15 @@ def _local_kv_attention_op(q, k_new, v_new, lc: LayerCache, layout: CacheLayout,
 
 
 def cached_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLayout, cfg: ModelConfig,
-                     sparse: SparseConfig | None, ix: dict | None, pos: Positions, call: AttentionCall):
+                     sparse: SparseConfig | None, ix: dict | None, pos: Positions, call: AttentionCall, active=None):
     """One layer over the hybrid cache: (out fp32 [B, C, N, H], the updated LayerCache, blocks_frac fp32 [B] or
     None). blocks_frac: for a decode step, the mean over the layer's retrieval heads of the fraction of visible
     key blocks each visits (1.0 when they run dense); None without retrieval heads.
 
     qkv: `model.project_qkv` of the new tokens (q, q_pre [B, C, N, H]; k, v, k_pre [B, C, K, H]).
     ix: the layer's retrieval heads' indexer rows in ll.retrieval_q order (`indexer.rows`), or None.
+    active: None, or bool [R] (traced): which of ll.retrieval_q are retrieval heads in this layer — a padded
+    stacked layout's slots (`kv_cache.LayerLayout.padded`); the others are local heads that keep index keys.
     """
     outs, order, frac = [], [], None
     if ll.full_kv:
@@ -273,7 +276,7 @@ def cached_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLa
                 sel = selection_inputs(qkv, k_full, ix, k_index, rq, kv_r, sparse)
         is_r = np.isin(np.asarray(qf), ll.retrieval_q)
         out, frac = heads_attention(qkv["q"][:, :, jnp.asarray(qf)], k_full, v_full, is_r, rows, sel, pos, sparse,
-                                    cfg, call)
+                                    cfg, call, active)
         outs.append(out)
         order += list(qf)
         lc = dataclasses.replace(lc, k_full=k_full, v_full=v_full, k_index=k_index)

@@ -18,6 +18,11 @@ over layers and compile one layer body per split instead of one per layer (SmolL
 To make equal splits equal layouts, each layer's heads are listed in a canonical order: full KV heads by
 descending retrieval count (then id), retrieval query heads in that KV order (ascending within a KV head),
 local KV heads ascending; `LayerLayout.canonical` / `perms` map a layer onto its group's shared layout.
+`scan="padded"` groups coarser — by the numbers of full / local KV heads only (SmolLM2: 4 groups) — and gives
+every query head of a full KV head a **retrieval slot**: index keys are stored for all of them, and a slot whose
+head is local in that layer (`LayerLayout.active`, traced per layer) plans as a local head (its band; the
+planner's `active` argument). Same results, fewer compiled bodies; the cost is the phantom slots' index keys
+(`cache_bytes` counts them; `HybridCache.layer(i)` returns the layer's real slots only).
 
 Axes: B batch, S = max_len, Kf / Kl full / local KV heads of a layer, R retrieval query heads, H head_dim,
 I index_dim; ring slots are spelled `ring` (R is the retrieval heads' letter).
@@ -35,6 +40,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from rtpurbo_jax.kv_memory import kv_cache_bytes
 from rtpurbo_jax.model_config import ModelConfig
 from rtpurbo_jax.sparse_config import SparseConfig
+
+
+SCAN_MODES = (False, True, "split", "padded")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +79,22 @@ class LayerLayout:
         return LayerLayout(tuple(range(nf)), tuple(range(nf, nf + nl)),
                            tuple(j * self.group + i for j, c in enumerate(counts) for i in range(c)), self.group)
 
+    def padded(self) -> "LayerLayout":
+        """The layout every layer of this layer's (full, local) KV counts shares with `scan="padded"`: the canonical
+        KV heads, every query head of a full KV head in a retrieval slot (in `perms` order)."""
+        if not self.retrieval_q:  # nothing to pad (a dense cache's layers, or only local KV heads)
+            return self.canonical()
+        nf, nl, _ = self.split
+        return LayerLayout(tuple(range(nf)), tuple(range(nf, nf + nl)), tuple(range(nf * self.group)), self.group)
+
+    def active(self) -> np.ndarray:
+        """bool [Kf * G]: which retrieval slots of `padded()` hold this layer's retrieval heads (the others are
+        local heads planned with their band)."""
+        counts = self.split[2]
+        if not self.retrieval_q:
+            return np.zeros((0,), bool)
+        return np.asarray([j < c for c in counts for j in range(self.group)], bool)
+
     def perms(self) -> tuple[np.ndarray, np.ndarray]:
         """(q_perm int [N], kv_perm int [K]): head i of the canonical layout is head q_perm[i] (KV: kv_perm[i])
         of this layer; retrieval query heads first within each KV head."""
@@ -90,16 +114,28 @@ class CacheLayout:
     ring: int  # ring slots: min(local_span, max_len - sinks)
     window: int
     index_dim: int
-    scan: bool = False  # layers of equal split stacked (see the module docstring)
+    scan: bool | str = False  # False, True (= "split") or "padded": layers stacked (see the module docstring)
+
+    @property
+    def padded(self) -> bool:
+        """Layers grouped by their full / local KV counts with padded retrieval slots (`scan="padded"`)."""
+        return self.scan == "padded"
+
+    def stacked(self, layer: int) -> LayerLayout:
+        """The layout layer `layer` runs in (its group's shared layout when stacked; its own otherwise)."""
+        ll = self.layers[layer]
+        if not self.scan:
+            return ll
+        return ll.padded() if self.padded else ll.canonical()
 
     @property
     def groups(self) -> tuple[tuple[int, ...], ...]:
-        """Layer ids per stacked buffer, in order of first appearance (scan=True; one group per layer otherwise)."""
+        """Layer ids per stacked buffer, in order of first appearance (one group per layer when not stacked)."""
         if not self.scan:
             return tuple((i,) for i in range(len(self.layers)))
         out: dict = {}
-        for i, ll in enumerate(self.layers):
-            out.setdefault(ll.split, []).append(i)
+        for i in range(len(self.layers)):
+            out.setdefault(self.stacked(i), []).append(i)
         return tuple(tuple(v) for v in out.values())
 
     def slot(self, layer: int) -> tuple[int, int]:
@@ -107,11 +143,14 @@ class CacheLayout:
         return next((g, ids.index(layer)) for g, ids in enumerate(self.groups) if layer in ids)
 
     @classmethod
-    def build(cls, cfg: ModelConfig, sparse: SparseConfig | None, max_len: int, scan: bool = False) -> "CacheLayout":
+    def build(cls, cfg: ModelConfig, sparse: SparseConfig | None, max_len: int, scan: bool | str = False) -> "CacheLayout":
         """Layout for a model; `sparse=None` gives a dense cache (every KV head full, no index keys); `scan`:
-        stack layers of equal split."""
+        False, True / "split" (stack layers of equal head split) or "padded" (of equal full / local KV counts)."""
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
+        if scan not in SCAN_MODES:
+            raise ValueError(f"scan must be one of {SCAN_MODES}, got {scan!r}")
+        scan = "split" if scan is True else scan
         g = cfg.num_heads // cfg.num_kv_heads
         if sparse is None:
             layers = tuple(LayerLayout(tuple(range(cfg.num_kv_heads)), (), (), g) for _ in range(cfg.num_layers))
@@ -154,18 +193,24 @@ class HybridCache:
     def layer(self, i: int) -> LayerCache:
         """Layer i's arrays (a slice of its group's buffer when stacked)."""
         g, j = self.layout.slot(i)
-        return jax.tree.map(lambda a: a[j], self.layers[g]) if self.layout.scan else self.layers[g]
+        if not self.layout.scan:
+            return self.layers[g]
+        lc = jax.tree.map(lambda a: a[j], self.layers[g])
+        if self.layout.padded:  # drop the phantom retrieval slots
+            lc = dataclasses.replace(lc, k_index=lc.k_index[:, :, np.flatnonzero(self.layout.layers[i].active())])
+        return lc
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, sparse: SparseConfig | None = None,
-               dtype=jnp.bfloat16, scan: bool = False) -> HybridCache:
+               dtype=jnp.bfloat16, scan: bool | str = False) -> HybridCache:
     """An empty cache for `batch` sequences of up to `max_len` positions (sparse=None: a dense cache). scan:
-    stack layers of equal head split (serving then scans over layers; see the module docstring)."""
+    stack layers (serving then scans over layers): True / "split" those of equal head split, "padded" those of
+    equal full / local KV counts (see the module docstring)."""
     layout = CacheLayout.build(cfg, sparse, max_len, scan)
     h = cfg.head_dim
     layers = []
     for ids in layout.groups:
-        ll = layout.layers[ids[0]]
+        ll = layout.stacked(ids[0])
         z = lambda *shape: jnp.zeros(((len(ids),) if scan else ()) + (batch,) + shape, dtype)
         layers.append(LayerCache(
             k_full=z(max_len, len(ll.full_kv), h), v_full=z(max_len, len(ll.full_kv), h),
@@ -227,5 +272,5 @@ def cache_shardings(cache: HybridCache, mesh, data_axis: str | None = "data", mo
     return jax.tree.map(spec, cache)
 
 
-__all__ = ["CacheLayout", "HybridCache", "LayerCache", "LayerLayout", "cache_bytes", "cache_shardings",
+__all__ = ["SCAN_MODES", "CacheLayout", "HybridCache", "LayerCache", "LayerLayout", "cache_bytes", "cache_shardings",
            "formula_bytes", "init_cache", "ring_positions"]

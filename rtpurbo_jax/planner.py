@@ -71,13 +71,23 @@ def retrieval_selection(q_sel, k_sel, bias, q_pos, valid, kv_len, sparse: Sparse
     return sel | dense
 
 
-def merge_roles(band, causal, sel_r, is_r, rows: tuple[int, ...] | None):
+def roles_of(is_r, rows: tuple[int, ...] | None, active=None):
+    """bool [N'] (traced when `active` is): the heads that plan as retrieval heads — `is_r`, with the retrieval
+    slots `rows` switched by `active` bool [R] when given (a stacked cache's padded slots: a slot whose head is
+    local in this layer plans as a local head)."""
+    if active is None or not rows:
+        return is_r
+    return jnp.asarray(is_r).at[jnp.asarray(rows)].set(active)
+
+
+def merge_roles(band, causal, sel_r, is_r, rows: tuple[int, ...] | None, active=None):
     """bool [B, N', Tb, Sb]: each head's blocks — its band for local heads, its selection (or every causal
     block) for retrieval heads.
 
     band, causal: bool [B, Tb, Sb]; sel_r: bool [B, R, Tb, Sb] or None (retrieval heads dense); is_r: bool [N']
     (numpy or traced); rows: the static positions of the R selected heads among the N', or None when sel_r
-    covers all N' heads (roles traced, as in the scanned forward)."""
+    covers all N' heads (roles traced, as in the scanned forward); active: None, or bool [R] (traced) — slots
+    that are local heads in this layer take their band (`roles_of`)."""
     n = is_r.shape[0]
     b, tb, sb = band.shape
     retr = causal[:, None] if sel_r is None else sel_r & causal[:, None]
@@ -86,6 +96,8 @@ def merge_roles(band, causal, sel_r, is_r, rows: tuple[int, ...] | None):
     out = jnp.broadcast_to(band[:, None], (b, n, tb, sb))
     if not rows:
         return out
+    if active is not None:
+        retr = jnp.where(jnp.asarray(active)[None, :, None, None], retr, band[:, None])
     return out.at[:, jnp.asarray(rows)].set(jnp.broadcast_to(retr, (b, len(rows), tb, sb)))
 
 
@@ -96,30 +108,30 @@ def head_band(is_r, sinks, window):
 
 
 def chunk_plan(is_r, rows, sel_r, q_start, num_rows: int, num_keys: int, kv_len, sinks, window, *, q_block: int,
-               kv_block: int) -> BlockPlan:
+               kv_block: int, active=None) -> BlockPlan:
     """The BlockPlan of C = num_rows contiguous query rows per sequence starting at q_start int [B], over
     num_keys keys of which kv_len int [B] are valid. sel_r: retrieval blocks per tile of q_block rows (or None:
-    dense); sinks / window: the local band (`local_band`). is_r, rows: as `merge_roles`."""
+    dense); sinks / window: the local band (`local_band`). is_r, rows, active: as `merge_roles`."""
     tb, sb = cdiv(num_rows, q_block), cdiv(num_keys, kv_block)
     q_lo = jnp.asarray(q_start, jnp.int32)[:, None] + jnp.arange(tb, dtype=jnp.int32) * q_block  # [B, Tb]
     q_hi = q_lo + q_block - 1
     band = band_blocks(q_lo, q_hi, sb, kv_block, sinks, window)
     causal = band_blocks(q_lo, q_hi, sb, kv_block, 0, FULL_WINDOW)
-    sel = merge_roles(band, causal, sel_r, is_r, rows)
-    h_sinks, h_window = head_band(is_r, sinks, window)
+    sel = merge_roles(band, causal, sel_r, is_r, rows, active)
+    h_sinks, h_window = head_band(roles_of(is_r, rows, active), sinks, window)
     return plan_from_selection(sel, sinks=h_sinks, window=h_window, kv_len=kv_len, q_block=q_block,
                                kv_block=kv_block, q_start=q_start)
 
 
 def decode_step_plan(is_r: np.ndarray, q_sel, k_sel, bias, kv_len, sinks, window, sparse: SparseConfig | None, *,
                      num_kv_heads: int, num_keys: int, dense, selection_backend: str = "reference",
-                     interpret: bool = False) -> DecodePlan:
+                     interpret: bool = False, active=None) -> DecodePlan:
     """The DecodePlan of one decode token per sequence (at kv_len - 1) for N' heads of num_kv_heads groups.
 
     is_r: static bool [N']; q_sel fp32 [B, R, X] / k_sel [B, S, R, X] / bias fp32 [B, R] or None: the retrieval
     heads' selection inputs, or q_sel None when they run dense. selection_backend "triton": the fused scoring +
     sort-free top-p + packing kernels (`decode_plan_select`); "xla": the sort-free top-p in XLA (TPUs);
-    "reference": exact sort-based selection."""
+    "reference": exact sort-based selection. active: None or bool [R] (traced): as `merge_roles`."""
     kv_block = sparse.kv_block if sparse is not None else 64
     rows = tuple(int(i) for i in np.flatnonzero(is_r))
     n = len(is_r)
@@ -129,26 +141,30 @@ def decode_step_plan(is_r: np.ndarray, q_sel, k_sel, bias, kv_len, sinks, window
                                   top_p=sparse.top_p, kv_block=kv_block, sinks=sparse.sinks,
                                   keep_recent=sparse.keep_recent, dense=jnp.broadcast_to(dense, kv_len.shape),
                                   max_blocks=sparse.max_blocks, interpret=interpret, local_bias=bias,
-                                  backend=selection_backend)
+                                  backend=selection_backend, active=active)
     q_pos = kv_len - 1
     sb = cdiv(num_keys, kv_block)
     band = band_blocks(q_pos, q_pos, sb, kv_block, sinks, window)[:, None]  # [B, 1, Sb]
     causal = band_blocks(q_pos, q_pos, sb, kv_block, 0, FULL_WINDOW)[:, None]
-    sel = merge_roles(band, causal, None, np.asarray(is_r), rows)[:, :, 0]
-    h_sinks, h_window = head_band(np.asarray(is_r), sinks, window)
+    sel = merge_roles(band, causal, None, np.asarray(is_r), rows, active)[:, :, 0]
+    h_sinks, h_window = head_band(roles_of(np.asarray(is_r), rows, active), sinks, window)
     return decode_plan(sel, num_kv_heads, sinks=h_sinks, window=h_window, kv_len=kv_len, kv_block=kv_block)
 
 
-def visited_fraction(plan: DecodePlan, rows: tuple[int, ...], kv_len) -> jax.Array | None:
-    """fp32 [B]: the mean over heads `rows` of the fraction of visible key blocks a decode plan visits; None
-    without rows."""
+def visited_fraction(plan: DecodePlan, rows: tuple[int, ...], kv_len, active=None) -> jax.Array | None:
+    """fp32 [B]: the mean over heads `rows` (those of them `active` bool [R] marks, when given) of the fraction
+    of visible key blocks a decode plan visits; None without rows."""
     if not rows:
         return None
     b, k, m = plan.counts.shape + (plan.head_mask.shape[2],)
     used = plan.head_mask & (jnp.arange(m)[None, None, :, None] < plan.counts[..., None, None])
     per_head = used.sum(2).reshape(b, -1)  # [B, N'] blocks each head visits
-    return (per_head[:, jnp.asarray(rows)] / cdiv(jnp.asarray(kv_len), plan.kv_block)[:, None]).mean(-1)
+    frac = per_head[:, jnp.asarray(rows)] / cdiv(jnp.asarray(kv_len), plan.kv_block)[:, None]
+    if active is None:
+        return frac.mean(-1)
+    w = jnp.asarray(active, frac.dtype)
+    return (frac * w).sum(-1) / jnp.maximum(w.sum(), 1.0)
 
 
 __all__ = ["chunk_plan", "decode_step_plan", "dense_call", "head_band", "local_band", "merge_roles",
-           "retrieval_selection", "visited_fraction"]
+           "retrieval_selection", "roles_of", "visited_fraction"]

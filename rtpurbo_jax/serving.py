@@ -10,7 +10,9 @@ Layers run as an unrolled Python loop (each layer's cache has its own head split
 positions, so one compilation serves every chunk and every decode step. A cache made with
 `init_cache(..., scan=True)` (or `generate(..., scan_layers=True)`) stacks the layers of equal head split and
 serving scans over layers instead, compiling one attention per split (SmolLM2's 30 layers have 9): the same
-results, less compile time; but each layer's slice of a stacked buffer is copied in and out around the Pallas
+results, less compile time; `scan="padded"` stacks layers of equal full / local KV counts (SmolLM2: 4 groups),
+each full KV head's query heads all in retrieval slots and the layer's real ones marked as data (more index-key
+bytes; see `kv_cache`). But each layer's slice of a stacked buffer is copied in and out around the Pallas
 kernels (XLA does not alias a dynamic slice into a custom call), which costs time at long contexts on GPUs
 (`benchmarks/scan_probe.py`), so it is not the default.
 
@@ -39,7 +41,7 @@ from pallas_kernels.sparse_attention.api import BACKENDS as PREFILL_BACKENDS
 from pallas_kernels.sparse_decode.api import BACKENDS as DECODE_BACKENDS
 from rtpurbo_jax import indexer as ixr
 from rtpurbo_jax.attention import AttentionCall, Positions, cached_attention
-from rtpurbo_jax.kv_cache import HybridCache, init_cache
+from rtpurbo_jax.kv_cache import SCAN_MODES, HybridCache, init_cache
 from rtpurbo_jax.model import decoder_layer, logits_from_hidden, rms_norm, rope_cos_sin
 from rtpurbo_jax.model_config import ModelConfig
 from rtpurbo_jax.sampling import SamplingConfig, sample
@@ -140,25 +142,30 @@ def _run_tokens(params, cache: HybridCache, tokens, pos: Positions, indexer, cfg
 
 def _scan_layers(params, caches, x, cos, sin, pos: Positions, indexer, cfg: ModelConfig, sparse, call, layout):
     """`lax.scan` over layers for a stacked cache (`init_cache(..., scan=True)`): one layer body, whose attention
-    switches over the head splits (`layout.groups`). Each branch permutes the layer's heads into its split's
-    canonical layout (`LayerLayout.perms`), runs `cached_attention` on its slice of the group's buffer and writes
-    the slice back; the output heads are permuted back before wo. Compiles one attention per split."""
+    switches over the groups (`layout.groups`). Each branch permutes the layer's heads into its group's shared
+    layout (`LayerLayout.perms`), runs `cached_attention` on its slice of the group's buffer and writes the slice
+    back; the output heads are permuted back before wo. Compiles one attention per group. With `scan="padded"`
+    the layer's active retrieval slots (`LayerLayout.active`) ride along as data."""
     groups = layout.groups
     group_of, slot_of = np.asarray([layout.slot(i) for i in range(len(layout.layers))], np.int32).T
     perms = [ll.perms() for ll in layout.layers]
     q_perm = jnp.asarray(np.stack([p[0] for p in perms]))
     kv_perm = jnp.asarray(np.stack([p[1] for p in perms]))
     inv_q = jnp.asarray(np.stack([np.argsort(p[0]) for p in perms]).astype(np.int32))
+    slots = max(len(layout.stacked(ids[0]).retrieval_q) for ids in groups)
+    active = jnp.asarray(np.stack([np.pad(ll.active(), (0, slots - len(ll.active()))) if layout.padded
+                                   else np.ones(slots, bool) for ll in layout.layers]).reshape(len(layout.layers), slots))
     b = x.shape[0]
 
     def branch(g):
-        cl = layout.layers[groups[g][0]].canonical()
+        cl = layout.stacked(groups[g][0])
 
-        def run(qkv, caches, li, si, qp, kp):
+        def run(qkv, caches, li, si, qp, kp, act):
             lc = jax.tree.map(lambda a: a[si], caches[g])
             qkv = {k: jnp.take(v, qp if k in ("q", "q_pre") else kp, axis=2) for k, v in qkv.items()}
             ix = _layer_indexer(indexer, li, qp[np.asarray(cl.retrieval_q, np.int32)], cfg, layout)
-            out, new_lc, frac = cached_attention(qkv, lc, cl, layout, cfg, sparse, ix, pos, call)
+            act = act[:len(cl.retrieval_q)] if layout.padded else None
+            out, new_lc, frac = cached_attention(qkv, lc, cl, layout, cfg, sparse, ix, pos, call, act)
             caches = caches[:g] + (jax.tree.map(lambda a, n: a.at[si].set(n), caches[g], new_lc),) + caches[g + 1:]
             has = jnp.float32(frac is not None)
             return out, caches, jnp.zeros((b,), jnp.float32) if frac is None else frac.astype(jnp.float32), has
@@ -168,17 +175,17 @@ def _scan_layers(params, caches, x, cos, sin, pos: Positions, indexer, cfg: Mode
 
     def body(carry, xs):
         x, caches, frac_sum, n_frac = carry
-        lp, li, gi, si, qp, kp, iq = xs
+        lp, li, gi, si, qp, kp, iq, act = xs
 
         def attend(qkv):
-            out, new, frac, has = jax.lax.switch(gi, branches, qkv, caches, li, si, qp, kp)
+            out, new, frac, has = jax.lax.switch(gi, branches, qkv, caches, li, si, qp, kp, act)
             return jnp.take(out, iq, axis=2), (new, frac, has)
 
         x, _, (caches, frac, has) = decoder_layer(lp, x, cfg, cos, sin, attend)
         return (x, caches, frac_sum + frac, n_frac + has), None
 
     xs = (params["layers"], jnp.arange(len(layout.layers), dtype=jnp.int32), jnp.asarray(group_of),
-          jnp.asarray(slot_of), q_perm, kv_perm, inv_q)
+          jnp.asarray(slot_of), q_perm, kv_perm, inv_q, active)
     init = (x, tuple(caches), jnp.zeros((b,), jnp.float32), jnp.float32(0))
     (x, caches, frac_sum, n_frac), _ = jax.lax.scan(body, init, xs)
     return x, caches, frac_sum / jnp.maximum(n_frac, 1.0)
@@ -340,15 +347,16 @@ def _generate(params, prompts, lengths, indexer, key, *, cfg, sparse, sampling, 
 def generate(params, prompts, lengths, *, cfg: ModelConfig, max_new_tokens: int, sparse: SparseConfig | None = None,
              indexer: dict | None = None, sampling: SamplingConfig = SamplingConfig(), stop_tokens=(),
              key=None, chunk: int = 512, max_len: int | None = None, cache_dtype=None, backend: str | None = None,
-             interpret: bool = False, scan_layers: bool = False):
+             interpret: bool = False, scan_layers: bool | str = False):
     """Generate up to `max_new_tokens` per prompt (prefill + a scanned decode loop, one jitted program).
 
     prompts int [B, T] right-padded, lengths int [B]. stop_tokens: ids that end a row (the stop token is kept;
     later positions repeat the first stop id). Returns dict tokens int32 [B, max_new_tokens], num_tokens int32
     [B] (generated tokens up to and including a stop), cache (the final HybridCache). backend / interpret: the
     attention backend of prefill and decode (see the module docstring). scan_layers: stack the cache's layers
-    of equal head split and scan over them (compiles one layer per split instead of one per layer; see the
-    module docstring for what it costs on GPUs).
+    and scan over them — True / "split": layers of equal head split (one compiled layer per split instead of one
+    per layer), "padded": of equal full / local KV counts (fewer; padded retrieval slots) — see the module
+    docstring for what it costs on GPUs.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -371,6 +379,8 @@ def generate(params, prompts, lengths, *, cfg: ModelConfig, max_new_tokens: int,
             raise ValueError(f"prompt token ids must lie in [0, {cfg.vocab_size}) (the model's vocab), got [{lo}, {hi}]")
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if scan_layers not in SCAN_MODES:
+        raise ValueError(f"scan_layers must be one of {SCAN_MODES}, got {scan_layers!r}")
     backend = op_backends(backend)
     dtype = jnp.dtype(cache_dtype or params["embed"].dtype)
     tokens, count, cache = _generate(params, prompts, lengths, indexer,
@@ -378,7 +388,7 @@ def generate(params, prompts, lengths, *, cfg: ModelConfig, max_new_tokens: int,
                                      sampling=sampling, max_new_tokens=max_new_tokens,
                                      stop_tokens=tuple(int(t) for t in stop_tokens), chunk=chunk, max_len=max_len,
                                      cache_dtype=dtype.name, backend=backend, interpret=interpret,
-                                     scan_layers=bool(scan_layers))
+                                     scan_layers="split" if scan_layers is True else scan_layers)
     return {"tokens": tokens, "num_tokens": count, "cache": cache}
 
 

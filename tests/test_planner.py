@@ -81,6 +81,38 @@ def test_fused_decode_kernel_is_pinned_to_the_planner(seed, p):
         np.testing.assert_array_equal(np.asarray(decode_token_mask(got, s)), np.asarray(decode_token_mask(want, s)))
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_inactive_retrieval_slots_plan_as_local_heads(backend):
+    """A padded stacked cache's retrieval slot whose head is local in this layer (active False) plans exactly as
+    that local head does (its band), in decode (reference and fused Triton selection) and in a prefill chunk;
+    the active slots keep their selection, and visited_fraction averages over active slots only."""
+    rng = np.random.default_rng(3)
+    b, s = 2, 300
+    slots = np.array([0, 1, 1, 1, 0, 0, 0, 0])  # retrieval slots at rows 1, 2, 3
+    act = np.array([True, False, True])
+    real = np.array([0, 1, 0, 1, 0, 0, 0, 0])  # the layer's own roles: rows 1 and 3
+    sp = SparseConfig(roles=[real.tolist()], sinks=4, window=40, kv_block=16, top_p=0.8, keep_recent=16,
+                      seqlen_threshold=0)
+    q = jnp.asarray(rng.normal(size=(b, 3, 8)) * 1.5, jnp.float32)
+    k = jnp.asarray(rng.normal(size=(b, s, 3, 8)), jnp.float32)
+    kv_len = jnp.asarray([s, 211])
+    kw = dict(num_kv_heads=2, num_keys=s, dense=jnp.asarray(False), selection_backend=backend, interpret=True)
+    sinks, window = planner.local_band(sp, CFG, jnp.asarray(False))
+    want = planner.decode_step_plan(real, q[:, act], k[:, :, act], None, kv_len, sinks, window, sp, **kw)
+    got = planner.decode_step_plan(slots, q, k, None, kv_len, sinks, window, sp, active=jnp.asarray(act), **kw)
+    np.testing.assert_array_equal(np.asarray(decode_token_mask(got, s)), np.asarray(decode_token_mask(want, s)))
+    np.testing.assert_allclose(np.asarray(planner.visited_fraction(got, (1, 2, 3), kv_len, jnp.asarray(act))),
+                               np.asarray(planner.visited_fraction(want, (1, 3), kv_len)), rtol=1e-6)
+    # a prefill chunk, retrieval heads dense and through a selection
+    sel = jnp.asarray(rng.random((1, 3, 3, 9)) < 0.5)
+    for sel_r in (None, sel):
+        mk = lambda is_r, rows, sr, active=None: np.asarray(plan_to_dense_mask(planner.chunk_plan(
+            is_r, rows, sr, jnp.asarray([90]), 40, 140, jnp.asarray([130]), jnp.int32(4), jnp.int32(24), q_block=16,
+            kv_block=16, active=active), 40, 140))
+        want = mk(real, (1, 3), None if sel_r is None else sel_r[:, act])
+        np.testing.assert_array_equal(mk(slots, (1, 2, 3), sel_r, jnp.asarray(act)), want)
+
+
 @pytest.fixture(scope="module")
 def params():
     return init_params(CFG, jax.random.key(0), scale=0.3)

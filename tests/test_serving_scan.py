@@ -109,3 +109,66 @@ def test_scanned_dense_cache_sharded(model):
     assert tuple(want.spec) == (None, "data", None, "model", None)
     assert cache.layers[0].k_full.sharding.is_equivalent_to(want, 5)  # prefill kept the cache where it was
     np.testing.assert_allclose(np.asarray(out[True]), np.asarray(out[False]), rtol=1e-5, atol=1e-5)
+
+
+# padded grouping: layers 0 and 1 have different splits ((1, 1, (1,)) and (1, 1, (2,))) but one KV count pair
+ROLES_P = np.zeros((4, 8), int)
+ROLES_P[0, 1] = 1
+ROLES_P[1, [4, 6]] = 1
+ROLES_P[2, [0, 2, 5]] = 1  # (2, 0, (2, 1)): slots for all 8 heads, 3 active
+PHANTOM = 3 + 2 + 5  # index-key slots that hold a local head
+
+
+def test_padded_layouts():
+    sp = sparse_cfg(roles=ROLES_P.tolist())
+    assert CacheLayout.build(CFG4, sp, 64, scan=True).groups == ((0,), (1,), (2,), (3,))
+    lay = CacheLayout.build(CFG4, sp, 64, scan="padded")
+    assert lay.groups == ((0, 1), (2,), (3,))
+    assert lay.stacked(0) == lay.stacked(1) and lay.stacked(0).retrieval_q == (0, 1, 2, 3)
+    assert lay.layers[1].active().tolist() == [True, True, False, False]
+    assert lay.layers[2].active().tolist() == [True, True, False, False, True, False, False, False]
+    assert lay.stacked(3).retrieval_q == () and lay.layers[3].active().shape == (0,)
+    with pytest.raises(ValueError, match="scan must be one of"):
+        CacheLayout.build(CFG4, sp, 64, scan="layers")
+
+
+@pytest.mark.parametrize("mode,chunk", [("indexer", 8), ("dense", 16)])
+def test_padded_scan_matches_unrolled(model, mode, chunk):
+    """scan="padded": a slot whose head is local plans as that local head; logits, blocks_frac and every
+    layer's buffers (the real slots) equal the unrolled layers'; the bytes grow by the phantom index keys."""
+    params, ix = model
+    sp = sparse_cfg(roles=ROLES_P.tolist(), prefill_mode=mode)
+    toks = jnp.asarray(np.random.default_rng(4).integers(0, CFG4.vocab_size, (2, 40)), jnp.int32)
+    lens = jnp.asarray([31, 33])
+    got = {}
+    for scan in (False, "padded"):
+        cache = init_cache(CFG4, 2, 48, sp, jnp.float32, scan=scan)
+        lg, cache = prefill(params, cache, toks[:, :33], lens, ix, cfg=CFG4, sparse=sp, chunk=chunk)
+        out, fr = [lg], []
+        for i in range(33, 40):
+            lg, cache, st = decode_step(params, cache, toks[:, i], ix, cfg=CFG4, sparse=sp, stats=True)
+            out.append(lg)
+            fr.append(st["blocks_frac"])
+        got[scan] = (np.stack(out), np.stack(fr), cache)
+    (a, fa, ca), (b, fb, cb) = got[False], got["padded"]
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fb, fa, rtol=1e-6)
+    assert len(cb.layers) == 3
+    assert cache_bytes(cb)["index_keys"] == cache_bytes(ca)["index_keys"] + PHANTOM * 2 * 48 * 4 * 4
+    assert cache_bytes(cb)["kv"] == cache_bytes(ca)["kv"]
+    for i in range(4):
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-5),
+                     ca.layer(i), cb.layer(i))
+
+
+def test_generate_padded_scan(model):
+    params, ix = model
+    sp = sparse_cfg(roles=ROLES_P.tolist())
+    prompts = jnp.asarray(np.random.default_rng(5).integers(0, CFG4.vocab_size, (2, 24)), jnp.int32)
+    kw = dict(cfg=CFG4, max_new_tokens=6, sparse=sp, indexer=ix, chunk=8, max_len=32)
+    a = generate(params, prompts, jnp.asarray([24, 19]), **kw)
+    b = generate(params, prompts, jnp.asarray([24, 19]), scan_layers="padded", **kw)
+    np.testing.assert_array_equal(np.asarray(b["tokens"]), np.asarray(a["tokens"]))
+    assert b["cache"].layout.scan == "padded" and len(b["cache"].layers) == 3
+    with pytest.raises(ValueError, match="scan_layers must be one of"):
+        generate(params, prompts, jnp.asarray([24, 19]), scan_layers="yes", **kw)

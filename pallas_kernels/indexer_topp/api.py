@@ -147,14 +147,15 @@ def prefill_selection(q_idx, k_idx, q_pos, kv_len, *, tile: int, top_p: float, k
 def decode_plan_select(q_idx, k_idx, kv_len, *, retrieval: tuple[int, ...], num_kv_heads: int, head_sinks,
                        head_window, top_p: float, kv_block: int, sinks: int = 0, keep_recent: int = 64,
                        dense=None, max_blocks: int | None = None, backend: str | None = None,
-                       interpret: bool = False, bpp: int = 8, local_bias=None):
+                       interpret: bool = False, bpp: int = 8, local_bias=None, active=None):
     """The DecodePlan of one decode step for N query heads (G = N / num_kv_heads per group), from index keys.
 
     q_idx fp32 [B, R, I] and k_idx [B, S, R, I]: the R retrieval heads, which sit at rows `retrieval` (static)
     of the N heads; the other heads are local: `head_sinks` / `head_window` int [N] give their band (entries of
     retrieval rows are ignored). kv_len int [B] (the query sits at kv_len - 1). dense: optional bool [B], rows
     whose retrieval heads keep every visible block (below `seqlen_threshold`). local_bias fp32 [B, R] or None:
-    the local prior (`decode_selection`).
+    the local prior (`decode_selection`). active: None, or bool [R] (traced): the rows that select; the others
+    (a stacked cache's padded slots whose head is local in this layer) take their band like local heads.
     backend "reference": exact sort-based top-p (XLA) + `decode_plan`; "triton": the fused scoring kernel, then
     the sort-free top-p and packing kernels (`plan_triton.py`) — three launches from index keys to the plan. With
     `max_blocks` (a per-head cap the kernel does not implement) triton scores and XLA selects and packs.
@@ -166,7 +167,7 @@ def decode_plan_select(q_idx, k_idx, kv_len, *, retrieval: tuple[int, ...], num_
     b, s = k_idx.shape[:2]
     sb = cdiv(s, kv_block)
     kv_len = jnp.asarray(kv_len, jnp.int32)
-    is_r = jnp.zeros((n,), bool).at[jnp.asarray(retrieval, jnp.int32)].set(True)
+    is_r = jnp.zeros((n,), bool).at[jnp.asarray(retrieval, jnp.int32)].set(True if active is None else active)
     plan_sinks = jnp.where(is_r, 0, jnp.asarray(head_sinks, jnp.int32))
     plan_window = jnp.where(is_r, FULL_WINDOW, jnp.asarray(head_window, jnp.int32))
     dense = jnp.zeros((b,), bool) if dense is None else jnp.asarray(dense, bool)
@@ -177,7 +178,8 @@ def decode_plan_select(q_idx, k_idx, kv_len, *, retrieval: tuple[int, ...], num_
         q_pos = (kv_len - 1)[:, None]
         causal = band_blocks(q_pos, q_pos, sb, kv_block, 0, FULL_WINDOW)  # [B, 1, Sb]
         band = band_blocks(q_pos, q_pos, sb, kv_block, plan_sinks, plan_window)  # [B, N, Sb]
-        sel = band.at[:, jnp.asarray(retrieval, jnp.int32)].set(sel_r & causal)
+        rows = jnp.asarray(retrieval, jnp.int32)
+        sel = band.at[:, rows].set(jnp.where(is_r[rows][None, :, None], sel_r & causal, band[:, rows]))
         return decode_plan(sel, num_kv_heads, sinks=plan_sinks, window=plan_window, kv_len=kv_len,
                            kv_block=kv_block)
     from pallas_kernels.indexer_topp.plan_triton import decode_plan_triton
