@@ -4,7 +4,8 @@ Times one decode layer-loop of the sparse decode kernel over L layers' caches tw
 per-layer buffers (today's serving) and `lax.scan` over a stacked [L, B, S, K, H] cache, the cache carried and
 one token written per layer (as serving does); counts the copies in the optimised HLO. Also compiles
 `serving.generate` for a SmolLM2-shaped model (random weights, the roles of a converted checkpoint) and reports
-lower / compile seconds. Writes JSON to --out.
+lower / compile seconds and the call's time per variant (layers unrolled; scanned by head split; scanned with
+padded retrieval slots); `--switch-probe` times a `lax.switch` per layer by itself. Writes JSON to --out.
 
     python -m benchmarks.scan_probe --roles converted/mymodel/rtpurbo.json --out DIR
 """
@@ -99,17 +100,44 @@ def copy_probe(layers=8, b=1, s=131072, kh=8, g=4, h=128, density=0.1, backend="
             "backend": backend, "k_bytes_all_layers": kv_bytes, "rows": rows}
 
 
+def switch_probe(layers: int = 30, groups: int = 4, d: int = 576, reps: int = 50) -> dict:
+    """What a `lax.switch` per layer costs by itself: a scan over `layers` tiny layers (a [1, d] x [d, d] matmul)
+    whose weights are picked per layer by a switch over `groups` branches, against the same scan picking them
+    by a dynamic index (no conditional). On GPUs each conditional reads its branch index on the host."""
+    key = jax.random.key(0)
+    w = jax.random.normal(key, (groups, d, d), jnp.float32) * d ** -0.5
+    x = jax.random.normal(key, (1, d), jnp.float32)
+    gis = jnp.asarray(np.arange(layers) % groups, jnp.int32)
+
+    def body_switch(x, gi):
+        return jax.lax.switch(gi, [lambda x, g=g: jnp.tanh(x @ w[g]) for g in range(groups)], x), None
+
+    def body_index(x, gi):
+        return jnp.tanh(x @ jnp.take(w, gi, axis=0)), None
+
+    out = {"layers": layers, "groups": groups, "d": d}
+    for name, body in (("switch", body_switch), ("index", body_index)):
+        f = jax.jit(lambda x, body=body: jax.lax.scan(body, x, gis)[0])
+        out[f"{name}_us_per_layer"] = _time(f, x, reps=reps) * 1e3 / layers
+    out["switch_cost_us_per_layer"] = out["switch_us_per_layer"] - out["index_us_per_layer"]
+    print("switch probe", out, flush=True)
+    return out
+
+
 OPTION_SETS = {"default": {}, "autotune_0": {"xla_gpu_autotune_level": 0},
                "llvm_cheap": {"xla_llvm_disable_expensive_passes": True},
-               "both": {"xla_gpu_autotune_level": 0, "xla_llvm_disable_expensive_passes": True}}
+               "both": {"xla_gpu_autotune_level": 0, "xla_llvm_disable_expensive_passes": True},
+               "no_triton_gemm": {"xla_gpu_enable_triton_gemm": False}}
 
 
-VARIANTS = ("full", "rtpurbo", "full_scan", "rtpurbo_scan")
+VARIANTS = {"full": False, "rtpurbo": False, "full_scan": "split", "rtpurbo_scan": "split",
+            "rtpurbo_scan_padded": "padded"}  # name -> generate's scan_layers
 
 
-def compile_probe(roles_path, option_sets=("default",), variants=VARIANTS):
+def compile_probe(roles_path, option_sets=("default",), variants=VARIANTS, backend=None):
     from rtpurbo_jax import serving
     from rtpurbo_jax.indexer import init_indexer
+    from rtpurbo_jax.kv_cache import CacheLayout
     from rtpurbo_jax.model_config import SMOLLM2_135M as cfg
     from rtpurbo_jax.params import init_params
     from rtpurbo_jax.sparse_config import SparseConfig
@@ -124,16 +152,18 @@ def compile_probe(roles_path, option_sets=("default",), variants=VARIANTS):
     args = (p, prompt, jnp.asarray([2048]), ix, jax.random.key(0))
     for opts in option_sets:
         for name in [v for v in VARIANTS if v in variants]:
-            sparse, scan_layers = (None if name.startswith("full") else sp), name.endswith("_scan")
+            sparse, scan_layers = (None if name.startswith("full") else sp), VARIANTS[name]
             t0 = time.perf_counter()
             lo = serving._generate.lower(*args, cfg=cfg, sparse=sparse, sampling=serving.SamplingConfig(),
                                          max_new_tokens=16, stop_tokens=(), chunk=512, max_len=2048 + 16,
-                                         cache_dtype="bfloat16", backend=(None, None), interpret=False,
+                                         cache_dtype="bfloat16", backend=(backend, backend), interpret=False,
                                          scan_layers=scan_layers)
             t1 = time.perf_counter()
             exe = lo.compile(compiler_options=OPTION_SETS[opts])
             row = {"lower_s": t1 - t0, "compile_s": time.perf_counter() - t1, "scan_layers": scan_layers,
-                   "stablehlo_ops": lo.as_text().count(" = ")}
+                   "stablehlo_ops": lo.as_text().count(" = "),
+                   "layer_bodies": len(CacheLayout.build(cfg, sparse, 2048 + 16, scan_layers).groups)
+                   if scan_layers else cfg.num_layers}
             jax.block_until_ready(exe(*args))
             runs = []
             for _ in range(3):  # the whole generate call: 2048-token prefill + 16 decode steps
@@ -145,7 +175,8 @@ def compile_probe(roles_path, option_sets=("default",), variants=VARIANTS):
             out[key] = {"compiler_options": OPTION_SETS[opts], **row}
             print("generate", key, out[key], flush=True)
     return {"model": "SmolLM2-135M shape, random weights, roles of " + os.path.basename(os.path.dirname(roles_path)),
-            "retrieval_heads": int(np.asarray(sp.roles_array).sum()), "window": sp.window, "generate": out}
+            "retrieval_heads": int(np.asarray(sp.roles_array).sum()), "window": sp.window,
+            "backend": backend or "default (the device's kernels)", "generate": out}
 
 
 def plot(res: dict, path: str) -> None:
@@ -176,14 +207,20 @@ def main():
     ap.add_argument("--options", nargs="+", default=["default"], choices=sorted(OPTION_SETS),
                     help="XLA compiler option sets to compile generate with (compile time and run time each)")
     ap.add_argument("--no-copy-probe", action="store_true")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+    ap.add_argument("--switch-probe", action="store_true", help="also time a lax.switch per layer by itself")
+    ap.add_argument("--backend", default=None, choices=["reference", "triton"],
+                    help="attention backend of the compiled generate (default: the device's kernels)")
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
                     help="generate variants compiled and timed (layers unrolled / scanned, full / RTPurbo)")
     a = ap.parse_args()
     res = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
            "date": datetime.date.today().isoformat()}
     if not a.no_copy_probe:
         res["copy_probe"] = copy_probe()
-    res["compile_probe"] = compile_probe(a.roles, a.options, a.variants)
+    if a.switch_probe:
+        res["switch_probe"] = switch_probe()
+    if a.variants:
+        res["compile_probe"] = compile_probe(a.roles, a.options, a.variants, a.backend)
     res["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "scan_probe.json"), "w") as f:
