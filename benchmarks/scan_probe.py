@@ -134,7 +134,7 @@ VARIANTS = {"full": False, "rtpurbo": False, "full_scan": "split", "rtpurbo_scan
             "rtpurbo_scan_padded": "padded"}  # name -> generate's scan_layers
 
 
-def compile_probe(roles_path, option_sets=("default",), variants=VARIANTS, backend=None):
+def compile_probe(roles_path, option_sets=("default",), variants=VARIANTS, backend=None, prompt_len=2048):
     from rtpurbo_jax import serving
     from rtpurbo_jax.indexer import init_indexer
     from rtpurbo_jax.kv_cache import CacheLayout
@@ -147,26 +147,26 @@ def compile_probe(roles_path, option_sets=("default",), variants=VARIANTS, backe
     sp = dataclasses.replace(SparseConfig.from_dict(meta["sparse_config"]), seqlen_threshold=0)
     p = jax.tree.map(lambda x: x.astype(jnp.bfloat16), init_params(cfg, jax.random.key(0), scale=0.02))
     ix = init_indexer(cfg, sp.index_dim, jax.random.key(1))
-    prompt = jax.random.randint(jax.random.key(2), (1, 2048), 0, cfg.vocab_size)
+    prompt = jax.random.randint(jax.random.key(2), (1, prompt_len), 0, cfg.vocab_size)
     out = {}
-    args = (p, prompt, jnp.asarray([2048]), ix, jax.random.key(0))
+    args = (p, prompt, jnp.asarray([prompt_len]), ix, jax.random.key(0))
     for opts in option_sets:
         for name in [v for v in VARIANTS if v in variants]:
             sparse, scan_layers = (None if name.startswith("full") else sp), VARIANTS[name]
             t0 = time.perf_counter()
             lo = serving._generate.lower(*args, cfg=cfg, sparse=sparse, sampling=serving.SamplingConfig(),
-                                         max_new_tokens=16, stop_tokens=(), chunk=512, max_len=2048 + 16,
+                                         max_new_tokens=16, stop_tokens=(), chunk=512, max_len=prompt_len + 16,
                                          cache_dtype="bfloat16", backend=(backend, backend), interpret=False,
                                          scan_layers=scan_layers)
             t1 = time.perf_counter()
             exe = lo.compile(compiler_options=OPTION_SETS[opts])
             row = {"lower_s": t1 - t0, "compile_s": time.perf_counter() - t1, "scan_layers": scan_layers,
                    "stablehlo_ops": lo.as_text().count(" = "),
-                   "layer_bodies": len(CacheLayout.build(cfg, sparse, 2048 + 16, scan_layers).groups)
+                   "layer_bodies": len(CacheLayout.build(cfg, sparse, prompt_len + 16, scan_layers).groups)
                    if scan_layers else cfg.num_layers}
             jax.block_until_ready(exe(*args))
             runs = []
-            for _ in range(3):  # the whole generate call: 2048-token prefill + 16 decode steps
+            for _ in range(3):  # the whole generate call: the prompt's prefill + 16 decode steps
                 t0 = time.perf_counter()
                 jax.block_until_ready(exe(*args))
                 runs.append(time.perf_counter() - t0)
@@ -176,7 +176,7 @@ def compile_probe(roles_path, option_sets=("default",), variants=VARIANTS, backe
             print("generate", key, out[key], flush=True)
     return {"model": "SmolLM2-135M shape, random weights, roles of " + os.path.basename(os.path.dirname(roles_path)),
             "retrieval_heads": int(np.asarray(sp.roles_array).sum()), "window": sp.window,
-            "backend": backend or "default (the device's kernels)", "generate": out}
+            "backend": backend or "default (the device's kernels)", "prompt_len": prompt_len, "generate": out}
 
 
 def plot(res: dict, path: str) -> None:
@@ -208,6 +208,7 @@ def main():
                     help="XLA compiler option sets to compile generate with (compile time and run time each)")
     ap.add_argument("--no-copy-probe", action="store_true")
     ap.add_argument("--switch-probe", action="store_true", help="also time a lax.switch per layer by itself")
+    ap.add_argument("--prompt-len", type=int, default=2048, help="prompt tokens of the compiled generate (+16 new)")
     ap.add_argument("--backend", default=None, choices=["reference", "triton"],
                     help="attention backend of the compiled generate (default: the device's kernels)")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
@@ -220,7 +221,7 @@ def main():
     if a.switch_probe:
         res["switch_probe"] = switch_probe()
     if a.variants:
-        res["compile_probe"] = compile_probe(a.roles, a.options, a.variants, a.backend)
+        res["compile_probe"] = compile_probe(a.roles, a.options, a.variants, a.backend, a.prompt_len)
     res["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "scan_probe.json"), "w") as f:

@@ -167,15 +167,22 @@ def scatter_rows(buf, new, slot, ok):
     return buf.at[jnp.arange(buf.shape[0])[:, None], idx].set(new.astype(buf.dtype), mode="drop")
 
 
+def local_slots(layout: CacheLayout, pos: Positions):
+    """Where the call's rows go in a local KV head's buffers: (in_sink bool [B, C] — the row is a sink position,
+    stored at slot q_pos; ring slot int [B, C]; keep bool [B, C] — the row is among the last `ring` non-sink
+    positions, stored at that ring slot)."""
+    q_pos, valid = pos.q_pos, pos.valid
+    in_sink = valid & (q_pos < layout.sinks)
+    keep = valid & (q_pos >= layout.sinks) & (q_pos > (pos.new_len - 1)[:, None] - layout.ring)
+    return in_sink, jnp.mod(q_pos - layout.sinks, max(layout.ring, 1)), keep
+
+
 def _local_kv_updates(k_new, v_new, lc: LayerCache, layout: CacheLayout, pos: Positions):
     """The local KV heads' updated (k_sink, v_sink, k_ring, v_ring) after writing the call's valid rows
     (k_new, v_new [B, C, Kl, H]): positions below `sinks` into the sink slots, the last `ring` others into the
     ring."""
-    q_pos, valid = pos.q_pos, pos.valid
-    in_sink = valid & (q_pos < layout.sinks)
-    keep = valid & (q_pos >= layout.sinks) & (q_pos > (pos.new_len - 1)[:, None] - layout.ring)
-    slot = jnp.mod(q_pos - layout.sinks, max(layout.ring, 1))
-    return (scatter_rows(lc.k_sink, k_new, q_pos, in_sink), scatter_rows(lc.v_sink, v_new, q_pos, in_sink),
+    in_sink, slot, keep = local_slots(layout, pos)
+    return (scatter_rows(lc.k_sink, k_new, pos.q_pos, in_sink), scatter_rows(lc.v_sink, v_new, pos.q_pos, in_sink),
             scatter_rows(lc.k_ring, k_new, slot, keep), scatter_rows(lc.v_ring, v_new, slot, keep))
 
 
@@ -298,5 +305,5 @@ def cached_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLa
     return jnp.concatenate(outs, axis=2)[:, :, inv], lc, frac
 
 
-__all__ = ["AttentionCall", "Positions", "cached_attention", "heads_attention", "scatter_rows", "selection_inputs",
-           "sequence_attention"]
+__all__ = ["AttentionCall", "Positions", "cached_attention", "heads_attention", "local_slots", "scatter_rows",
+           "selection_inputs", "sequence_attention"]
