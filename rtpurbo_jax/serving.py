@@ -12,9 +12,10 @@ positions, so one compilation serves every chunk and every decode step. A cache 
 serving scans over layers instead, compiling one attention per split (SmolLM2's 30 layers have 9): the same
 results, less compile time; `scan="padded"` stacks layers of equal full / local KV counts (SmolLM2: 4 groups),
 each full KV head's query heads all in retrieval slots and the layer's real ones marked as data (more index-key
-bytes; see `kv_cache`). But each layer's slice of a stacked buffer is copied in and out around the Pallas
-kernels (XLA does not alias a dynamic slice into a custom call), which costs time at long contexts on GPUs
-(`benchmarks/scan_probe.py`), so it is not the default.
+bytes; see `kv_cache`). But each layer's slice of a stacked buffer is copied before the Pallas kernels (XLA
+does not alias a dynamic slice into a custom call) and its new rows are scattered into every group's stack
+after the switch, which costs time on GPUs (`benchmarks/scan_probe.py`; H200, SmolLM2: 86 vs 49 ms per 2K-prompt
+call, compile 9 vs 21-24 s), so it is not the default.
 
 Backends (`backend`): None lets each op pick for the device and log it — a prefill chunk runs the block-sparse
 prefill op (`pallas_kernels.sparse_attention`: Mosaic GPU on Hopper when the plan fits it, else Triton; Mosaic
