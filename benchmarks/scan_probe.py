@@ -4,8 +4,9 @@ Times one decode layer-loop of the sparse decode kernel over L layers' caches tw
 per-layer buffers (today's serving) and `lax.scan` over a stacked [L, B, S, K, H] cache, the cache carried and
 one token written per layer (as serving does); counts the copies in the optimised HLO. Also compiles
 `serving.generate` for a SmolLM2-shaped model (random weights, the roles of a converted checkpoint) and reports
-lower / compile seconds and the call's time per variant (layers unrolled; scanned by head split; scanned with
-padded retrieval slots); `--switch-probe` times a `lax.switch` per layer by itself. Writes JSON to --out.
+lower / compile seconds (`serving.compile_generate`: both programs compiled at once) and the call's time per
+variant (layers unrolled; scanned by head split; scanned with padded retrieval slots); `--switch-probe` times
+a `lax.switch` per layer by itself. Writes JSON to --out.
 
     python -m benchmarks.scan_probe --roles converted/mymodel/rtpurbo.json --out DIR
 """
@@ -134,7 +135,8 @@ VARIANTS = {"full": False, "rtpurbo": False, "full_scan": "split", "rtpurbo_scan
             "rtpurbo_scan_padded": "padded"}  # name -> generate's scan_layers
 
 
-def compile_probe(roles_path, option_sets=("default",), variants=VARIANTS, backend=None, prompt_len=2048):
+def compile_probe(roles_path, option_sets=("default",), variants=VARIANTS, backend=None, prompt_len=2048,
+                  concurrent=True):
     from rtpurbo_jax import serving
     from rtpurbo_jax.indexer import init_indexer
     from rtpurbo_jax.kv_cache import CacheLayout
@@ -153,22 +155,26 @@ def compile_probe(roles_path, option_sets=("default",), variants=VARIANTS, backe
     for opts in option_sets:
         for name in [v for v in VARIANTS if v in variants]:
             sparse, scan_layers = (None if name.startswith("full") else sp), VARIANTS[name]
-            t0 = time.perf_counter()
-            lo = serving._generate.lower(*args, cfg=cfg, sparse=sparse, sampling=serving.SamplingConfig(),
-                                         max_new_tokens=16, stop_tokens=(), chunk=512, max_len=prompt_len + 16,
-                                         cache_dtype="bfloat16", backend=(backend, backend), interpret=False,
-                                         scan_layers=scan_layers)
-            t1 = time.perf_counter()
-            exe = lo.compile(compiler_options=OPTION_SETS[opts])
-            row = {"lower_s": t1 - t0, "compile_s": time.perf_counter() - t1, "scan_layers": scan_layers,
-                   "stablehlo_ops": lo.as_text().count(" = "),
+            exe = serving.compile_generate(*args, cfg=cfg, sparse=sparse, sampling=serving.SamplingConfig(),
+                                           max_new_tokens=16, stop_tokens=(), chunk=512, max_len=prompt_len + 16,
+                                           cache_dtype="bfloat16", backend=(backend, backend), interpret=False,
+                                           scan_layers=scan_layers, compiler_options=OPTION_SETS[opts] or None,
+                                           concurrent=concurrent)
+            row = {"lower_s": exe.lower_s, "compile_s": exe.compile_s, "concurrent_compile": concurrent,
+                   "scan_layers": scan_layers,
+                   "stablehlo_ops": exe.stablehlo_ops,
                    "layer_bodies": len(CacheLayout.build(cfg, sparse, prompt_len + 16, scan_layers).groups)
                    if scan_layers else cfg.num_layers}
-            jax.block_until_ready(exe(*args))
+
+            def call():  # the whole generate call: the prompt's prefill + 16 decode steps (two programs)
+                first, done, key, cache = exe.prefill(*args)
+                return exe.decode(p, cache, first, done, key, ix)
+
+            jax.block_until_ready(call())
             runs = []
-            for _ in range(3):  # the whole generate call: the prompt's prefill + 16 decode steps
+            for _ in range(3):
                 t0 = time.perf_counter()
-                jax.block_until_ready(exe(*args))
+                jax.block_until_ready(call())
                 runs.append(time.perf_counter() - t0)
             row["generate_ms_median"] = float(np.median(runs)) * 1e3
             key = name if opts == "default" else f"{name}/{opts}"
@@ -208,6 +214,8 @@ def main():
                     help="XLA compiler option sets to compile generate with (compile time and run time each)")
     ap.add_argument("--no-copy-probe", action="store_true")
     ap.add_argument("--switch-probe", action="store_true", help="also time a lax.switch per layer by itself")
+    ap.add_argument("--serial-compile", action="store_true",
+                    help="compile generate's two programs one after the other instead of at once")
     ap.add_argument("--prompt-len", type=int, default=2048, help="prompt tokens of the compiled generate (+16 new)")
     ap.add_argument("--backend", default=None, choices=["reference", "triton"],
                     help="attention backend of the compiled generate (default: the device's kernels)")
@@ -221,7 +229,8 @@ def main():
     if a.switch_probe:
         res["switch_probe"] = switch_probe()
     if a.variants:
-        res["compile_probe"] = compile_probe(a.roles, a.options, a.variants, a.backend, a.prompt_len)
+        res["compile_probe"] = compile_probe(a.roles, a.options, a.variants, a.backend, a.prompt_len,
+                                             not a.serial_compile)
     res["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "scan_probe.json"), "w") as f:

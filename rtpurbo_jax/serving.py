@@ -15,7 +15,7 @@ each full KV head's query heads all in retrieval slots and the layer's real ones
 bytes; see `kv_cache`). But each layer's slice of a stacked buffer is copied before the Pallas kernels (XLA
 does not alias a dynamic slice into a custom call) and its new rows are scattered into every group's stack
 after the switch, which costs time on GPUs (`benchmarks/scan_probe.py`; H200, SmolLM2: 86 vs 49 ms per 2K-prompt
-call, compile 9 vs 21-24 s), so it is not the default.
+call; compile 9-13 vs 15-17 s), so it is not the default.
 
 Backends (`backend`): None lets each op pick for the device and log it — a prefill chunk runs the block-sparse
 prefill op (`pallas_kernels.sparse_attention`: Mosaic GPU on Hopper when the plan fits it, else Triton; Mosaic
@@ -29,6 +29,7 @@ max_len) floats per layer. Keep max_len a multiple of kv_block so the kernels ne
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -346,20 +347,32 @@ def decode_step(params, cache: HybridCache, tokens, indexer=None, *, cfg: ModelC
                        stats=stats)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sparse", "sampling", "max_new_tokens", "stop_tokens",
-                                             "chunk", "max_len", "cache_dtype", "backend", "interpret",
-                                             "scan_layers"))
-def _generate(params, prompts, lengths, indexer, key, *, cfg, sparse, sampling, max_new_tokens, stop_tokens,
-              chunk, max_len, cache_dtype, backend, interpret, scan_layers=False):
-    b = prompts.shape[0]
-    cache = init_cache(cfg, b, max_len, sparse, cache_dtype, scan=scan_layers)
-    backend = _resolve(backend)
-    logits, cache = _prefill(params, cache, prompts, lengths, indexer, cfg, sparse, chunk, backend, interpret)
-    stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
-    pad = stop_tokens[0] if stop_tokens else 0
+def _stops(stop_tokens) -> jax.Array:
+    return jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sparse", "sampling", "stop_tokens", "chunk", "max_len",
+                                             "cache_dtype", "backend", "interpret", "scan_layers"))
+def _generate_prefill(params, prompts, lengths, indexer, key, *, cfg, sparse, sampling, stop_tokens, chunk, max_len,
+                      cache_dtype, backend, interpret, scan_layers=False):
+    """generate's first program: a new cache, the prompts' prefill, the first sampled token. Returns (first int
+    [B], done bool [B], key, cache)."""
+    cache = init_cache(cfg, prompts.shape[0], max_len, sparse, cache_dtype, scan=scan_layers)
+    logits, cache = _prefill(params, cache, prompts, lengths, indexer, cfg, sparse, chunk, _resolve(backend), interpret)
     key, sub = jax.random.split(key)
     first = sample(logits, sub, sampling)
-    done = jnp.isin(first, stops)
+    return first, jnp.isin(first, _stops(stop_tokens)), key, cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sparse", "sampling", "max_new_tokens", "stop_tokens", "backend",
+                                             "interpret"), donate_argnames=("cache",))
+def _generate_decode(params, cache, first, done, key, indexer, *, cfg, sparse, sampling, max_new_tokens, stop_tokens,
+                     backend, interpret):
+    """generate's second program: the decode loop after `_generate_prefill`. Returns (tokens int32 [B,
+    max_new_tokens], num_tokens int32 [B], cache)."""
+    backend = _resolve(backend)
+    stops = _stops(stop_tokens)
+    pad = stop_tokens[0] if stop_tokens else 0
 
     def step(carry, _):
         cache, tok, done, key, count = carry
@@ -369,16 +382,76 @@ def _generate(params, prompts, lengths, indexer, key, *, cfg, sparse, sampling, 
         count = count + (~done).astype(jnp.int32)
         return (cache, nxt, done | jnp.isin(nxt, stops), key, count), nxt
 
-    init = (cache, first, done, key, jnp.ones((b,), jnp.int32))
+    init = (cache, first, done, key, jnp.ones((first.shape[0],), jnp.int32))
     (cache, _, _, _, count), rest = jax.lax.scan(step, init, None, length=max_new_tokens - 1)
     return jnp.concatenate([first[:, None], rest.T], axis=1), count, cache
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateExecutables:
+    """`generate`'s two compiled programs for one signature, and what building them took: lower_s (tracing +
+    lowering both, seconds), compile_s (XLA compiling both at once, in two threads: wall seconds), stablehlo_ops
+    (of both)."""
+
+    prefill: object
+    decode: object
+    lower_s: float
+    compile_s: float
+    stablehlo_ops: int
+
+
+_EXECUTABLES: collections.OrderedDict = collections.OrderedDict()  # signature -> GenerateExecutables (LRU)
+_MAX_EXECUTABLES = 16
+
+
+def _signature(args, static: dict) -> tuple:
+    leaves, tree = jax.tree.flatten(args)
+    return tree, tuple((tuple(x.shape), str(x.dtype)) for x in leaves), tuple(sorted(static.items()))
+
+
+def compile_generate(params, prompts, lengths, indexer, key, *, max_new_tokens: int, compiler_options=None,
+                     concurrent: bool = True, **static) -> GenerateExecutables:
+    """Lower `generate`'s two programs (prefill + first token; the decode loop) and compile them **concurrently**
+    (XLA compiles with the GIL released), so that a first call waits for the slower of the two rather than their
+    sum. Arguments as `_generate_prefill` / `_generate_decode` take them (the public `generate` calls this once
+    per signature and caches the result; single-device inputs). compiler_options: XLA options for both;
+    concurrent=False compiles one after the other (for measuring)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    t0 = time.perf_counter()
+    lo_p = _generate_prefill.lower(params, prompts, lengths, indexer, key, **static)
+    first, done, key2, cache = lo_p.out_info
+    dec = {k: static[k] for k in ("cfg", "sparse", "sampling", "stop_tokens", "backend", "interpret")}
+    lo_d = _generate_decode.lower(params, cache, first, done, key2, indexer, max_new_tokens=max_new_tokens, **dec)
+    t1 = time.perf_counter()
+    with ThreadPoolExecutor(2 if concurrent else 1) as pool:
+        exe_p, exe_d = pool.map(lambda lo: lo.compile(compiler_options), (lo_p, lo_d))
+    t2 = time.perf_counter()
+    ops = sum(lo.as_text().count(" = ") for lo in (lo_p, lo_d))
+    log.info("generate compiled: lower %.1f s, compile %.1f s (prefill and decode at once)", t1 - t0, t2 - t1)
+    return GenerateExecutables(exe_p, exe_d, t1 - t0, t2 - t1, ops)
+
+
+def _on_default_device(tree) -> bool:
+    """True when every array leaf lives on the default device alone (the case compile_generate serves)."""
+    dev = jax.devices()[0]
+    for x in jax.tree.leaves(tree):
+        sharding = getattr(x, "sharding", None)
+        if sharding is not None and sharding.device_set != {dev}:
+            return False
+    return True
 
 
 def generate(params, prompts, lengths, *, cfg: ModelConfig, max_new_tokens: int, sparse: SparseConfig | None = None,
              indexer: dict | None = None, sampling: SamplingConfig = SamplingConfig(), stop_tokens=(),
              key=None, chunk: int = 512, max_len: int | None = None, cache_dtype=None, backend: str | None = None,
              interpret: bool = False, scan_layers: bool | str = False):
-    """Generate up to `max_new_tokens` per prompt (prefill + a scanned decode loop, one jitted program).
+    """Generate up to `max_new_tokens` per prompt: two jitted programs, the prefill with the first sampled token
+    and the scanned decode loop. On a first call with inputs on the default device both are lowered and then
+    compiled at once (`compile_generate`, two threads: the wait is about the slower compile, not the sum) and
+    kept for later calls of the same signature; sharded inputs go through jit dispatch, which follows their
+    shardings.
 
     prompts int [B, T] right-padded, lengths int [B]. stop_tokens: ids that end a row (the stop token is kept;
     later positions repeat the first stop id). Returns dict tokens int32 [B, max_new_tokens], num_tokens int32
@@ -411,15 +484,27 @@ def generate(params, prompts, lengths, *, cfg: ModelConfig, max_new_tokens: int,
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if scan_layers not in SCAN_MODES:
         raise ValueError(f"scan_layers must be one of {SCAN_MODES}, got {scan_layers!r}")
-    backend = op_backends(backend)
-    dtype = jnp.dtype(cache_dtype or params["embed"].dtype)
-    tokens, count, cache = _generate(params, prompts, lengths, indexer,
-                                     jax.random.key(0) if key is None else key, cfg=cfg, sparse=sparse,
-                                     sampling=sampling, max_new_tokens=max_new_tokens,
-                                     stop_tokens=tuple(int(t) for t in stop_tokens), chunk=chunk, max_len=max_len,
-                                     cache_dtype=dtype.name, backend=backend, interpret=interpret,
-                                     scan_layers="split" if scan_layers is True else scan_layers)
+    key = jax.random.key(0) if key is None else key
+    static = dict(cfg=cfg, sparse=sparse, sampling=sampling, stop_tokens=tuple(int(t) for t in stop_tokens),
+                  chunk=chunk, max_len=max_len, cache_dtype=jnp.dtype(cache_dtype or params["embed"].dtype).name,
+                  backend=op_backends(backend), interpret=interpret,
+                  scan_layers="split" if scan_layers is True else scan_layers)
+    args = (params, prompts, lengths, indexer, key)
+    if _on_default_device(args):  # both programs compiled at once on a first call, then reused
+        sig = _signature(args, {**static, "max_new_tokens": max_new_tokens})
+        exe = _EXECUTABLES.pop(sig, None) or compile_generate(*args, max_new_tokens=max_new_tokens, **static)
+        _EXECUTABLES[sig] = exe
+        while len(_EXECUTABLES) > _MAX_EXECUTABLES:
+            _EXECUTABLES.popitem(last=False)
+        first, done, key, cache = exe.prefill(*args)
+        tokens, count, cache = exe.decode(params, cache, first, done, key, indexer)
+    else:  # sharded inputs: jit dispatch follows their shardings (the two programs compile one after the other)
+        first, done, key, cache = _generate_prefill(*args, **static)
+        dec = {k: static[k] for k in ("cfg", "sparse", "sampling", "stop_tokens", "backend", "interpret")}
+        tokens, count, cache = _generate_decode(params, cache, first, done, key, indexer,
+                                                max_new_tokens=max_new_tokens, **dec)
     return {"tokens": tokens, "num_tokens": count, "cache": cache}
 
 
-__all__ = ["check_call", "check_indexer", "decode_step", "generate", "prefill"]
+__all__ = ["GenerateExecutables", "check_call", "check_indexer", "compile_generate", "decode_step", "generate",
+           "prefill"]

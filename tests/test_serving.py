@@ -153,6 +153,31 @@ def test_generate_stop_tokens_and_padding(model):
     assert (toks[0, first + 1:] == stop).all()
 
 
+def test_generate_compiles_both_programs_once_and_sharded_inputs_follow_jit(model):
+    """A first generate call compiles its two programs at once and keeps them (a second call of the same
+    signature builds nothing); inputs sharded over a mesh take the jit path and give the same tokens."""
+    from rtpurbo_jax import serving
+
+    params, ix = model
+    prompt = tokens(2, 17, seed=13)
+    kw = dict(cfg=CFG, max_new_tokens=5, sparse=sparse_cfg(), indexer=ix, chunk=8)
+    serving._EXECUTABLES.clear()
+    a = generate(params, prompt, [17, 11], **kw)
+    assert len(serving._EXECUTABLES) == 1
+    exe = next(iter(serving._EXECUTABLES.values()))
+    assert exe.lower_s > 0 and exe.compile_s > 0 and exe.stablehlo_ops > 0
+    b = generate(params, prompt, [17, 11], **kw)
+    assert len(serving._EXECUTABLES) == 1 and next(iter(serving._EXECUTABLES.values())) is exe
+    np.testing.assert_array_equal(np.asarray(b["tokens"]), np.asarray(a["tokens"]))
+    generate(params, prompt, [17, 11], **{**kw, "max_new_tokens": 4})  # another signature
+    assert len(serving._EXECUTABLES) == 2
+    mesh = Mesh(np.asarray(jax.devices()[:2]).reshape(2, 1), ("data", "model"))
+    sharded = jax.device_put(params, param_shardings(CFG, mesh))
+    c = generate(sharded, prompt, [17, 11], **kw)
+    assert len(serving._EXECUTABLES) == 2  # not the cached single-device programs
+    np.testing.assert_array_equal(np.asarray(c["tokens"]), np.asarray(a["tokens"]))
+
+
 def test_sampling_rules():
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 50)) * 3, jnp.float32)
     greedy = np.asarray(jnp.argmax(logits, -1))

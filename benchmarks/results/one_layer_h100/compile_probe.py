@@ -1,3 +1,5 @@
+# Provenance: the probe as run for this directory (an H100 session); it calls `serving._generate`, the
+# single-program generate of that time, since split into two programs (`serving.compile_generate`).
 import time, json, numpy as np, jax, jax.numpy as jnp
 from rtpurbo_jax.model_config import SMOLLM2_135M as cfg
 from rtpurbo_jax.params import init_params
