@@ -159,7 +159,7 @@ def compile_probe(roles_path, option_sets=("default",), variants=VARIANTS, backe
                                            max_new_tokens=16, stop_tokens=(), chunk=512, max_len=prompt_len + 16,
                                            cache_dtype="bfloat16", backend=(backend, backend), interpret=False,
                                            scan_layers=scan_layers, compiler_options=OPTION_SETS[opts] or None,
-                                           concurrent=concurrent)
+                                           concurrent=concurrent, count_ops=True)
             row = {"lower_s": exe.lower_s, "compile_s": exe.compile_s, "concurrent_compile": concurrent,
                    "scan_layers": scan_layers,
                    "stablehlo_ops": exe.stablehlo_ops,

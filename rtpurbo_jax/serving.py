@@ -391,13 +391,13 @@ def _generate_decode(params, cache, first, done, key, indexer, *, cfg, sparse, s
 class GenerateExecutables:
     """`generate`'s two compiled programs for one signature, and what building them took: lower_s (tracing +
     lowering both, seconds), compile_s (XLA compiling both at once, in two threads: wall seconds), stablehlo_ops
-    (of both)."""
+    (of both; counted only when asked: `compile_generate(..., count_ops=True)`)."""
 
     prefill: object
     decode: object
     lower_s: float
     compile_s: float
-    stablehlo_ops: int
+    stablehlo_ops: int | None = None
 
 
 _EXECUTABLES: collections.OrderedDict = collections.OrderedDict()  # signature -> GenerateExecutables (LRU)
@@ -410,7 +410,7 @@ def _signature(args, static: dict) -> tuple:
 
 
 def compile_generate(params, prompts, lengths, indexer, key, *, max_new_tokens: int, compiler_options=None,
-                     concurrent: bool = True, **static) -> GenerateExecutables:
+                     concurrent: bool = True, count_ops: bool = False, **static) -> GenerateExecutables:
     """Lower `generate`'s two programs (prefill + first token; the decode loop) and compile them **concurrently**
     (XLA compiles with the GIL released), so that a first call waits for the slower of the two rather than their
     sum. Arguments as `_generate_prefill` / `_generate_decode` take them (the public `generate` calls this once
@@ -428,7 +428,7 @@ def compile_generate(params, prompts, lengths, indexer, key, *, max_new_tokens: 
     with ThreadPoolExecutor(2 if concurrent else 1) as pool:
         exe_p, exe_d = pool.map(lambda lo: lo.compile(compiler_options), (lo_p, lo_d))
     t2 = time.perf_counter()
-    ops = sum(lo.as_text().count(" = ") for lo in (lo_p, lo_d))
+    ops = sum(lo.as_text().count(" = ") for lo in (lo_p, lo_d)) if count_ops else None
     log.info("generate compiled: lower %.1f s, compile %.1f s (prefill and decode at once)", t1 - t0, t2 - t1)
     return GenerateExecutables(exe_p, exe_d, t1 - t0, t2 - t1, ops)
 

@@ -165,7 +165,7 @@ def test_generate_compiles_both_programs_once_and_sharded_inputs_follow_jit(mode
     a = generate(params, prompt, [17, 11], **kw)
     assert len(serving._EXECUTABLES) == 1
     exe = next(iter(serving._EXECUTABLES.values()))
-    assert exe.lower_s > 0 and exe.compile_s > 0 and exe.stablehlo_ops > 0
+    assert exe.lower_s > 0 and exe.compile_s > 0
     b = generate(params, prompt, [17, 11], **kw)
     assert len(serving._EXECUTABLES) == 1 and next(iter(serving._EXECUTABLES.values())) is exe
     np.testing.assert_array_equal(np.asarray(b["tokens"]), np.asarray(a["tokens"]))
