@@ -66,6 +66,18 @@ def rows(indexer: dict, layer, heads) -> dict:
     return {k: v[layer][heads] for k, v in indexer.items()}
 
 
+def layer_rows(indexer: dict | None, layer, heads, head_dim: int, index_dim: int) -> dict | None:
+    """`rows` of layer `layer`'s retrieval heads `heads` (int [R]; layer may be traced) for serving: zeros when
+    no indexer is given (the retrieval heads run dense; their index keys are written but unused), None without
+    retrieval heads."""
+    if not len(heads):
+        return None
+    if indexer is not None:
+        return rows(indexer, layer, heads)
+    zero = jnp.zeros((len(heads), head_dim, index_dim), jnp.float32)
+    return {"w_q": zero, "w_k": zero}
+
+
 def full_layout(train: dict, heads: np.ndarray, cfg: ModelConfig) -> dict:
     """The full layout (zeros for untrained heads) from rows of heads (layer, q head) int [R, 2]."""
     out = {}
@@ -101,4 +113,4 @@ def local_prior(q_pre, ix: dict):
 
 
 __all__ = ["check_indexer", "indexer_specs", "init_indexer", "local_prior", "project_keys", "project_queries",
-           "full_layout", "rows"]
+           "full_layout", "layer_rows", "rows"]

@@ -36,15 +36,15 @@ import logging
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_kernels.block_plan import cdiv, is_concrete
 from pallas_kernels.sparse_decode.api import default_backend
 from pallas_kernels.sparse_attention.api import BACKENDS as PREFILL_BACKENDS
 from pallas_kernels.sparse_decode.api import BACKENDS as DECODE_BACKENDS
 from rtpurbo_jax import indexer as ixr
-from rtpurbo_jax.attention import AttentionCall, Positions, cached_attention, local_slots
-from rtpurbo_jax.kv_cache import SCAN_MODES, HybridCache, LayerCache, init_cache
+from rtpurbo_jax.attention import AttentionCall, Positions, cached_attention
+from rtpurbo_jax.kv_cache import SCAN_MODES, HybridCache, init_cache
+from rtpurbo_jax.layer_scan import scan_layers
 from rtpurbo_jax.model import decoder_layer, logits_from_hidden, rms_norm, rope_cos_sin
 from rtpurbo_jax.model_config import ModelConfig
 from rtpurbo_jax.sampling import SamplingConfig, sample
@@ -103,17 +103,6 @@ def check_indexer(cfg: ModelConfig, sparse: SparseConfig | None, indexer: dict |
     ixr.check_indexer(indexer, cfg, sparse.index_dim)
 
 
-def _layer_indexer(indexer, li, heads, cfg: ModelConfig, layout) -> dict | None:
-    """The indexer rows of layer li's retrieval heads `heads` (int [R]; li may be traced), zeros when the
-    retrieval heads run dense everywhere (index keys unused), None without retrieval heads."""
-    if not len(heads):
-        return None
-    if indexer is not None:
-        return ixr.rows(indexer, li, heads)
-    zero = jnp.zeros((len(heads), cfg.head_dim, layout.index_dim), jnp.float32)
-    return {"w_q": zero, "w_k": zero}
-
-
 def _run_tokens(params, cache: HybridCache, tokens, pos: Positions, indexer, cfg: ModelConfig,
                 sparse: SparseConfig | None, call: AttentionCall):
     """Final normed hidden states [B, C, D] of C new tokens per sequence, the updated cache, and fp32 [B]: the
@@ -123,12 +112,12 @@ def _run_tokens(params, cache: HybridCache, tokens, pos: Positions, indexer, cfg
     cos, sin = rope_cos_sin(pos.q_pos, cfg.rope, cfg.head_dim)
     x = jnp.take(params["embed"], tokens, axis=0)
     if layout.scan:
-        x, layers, frac = _scan_layers(params, cache.layers, x, cos, sin, pos, indexer, cfg, sparse, call, layout)
+        x, layers, frac = scan_layers(params, cache.layers, x, cos, sin, pos, indexer, cfg, sparse, call, layout)
     else:
         layers, fracs = [], []
         for li, (lc, ll) in enumerate(zip(cache.layers, layout.layers)):
             lp = jax.tree.map(lambda a: a[li], params["layers"])
-            ix = _layer_indexer(indexer, li, ll.retrieval_q, cfg, layout)
+            ix = ixr.layer_rows(indexer, li, ll.retrieval_q, cfg.head_dim, layout.index_dim)
 
             def attend(qkv):  # called at once, inside this iteration
                 out, new_lc, frac = cached_attention(qkv, lc, ll, layout, cfg, sparse, ix, pos, call)
@@ -141,85 +130,6 @@ def _run_tokens(params, cache: HybridCache, tokens, pos: Positions, indexer, cfg
         frac = jnp.stack(fracs).mean(0) if fracs else jnp.zeros((x.shape[0],), jnp.float32)
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     return x, HybridCache(tuple(layers), pos.new_len, layout), frac
-
-
-def _scan_layers(params, caches, x, cos, sin, pos: Positions, indexer, cfg: ModelConfig, sparse, call, layout):
-    """`lax.scan` over layers for a stacked cache (`init_cache(..., scan=...)`): one layer body, whose attention
-    switches over the groups (`layout.groups`): one attention compiled per group. The layer's heads are permuted
-    into its group's shared layout (`LayerLayout.perms`; the output permuted back before wo); the branch runs
-    `cached_attention` on the layer's slice of its group's buffer and returns no buffer (a branch that returns a
-    stack, even unchanged, makes XLA copy it); the layer's new K / V / index-key rows are then scattered into its
-    stack in place (`_write_rows`; the other groups' stacks get an out-of-range slot: nothing written). With
-    `scan="padded"` the layer's active retrieval slots (`LayerLayout.active`) ride along as data."""
-    groups = layout.groups
-    canon = [layout.stacked(ids[0]) for ids in groups]
-    group_of, slot_of = np.asarray([layout.slot(i) for i in range(len(layout.layers))], np.int32).T
-    perms = [ll.perms() for ll in layout.layers]
-    q_perm = jnp.asarray(np.stack([p[0] for p in perms]))
-    kv_perm = jnp.asarray(np.stack([p[1] for p in perms]))
-    inv_q = jnp.asarray(np.stack([np.argsort(p[0]) for p in perms]).astype(np.int32))
-    slots = max(len(cl.retrieval_q) for cl in canon)
-    active = jnp.asarray(np.stack([np.pad(ll.active(), (0, slots - len(ll.active()))) if layout.padded
-                                   else np.ones(slots, bool) for ll in layout.layers]).reshape(len(layout.layers), slots))
-    rows_at = local_slots(layout, pos)
-    b = x.shape[0]
-
-    def branch(g):
-        cl = canon[g]
-
-        def run(qkv, caches, si, act, ixs):
-            lc = jax.tree.map(lambda a: a[si], caches[g])
-            act = act[:len(cl.retrieval_q)] if layout.padded else None
-            out, _, frac = cached_attention(qkv, lc, cl, layout, cfg, sparse, ixs[g], pos, call, act)
-            has = jnp.float32(frac is not None)
-            return out, jnp.zeros((b,), jnp.float32) if frac is None else frac.astype(jnp.float32), has
-        return run
-
-    branches = [branch(g) for g in range(len(groups))]
-
-    def body(carry, xs):
-        x, caches, frac_sum, n_frac = carry
-        lp, li, gi, si, qp, kp, iq, act = xs
-
-        def attend(qkv):
-            qkv = {k: jnp.take(v, qp if k in ("q", "q_pre") else kp, axis=2) for k, v in qkv.items()}
-            ixs = [_layer_indexer(indexer, li, qp[np.asarray(cl.retrieval_q, np.int32)], cfg, layout) for cl in canon]
-            out, frac, has = jax.lax.switch(gi, branches, qkv, caches, si, act, ixs)
-            new = tuple(_write_rows(caches[g], canon[g], qkv, ixs[g], jnp.where(gi == g, si, len(groups[g])), pos,
-                                    rows_at) for g in range(len(groups)))
-            return jnp.take(out, iq, axis=2), (new, frac, has)
-
-        x, _, (caches, frac, has) = decoder_layer(lp, x, cfg, cos, sin, attend)
-        return (x, caches, frac_sum + frac, n_frac + has), None
-
-    xs = (params["layers"], jnp.arange(len(layout.layers), dtype=jnp.int32), jnp.asarray(group_of),
-          jnp.asarray(slot_of), q_perm, kv_perm, inv_q, active)
-    init = (x, tuple(caches), jnp.zeros((b,), jnp.float32), jnp.float32(0))
-    (x, caches, frac_sum, n_frac), _ = jax.lax.scan(body, init, xs)
-    return x, caches, frac_sum / jnp.maximum(n_frac, 1.0)
-
-
-def _write_rows(stack: LayerCache, ll, qkv, ix, slot, pos: Positions, rows_at) -> LayerCache:
-    """A group's stacked buffers with one layer's new rows written at layer index `slot` (int []; out of range:
-    nothing written), in place: K / V of the full KV heads at their positions, of the local KV heads into sink /
-    ring slots (`rows_at` = `attention.local_slots`), the retrieval slots' index keys. qkv in the group's layout
-    `ll`; ix: the slots' indexer rows (or None)."""
-    bi = jnp.arange(pos.q_pos.shape[0])[:, None]
-    nf = len(ll.full_kv)
-    in_sink, ring_slot, keep = rows_at
-
-    def put(a, rows, at, ok):
-        return a.at[slot, bi, jnp.where(ok, at, a.shape[2])].set(rows.astype(a.dtype), mode="drop")
-
-    k, v, q_pos, valid = qkv["k"], qkv["v"], pos.q_pos, pos.valid
-    new = dict(k_full=put(stack.k_full, k[:, :, :nf], q_pos, valid), v_full=put(stack.v_full, v[:, :, :nf], q_pos, valid),
-               k_sink=put(stack.k_sink, k[:, :, nf:], q_pos, in_sink), v_sink=put(stack.v_sink, v[:, :, nf:], q_pos, in_sink),
-               k_ring=put(stack.k_ring, k[:, :, nf:], ring_slot, keep),
-               v_ring=put(stack.v_ring, v[:, :, nf:], ring_slot, keep))
-    if ll.retrieval_q:
-        k_pre = qkv["k_pre"][:, :, jnp.asarray(ll.retrieval_q) // ll.group]
-        new["k_index"] = put(stack.k_index, ixr.project_keys(k_pre, ix["w_k"]), q_pos, valid)
-    return dataclasses.replace(stack, **new)
 
 
 def _prefill(params, cache, tokens, lengths, indexer, cfg, sparse, chunk, backends=("reference", "reference"),

@@ -51,23 +51,26 @@ def test_canonical_layouts():
     assert ll.full_kv == (1, 0) and ll.retrieval_q == (4, 6, 1) and ll.split == (2, 0, (2, 1))
 
 
+def _serve(params, ix, sp, scan, toks, lens, chunk):
+    """Prefill toks[:, :33] (row lengths `lens`) into a cache made with `scan`, then decode toks[:, 33:40]: the
+    logits of every call, each step's blocks_frac and the final cache."""
+    cache = init_cache(CFG4, 2, 48, sp, jnp.float32, scan=scan)
+    lg, cache = prefill(params, cache, toks[:, :33], lens, ix, cfg=CFG4, sparse=sp, chunk=chunk)
+    out, fr = [lg], []
+    for i in range(33, 40):
+        lg, cache, st = decode_step(params, cache, toks[:, i], ix, cfg=CFG4, sparse=sp, stats=True)
+        out.append(lg)
+        fr.append(st["blocks_frac"])
+    return np.stack(out), np.stack(fr), cache
+
+
 @pytest.mark.parametrize("mode,chunk", [("indexer", 8), ("dense", 16)])
 def test_scanned_layers_match_unrolled(model, mode, chunk):
     params, ix = model
     sp = sparse_cfg(prefill_mode=mode)
     toks = jnp.asarray(np.random.default_rng(0).integers(0, CFG4.vocab_size, (2, 40)), jnp.int32)
     lens = jnp.asarray([29, 33])
-    got = {}
-    for scan in (False, True):
-        cache = init_cache(CFG4, 2, 48, sp, jnp.float32, scan=scan)
-        lg, cache = prefill(params, cache, toks[:, :33], lens, ix, cfg=CFG4, sparse=sp, chunk=chunk)
-        out, fr = [lg], []
-        for i in range(33, 40):
-            lg, cache, st = decode_step(params, cache, toks[:, i], ix, cfg=CFG4, sparse=sp, stats=True)
-            out.append(lg)
-            fr.append(st["blocks_frac"])
-        got[scan] = (np.stack(out), np.stack(fr), cache)
-    (a, fa, ca), (b, fb, cb) = got[False], got[True]
+    (a, fa, ca), (b, fb, cb) = (_serve(params, ix, sp, scan, toks, lens, chunk) for scan in (False, True))
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(fb, fa, rtol=1e-6)
     assert cache_bytes(cb) == cache_bytes(ca)
@@ -140,17 +143,7 @@ def test_padded_scan_matches_unrolled(model, mode, chunk):
     sp = sparse_cfg(roles=ROLES_P.tolist(), prefill_mode=mode)
     toks = jnp.asarray(np.random.default_rng(4).integers(0, CFG4.vocab_size, (2, 40)), jnp.int32)
     lens = jnp.asarray([31, 33])
-    got = {}
-    for scan in (False, "padded"):
-        cache = init_cache(CFG4, 2, 48, sp, jnp.float32, scan=scan)
-        lg, cache = prefill(params, cache, toks[:, :33], lens, ix, cfg=CFG4, sparse=sp, chunk=chunk)
-        out, fr = [lg], []
-        for i in range(33, 40):
-            lg, cache, st = decode_step(params, cache, toks[:, i], ix, cfg=CFG4, sparse=sp, stats=True)
-            out.append(lg)
-            fr.append(st["blocks_frac"])
-        got[scan] = (np.stack(out), np.stack(fr), cache)
-    (a, fa, ca), (b, fb, cb) = got[False], got["padded"]
+    (a, fa, ca), (b, fb, cb) = (_serve(params, ix, sp, scan, toks, lens, chunk) for scan in (False, "padded"))
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(fb, fa, rtol=1e-6)
     assert len(cb.layers) == 3

@@ -1,0 +1,106 @@
+"""Serving's layers scanned over a stacked hybrid cache (`init_cache(..., scan=True | "split" | "padded")`).
+
+`serving` runs the layers of an unstacked cache as an unrolled loop; for a stacked cache it calls `scan_layers`:
+one `lax.scan` over layers whose attention switches over the cache's groups of layers (`CacheLayout.groups`),
+so that one attention body compiles per group. Why the rows are written after the switch and what scanning
+costs on GPUs: the `serving` module docstring and `benchmarks/results/scan_probe_h200_padded/`.
+
+Axes: B batch, C query rows of the call, L layers, N query heads, K KV heads, H head_dim, I index_dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rtpurbo_jax import indexer as ixr
+from rtpurbo_jax.attention import Positions, cached_attention, local_slots
+from rtpurbo_jax.kv_cache import LayerCache
+from rtpurbo_jax.model import decoder_layer
+from rtpurbo_jax.model_config import ModelConfig
+
+
+def scan_layers(params, caches, x, cos, sin, pos: Positions, indexer, cfg: ModelConfig, sparse, call, layout):
+    """`lax.scan` over layers for a stacked cache (`init_cache(..., scan=...)`): one layer body, whose attention
+    switches over the groups (`layout.groups`): one attention compiled per group. The layer's heads are permuted
+    into its group's shared layout (`LayerLayout.perms`; the output permuted back before wo); the branch runs
+    `cached_attention` on the layer's slice of its group's buffer and returns no buffer (a branch that returns a
+    stack, even unchanged, makes XLA copy it); the layer's new K / V / index-key rows are then scattered into its
+    stack in place (`_write_rows`; the other groups' stacks get an out-of-range slot: nothing written). With
+    `scan="padded"` the layer's active retrieval slots (`LayerLayout.active`) ride along as data."""
+    groups = layout.groups
+    canon = [layout.stacked(ids[0]) for ids in groups]
+    group_of, slot_of = np.asarray([layout.slot(i) for i in range(len(layout.layers))], np.int32).T
+    perms = [ll.perms() for ll in layout.layers]
+    q_perm = jnp.asarray(np.stack([p[0] for p in perms]))
+    kv_perm = jnp.asarray(np.stack([p[1] for p in perms]))
+    inv_q = jnp.asarray(np.stack([np.argsort(p[0]) for p in perms]).astype(np.int32))
+    slots = max(len(cl.retrieval_q) for cl in canon)
+    active = jnp.asarray(np.stack([np.pad(ll.active(), (0, slots - len(ll.active()))) if layout.padded
+                                   else np.ones(slots, bool) for ll in layout.layers]).reshape(len(layout.layers), slots))
+    rows_at = local_slots(layout, pos)
+    b = x.shape[0]
+
+    def branch(g):
+        cl = canon[g]
+
+        def run(qkv, caches, si, act, ixs):
+            lc = jax.tree.map(lambda a: a[si], caches[g])
+            act = act[:len(cl.retrieval_q)] if layout.padded else None
+            out, _, frac = cached_attention(qkv, lc, cl, layout, cfg, sparse, ixs[g], pos, call, act)
+            has = jnp.float32(frac is not None)
+            return out, jnp.zeros((b,), jnp.float32) if frac is None else frac.astype(jnp.float32), has
+        return run
+
+    branches = [branch(g) for g in range(len(groups))]
+
+    def body(carry, xs):
+        x, caches, frac_sum, n_frac = carry
+        lp, li, gi, si, qp, kp, iq, act = xs
+
+        def attend(qkv):
+            qkv = {k: jnp.take(v, qp if k in ("q", "q_pre") else kp, axis=2) for k, v in qkv.items()}
+            ixs = [ixr.layer_rows(indexer, li, qp[np.asarray(cl.retrieval_q, np.int32)], cfg.head_dim,
+                                  layout.index_dim) for cl in canon]
+            out, frac, has = jax.lax.switch(gi, branches, qkv, caches, si, act, ixs)
+            new = tuple(_write_rows(caches[g], canon[g], qkv, ixs[g], jnp.where(gi == g, si, len(groups[g])), pos,
+                                    rows_at) for g in range(len(groups)))
+            return jnp.take(out, iq, axis=2), (new, frac, has)
+
+        x, _, (caches, frac, has) = decoder_layer(lp, x, cfg, cos, sin, attend)
+        return (x, caches, frac_sum + frac, n_frac + has), None
+
+    xs = (params["layers"], jnp.arange(len(layout.layers), dtype=jnp.int32), jnp.asarray(group_of),
+          jnp.asarray(slot_of), q_perm, kv_perm, inv_q, active)
+    init = (x, tuple(caches), jnp.zeros((b,), jnp.float32), jnp.float32(0))
+    (x, caches, frac_sum, n_frac), _ = jax.lax.scan(body, init, xs)
+    return x, caches, frac_sum / jnp.maximum(n_frac, 1.0)
+
+
+def _write_rows(stack: LayerCache, ll, qkv, ix, slot, pos: Positions, rows_at) -> LayerCache:
+    """A group's stacked buffers with one layer's new rows written at layer index `slot` (int []; out of range:
+    nothing written), in place: K / V of the full KV heads at their positions, of the local KV heads into sink /
+    ring slots (`rows_at` = `attention.local_slots`), the retrieval slots' index keys. qkv in the group's layout
+    `ll`; ix: the slots' indexer rows (or None)."""
+    bi = jnp.arange(pos.q_pos.shape[0])[:, None]
+    nf = len(ll.full_kv)
+    in_sink, ring_slot, keep = rows_at
+
+    def put(a, rows, at, ok):
+        return a.at[slot, bi, jnp.where(ok, at, a.shape[2])].set(rows.astype(a.dtype), mode="drop")
+
+    k, v, q_pos, valid = qkv["k"], qkv["v"], pos.q_pos, pos.valid
+    new = dict(k_full=put(stack.k_full, k[:, :, :nf], q_pos, valid), v_full=put(stack.v_full, v[:, :, :nf], q_pos, valid),
+               k_sink=put(stack.k_sink, k[:, :, nf:], q_pos, in_sink), v_sink=put(stack.v_sink, v[:, :, nf:], q_pos, in_sink),
+               k_ring=put(stack.k_ring, k[:, :, nf:], ring_slot, keep),
+               v_ring=put(stack.v_ring, v[:, :, nf:], ring_slot, keep))
+    if ll.retrieval_q:
+        k_pre = qkv["k_pre"][:, :, jnp.asarray(ll.retrieval_q) // ll.group]
+        new["k_index"] = put(stack.k_index, ixr.project_keys(k_pre, ix["w_k"]), q_pos, valid)
+    return dataclasses.replace(stack, **new)
+
+
+__all__ = ["scan_layers"]
