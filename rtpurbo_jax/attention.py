@@ -277,7 +277,7 @@ def cached_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLa
         if ll.retrieval_q:
             rq = jnp.asarray(ll.retrieval_q)
             k_new = ixr.project_keys(qkv["k_pre"][:, :, rq // ll.group], ix["w_k"])
-            k_index = scatter_rows(lc.k_index, k_new, pos.q_pos, pos.valid)
+            k_index = scatter_rows(lc.k_index, ixr.store_keys(k_new, lc.k_index.dtype), pos.q_pos, pos.valid)
             if not call.dense_retrieval:
                 kv_r = jnp.asarray([ll.full_kv.index(r // ll.group) for r in ll.retrieval_q])
                 sel = selection_inputs(qkv, k_full, ix, k_index, rq, kv_r, sparse)

@@ -98,6 +98,13 @@ def project_keys(k_pre, w_k):
     return jnp.einsum("...rh,rhi->...ri", k_pre, w_k, precision=_HI, preferred_element_type=jnp.float32)
 
 
+def store_keys(keys, dtype):
+    """Index keys as a cache of `dtype` holds them: cast, saturated at the dtype's largest finite value (float8
+    e4m3 has no infinity: a plain cast would turn |x| > 448 into NaN)."""
+    big = float(jnp.finfo(dtype).max)
+    return jnp.clip(keys, -big, big).astype(dtype)
+
+
 def group_keys(k_pre, num_heads: int):
     """[B, S, N, H]: each query head's KV head's pre-RoPE keys from k_pre [B, S, K, H] (GQA: head n reads KV
     head n // (N / K)), the input of `project_keys` for all N heads."""
@@ -113,4 +120,4 @@ def local_prior(q_pre, ix: dict):
 
 
 __all__ = ["check_indexer", "indexer_specs", "init_indexer", "local_prior", "project_keys", "project_queries",
-           "full_layout", "layer_rows", "rows"]
+           "full_layout", "layer_rows", "rows", "store_keys"]

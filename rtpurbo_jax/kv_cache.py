@@ -168,7 +168,7 @@ class LayerCache:
     """One layer's arrays (any of them may have a zero-sized head axis).
 
     k_full, v_full: [B, S, Kf, H]; k_sink, v_sink: [B, sinks, Kl, H]; k_ring, v_ring: [B, ring, Kl, H];
-    k_index: [B, S, R, I] (the cache dtype).
+    k_index: [B, S, R, I] (the cache dtype, or `SparseConfig.index_dtype`).
     """
 
     k_full: jax.Array
@@ -207,6 +207,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, sparse: SparseConfig 
     stack layers (serving then scans over layers): True / "split" those of equal head split, "padded" those of
     equal full / local KV counts (see the module docstring)."""
     layout = CacheLayout.build(cfg, sparse, max_len, scan)
+    index_dtype = sparse.index_dtype if sparse is not None else None
     h = cfg.head_dim
     layers = []
     for ids in layout.groups:
@@ -216,7 +217,8 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, sparse: SparseConfig 
             k_full=z(max_len, len(ll.full_kv), h), v_full=z(max_len, len(ll.full_kv), h),
             k_sink=z(layout.sinks, len(ll.local_kv), h), v_sink=z(layout.sinks, len(ll.local_kv), h),
             k_ring=z(layout.ring, len(ll.local_kv), h), v_ring=z(layout.ring, len(ll.local_kv), h),
-            k_index=z(max_len, len(ll.retrieval_q), layout.index_dim)))
+            k_index=jnp.zeros(((len(ids),) if scan else ()) + (batch, max_len, len(ll.retrieval_q), layout.index_dim),
+                              index_dtype or dtype)))
     return HybridCache(tuple(layers), jnp.zeros((batch,), jnp.int32), layout)
 
 
@@ -239,8 +241,10 @@ def cache_bytes(cache: HybridCache) -> dict:
 
 def formula_bytes(cfg: ModelConfig, sparse: SparseConfig, max_len: int, batch: int = 1, bytes_per_elem: int = 2):
     """`kv_memory.kv_cache_bytes` for this model and config (what `cache_bytes` must equal)."""
+    ib = None if sparse.index_dtype is None else jnp.dtype(sparse.index_dtype).itemsize
     out = kv_cache_bytes(sparse.roles_array, cfg.num_kv_heads, cfg.head_dim, max_len, sinks=sparse.sinks,
-                         window=sparse.local_span, index_dim=sparse.index_dim, bytes_per_elem=bytes_per_elem)
+                         window=sparse.local_span, index_dim=sparse.index_dim, bytes_per_elem=bytes_per_elem,
+                         index_bytes_per_elem=ib)
     return {k: v * batch if k in ("dense", "rtpurbo", "kv", "index_keys") else v for k, v in out.items()}
 
 

@@ -99,7 +99,8 @@ def _write_rows(stack: LayerCache, ll, qkv, ix, slot, pos: Positions, rows_at) -
                v_ring=put(stack.v_ring, v[:, :, nf:], ring_slot, keep))
     if ll.retrieval_q:
         k_pre = qkv["k_pre"][:, :, jnp.asarray(ll.retrieval_q) // ll.group]
-        new["k_index"] = put(stack.k_index, ixr.project_keys(k_pre, ix["w_k"]), q_pos, valid)
+        new["k_index"] = put(stack.k_index, ixr.store_keys(ixr.project_keys(k_pre, ix["w_k"]), stack.k_index.dtype),
+                             q_pos, valid)
     return dataclasses.replace(stack, **new)
 
 

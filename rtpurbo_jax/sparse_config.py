@@ -16,6 +16,7 @@ import numpy as np
 GRANULARITIES = ("query", "kv")
 PREFILL_MODES = ("dense", "indexer")
 SELECTORS = ("indexer", "oracle")
+INDEX_DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,9 @@ class SparseConfig:
     # logits (post-RoPE q·k / sqrt(H) over the full keys). The oracle is the ceiling any indexer can reach, an
     # instrument for accuracy benchmarks: it reads every key, so it saves no work.
     selector: str = "indexer"
+    # the dtype the cache stores index keys in (None: the cache's dtype). "float8_e4m3fn" halves the bytes decode
+    # scoring reads (values saturate at +-448); an option until the accuracy suite has measured it
+    index_dtype: str | None = None
 
     def __post_init__(self):
         roles = tuple(tuple(int(r) for r in layer) for layer in self.roles)
@@ -58,6 +62,8 @@ class SparseConfig:
             raise ValueError(f"prefill_mode must be one of {PREFILL_MODES}, got {self.prefill_mode!r}")
         if self.selector not in SELECTORS:
             raise ValueError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
+        if self.index_dtype is not None and self.index_dtype not in INDEX_DTYPES:
+            raise ValueError(f"index_dtype must be None or one of {INDEX_DTYPES}, got {self.index_dtype!r}")
         if self.max_blocks is not None and self.max_blocks < 1:
             raise ValueError(f"max_blocks must be >= 1 or None, got {self.max_blocks}")
 

@@ -155,15 +155,18 @@ def topp_selection_for(q_idx, k_idx, q_pos, kv_len, lb, opts):
     return topp_selection_at(q_idx, k_idx.astype(jnp.float32), q_pos, kv_len, top_p=0.7, local_bias=lb, **opts)
 
 
-@pytest.mark.parametrize("b,r,s,kb,bpp", [(2, 3, 200, 16, 4), (1, 4, 1000, 64, 8), (3, 1, 77, 8, 2), (1, 2, 64, 64, 1)])
-def test_fused_decode_scoring_selects_like_the_reference(b, r, s, kb, bpp):
-    """The Pallas (Triton lowering, interpret mode) scoring + block-LSE kernel gives the reference's top-p blocks."""
+@pytest.mark.parametrize("b,r,s,kb,bpp,kdt", [(2, 3, 200, 16, 4, "float32"), (1, 4, 1000, 64, 8, "float32"),
+                                              (3, 1, 77, 8, 2, "float32"), (1, 2, 64, 64, 1, "float32"),
+                                              (2, 3, 300, 16, 4, "float8_e4m3fn")])
+def test_fused_decode_scoring_selects_like_the_reference(b, r, s, kb, bpp, kdt):
+    """The Pallas (Triton lowering, interpret mode) scoring + block-LSE kernel gives the reference's top-p blocks
+    (fp32 index keys, and float8 ones as `SparseConfig.index_dtype` stores them)."""
     from pallas_kernels.indexer_topp.api import decode_selection
     from pallas_kernels.indexer_topp.triton import block_lse_triton
 
     rng = np.random.default_rng(s)
     q = jnp.asarray(rng.normal(size=(b, r, 16)) * 1.5, jnp.float32)
-    k = jnp.asarray(rng.normal(size=(b, s, r, 16)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(b, s, r, 16)), jnp.float32).astype(kdt)
     kvl = jnp.asarray(rng.integers(s // 2, s + 1, b))
     kw = dict(top_p=0.8, kv_block=kb, sinks=4, keep_recent=10)
     want = np.asarray(decode_selection(q, k, kvl, backend="reference", **kw))
@@ -299,14 +302,19 @@ def test_fused_topp_plan_kernel_ties_follow_the_stable_sort_rule():
 
 def test_decode_selection_kernels_lower_for_an_h100():
     """Both decode selection kernels lower through Pallas' Triton lowering for an abstract H100 (catches
-    primitives the lowering lacks, which interpret mode does not)."""
+    primitives the lowering lacks, which interpret mode does not), for bf16 index keys and float8 ones
+    (`SparseConfig.index_dtype`)."""
+    for kdt in (jnp.bfloat16, jnp.float8_e4m3fn):
+        _lower_decode_selection(8, 4, 2048, 64, kdt)
+
+
+def _lower_decode_selection(b, r, sbp, kb, kdt):
     import jax
     from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
     from pallas_kernels.indexer_topp.plan_triton import decode_plan_triton
     from pallas_kernels.indexer_topp.triton import block_lse_triton
 
-    b, r, sbp, kb = 8, 4, 2048, 64
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
 
     def both(q, k, kv_len, isr, hs, hw, dense):
@@ -317,7 +325,7 @@ def test_decode_selection_kernels_lower_for_an_h100():
     dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
     with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=dev)):
         low = jax.jit(both).trace(jax.ShapeDtypeStruct((b, r, 16), jnp.float32),
-                                  jax.ShapeDtypeStruct((b, sbp * kb, r, 16), jnp.bfloat16), i32(b), i32(r), i32(r),
+                                  jax.ShapeDtypeStruct((b, sbp * kb, r, 16), kdt), i32(b), i32(r), i32(r),
                                   i32(r), i32(b)).lower(lowering_platforms=("cuda",))
     text = low.as_text()
     for name in ("rtpurbo_index_block_lse", "rtpurbo_decode_topp_select", "rtpurbo_decode_topp_plan"):
@@ -326,7 +334,7 @@ def test_decode_selection_kernels_lower_for_an_h100():
 
 def test_prefill_tile_mass_kernel_lowers_for_an_h100():
     """The prefill tile-mass kernel lowers through Pallas' Triton lowering for an abstract H100 (128-row tiles,
-    64-key blocks, bf16 index keys, 16 index dims)."""
+    64-key blocks, bf16 and float8 index keys, 16 index dims)."""
     import jax
     from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
@@ -336,13 +344,14 @@ def test_prefill_tile_mass_kernel_lowers_for_an_h100():
     f = lambda q, k, pos, kv_len, forced, bias: tile_block_mass_triton(q, k, pos, kv_len, forced, bias, tile=128,
                                                                       kv_block=64)
     dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-    with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=dev)):
-        low = jax.jit(f).trace(jax.ShapeDtypeStruct((b, c, r, 16), jnp.float32),
-                               jax.ShapeDtypeStruct((b, s, r, 16), jnp.bfloat16),
-                               jax.ShapeDtypeStruct((b, c), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32),
-                               jax.ShapeDtypeStruct((b, c // 128, s // 64), jnp.int32),
-                               jax.ShapeDtypeStruct((b, c, r), jnp.float32)).lower(lowering_platforms=("cuda",))
-    assert "rtpurbo_prefill_tile_block_mass" in low.as_text()
+    for kdt in (jnp.bfloat16, jnp.float8_e4m3fn):
+        with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=dev)):
+            low = jax.jit(f).trace(jax.ShapeDtypeStruct((b, c, r, 16), jnp.float32),
+                                   jax.ShapeDtypeStruct((b, s, r, 16), kdt),
+                                   jax.ShapeDtypeStruct((b, c), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32),
+                                   jax.ShapeDtypeStruct((b, c // 128, s // 64), jnp.int32),
+                                   jax.ShapeDtypeStruct((b, c, r), jnp.float32)).lower(lowering_platforms=("cuda",))
+        assert "rtpurbo_prefill_tile_block_mass" in low.as_text()
 
 
 @pytest.mark.parametrize("chunk", [8, 32])

@@ -178,6 +178,26 @@ def test_generate_compiles_both_programs_once_and_sharded_inputs_follow_jit(mode
     np.testing.assert_array_equal(np.asarray(c["tokens"]), np.asarray(a["tokens"]))
 
 
+def test_float8_index_keys_are_stored_saturated_and_counted(model):
+    """SparseConfig.index_dtype="float8_e4m3fn": the cache holds index keys in float8 (bytes as the formula
+    says), saturated at +-448 rather than NaN (the indexer here is scaled up so that many keys overflow), and
+    serving runs on them (the kernels' float8 reads are pinned in tests/test_indexer_topp.py)."""
+    params, ix = model
+    sp = sparse_cfg(index_dtype="float8_e4m3fn")
+    big = {k: v * 300.0 for k, v in ix.items()}
+    cache = init_cache(CFG, 2, 40, sp, jnp.float32)
+    assert all(lc.k_index.dtype == jnp.float8_e4m3fn for lc in cache.layers)
+    assert cache_bytes(cache)["hybrid"] == formula_bytes(CFG, sp, 40, batch=2, bytes_per_elem=4)["rtpurbo"]
+    toks = tokens(2, 30, seed=14)
+    lg, cache = prefill(params, cache, toks[:, :28], jnp.asarray([28, 25]), big, cfg=CFG, sparse=sp, chunk=8)
+    lg2, cache = decode_step(params, cache, toks[:, 28], big, cfg=CFG, sparse=sp)
+    k_index = np.concatenate([np.asarray(lc.k_index, np.float32).reshape(-1) for lc in cache.layers])
+    assert np.isfinite(k_index).all() and np.abs(k_index).max() == 448.0
+    assert np.isfinite(np.asarray(lg)).all() and np.isfinite(np.asarray(lg2)).all()
+    with pytest.raises(ValueError, match="index_dtype"):
+        sparse_cfg(index_dtype="int8")
+
+
 def test_sampling_rules():
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 50)) * 3, jnp.float32)
     greedy = np.asarray(jnp.argmax(logits, -1))

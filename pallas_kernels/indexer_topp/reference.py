@@ -88,7 +88,7 @@ def _tile_block_mass(q_idx, k_idx, q_pos, kv_len, kv_block, forced=None, local_b
     forced bool [B, 1 or N, Sb] and local_bias fp32 [B, C, N] (optional): the local prior added to forced blocks.
     """
     s = k_idx.shape[1]
-    scores = jnp.einsum("bcni,bsni->bncs", q_idx, k_idx, precision=_HI)
+    scores = jnp.einsum("bcni,bsni->bncs", q_idx, k_idx.astype(jnp.float32), precision=_HI)
     q_pos = jnp.broadcast_to(q_pos, (q_idx.shape[0], q_idx.shape[1]))
     k_pos = jnp.arange(s)
     vis = (k_pos[None, None, None, :] <= q_pos[:, None, :, None]) & \
