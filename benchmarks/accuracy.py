@@ -12,7 +12,8 @@ Modes (every sparse mode runs the split at every length: `seqlen_threshold` is s
 - local_only: every head sinks + window; random_heads: as many random heads dense, the rest local;
 - rtpurbo: the shipped config (roles, window, top-p from `rtpurbo.json`) with the first indexer, top-p at
   decode; rtpurbo_p0.95 / rtpurbo_p0.99; rtpurbo_indexer_prefill (retrieval heads' prefill on indexer top-p
-  plans too); rtpurbo@NAME for every further `--indexer NAME=DIR`;
+  plans too); rtpurbo_fp8_index (the cache's index keys in float8_e4m3fn, `SparseConfig.index_dtype`);
+  rtpurbo@NAME for every further `--indexer NAME=DIR`;
 - oracle_topp: top-p over the head's exact attention block masses, same p (the ceiling of any indexer);
 - topk_same_budget: a fixed number of blocks per retrieval head, equal to rtpurbo's mean at that length.
 Rows: {mode, task, kind, length, n, score, blocks_frac}; score is 0-100 (mean per-prompt score), for kind
@@ -70,7 +71,8 @@ def build_modes(shipped: SparseConfig, indexers: list[str], windows: list[int], 
         modes += [Mode("rtpurbo", base, first),
                   Mode("rtpurbo_p0.95", dataclasses.replace(base, top_p=0.95), first),
                   Mode("rtpurbo_p0.99", dataclasses.replace(base, top_p=0.99), first),
-                  Mode("rtpurbo_indexer_prefill", dataclasses.replace(base, prefill_mode="indexer"), first)]
+                  Mode("rtpurbo_indexer_prefill", dataclasses.replace(base, prefill_mode="indexer"), first),
+                  Mode("rtpurbo_fp8_index", dataclasses.replace(base, index_dtype="float8_e4m3fn"), first)]
         modes += [Mode(f"rtpurbo@{n}", base, n) for n in indexers[1:]]
     modes += [Mode("oracle_topp", dataclasses.replace(base, selector="oracle"), first)]
     if first is not None:
