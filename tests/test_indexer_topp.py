@@ -115,12 +115,14 @@ def test_topp_selection_p1_is_dense_causal():
     np.testing.assert_array_equal(sel[0, 0], np.tril(np.ones((5, 5), bool)))
 
 
-@pytest.mark.parametrize("c,start,s,tile,kb,bias", [(40, (0, 7), 47, 8, 8, False), (37, (60, 3), 131, 16, 16, True),
-                                                     (16, (32, 20), 48, 16, 4, True)])
-def test_prefill_tile_masses_and_selection_backends_match_the_reference(c, start, s, tile, kb, bias):
+@pytest.mark.parametrize("c,start,s,tile,kb,bias,kdt", [(40, (0, 7), 47, 8, 8, False, "bfloat16"),
+                                                         (37, (60, 3), 131, 16, 16, True, "bfloat16"),
+                                                         (16, (32, 20), 48, 16, 4, True, "bfloat16"),
+                                                         (37, (60, 3), 131, 16, 16, True, "float8_e4m3fn")])
+def test_prefill_tile_masses_and_selection_backends_match_the_reference(c, start, s, tile, kb, bias, kdt):
     """The one-launch tile-mass kernel (Triton lowering, interpret mode) gives the reference's per-tile block
     masses; every backend then selects the reference's blocks: ragged starts and kv_len, a partial last tile
-    (padding rows), keys past kv_len, S not a multiple of the block, the local prior, bf16 index keys."""
+    (padding rows), keys past kv_len, S not a multiple of the block, the local prior, bf16 and float8 index keys."""
     from pallas_kernels.indexer_topp.api import prefill_selection
     from pallas_kernels.indexer_topp.prefill_triton import tile_block_mass_triton
     from pallas_kernels.indexer_topp.reference import tile_bounds, tile_masses
@@ -129,7 +131,7 @@ def test_prefill_tile_masses_and_selection_backends_match_the_reference(c, start
     b, r, i = 2, 3, 8
     cp = cdiv(c, tile) * tile
     q_idx = jnp.asarray(rng.normal(size=(b, cp, r, i)) * 1.5, jnp.float32)
-    k_idx = jnp.asarray(rng.normal(size=(b, s, r, i)) * 1.5, jnp.bfloat16)
+    k_idx = jnp.asarray(rng.normal(size=(b, s, r, i)) * 1.5, jnp.float32).astype(kdt)
     st = jnp.asarray(start, jnp.int32)
     q_pos = st[:, None] + jnp.arange(cp, dtype=jnp.int32)[None]
     q_pos = jnp.where(jnp.arange(cp)[None] < c - jnp.asarray([0, 5])[:, None], q_pos, -1)  # row 1: 5 fewer rows
