@@ -85,7 +85,8 @@ def _prefill_key(m: Mode):
     s = m.sparse
     if s is None:
         return ("full",)
-    return (s.roles, s.window, s.sinks, s.prefill_mode, s.top_p if s.prefill_mode == "indexer" else 1.0, m.indexer)
+    return (s.roles, s.window, s.sinks, s.prefill_mode, s.top_p if s.prefill_mode == "indexer" else 1.0, s.index_dtype,
+            m.indexer)
 
 
 def ppl_prompts(tok, length: int, n: int, seed: int):
