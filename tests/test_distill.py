@@ -12,6 +12,8 @@ import pytest
 from convert.__main__ import main as convert_main
 from train.distill import main, parse_args, run
 
+pytestmark = pytest.mark.usefixtures("xla_program_cache")  # whole runs of the same tiny model, many times
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

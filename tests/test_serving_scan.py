@@ -81,15 +81,14 @@ def test_scanned_layers_match_unrolled(model, mode, chunk):
 
 
 def test_generate_scan_layers(model):
-    """generate with layers scanned by head split and with padded retrieval slots gives the unrolled tokens."""
+    """generate with layers scanned (padded retrieval slots: the scan mode whose layout differs most from the
+    unrolled one; split scans are pinned against unrolled prefill / decode above) gives the unrolled tokens."""
     params, ix = model
     sp = sparse_cfg()
     prompts = jnp.asarray(np.random.default_rng(1).integers(0, CFG4.vocab_size, (2, 24)), jnp.int32)
     kw = dict(cfg=CFG4, max_new_tokens=6, sparse=sp, indexer=ix, chunk=8, max_len=32)
     a = generate(params, prompts, jnp.asarray([24, 17]), **kw)
-    b = generate(params, prompts, jnp.asarray([24, 17]), scan_layers=True, **kw)
-    np.testing.assert_array_equal(np.asarray(b["tokens"]), np.asarray(a["tokens"]))
-    assert b["cache"].layout.scan and not a["cache"].layout.scan
+    assert not a["cache"].layout.scan
     c = generate(params, prompts, jnp.asarray([24, 17]), scan_layers="padded", **kw)
     np.testing.assert_array_equal(np.asarray(c["tokens"]), np.asarray(a["tokens"]))
     assert c["cache"].layout.scan == "padded" and c["cache"].layers[0].k_index.shape[3] == CFG4.num_heads // CFG4.num_kv_heads

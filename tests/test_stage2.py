@@ -18,6 +18,8 @@ from train.distill import main as distill_main
 from train.stage2 import parse_args, run
 from train.teacher import TeacherCache, teacher_topk, top1_within_topk, topk_agreement, topk_kl
 
+pytestmark = pytest.mark.usefixtures("xla_program_cache")  # whole runs of the same tiny model, many times
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
