@@ -177,16 +177,16 @@ def test_gradients_flow_through_sparse_mode(model):
     params, indexer, tokens, _ = model
     toks = tokens[:1, :64]
     loss = lambda p, **kw: jnp.mean(jax.nn.logsumexp(apply(p, toks, CFG, **kw), -1))
-    g_full = jax.grad(loss)(params)
+    g_full = jax.jit(jax.grad(loss))(params)  # jitted: eager grads dispatch (and compile) op by op
     keep_all = sparse(window=64, top_p=1.0, prefill_mode="indexer")
-    g_same = jax.grad(lambda p: loss(p, mode="rtpurbo", sparse=keep_all, indexer=indexer))(params)
+    g_same = jax.jit(jax.grad(lambda p: loss(p, mode="rtpurbo", sparse=keep_all, indexer=indexer)))(params)
     for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_same)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
     sp = sparse(window=8, top_p=0.5, prefill_mode="indexer", kv_block=8, q_block=8, keep_recent=8)
     f = jax.jit(lambda p: loss(p, mode="rtpurbo", sparse=sp, indexer=indexer))
     g = jax.grad(f)(params)
     dense_ret = dataclasses.replace(sp, prefill_mode="dense")
-    g_dense_ret = jax.grad(lambda p: loss(p, mode="rtpurbo", sparse=dense_ret, indexer=indexer))(params)
+    g_dense_ret = jax.jit(jax.grad(lambda p: loss(p, mode="rtpurbo", sparse=dense_ret, indexer=indexer)))(params)
     wq = np.asarray(g["layers"]["wq"])
     assert np.isfinite(wq).all() and np.abs(wq - np.asarray(g_dense_ret["layers"]["wq"])).max() > 1e-5, \
         "the top-p selection had no effect on the gradient"

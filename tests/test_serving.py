@@ -139,11 +139,15 @@ def test_ragged_batch_equals_single_rows(model):
 
 
 def _greedy_full(params, prompt, n):
-    seq = prompt
-    for _ in range(n):
-        nxt = jnp.argmax(apply(params, seq, CFG)[:, -1], -1).astype(jnp.int32)
-        seq = jnp.concatenate([seq, nxt[:, None]], axis=1)
-    return np.asarray(seq[:, prompt.shape[1]:])
+    """n greedy tokens of the full-sequence forward, recomputed over the whole sequence each step; the sequence
+    is kept at its final length (causal: the zeros after position i do not change logits at i), so the
+    forward compiles once."""
+    b, t = prompt.shape
+    step = jax.jit(lambda p, s, i: jnp.argmax(apply(p, s, CFG)[:, i], -1).astype(jnp.int32))
+    seq = jnp.zeros((b, t + n), jnp.int32).at[:, :t].set(prompt)
+    for i in range(t, t + n):
+        seq = seq.at[:, i].set(step(params, seq, i - 1))
+    return np.asarray(seq[:, t:])
 
 
 def test_generate_equals_full_model_when_nothing_is_dropped(model):
