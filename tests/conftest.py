@@ -109,6 +109,18 @@ def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
         return model(torch.as_tensor(tokens)).logits.float().numpy()
 
 
+def greedy_full(logits_fn, params, prompt, n: int) -> np.ndarray:
+    """n greedy tokens int [B, n] of a full-sequence forward `logits_fn(params, tokens) -> [B, T, V]`, recomputed
+    over the whole sequence each step. The sequence is kept at its final length (causal: the zeros after
+    position i do not change the logits at i), so the forward compiles once, not once per token."""
+    b, t = prompt.shape
+    step = jax.jit(lambda p, s, i: jnp.argmax(logits_fn(p, s)[:, i], -1).astype(jnp.int32))
+    seq = jnp.zeros((b, t + n), jnp.int32).at[:, :t].set(jnp.asarray(prompt, jnp.int32))
+    for i in range(t, t + n):
+        seq = seq.at[:, i].set(step(params, seq, i - 1))
+    return np.asarray(seq[:, t:])
+
+
 def assert_logits_close(ours, ref, rel=1e-4):
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     err = np.abs(ours - ref).max()

@@ -16,7 +16,7 @@ from convert.__main__ import convert, main
 from convert.gguf_reader import unpermute_rows
 from rtpurbo_jax.checkpoint import CheckpointError, load_converted
 from rtpurbo_jax.model import forward
-from tests.conftest import assert_logits_close, build_hf_model, save_hf, torch_logits
+from tests.conftest import assert_logits_close, build_hf_model, greedy_full, save_hf, torch_logits
 
 
 @pytest.fixture(scope="module")
@@ -228,9 +228,5 @@ def test_smollm2_gguf_matches_transformers_and_greedy(smollm2, smollm2_path):
     # 16 greedy tokens, recomputing the full forward each step (no cache yet) for both.
     with torch.no_grad():
         ref = hf.generate(torch.as_tensor(ids), max_new_tokens=16, do_sample=False).numpy()[0, 64:]
-    # the sequence kept at its final length (causal: later zeros do not change logits at i): one compile
-    step = jax.jit(lambda p, t, i: forward(p, t, cfg)[:, i].argmax(-1).astype(jnp.int32))
-    seq = jnp.zeros((1, 80), jnp.int32).at[:, :64].set(jnp.asarray(ids))
-    for i in range(64, 80):
-        seq = seq.at[:, i].set(step(params, seq, i - 1))
-    np.testing.assert_array_equal(np.asarray(seq[0, 64:]), ref)
+    ours = greedy_full(lambda p, t: forward(p, t, cfg), params, ids, 16)
+    np.testing.assert_array_equal(ours[0], ref)

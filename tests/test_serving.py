@@ -18,10 +18,10 @@ from rtpurbo_jax.indexer import init_indexer
 from rtpurbo_jax.sampling import SamplingConfig, sample
 from rtpurbo_jax.serving import decode_step, generate, prefill
 from rtpurbo_jax.sparse_config import SparseConfig, roles_to_kv_granularity
-from tests.conftest import assert_logits_close
+from tests.conftest import assert_logits_close, greedy_full
 
 # Two layers of different head splits (layer 0: one retrieval head on KV head 0; layer 1: both heads of KV
-# group 1, group 0 local): the unrolled loop meets layers of different layouts, and every test compiles two
+# group 1, group 0 local): the unrolled loop meets layers of different layouts
 CFG = ModelConfig(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
                   num_heads=8, num_kv_heads=2, head_dim=16, max_position_embeddings=512)
 ROLES = np.zeros((2, 8), int)
@@ -45,14 +45,14 @@ def model1():
     return params, init_indexer(CFG1, 4, jax.random.key(1))
 
 
-def sparse_cfg1(**kw):
-    return sparse_cfg(roles=ROLES[1:2].tolist(), **kw)
-
-
 def sparse_cfg(**kw):
     base = dict(roles=ROLES.tolist(), sinks=3, window=20, kv_block=8, q_block=8, index_dim=4, top_p=0.7,
                 seqlen_threshold=0, prefill_mode="indexer", keep_recent=8)
     return SparseConfig(**{**base, **kw})
+
+
+def sparse_cfg1(**kw):
+    return sparse_cfg(roles=ROLES[1:2].tolist(), **kw)
 
 
 def tokens(b, t, seed=0):
@@ -138,25 +138,14 @@ def test_ragged_batch_equals_single_rows(model):
         assert_logits_close(np.stack([s[r] for s in steps]), ref[0, n - 1:])
 
 
-def _greedy_full(params, prompt, n):
-    """n greedy tokens of the full-sequence forward, recomputed over the whole sequence each step; the sequence
-    is kept at its final length (causal: the zeros after position i do not change logits at i), so the
-    forward compiles once."""
-    b, t = prompt.shape
-    step = jax.jit(lambda p, s, i: jnp.argmax(apply(p, s, CFG)[:, i], -1).astype(jnp.int32))
-    seq = jnp.zeros((b, t + n), jnp.int32).at[:, :t].set(prompt)
-    for i in range(t, t + n):
-        seq = seq.at[:, i].set(step(params, seq, i - 1))
-    return np.asarray(seq[:, t:])
-
-
 def test_generate_equals_full_model_when_nothing_is_dropped(model):
     """top_p = 1 and window >= max_len: the RTPurbo generation is the dense model's, token for token."""
     params, ix = model
     prompt = tokens(1, 21, seed=11)
     sp = sparse_cfg(top_p=1.0, window=64, prefill_mode="dense")
     out = generate(params, prompt, [21], cfg=CFG, max_new_tokens=12, sparse=sp, indexer=ix, chunk=8)
-    np.testing.assert_array_equal(np.asarray(out["tokens"]), _greedy_full(params, prompt, 12))
+    want = greedy_full(lambda p, t: apply(p, t, CFG), params, prompt, 12)
+    np.testing.assert_array_equal(np.asarray(out["tokens"]), want)
     assert int(out["num_tokens"][0]) == 12
 
 
