@@ -37,9 +37,11 @@ def apply(params: dict, tokens, cfg: ModelConfig, *, mode: str = "full", sparse:
     mode "rtpurbo" needs `sparse` (roles must fit the model) and, for prefill_mode "indexer", `indexer`
     (`rtpurbo_jax.indexer` layout). lengths int [B]: right padding. Semantics: `rtpurbo_jax.planner` — the
     same layer and planner serving runs, so `serving.prefill` of the same tokens gives the same logits.
-    attn_backend: the block-sparse prefill op's backend. "reference" (default) is the jnp path and the only
-    differentiable one (training); None picks the Pallas kernel for the device (inference; on an H100 the
-    Mosaic GPU kernel when the plan fits it), or name one (`pallas_kernels.sparse_attention.api`).
+    attn_backend: the block-sparse prefill op's backend. "reference" (default) is the definition (fp32 scores of
+    every pair); "xla" walks the plan block by block (16-bit inputs on tensor cores, fp32 accumulation, its own
+    VJP: what training differentiates, stage 2's default); both are differentiable. None picks the Pallas kernel
+    for the device (inference; on an H100 the Mosaic GPU kernel when the plan fits it), or name one
+    (`pallas_kernels.sparse_attention.api`).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

@@ -165,3 +165,8 @@ SMOLLM2_135M = ModelConfig(
     model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
     num_kv_heads=3, head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5, rope=RopeConfig(theta=100000.0),
     tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+
+QWEN25_05B = ModelConfig(  # Qwen2.5(-Coder)-0.5B-Instruct: the shape of the long-context accuracy runs
+    model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+    num_kv_heads=2, head_dim=64, max_position_embeddings=32768, rms_norm_eps=1e-6, rope=RopeConfig(theta=1000000.0),
+    qkv_bias=True)

@@ -7,7 +7,8 @@ offline first (`train.teacher`). The student is the same model in sparse mode th
 top-p blocks, planned per tile of `q_block` query rows as in indexer prefill (teacher-forced positions: the
 paper is silent; a tile shares one plan, so a row may see blocks chosen for its tile-mates — it never sees the
 future). Gradients reach the weights through exact attention over the selected blocks; the selection is not
-differentiated. AdamW (lr 3e-6, 200 warm-up steps then constant, weight decay 0.01, grad-norm 1.0), global
+differentiated. The attention differentiated is the op's "xla" backend (`--attn-backend`; blockwise over the
+plan, 16-bit inputs on tensor cores with fp32 accumulation, its own VJP), pinned to the reference's gradients. AdamW (lr 3e-6, 200 warm-up steps then constant, weight decay 0.01, grad-norm 1.0), global
 batch by gradient accumulation (`--accumulate`), params and optimiser state FSDP-sharded over `data` (and heads
 over `model`). The run uses the reusable trainer (`train.trainer`): Orbax keep-K checkpoints, exact resume,
 metrics.jsonl, progress with tokens/s. Outputs in --run-dir: teacher/ (cache), checkpoints/, metrics.jsonl,
@@ -35,6 +36,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from pallas_kernels.sparse_attention.api import DIFFERENTIABLE
 from rtpurbo_jax.checkpoint import load_converted, load_indexer, read_meta, save_converted
 from rtpurbo_jax.cli import run_cli
 from rtpurbo_jax.lm import apply
@@ -73,6 +75,7 @@ class Stage2Config:
     trainable: str = "all"  # all | attention (q, k, v, o projections) | no_embeddings
     fsdp: bool = True  # shard params and optimiser state over the data axis
     remat: bool = True  # recompute each layer in the backward pass (activation memory of one layer)
+    attn_backend: str = "xla"  # the student's block-sparse attention: xla (blockwise, bf16 tensor cores, own VJP) | reference
     mesh: str = "-1,1"
     eval_batches: int = 2
     log_every: int = 10
@@ -103,6 +106,8 @@ class Stage2Config:
             raise ValueError(f"--events must be a finite number >= 0, got {self.events}")
         if self.trainable not in TRAINABLE:
             raise ValueError(f"--trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        if self.attn_backend not in DIFFERENTIABLE:
+            raise ValueError(f"--attn-backend must be a differentiable backend {DIFFERENTIABLE}, got {self.attn_backend!r}")
 
 
 FINGERPRINT = ("model", "indexer", "data", "events", "positions", "seq_len", "batch", "accumulate", "steps", "lr", "warmup", "weight_decay",
@@ -143,25 +148,29 @@ def state_rules(c: Stage2Config) -> dict:
     return {**SHARDING_RULES, "embed": "data"} if c.fsdp else SHARDING_RULES
 
 
-def student_logits(params, tokens, cfg, sparse: SparseConfig, indexer: dict, remat: bool = False, at=None):
+def student_logits(params, tokens, cfg, sparse: SparseConfig, indexer: dict, remat: bool = False, at=None,
+                   attn_backend: str = "xla"):
     """The student's fp32 logits — [B, T, V], or [B, T, k] at ids `at` int [B, T, k] without ever building the
     [B, T, V] ones (the training step: eq. 7 needs the teacher's top-k ids only) — of the model in sparse mode
-    with indexer prefill (`lm.apply`)."""
+    with indexer prefill (`lm.apply`). attn_backend: a differentiable backend of the block-sparse op ("xla":
+    blockwise with its own VJP; "reference": autodiff of the definition, fp32 scores of every pair)."""
+    kw = dict(mode="rtpurbo", sparse=sparse, indexer=indexer, remat=remat, attn_backend=attn_backend)
     if at is None:
-        return apply(params, tokens, cfg, mode="rtpurbo", sparse=sparse, indexer=indexer, remat=remat)
-    hidden = apply(params, tokens, cfg, mode="rtpurbo", sparse=sparse, indexer=indexer, remat=remat,
-                   return_hidden=True)
+        return apply(params, tokens, cfg, **kw)
+    hidden = apply(params, tokens, cfg, return_hidden=True, **kw)
     return logits_at(params, hidden, cfg, at)
 
 
-def build_step(cfg: ModelConfig, sparse: SparseConfig, tx, state_sh, tok_sh, ix_sh, remat: bool = True):
+def build_step(cfg: ModelConfig, sparse: SparseConfig, tx, state_sh, tok_sh, ix_sh, remat: bool = True,
+               attn_backend: str = "xla"):
     """The jitted stage-2 step (state, indexer, tokens, row weights, teacher top-k ids, teacher top-k logits) ->
     (state, {loss, grad_norm}): eq. 7 on the student in sparse mode (the frozen indexer selects), gradients, the
     optimiser; everything in the given shardings, the state donated. Also lowered for TPU pods in
     `tests/test_tpu_lowering.py`."""
 
     def loss_fn(p, ix, tokens, weights, t_ids, t_logits):
-        return topk_kl_at(student_logits(p, tokens, cfg, sparse, ix, remat, at=t_ids), t_logits, weights)
+        return topk_kl_at(student_logits(p, tokens, cfg, sparse, ix, remat, at=t_ids, attn_backend=attn_backend),
+                          t_logits, weights)
 
     def step(state, ix, tokens, weights, t_ids, t_logits):
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], ix, tokens, weights, t_ids, t_logits)
@@ -219,10 +228,10 @@ def run(c: Stage2Config) -> dict:
     state = jax.device_put(state, state_sh)
     ix = jax.device_put(indexer, rep)
 
-    step_j = build_step(cfg, sparse, tx, state_sh, tok_sh, rep, c.remat)
+    step_j = build_step(cfg, sparse, tx, state_sh, tok_sh, rep, c.remat, c.attn_backend)
 
     def metrics(p, ix, t, w, i, lg):  # on the loss rows (answers, or all), and KL on every row beside it
-        s = student_logits(p, t, cfg, sparse, ix)
+        s = student_logits(p, t, cfg, sparse, ix, attn_backend=c.attn_backend)
         return {"kl": topk_kl(s, i, lg, w), "topk_agreement": topk_agreement(s, i, w),
                 "top1_within_topk": top1_within_topk(s, i, w), "kl_all_rows": topk_kl(s, i, lg)}
 

@@ -1,6 +1,8 @@
 """Public API: block-sparse attention over a BlockPlan with an explicit backend choice.
 
-backend: "reference" (pure jnp, any platform) | "mosaic_gpu" (Pallas Mosaic GPU, Hopper; the fast path) |
+backend: "reference" (pure jnp, any platform; the definition) | "xla" (jnp walked block by block over the plan,
+bf16 on tensor cores with fp32 accumulation, with its own VJP: the differentiable backend training uses, any
+platform) | "mosaic_gpu" (Pallas Mosaic GPU, Hopper; the fast path) |
 "triton" (Pallas Triton lowering, any CUDA GPU; portable) | "mosaic_tpu" (Pallas Mosaic TPU). None picks the
 best available for the default device and plan (mosaic_gpu on sm90 when the plan has 128-row query tiles,
 64/128-key blocks, head_dim 64/128 and 16-bit inputs; else triton on GPU) and logs the choice; a named backend
@@ -19,7 +21,8 @@ from pallas_kernels.block_plan import BlockPlan, cdiv, check_inputs, check_plan_
 from pallas_kernels.sparse_attention import reference
 
 log = logging.getLogger(__name__)
-BACKENDS = ("reference", "mosaic_gpu", "triton", "mosaic_tpu")
+BACKENDS = ("reference", "xla", "mosaic_gpu", "triton", "mosaic_tpu")
+DIFFERENTIABLE = ("reference", "xla")
 
 
 def _is_hopper() -> bool:
@@ -66,7 +69,7 @@ def block_sparse_attention(q, k, v, plan: BlockPlan, *, backend: str | None = No
     Lengths that are not multiples of the plan's blocks are padded here (padded keys lie past kv_len).
     Inputs must be floating point; outside jit the plan's block ids, counts and kv_len are range-checked.
     o_init: an output buffer aliased by the triton / mosaic_tpu backends (tests poison it with NaNs); mosaic_gpu
-    ignores it (GPU interpret mode already starts fresh buffers as NaN).
+    ignores it (GPU interpret mode already starts fresh buffers as NaN), as do the jnp backends.
     """
     check_inputs(q, k, v, "block_sparse_attention")
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[2] % k.shape[2] or q.shape[-1] != k.shape[-1]:
@@ -80,6 +83,11 @@ def block_sparse_attention(q, k, v, plan: BlockPlan, *, backend: str | None = No
     _check_backend(backend, interpret, q)
     if backend == "reference":
         return reference.block_sparse_attention(q, k, v, plan, scale=scale, return_lse=return_lse)
+    if backend == "xla":
+        from pallas_kernels.sparse_attention.xla import block_sparse_attention_xla
+
+        out, lse = block_sparse_attention_xla(q, k, v, plan, scale=scale)
+        return (out, lse) if return_lse else out
     b, t, n, h = q.shape
     s = k.shape[1]
     tp, sp = cdiv(t, plan.q_block) * plan.q_block, cdiv(s, plan.kv_block) * plan.kv_block
