@@ -93,7 +93,7 @@ def op_rows(t: int, cfg, window: int, reps: int, backends=BACKENDS) -> list[dict
     return rows
 
 
-def step_rows(model: str, t: int, reps: int, small: bool, backends=BACKENDS) -> list[dict]:
+def step_rows(model: str, t: int, reps: int, small: bool, backends=BACKENDS, profile: bool = False) -> list[dict]:
     """The stage-2 value-and-grad (remat) and the student forward per backend, on random weights."""
     from train.stage2 import student_logits
     from train.teacher import topk_kl_at
@@ -114,10 +114,14 @@ def step_rows(model: str, t: int, reps: int, small: bool, backends=BACKENDS) -> 
     vals = jnp.asarray(rng.normal(size=(1, t, 10)), jnp.float32)
     w = jnp.ones((1, t), jnp.float32)
     rows = []
+    dense_ret = dataclasses.replace(sparse, prefill_mode="dense")
     for backend in backends:
-        for phase in ("fwd", "step"):
-            logits = lambda p, tk, b=backend, r=phase == "step": student_logits(p, tk, cfg, sparse, ix, r, at=ids,
-                                                                               attn_backend=b)
+        # step_dense_retrieval: the same step with retrieval heads dense in prefill (no selection): what the
+        # indexer's top-p costs, by difference
+        for phase in ("fwd", "step") + (("step_dense_retrieval",) if backend == "xla" else ()):
+            sp = dense_ret if phase == "step_dense_retrieval" else sparse
+            logits = lambda p, tk, b=backend, r=phase != "fwd", sp=sp: student_logits(p, tk, cfg, sp, ix, r, at=ids,
+                                                                                     attn_backend=b)
             f = jax.jit(logits if phase == "fwd" else jax.value_and_grad(lambda p, tk, lg=logits: topk_kl_at(lg(p, tk), vals, w)))
             row = {"scope": "step", "model": model, "length": t, "backend": backend, "phase": phase,
                    "weights": "random bf16", "retrieval_heads": int(roles.sum()), "total_heads": int(roles.size)}
@@ -131,7 +135,23 @@ def step_rows(model: str, t: int, reps: int, small: bool, backends=BACKENDS) -> 
                 row["error"] = str(e)[:300]
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if profile and backend == "xla" and phase == "step" and "ms" in row:
+                row["top_kernels_us_per_step"] = top_kernels(f, params, toks)
     return rows
+
+
+def top_kernels(f, *args, top: int = 20) -> dict:
+    """{kernel: device µs per call} of the `top` costliest kernels over two profiled calls."""
+    import tempfile
+
+    from benchmarks.e2e_profile import device_kernels
+
+    d = tempfile.mkdtemp()
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+        for _ in range(2):
+            jax.block_until_ready(f(*args))
+    k = device_kernels(d, 2)["kernels"]
+    return {"total": float(sum(k.values())), **dict(list(k.items())[:top])}
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -175,6 +195,7 @@ def main(argv=None) -> int:
     p.add_argument("--ops", nargs="*", type=int, default=[8192], help="op rows at these lengths (Qwen's heads)")
     p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="top kernels of each xla step (a profiler trace)")
     p.add_argument("--small", action="store_true", help="tiny shapes: a CPU check of the script")
     p.add_argument("--out", required=True, help="output prefix (writes OUT.json and OUT.png)")
     a = p.parse_args(argv)
@@ -188,7 +209,7 @@ def main(argv=None) -> int:
                         64 if a.small else 8192, a.reps, a.backends)
     for spec in a.steps:
         model, t = spec.split(":")
-        rows += step_rows(model, int(t), a.reps, a.small, a.backends)
+        rows += step_rows(model, int(t), a.reps, a.small, a.backends, a.profile)
     add_ratios(rows)
     res["rows"] = rows
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.ad_checkpoint import checkpoint_name
+
 from pallas_kernels.indexer_topp.api import default_backend as selection_default_backend
 from pallas_kernels.sparse_attention import api as prefill_op
 from pallas_kernels.sparse_attention import reference as prefill_reference
@@ -33,6 +35,9 @@ from rtpurbo_jax import planner
 from rtpurbo_jax.kv_cache import CacheLayout, LayerCache, LayerLayout, ring_positions
 from rtpurbo_jax.model_config import ModelConfig
 from rtpurbo_jax.sparse_config import SparseConfig
+
+
+PLAN_NAME = "attention_plan"  # `checkpoint_name` of every prefill plan (saved across remat)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,10 +101,11 @@ def selection_inputs(qkv, keys, ix, k_index, heads_r, kv_r, sparse: SparseConfig
 def selection_backend(op_backend: str | None, indexer: bool) -> str:
     """The indexer selection backend (`pallas_kernels.indexer_topp.api`) that goes with an attention op's backend:
     the Triton selection kernels with the GPU ops, the sort-free XLA top-p with Mosaic TPU, else the reference
-    (also for the oracle selector). None (the op picks for the device) follows the default device."""
+    (also for the oracle selector). None (the op picks for the device) and the differentiable "xla" op (training
+    on any device: the selection is not differentiated) follow the default device."""
     if not indexer:
         return "reference"
-    if op_backend is None:
+    if op_backend is None or op_backend == "xla":
         return selection_default_backend()
     return {"triton": "triton", "mosaic_gpu": "triton", "mosaic_tpu": "xla"}.get(op_backend, "reference")
 
@@ -134,6 +140,9 @@ def heads_attention(q, k, v, is_r, rows, sel, pos: Positions, sparse: SparseConf
                                             interpret=call.interpret)
     plan = planner.chunk_plan(is_r, rows, sel_r, pos.q_pos[:, 0], c, s, new_len, sinks, window,
                               q_block=call.tile if sel_r is not None else 128, kv_block=kv_block, active=active)
+    # named so that a rematerialised layer keeps its plan for the backward pass (`model.REMAT_POLICY`) instead of
+    # running the selection again: a few MB per layer against a top-p over every tile
+    plan = jax.tree.map(lambda x: checkpoint_name(x, PLAN_NAME), plan)
     if call.prefill_backend == "reference":
         out = prefill_reference.block_sparse_attention(q, k, v, plan, chunk=min(call.chunk, c))
     else:

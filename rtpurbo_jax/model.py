@@ -18,9 +18,12 @@ import numpy as np
 
 from pallas_kernels.block_plan import FULL_WINDOW
 from pallas_kernels.sparse_attention.reference import attention
+from rtpurbo_jax.attention import PLAN_NAME
 from rtpurbo_jax.model_config import ModelConfig, RopeConfig
 
 _HI = jax.lax.Precision.HIGHEST
+# remat keeps only the attention plans (ints: a few MB per layer) and recomputes the rest
+REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(PLAN_NAME)
 COLLECTABLE = ("q", "k", "v", "q_pre", "k_pre")
 
 
@@ -123,7 +126,8 @@ def forward(params: dict, tokens: jax.Array, cfg: ModelConfig, *, positions=None
     layer_data: pytree with a leading L axis, sliced per layer. collect: names from COLLECTABLE, returned
     stacked as dict name -> [L, B, T, heads, H]. Returns logits, or (logits, collected) when collect is set;
     return_hidden returns the final normed hidden states [B, T, D] instead of logits. remat: recompute each
-    layer in the backward pass (`jax.checkpoint`): activation memory of one layer instead of all (training).
+    layer in the backward pass (`jax.checkpoint`): activation memory of one layer instead of all (training); the
+    layer's attention plan is kept, not recomputed (`REMAT_POLICY`).
     """
     bad = set(collect) - set(COLLECTABLE)
     if bad:
@@ -140,7 +144,8 @@ def forward(params: dict, tokens: jax.Array, cfg: ModelConfig, *, positions=None
         x, qkv, _ = decoder_layer(lp, x, cfg, cos, sin, lambda qkv: (attn_fn(qkv, ld), None))
         return x, {name: qkv[name] for name in collect}
 
-    x, collected = jax.lax.scan(jax.checkpoint(layer) if remat else layer, x, (params["layers"], layer_data))
+    x, collected = jax.lax.scan(jax.checkpoint(layer, policy=REMAT_POLICY) if remat else layer, x,
+                                (params["layers"], layer_data))
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     out = x if return_hidden else logits_from_hidden(params, x, cfg)
     return (out, collected) if collect else out

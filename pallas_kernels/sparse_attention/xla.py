@@ -233,13 +233,15 @@ def _zero_cotangent(x):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def block_sparse_attention_xla(q, k, v, plan: BlockPlan, *, scale=None, rows_per_group: int = 2048,
-                               blocks_per_step: int = 4):
+def block_sparse_attention_xla(q, k, v, plan: BlockPlan, *, scale=None, rows_per_group: int = 4096,
+                               blocks_per_step: int = 16):
     """Exact attention restricted to `plan`, differentiable in q, k, v (the reference's contract and semantics).
 
     q [B, T, N, H]; k, v [B, S, K, H] (any float dtype) -> (out [B, T, N, H] in q.dtype, lse fp32 [B, N, T]).
     rows_per_group: query rows walked together (rounded to whole tiles; memory and the causal saving trade
-    here); blocks_per_step: plan entries gathered per step (fewer, longer steps)."""
+    here); blocks_per_step: plan entries gathered per step (fewer, longer steps). The defaults were the fastest
+    forward + backward of a sweep on an H200 (`benchmarks/results/stage2_step_h200_tuning/`: Qwen2.5-0.5B's
+    heads, a 15%-retrieval plan, 8K and 32K tokens; 1024-8192 rows x 2-16 blocks)."""
     h = q.shape[-1]
     scale = float(h ** -0.5 if scale is None else scale)
     gt = max(1, min(rows_per_group // plan.q_block, cdiv(q.shape[1], plan.q_block)))
