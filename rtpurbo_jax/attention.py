@@ -111,11 +111,12 @@ def selection_backend(op_backend: str | None, indexer: bool) -> str:
 
 
 def heads_attention(q, k, v, is_r, rows, sel, pos: Positions, sparse: SparseConfig | None, cfg: ModelConfig,
-                    call: AttentionCall, active=None):
+                    call: AttentionCall, active=None, sel_heads=None):
     """Attention of N' query heads q [B, C, N', H] over keys k, v [B, S, K', H] holding every position, through
     one plan. is_r bool [N'] (static numpy, or traced with rows=None); rows: static positions of the heads whose
     selection inputs `sel` (from `selection_inputs`) holds, or None for all N'; sel None: retrieval heads dense;
-    active: None, or bool [R] (traced) — which of the `rows` are retrieval heads (`planner.roles_of`).
+    active: None, or bool [R] (traced) — which of the `rows` are retrieval heads (`planner.roles_of`);
+    sel_heads: None, or int [R] (traced; prefill with rows=None) — the heads `sel` covers (repeats allowed).
     Returns (out fp32 [B, C, N', H], blocks_frac fp32 [B] for a decode step with retrieval heads, else None)."""
     b, c = q.shape[:2]
     s, kh = k.shape[1], k.shape[2]
@@ -138,6 +139,8 @@ def heads_attention(q, k, v, is_r, rows, sel, pos: Positions, sparse: SparseConf
         sel_r = planner.retrieval_selection(*sel, pos.q_pos, pos.valid, new_len, sparse, tile=call.tile, dense=dense,
                                             backend=selection_backend(call.prefill_backend, indexer),
                                             interpret=call.interpret)
+        if sel_heads is not None:  # back to all N' heads (a repeated head writes the same blocks twice)
+            sel_r = jnp.zeros((b, q.shape[2]) + sel_r.shape[2:], bool).at[:, sel_heads].set(sel_r)
     plan = planner.chunk_plan(is_r, rows, sel_r, pos.q_pos[:, 0], c, s, new_len, sinks, window,
                               q_block=call.tile if sel_r is not None else 128, kv_block=kv_block, active=active)
     # named so that a rematerialised layer keeps its plan for the backward pass (`model.REMAT_POLICY`) instead of
@@ -151,23 +154,41 @@ def heads_attention(q, k, v, is_r, rows, sel, pos: Positions, sparse: SparseConf
 
 
 def sequence_attention(qkv: dict, roles, ix: dict | None, sparse: SparseConfig, cfg: ModelConfig,
-                       call: AttentionCall, lengths=None):
+                       call: AttentionCall, lengths=None, r_heads=None):
     """RTPurbo attention of a whole sequence without a cache: out [B, T, N, H] (dtype of q).
 
     roles bool [N] (traced is fine: the scanned forward); ix: this layer's indexer for all N heads (w_q, w_k
-    [N, H, I], optional prior) or None when retrieval heads run dense; lengths int [B] (right padding)."""
+    [N, H, I], optional prior) or None when retrieval heads run dense; lengths int [B] (right padding);
+    r_heads: None, or int [R'] (traced is fine) — the heads whose selection runs: this layer's retrieval heads,
+    padded by repeating one (`retrieval_rows`); None selects for all N heads and keeps the retrieval heads'."""
     b, t, n, _ = qkv["q"].shape
     pos = Positions.sequence(b, t, lengths)
     sel = None
+    heads = jnp.arange(n) if r_heads is None else jnp.asarray(r_heads, jnp.int32)
     if not call.dense_retrieval:
-        heads = jnp.arange(n)
         kv = heads // (n // qkv["k"].shape[2])
-        k_index = ixr.project_keys(ixr.group_keys(qkv["k_pre"], n), ix["w_k"]) if sparse.selector == "indexer" else None
+        ix_r = ix if ix is None or r_heads is None else jax.tree.map(lambda w: w[heads], ix)
+        k_index = ixr.project_keys(ixr.group_keys(qkv["k_pre"], n, heads), ix_r["w_k"]) if sparse.selector == "indexer" else None
         # the selection is not differentiated (RTPurbo stage 2: gradients reach the weights through exact
         # attention over the selected blocks)
-        sel = jax.lax.stop_gradient(selection_inputs(qkv, qkv["k"], ix, k_index, heads, kv, sparse))
-    out, _ = heads_attention(qkv["q"], qkv["k"], qkv["v"], roles, None, sel, pos, sparse, cfg, call)
+        sel = jax.lax.stop_gradient(selection_inputs(qkv, qkv["k"], ix_r, k_index, heads, kv, sparse))
+    out, _ = heads_attention(qkv["q"], qkv["k"], qkv["v"], roles, None, sel, pos, sparse, cfg, call,
+                             sel_heads=None if r_heads is None else heads)
     return out.astype(qkv["q"].dtype)
+
+
+def retrieval_rows(roles: np.ndarray) -> np.ndarray:
+    """int32 [L, R'] (R' = the most retrieval heads of any layer, at least 1): each layer's retrieval heads,
+    padded by repeating its first (head 0 where a layer has none: a local head, whose selection is unused) —
+    `sequence_attention`'s r_heads per layer, so the scanned forward selects for R' heads, not all N."""
+    roles = np.asarray(roles, bool)
+    width = max(1, int(roles.sum(-1).max()))
+    out = np.zeros((roles.shape[0], width), np.int32)
+    for li, row in enumerate(roles):
+        ids = np.flatnonzero(row)
+        if ids.size:
+            out[li] = np.concatenate([ids, np.full(width - ids.size, ids[0])])
+    return out
 
 
 def scatter_rows(buf, new, slot, ok):
@@ -315,4 +336,4 @@ def cached_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLa
 
 
 __all__ = ["AttentionCall", "Positions", "cached_attention", "heads_attention", "local_slots", "scatter_rows",
-           "selection_inputs", "sequence_attention"]
+           "retrieval_rows", "selection_inputs", "sequence_attention"]

@@ -105,10 +105,12 @@ def store_keys(keys, dtype):
     return jnp.clip(keys, -big, big).astype(dtype)
 
 
-def group_keys(k_pre, num_heads: int):
-    """[B, S, N, H]: each query head's KV head's pre-RoPE keys from k_pre [B, S, K, H] (GQA: head n reads KV
-    head n // (N / K)), the input of `project_keys` for all N heads."""
-    return k_pre[:, :, jnp.arange(num_heads) // (num_heads // k_pre.shape[2])]
+def group_keys(k_pre, num_heads: int, heads=None):
+    """[B, S, R, H]: each query head's KV head's pre-RoPE keys from k_pre [B, S, K, H] (GQA: head n reads KV
+    head n // (N / K)), the input of `project_keys` — for query heads `heads` (int [R], traced is fine), or
+    all N = num_heads."""
+    heads = jnp.arange(num_heads) if heads is None else jnp.asarray(heads, jnp.int32)
+    return k_pre[:, :, heads // (num_heads // k_pre.shape[2])]
 
 
 def local_prior(q_pre, ix: dict):

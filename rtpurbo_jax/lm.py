@@ -8,7 +8,7 @@ from flax import nnx
 
 from rtpurbo_jax.model import forward
 from rtpurbo_jax.model_config import ModelConfig
-from rtpurbo_jax.attention import AttentionCall, sequence_attention
+from rtpurbo_jax.attention import AttentionCall, retrieval_rows, sequence_attention
 from rtpurbo_jax.indexer import check_indexer
 from rtpurbo_jax.sparse_config import SparseConfig
 
@@ -18,13 +18,14 @@ MODES = ("full", "rtpurbo")
 def rtpurbo_attn_fn(cfg: ModelConfig, sparse: SparseConfig, lengths=None, chunk: int = 512,
                     backend: str | None = "reference", interpret: bool = False):
     """`attn_fn` for `model.forward` running `attention.sequence_attention`; its layer_data is
-    (roles bool [L, N], indexer dict of [L, N, ...] arrays or None)."""
+    (roles bool [L, N], indexer dict of [L, N, ...] arrays or None[, r_heads int [L, R'] —
+    `attention.retrieval_rows(roles)`: the selection runs for those heads only; without it, for all N])."""
     call = AttentionCall(decode=False, tile=sparse.q_block, dense_retrieval=sparse.prefill_mode != "indexer",
                          prefill_backend=backend, interpret=interpret, chunk=chunk)
 
     def attn(qkv, layer_data):
-        roles, ix = layer_data
-        return sequence_attention(qkv, roles, ix, sparse, cfg, call, lengths)
+        roles, ix, *r_heads = layer_data
+        return sequence_attention(qkv, roles, ix, sparse, cfg, call, lengths, *r_heads)
 
     return attn
 
@@ -55,7 +56,8 @@ def apply(params: dict, tokens, cfg: ModelConfig, *, mode: str = "full", sparse:
         raise ValueError("prefill_mode='indexer' needs indexer weights (indexer={'w_q', 'w_k'})")
     if indexer is not None:
         check_indexer(indexer, cfg, sparse.index_dim)
-    layer_data = (jnp.asarray(sparse.roles_array), indexer if uses_indexer else None)
+    layer_data = (jnp.asarray(sparse.roles_array), indexer if uses_indexer else None,
+                  jnp.asarray(retrieval_rows(sparse.roles_array)))
     return forward(params, tokens, cfg, lengths=lengths, layer_data=layer_data, chunk=chunk,
                    attn_fn=rtpurbo_attn_fn(cfg, sparse, lengths, chunk, attn_backend), **kw)
 

@@ -37,6 +37,8 @@ def test_index_projections_use_the_group_kv_head():
     ki = project_keys(group_keys(jnp.asarray(k_pre), 6), jnp.asarray(w_k))
     np.testing.assert_allclose(qi[0, :, 4], q_pre[0, :, 4] @ w_q[4], rtol=1e-5)
     np.testing.assert_allclose(ki[0, :, 4], k_pre[0, :, 1] @ w_k[4], rtol=1e-5)  # head 4 of 6 -> kv head 1 of 2
+    some = group_keys(jnp.asarray(k_pre), 6, jnp.asarray([4, 1, 4]))  # a subset of heads, repeats allowed
+    np.testing.assert_array_equal(np.asarray(some), k_pre.astype(np.float32)[:, :, [1, 0, 1]])
 
 
 @settings(max_examples=30, deadline=None)

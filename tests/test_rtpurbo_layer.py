@@ -217,3 +217,21 @@ def test_training_backend_matches_reference_through_the_model(model):
     for a, b in zip(jax.tree.leaves(gx), jax.tree.leaves(gr)):
         err, scale = float(jnp.abs(a - b).max()), float(jnp.abs(b).max())
         assert err <= 1e-4 * scale + 1e-7, (err, scale)
+
+
+def test_selection_for_retrieval_rows_only_matches_all_heads(model):
+    """`lm.apply` selects for each layer's retrieval heads only (`retrieval_rows`: padded by repetition); the
+    logits equal selecting for all N heads and keeping the retrieval heads' (layer_data without r_heads)."""
+    from rtpurbo_jax.attention import retrieval_rows
+    from rtpurbo_jax.lm import rtpurbo_attn_fn
+
+    params, indexer, tokens, _ = model
+    sp = sparse(window=8, top_p=0.5, prefill_mode="indexer", kv_block=8, q_block=8, keep_recent=8)
+    rows = retrieval_rows(sp.roles_array)
+    np.testing.assert_array_equal(rows, [[1, 1], [4, 5]])
+    roles = jnp.asarray(sp.roles_array)
+    run = lambda data: forward(params, tokens, CFG, layer_data=data, attn_fn=rtpurbo_attn_fn(CFG, sp))
+    np.testing.assert_allclose(np.asarray(run((roles, indexer, jnp.asarray(rows)))),
+                               np.asarray(run((roles, indexer))), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(apply(params, tokens, CFG, mode="rtpurbo", sparse=sp, indexer=indexer)),
+                               np.asarray(run((roles, indexer))), atol=1e-5)
