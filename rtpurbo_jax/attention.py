@@ -285,8 +285,25 @@ def _local_kv_attention_op(q, k_new, v_new, lc: LayerCache, layout: CacheLayout,
     return out_b.astype(jnp.float32) * w_b + out_s * w_s, updates
 
 
+def new_rows(qkv: dict, ll: LayerLayout, ix: dict | None) -> dict:
+    """The rows a call adds to one layer's cache, per buffer, in layout `ll` — the one definition both writers
+    use (`cached_attention` into a layer's buffers, `layer_scan` into a stacked group): k_full, v_full
+    [B, C, Kf, H] (the full KV heads), k_local, v_local [B, C, Kl, H] (the local ones; sinks or ring slots by
+    `local_slots`), k_index fp32 [B, C, R, I] (the retrieval heads' index keys, before the cache's dtype) — each
+    present when the layout has such heads. qkv: `model.project_qkv` of the new tokens in `ll`'s head order."""
+    rows = {}
+    for name, heads in (("full", ll.full_kv), ("local", ll.local_kv)):
+        if heads:
+            idx = jnp.asarray(heads)
+            rows[f"k_{name}"], rows[f"v_{name}"] = qkv["k"][:, :, idx], qkv["v"][:, :, idx]
+    if ll.retrieval_q:
+        rows["k_index"] = ixr.project_keys(qkv["k_pre"][:, :, jnp.asarray(ll.retrieval_q) // ll.group], ix["w_k"])
+    return rows
+
+
 def cached_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLayout, cfg: ModelConfig,
-                     sparse: SparseConfig | None, ix: dict | None, pos: Positions, call: AttentionCall, active=None):
+                     sparse: SparseConfig | None, ix: dict | None, pos: Positions, call: AttentionCall, active=None,
+                     rows: dict | None = None):
     """One layer over the hybrid cache: (out fp32 [B, C, N, H], the updated LayerCache, blocks_frac fp32 [B] or
     None). blocks_frac: for a decode step, the mean over the layer's retrieval heads of the fraction of visible
     key blocks each visits (1.0 when they run dense); None without retrieval heads.
@@ -295,33 +312,32 @@ def cached_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLa
     ix: the layer's retrieval heads' indexer rows in ll.retrieval_q order (`indexer.rows`), or None.
     active: None, or bool [R] (traced): which of ll.retrieval_q are retrieval heads in this layer — a padded
     stacked layout's slots (`kv_cache.LayerLayout.padded`); the others are local heads that keep index keys.
+    rows: `new_rows(qkv, ll, ix)` when the caller has them already (`layer_scan` writes them into its stack).
     """
     outs, order, frac = [], [], None
+    rows = new_rows(qkv, ll, ix) if rows is None else rows
     if ll.full_kv:
-        kf = jnp.asarray(ll.full_kv)
-        k_full = scatter_rows(lc.k_full, qkv["k"][:, :, kf], pos.q_pos, pos.valid)
-        v_full = scatter_rows(lc.v_full, qkv["v"][:, :, kf], pos.q_pos, pos.valid)
+        k_full = scatter_rows(lc.k_full, rows["k_full"], pos.q_pos, pos.valid)
+        v_full = scatter_rows(lc.v_full, rows["v_full"], pos.q_pos, pos.valid)
         qf = ll.q_heads(ll.full_kv)
-        rows = tuple(qf.index(r) for r in ll.retrieval_q)
+        r_rows = tuple(qf.index(r) for r in ll.retrieval_q)
         k_index, sel = lc.k_index, None
         if ll.retrieval_q:
             rq = jnp.asarray(ll.retrieval_q)
-            k_new = ixr.project_keys(qkv["k_pre"][:, :, rq // ll.group], ix["w_k"])
-            k_index = scatter_rows(lc.k_index, ixr.store_keys(k_new, lc.k_index.dtype), pos.q_pos, pos.valid)
+            k_index = scatter_rows(lc.k_index, ixr.store_keys(rows["k_index"], lc.k_index.dtype), pos.q_pos, pos.valid)
             if not call.dense_retrieval:
                 kv_r = jnp.asarray([ll.full_kv.index(r // ll.group) for r in ll.retrieval_q])
                 sel = selection_inputs(qkv, k_full, ix, k_index, rq, kv_r, sparse)
         is_r = np.isin(np.asarray(qf), ll.retrieval_q)
-        out, frac = heads_attention(qkv["q"][:, :, jnp.asarray(qf)], k_full, v_full, is_r, rows, sel, pos, sparse,
+        out, frac = heads_attention(qkv["q"][:, :, jnp.asarray(qf)], k_full, v_full, is_r, r_rows, sel, pos, sparse,
                                     cfg, call, active)
         outs.append(out)
         order += list(qf)
         lc = dataclasses.replace(lc, k_full=k_full, v_full=v_full, k_index=k_index)
     if ll.local_kv:
-        kl = jnp.asarray(ll.local_kv)
         ql = ll.q_heads(ll.local_kv)
         sinks, window = planner.local_band(sparse, cfg, planner.dense_call(sparse, pos.total_len))
-        q_l, k_l, v_l = qkv["q"][:, :, jnp.asarray(ql)], qkv["k"][:, :, kl], qkv["v"][:, :, kl]
+        q_l, k_l, v_l = qkv["q"][:, :, jnp.asarray(ql)], rows["k_local"], rows["v_local"]
         if call.decode or call.prefill_backend == "reference":
             out, (k_sink, v_sink, k_ring, v_ring) = _local_kv_attention(q_l, k_l, v_l, lc, layout, pos, sinks,
                                                                         window)
@@ -335,5 +351,5 @@ def cached_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLa
     return jnp.concatenate(outs, axis=2)[:, :, inv], lc, frac
 
 
-__all__ = ["AttentionCall", "Positions", "cached_attention", "heads_attention", "local_slots", "scatter_rows",
+__all__ = ["AttentionCall", "Positions", "cached_attention", "heads_attention", "local_slots", "new_rows", "scatter_rows",
            "retrieval_rows", "selection_inputs", "sequence_attention"]

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rtpurbo_jax import indexer as ixr
-from rtpurbo_jax.attention import Positions, cached_attention, local_slots
+from rtpurbo_jax.attention import Positions, cached_attention, local_slots, new_rows
 from rtpurbo_jax.kv_cache import LayerCache
 from rtpurbo_jax.model import decoder_layer
 from rtpurbo_jax.model_config import ModelConfig
@@ -29,7 +29,8 @@ def scan_layers(params, caches, x, cos, sin, pos: Positions, indexer, cfg: Model
     into its group's shared layout (`LayerLayout.perms`; the output permuted back before wo); the branch runs
     `cached_attention` on the layer's slice of its group's buffer and returns no buffer (a branch that returns a
     stack, even unchanged, makes XLA copy it); the layer's new K / V / index-key rows are then scattered into its
-    stack in place (`_write_rows`; the other groups' stacks get an out-of-range slot: nothing written). With
+    stack in place (`_write_rows`; the other groups' stacks get an out-of-range slot: nothing written); the rows
+    (`attention.new_rows`) are computed once, outside the switch, and handed to `cached_attention`. With
     `scan="padded"` the layer's active retrieval slots (`LayerLayout.active`) ride along as data."""
     groups = layout.groups
     canon = [layout.stacked(ids[0]) for ids in groups]
@@ -47,10 +48,10 @@ def scan_layers(params, caches, x, cos, sin, pos: Positions, indexer, cfg: Model
     def branch(g):
         cl = canon[g]
 
-        def run(qkv, caches, si, act, ixs):
+        def run(qkv, caches, si, act, ixs, rows):
             lc = jax.tree.map(lambda a: a[si], caches[g])
             act = act[:len(cl.retrieval_q)] if layout.padded else None
-            out, _, frac = cached_attention(qkv, lc, cl, layout, cfg, sparse, ixs[g], pos, call, act)
+            out, _, frac = cached_attention(qkv, lc, cl, layout, cfg, sparse, ixs[g], pos, call, act, rows[g])
             has = jnp.float32(frac is not None)
             return out, jnp.zeros((b,), jnp.float32) if frac is None else frac.astype(jnp.float32), has
         return run
@@ -65,9 +66,10 @@ def scan_layers(params, caches, x, cos, sin, pos: Positions, indexer, cfg: Model
             qkv = {k: jnp.take(v, qp if k in ("q", "q_pre") else kp, axis=2) for k, v in qkv.items()}
             ixs = [ixr.layer_rows(indexer, li, qp[np.asarray(cl.retrieval_q, np.int32)], cfg.head_dim,
                                   layout.index_dim) for cl in canon]
-            out, frac, has = jax.lax.switch(gi, branches, qkv, caches, si, act, ixs)
-            new = tuple(_write_rows(caches[g], canon[g], qkv, ixs[g], jnp.where(gi == g, si, len(groups[g])), pos,
-                                    rows_at) for g in range(len(groups)))
+            rows = [new_rows(qkv, cl, ix) for cl, ix in zip(canon, ixs)]  # each group's layout; one used, below
+            out, frac, has = jax.lax.switch(gi, branches, qkv, caches, si, act, ixs, rows)
+            new = tuple(_write_rows(caches[g], rows[g], jnp.where(gi == g, si, len(groups[g])), pos, rows_at)
+                        for g in range(len(groups)))
             return jnp.take(out, iq, axis=2), (new, frac, has)
 
         x, _, (caches, frac, has) = decoder_layer(lp, x, cfg, cos, sin, attend)
@@ -80,28 +82,28 @@ def scan_layers(params, caches, x, cos, sin, pos: Positions, indexer, cfg: Model
     return x, caches, frac_sum / jnp.maximum(n_frac, 1.0)
 
 
-def _write_rows(stack: LayerCache, ll, qkv, ix, slot, pos: Positions, rows_at) -> LayerCache:
-    """A group's stacked buffers with one layer's new rows written at layer index `slot` (int []; out of range:
-    nothing written), in place: K / V of the full KV heads at their positions, of the local KV heads into sink /
-    ring slots (`rows_at` = `attention.local_slots`), the retrieval slots' index keys. qkv in the group's layout
-    `ll`; ix: the slots' indexer rows (or None)."""
+def _write_rows(stack: LayerCache, rows: dict, slot, pos: Positions, rows_at) -> LayerCache:
+    """A group's stacked buffers with one layer's new rows (`attention.new_rows` in the group's layout) written
+    at layer index `slot` (int []; out of range: nothing written), in place: the full KV heads' K / V at their
+    positions, the local KV heads' into sink / ring slots (`rows_at` = `attention.local_slots`), the retrieval
+    slots' index keys in the cache's dtype."""
     bi = jnp.arange(pos.q_pos.shape[0])[:, None]
-    nf = len(ll.full_kv)
     in_sink, ring_slot, keep = rows_at
 
-    def put(a, rows, at, ok):
-        return a.at[slot, bi, jnp.where(ok, at, a.shape[2])].set(rows.astype(a.dtype), mode="drop")
+    def put(a, new, at, ok):
+        return a.at[slot, bi, jnp.where(ok, at, a.shape[2])].set(new.astype(a.dtype), mode="drop")
 
-    k, v, q_pos, valid = qkv["k"], qkv["v"], pos.q_pos, pos.valid
-    new = dict(k_full=put(stack.k_full, k[:, :, :nf], q_pos, valid), v_full=put(stack.v_full, v[:, :, :nf], q_pos, valid),
-               k_sink=put(stack.k_sink, k[:, :, nf:], q_pos, in_sink), v_sink=put(stack.v_sink, v[:, :, nf:], q_pos, in_sink),
-               k_ring=put(stack.k_ring, k[:, :, nf:], ring_slot, keep),
-               v_ring=put(stack.v_ring, v[:, :, nf:], ring_slot, keep))
-    if ll.retrieval_q:
-        k_pre = qkv["k_pre"][:, :, jnp.asarray(ll.retrieval_q) // ll.group]
-        new["k_index"] = put(stack.k_index, ixr.store_keys(ixr.project_keys(k_pre, ix["w_k"]), stack.k_index.dtype),
-                             q_pos, valid)
-    return dataclasses.replace(stack, **new)
+    q_pos, valid = pos.q_pos, pos.valid
+    out = {}
+    if "k_full" in rows:
+        out.update(k_full=put(stack.k_full, rows["k_full"], q_pos, valid), v_full=put(stack.v_full, rows["v_full"], q_pos, valid))
+    if "k_local" in rows:
+        k_l, v_l = rows["k_local"], rows["v_local"]
+        out.update(k_sink=put(stack.k_sink, k_l, q_pos, in_sink), v_sink=put(stack.v_sink, v_l, q_pos, in_sink),
+                   k_ring=put(stack.k_ring, k_l, ring_slot, keep), v_ring=put(stack.v_ring, v_l, ring_slot, keep))
+    if "k_index" in rows:
+        out["k_index"] = put(stack.k_index, ixr.store_keys(rows["k_index"], stack.k_index.dtype), q_pos, valid)
+    return dataclasses.replace(stack, **out)
 
 
 __all__ = ["scan_layers"]
