@@ -40,8 +40,9 @@ def scan_layers(params, caches, x, cos, sin, pos: Positions, indexer, cfg: Model
     kv_perm = jnp.asarray(np.stack([p[1] for p in perms]))
     inv_q = jnp.asarray(np.stack([np.argsort(p[0]) for p in perms]).astype(np.int32))
     slots = max(len(cl.retrieval_q) for cl in canon)
+    # the padded layout's active retrieval slots per layer; the other layouts carry none (zero width)
     active = jnp.asarray(np.stack([np.pad(ll.active(), (0, slots - len(ll.active()))) if layout.padded
-                                   else np.ones(slots, bool) for ll in layout.layers]).reshape(len(layout.layers), slots))
+                                   else np.ones(0, bool) for ll in layout.layers]).reshape(len(layout.layers), -1))
     rows_at = local_slots(layout, pos)
     b = x.shape[0]
 
