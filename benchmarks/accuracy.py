@@ -80,13 +80,21 @@ def build_modes(shipped: SparseConfig, indexers: list[str], windows: list[int], 
     return [m for m in modes if only is None or m.name in only]
 
 
+# SparseConfig fields a prefill with dense retrieval heads never reads (they steer the decode-time selection)
+DECODE_ONLY = ("top_p", "max_blocks", "keep_recent", "selector")
+
+
 def _prefill_key(m: Mode):
-    """Modes whose prefills write the same cache share one prefill."""
+    """Modes whose prefills write the same cache share one prefill: the whole SparseConfig and the indexer decide,
+    less the decode-only fields when retrieval heads prefill dense (a field added later splits groups, never
+    merges them)."""
     s = m.sparse
     if s is None:
         return ("full",)
-    return (s.roles, s.window, s.sinks, s.prefill_mode, s.top_p if s.prefill_mode == "indexer" else 1.0, s.index_dtype,
-            m.indexer)
+    fields = dataclasses.asdict(s)
+    if s.prefill_mode == "dense":
+        fields = {k: v for k, v in fields.items() if k not in DECODE_ONLY}
+    return tuple(sorted(fields.items())), m.indexer
 
 
 def ppl_prompts(tok, length: int, n: int, seed: int):

@@ -275,3 +275,24 @@ def test_stage1_loss_memory_is_linear_in_sequence_length():
     temp = grad.lower(tr).compile().memory_analysis().temp_size_in_bytes
     one_chunk = r * b * chunk * t * 4  # one fp32 [R, B, C, S] tensor
     assert temp < 20 * one_chunk, (temp, one_chunk)  # all chunks' residuals would be (t / chunk) x several of them
+
+
+def test_modes_share_a_prefill_only_when_their_caches_agree():
+    """The suite runs one prefill per group of modes that write the same cache: every SparseConfig field decides
+    (a field added later splits groups, never merges them), less the decode-only ones under dense prefill."""
+    from benchmarks.accuracy import _prefill_key, build_modes
+    from rtpurbo_jax.sparse_config import SparseConfig
+
+    roles = np.zeros((2, 4), int)
+    roles[0, 1] = roles[1, 2] = 1
+    groups: dict = {}
+    for m in build_modes(SparseConfig(roles=roles.tolist(), seqlen_threshold=0), ["a"], [2048], 0):
+        groups.setdefault(_prefill_key(m), []).append(m.name)
+    shared = next(g for g in groups.values() if "rtpurbo" in g)
+    assert set(shared) == {"dense_retrieval", "rtpurbo", "rtpurbo_p0.95", "rtpurbo_p0.99", "oracle_topp"}
+    for alone in ("rtpurbo_indexer_prefill", "rtpurbo_fp8_index", "dense_retrieval_w2048", "local_only"):
+        assert [alone] in groups.values()
+    from benchmarks.accuracy import Mode
+
+    base = SparseConfig(roles=roles.tolist(), seqlen_threshold=0)
+    assert _prefill_key(Mode("x", base, "a")) != _prefill_key(Mode("y", dataclasses.replace(base, kv_block=32), "a"))
