@@ -222,6 +222,12 @@ def pack_ascending(active: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
     return ids.reshape(*lead, m), counts.reshape(lead)
 
 
+def zero_cotangent(plan: BlockPlan):
+    """The cotangent of a plan in a custom VJP: float0 zeros for its integer arrays (a plan is a selection; the
+    differentiable backends never differentiate it)."""
+    return jax.tree.map(lambda x: np.zeros(jnp.shape(x), jax.dtypes.float0), plan)
+
+
 def kernel_plan_args(plan: BlockPlan, q_len: int, kv_len: int) -> tuple[jax.Array, ...]:
     """Flattened int32 (kv_blocks, counts, sinks, window, kv_len, query starts [B]) for a Pallas kernel, after
     checking that the lengths are whole blocks (the kernels assume it; `sparse_attention.api` pads). The query

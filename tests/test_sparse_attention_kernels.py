@@ -175,8 +175,10 @@ def test_traced_query_starts_match_reference(backend):
                          - ref32).max()) > 1e-2
 
 
-# The differentiable backend ("xla"): gradients of out and lse against autodiff of the reference, every plan kind,
-# query tiles walked in several groups and plan entries several per step (the loop's edges), traced starts.
+# The differentiable backends ("xla", and "triton" with its Pallas backward kernels in interpret mode): gradients
+# of out and lse against autodiff of the reference, every plan kind (xla: query tiles walked in several groups and
+# plan entries several per step, the loop's edges), traced starts.
+GRAD_BACKENDS = ["xla", "triton"]
 def _loss(op, w_out, w_lse):
     def loss(q, k, v):
         out, lse = op(q, k, v)
@@ -184,9 +186,9 @@ def _loss(op, w_out, w_lse):
     return loss
 
 
-def _grads(case, dtype, rows_per_group=32, blocks_per_step=3):
-    """(xla grads in `dtype`, reference grads in fp32, reference grads in `dtype`) of a random projection of
-    out and lse."""
+def _grads(case, dtype, backend="xla", rows_per_group=32, blocks_per_step=3):
+    """(`backend`'s grads in `dtype`, reference grads in fp32, reference grads in `dtype`) of a random projection
+    of out and lse."""
     from pallas_kernels.sparse_attention import reference
     from pallas_kernels.sparse_attention.xla import block_sparse_attention_xla
 
@@ -197,15 +199,19 @@ def _grads(case, dtype, rows_per_group=32, blocks_per_step=3):
     w_out, w_lse = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32), jnp.asarray(rng.normal(size=(b, n, t)), jnp.float32)
     xla_op = lambda q, k, v: block_sparse_attention_xla(q, k, v, plan, rows_per_group=rows_per_group,
                                                         blocks_per_step=blocks_per_step)
+    if backend == "triton":
+        xla_op = lambda q, k, v: block_sparse_attention(q, k, v, plan, backend="triton", interpret=True,
+                                                        return_lse=True)
     ref_op = lambda q, k, v: reference.block_sparse_attention(q, k, v, plan, return_lse=True)
     grad = lambda op, xs: jax.jit(jax.grad(_loss(op, w_out, w_lse), argnums=(0, 1, 2)))(*xs)
     lp = [jnp.asarray(x, dtype) for x in (q, k, v)]
     return grad(xla_op, lp), grad(ref_op, [jnp.asarray(x) for x in (q, k, v)]), grad(ref_op, lp)
 
 
+@pytest.mark.parametrize("backend", GRAD_BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[-1]}-t{c[1]}-s{c[2]}-g{c[3] // c[4]}" for c in CASES])
-def test_xla_gradients_match_reference_fp32(case):
-    got, ref, _ = _grads(case, jnp.float32)
+def test_gradients_match_reference_fp32(backend, case):
+    got, ref, _ = _grads(case, jnp.float32, backend)
     for name, a, r in zip("qkv", got, ref):
         scale = float(jnp.abs(r).max()) + 1e-6
         err = float(jnp.abs(a - r).max())
@@ -214,12 +220,13 @@ def test_xla_gradients_match_reference_fp32(case):
         assert all(float(jnp.abs(g).max()) == 0.0 for g in got)
 
 
+@pytest.mark.parametrize("backend", GRAD_BACKENDS)
 @pytest.mark.parametrize("case", CASES[1:3] + CASES[5:], ids=["odd-gqa8", "edges", "band"])
-def test_xla_gradients_bf16_within_derived_tolerance(case):
-    """bf16 inputs: the xla gradients' error against the fp32 reference is at most twice the bf16 reference's
-    own error (autodiff of the definition on bf16 inputs) plus 0.2% of the gradient's scale (the xla backend also
-    rounds probabilities and dS to bf16 for its matmuls, as flash kernels do)."""
-    got, ref, ref_lp = _grads(case, jnp.bfloat16, rows_per_group=64, blocks_per_step=2)
+def test_gradients_bf16_within_derived_tolerance(backend, case):
+    """bf16 inputs: the gradients' error against the fp32 reference is at most twice the bf16 reference's
+    own error (autodiff of the definition on bf16 inputs) plus 0.2% of the gradient's scale (the backends also
+    round probabilities and dS to bf16 for their matmuls, as flash kernels do)."""
+    got, ref, ref_lp = _grads(case, jnp.bfloat16, backend, rows_per_group=64, blocks_per_step=2)
     for name, a, r, r_lp in zip("qkv", got, ref, ref_lp):
         scale = float(jnp.abs(r).max())
         tol = 2 * float(jnp.abs(r_lp.astype(jnp.float32) - r).max()) + 2e-3 * scale
@@ -227,7 +234,8 @@ def test_xla_gradients_bf16_within_derived_tolerance(case):
         assert err <= tol, f"d{name}: max error {err:.3e} > derived tolerance {tol:.3e}"
 
 
-def test_xla_gradients_with_traced_query_starts():
+@pytest.mark.parametrize("backend", GRAD_BACKENDS)
+def test_gradients_with_traced_query_starts(backend):
     """Serving-style plans (row 0 of sequence b at q_start[b], traced) differentiate too, under jit."""
     from pallas_kernels.sparse_attention import reference
     from pallas_kernels.sparse_attention.xla import block_sparse_attention_xla
@@ -246,7 +254,10 @@ def test_xla_gradients_with_traced_query_starts():
             return (op(q, k, v, plan) * w).sum()
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v, starts)
 
-    got = grads(lambda q, k, v, p: block_sparse_attention_xla(q, k, v, p, rows_per_group=16)[0])
+    if backend == "xla":
+        got = grads(lambda q, k, v, p: block_sparse_attention_xla(q, k, v, p, rows_per_group=16)[0])
+    else:
+        got = grads(lambda q, k, v, p: block_sparse_attention(q, k, v, p, backend="triton", interpret=True))
     ref = grads(lambda q, k, v, p: reference.block_sparse_attention(q, k, v, p))
     for a, r in zip(got, ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-5 * float(jnp.abs(r).max()) + 1e-6)

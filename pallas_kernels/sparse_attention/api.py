@@ -22,7 +22,7 @@ from pallas_kernels.sparse_attention import reference
 
 log = logging.getLogger(__name__)
 BACKENDS = ("reference", "xla", "mosaic_gpu", "triton", "mosaic_tpu")
-DIFFERENTIABLE = ("reference", "xla")
+DIFFERENTIABLE = ("reference", "xla", "triton")
 
 
 def _is_hopper() -> bool:
@@ -99,6 +99,10 @@ def block_sparse_attention(q, k, v, plan: BlockPlan, *, backend: str | None = No
         from pallas_kernels.sparse_attention.mosaic_gpu import block_sparse_attention_mosaic_gpu
 
         out, lse = block_sparse_attention_mosaic_gpu(q, k, v, plan, scale=scale, interpret=interpret)
+    elif backend == "triton" and o_init is None:  # differentiable: the Pallas backward kernels as its VJP
+        from pallas_kernels.sparse_attention.triton_bwd import block_sparse_attention_triton_vjp
+
+        out, lse = block_sparse_attention_triton_vjp(q, k, v, plan, scale=scale, interpret=interpret)
     elif backend == "triton":
         from pallas_kernels.sparse_attention.triton import block_sparse_attention_triton
 

@@ -57,7 +57,7 @@ def _kernel(blocks_ref, counts_ref, sinks_ref, window_ref, kvlen_ref, qstart_ref
     lse_ref[...] = jnp.where(l > 0, (m + jnp.log2(safe)) / math.log2(math.e), -jnp.inf)
 
 
-@functools.partial(jax.jit, static_argnames=("num_warps", "num_stages", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "num_warps", "num_stages", "interpret"))
 def block_sparse_attention_triton(q, k, v, plan: BlockPlan, *, scale=None, num_warps: int | None = None,
                                   num_stages: int = 2, interpret: bool = False, o_init=None):
     """out [B, T, N, H] (q.dtype), lse fp32 [B, N, T]; same contract as the reference (aligned T, S).

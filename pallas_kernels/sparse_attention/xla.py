@@ -26,9 +26,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from pallas_kernels.block_plan import BlockPlan, cdiv
+from pallas_kernels.block_plan import BlockPlan, cdiv, zero_cotangent
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -222,12 +221,7 @@ def _attention_bwd(scale, gt, u, res, cts):
     q, k, v, plan, out_t, lse_t = res
     d_out, d_lse = cts
     dq, dk, dv = _backward(q, k, v, plan, out_t, lse_t, d_out, d_lse, scale, gt, u)
-    zero_plan = jax.tree.map(_zero_cotangent, plan)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zero_plan
-
-
-def _zero_cotangent(x):
-    return np.zeros(jnp.shape(x), jax.dtypes.float0)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zero_cotangent(plan)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
