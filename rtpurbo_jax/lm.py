@@ -40,7 +40,8 @@ def apply(params: dict, tokens, cfg: ModelConfig, *, mode: str = "full", sparse:
     same layer and planner serving runs, so `serving.prefill` of the same tokens gives the same logits.
     attn_backend: the block-sparse prefill op's backend. "reference" (default) is the definition (fp32 scores of
     every pair); "xla" walks the plan block by block (16-bit inputs on tensor cores, fp32 accumulation, its own
-    VJP: what training differentiates, stage 2's default); both are differentiable. None picks the Pallas kernel
+    VJP); "triton" (GPUs) has Pallas backward kernels: these three are differentiable (stage 2 trains through
+    triton on GPUs, xla elsewhere). None picks the Pallas kernel
     for the device (inference; on an H100 the Mosaic GPU kernel when the plan fits it), or name one
     (`pallas_kernels.sparse_attention.api`).
     """

@@ -7,8 +7,10 @@ offline first (`train.teacher`). The student is the same model in sparse mode th
 top-p blocks, planned per tile of `q_block` query rows as in indexer prefill (teacher-forced positions: the
 paper is silent; a tile shares one plan, so a row may see blocks chosen for its tile-mates — it never sees the
 future). Gradients reach the weights through exact attention over the selected blocks; the selection is not
-differentiated. The attention differentiated is the op's "xla" backend (`--attn-backend`; blockwise over the
-plan, 16-bit inputs on tensor cores with fp32 accumulation, its own VJP), pinned to the reference's gradients. AdamW (lr 3e-6, 200 warm-up steps then constant, weight decay 0.01, grad-norm 1.0), global
+differentiated. The attention differentiated (`--attn-backend`, `train_backend`): on GPUs the op's "triton"
+backend (the Pallas forward kernel with Pallas backward kernels as its VJP), elsewhere "xla" (the plan walked
+block by block in jnp, 16-bit inputs on tensor cores, fp32 accumulation, its own VJP); both pinned to the
+reference's gradients. AdamW (lr 3e-6, 200 warm-up steps then constant, weight decay 0.01, grad-norm 1.0), global
 batch by gradient accumulation (`--accumulate`), params and optimiser state FSDP-sharded over `data` (and heads
 over `model`). The run uses the reusable trainer (`train.trainer`): Orbax keep-K checkpoints, exact resume,
 metrics.jsonl, progress with tokens/s. Outputs in --run-dir: teacher/ (cache), checkpoints/, metrics.jsonl,
@@ -75,7 +77,7 @@ class Stage2Config:
     trainable: str = "all"  # all | attention (q, k, v, o projections) | no_embeddings
     fsdp: bool = True  # shard params and optimiser state over the data axis
     remat: bool = True  # recompute each layer in the backward pass (activation memory of one layer)
-    attn_backend: str = "xla"  # the student's block-sparse attention: xla (blockwise, bf16 tensor cores, own VJP) | reference
+    attn_backend: str = "auto"  # the student's block-sparse attention: auto (triton on GPUs, else xla) | triton | xla | reference
     mesh: str = "-1,1"
     eval_batches: int = 2
     log_every: int = 10
@@ -106,8 +108,9 @@ class Stage2Config:
             raise ValueError(f"--events must be a finite number >= 0, got {self.events}")
         if self.trainable not in TRAINABLE:
             raise ValueError(f"--trainable must be one of {TRAINABLE}, got {self.trainable!r}")
-        if self.attn_backend not in DIFFERENTIABLE:
-            raise ValueError(f"--attn-backend must be a differentiable backend {DIFFERENTIABLE}, got {self.attn_backend!r}")
+        if self.attn_backend not in ("auto",) + DIFFERENTIABLE:
+            raise ValueError(f"--attn-backend must be 'auto' or a differentiable backend {DIFFERENTIABLE}, "
+                             f"got {self.attn_backend!r}")
 
 
 FINGERPRINT = ("model", "indexer", "data", "events", "positions", "seq_len", "batch", "accumulate", "steps", "lr", "warmup", "weight_decay",
@@ -146,6 +149,15 @@ def state_rules(c: Stage2Config) -> dict:
     """Logical axis -> mesh axis for params, gradients and optimiser moments: with --fsdp the embedding axis is
     sharded over `data` too (every matrix is then split across all devices)."""
     return {**SHARDING_RULES, "embed": "data"} if c.fsdp else SHARDING_RULES
+
+
+def train_backend(name: str) -> str:
+    """The attention backend a step differentiates: `name`, or for "auto" the Triton kernels with their Pallas
+    backward on GPUs (H200: 3.3-4.4x the xla walk's step, `benchmarks/results/stage2_step_h200_triton.json`) and
+    the xla walk elsewhere (TPUs, CPUs: no Mosaic backward kernels yet)."""
+    if name != "auto":
+        return name
+    return "triton" if jax.default_backend() == "gpu" else "xla"
 
 
 def student_logits(params, tokens, cfg, sparse: SparseConfig, indexer: dict, remat: bool = False, at=None,
@@ -228,10 +240,12 @@ def run(c: Stage2Config) -> dict:
     state = jax.device_put(state, state_sh)
     ix = jax.device_put(indexer, rep)
 
-    step_j = build_step(cfg, sparse, tx, state_sh, tok_sh, rep, c.remat, c.attn_backend)
+    backend = train_backend(c.attn_backend)
+    log0(f"[stage2] attention backend: {backend} (--attn-backend {c.attn_backend})")
+    step_j = build_step(cfg, sparse, tx, state_sh, tok_sh, rep, c.remat, backend)
 
     def metrics(p, ix, t, w, i, lg):  # on the loss rows (answers, or all), and KL on every row beside it
-        s = student_logits(p, t, cfg, sparse, ix, attn_backend=c.attn_backend)
+        s = student_logits(p, t, cfg, sparse, ix, attn_backend=backend)
         return {"kl": topk_kl(s, i, lg, w), "topk_agreement": topk_agreement(s, i, w),
                 "top1_within_topk": top1_within_topk(s, i, w), "kl_all_rows": topk_kl(s, i, lg)}
 
