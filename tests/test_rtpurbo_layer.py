@@ -201,8 +201,9 @@ def test_training_backend_matches_reference_through_the_model(model):
     """`attn_backend="xla"` (what stage 2 differentiates) gives the reference's logits and gradients through
     the whole model in sparse mode: indexer top-p plans per tile, local bands, right padding."""
     params, indexer, tokens, _ = model
+    tokens = tokens[:, :75]  # not a multiple of any block; the second row right-padded
     sp = sparse(window=8, top_p=0.5, prefill_mode="indexer", kv_block=8, q_block=8, keep_recent=8)
-    lengths = jnp.asarray([141, 97])
+    lengths = jnp.asarray([75, 50])
 
     def run(backend):
         f = lambda p: apply(p, tokens, CFG, mode="rtpurbo", sparse=sp, indexer=indexer, lengths=lengths,
