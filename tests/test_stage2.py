@@ -130,6 +130,42 @@ def test_step_loss_never_builds_vocab_logits_and_equals_the_full_one(tiny, tie):
     assert vocab_sized(full) and not vocab_sized(at)
 
 
+def test_bf16_model_trains_through_fp32_masters(tiny):
+    """At the paper's lr (3e-6) an AdamW step moves a weight far less than half a bf16 ulp: updating bf16 weights in
+    place leaves the model as it was. The step keeps fp32 masters (the forward runs on them cast to bf16): they
+    move, and the loss is the bf16 model's."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from rtpurbo_jax.checkpoint import load_converted
+    from rtpurbo_jax.indexer import init_indexer
+    from train.stage2 import Stage2Config, build_step, make_optimizer, master_weights
+    from train.trainer import make_mesh
+
+    cfg, conv, _, _, sparse = tiny
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), load_converted(conv).params)
+    dtypes = jax.tree.map(lambda x: x.dtype, bf16)
+    sp = dataclasses.replace(sparse, prefill_mode="indexer", top_p=0.9, seqlen_threshold=0)
+    ix = init_indexer(cfg, sparse.index_dim, jax.random.key(3))
+    toks = jnp.asarray(np.random.default_rng(4).integers(0, cfg.vocab_size, (2, 64)), jnp.int32)
+    ids, vals = teacher_topk(apply(jax.tree.map(lambda x: x.astype(jnp.float32), bf16), toks, cfg), 10)
+    rep = NamedSharding(make_mesh("1,1"), P())
+    c = Stage2Config(model="x", indexer="x", lr=3e-6, warmup=0)
+    out = {}
+    for name, params, dt in (("in_place", bf16, None), ("masters", master_weights(bf16), dtypes)):
+        tx = make_optimizer(c, params)
+        state = {"params": params, "opt_state": tx.init(params)}
+        state_sh = jax.tree.map(lambda _: rep, state)
+        step = build_step(cfg, sp, tx, state_sh, rep, rep, remat=False, dtypes=dt)
+        new, m = step(jax.tree.map(jnp.copy, state), ix, toks, jnp.ones((2, 64)), ids, vals)
+        pairs = list(zip(jax.tree.leaves(params), jax.tree.leaves(new["params"])))
+        moved = sum(int((a != b).sum()) for a, b in pairs) / sum(a.size for a, _ in pairs)
+        step_max = max(float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max()) for a, b in pairs)
+        out[name] = (float(m["loss"]), moved, step_max, pairs[0][1].dtype)
+    assert out["in_place"][0] > 1e-3 and out["masters"][0] == pytest.approx(out["in_place"][0], rel=1e-6)
+    assert out["in_place"][1] < 0.05, f"most bf16 weights should not move at lr 3e-6: {out}"
+    assert out["masters"][1] > 0.5 and out["masters"][2] < 1e-5 and out["masters"][3] == jnp.float32, out
+
+
 def test_loss_falls_and_agreement_rises(tiny, tmp_path):
     """Held-out windows: the KL of eq. 7 falls. (The agreement metrics are reported, not asserted here: on a tiny
     random model over random tokens the teacher's top-10 is nearly flat, and the student lowers the KL by

@@ -33,6 +33,7 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
@@ -137,8 +138,8 @@ def trainable_mask(params: dict, which: str) -> dict:
 
 
 def make_optimizer(c: Stage2Config, params: dict):
-    sched = optax.join_schedules([optax.linear_schedule(0.0, c.lr, max(c.warmup, 1)), optax.constant_schedule(c.lr)],
-                                 [max(c.warmup, 1)])
+    sched = (optax.join_schedules([optax.linear_schedule(0.0, c.lr, c.warmup), optax.constant_schedule(c.lr)],
+                                  [c.warmup]) if c.warmup else optax.constant_schedule(c.lr))  # no warm-up: lr from step 0
     tx = optax.chain(optax.clip_by_global_norm(c.grad_clip), optax.adamw(sched, weight_decay=c.weight_decay))
     labels = jax.tree.map(lambda m: "train" if m else "frozen", trainable_mask(params, c.trainable))
     tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
@@ -160,6 +161,20 @@ def train_backend(name: str) -> str:
     return "triton" if jax.default_backend() == "gpu" else "xla"
 
 
+def master_weights(params):
+    """fp32 copies of the floating-point weights: the values AdamW updates (RTPurbo's lr of 3e-6 moves a weight by
+    far less than half a bfloat16 ulp per step — ~1e-4 for a weight of 0.02 — so updating bf16 weights in place
+    would leave the model unchanged)."""
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def cast_like(params, dtypes):
+    """The model's weights from their masters: each leaf cast to its dtype in `dtypes` (a pytree of dtypes of the
+    same structure; None leaves params as they are). The forward runs on these, so the exported checkpoint (the
+    same cast) is exactly the model the last step trained."""
+    return params if dtypes is None else jax.tree.map(lambda x, d: x.astype(d), params, dtypes)
+
+
 def student_logits(params, tokens, cfg, sparse: SparseConfig, indexer: dict, remat: bool = False, at=None,
                    attn_backend: str = "xla"):
     """The student's fp32 logits — [B, T, V], or [B, T, k] at ids `at` int [B, T, k] without ever building the
@@ -174,14 +189,15 @@ def student_logits(params, tokens, cfg, sparse: SparseConfig, indexer: dict, rem
 
 
 def build_step(cfg: ModelConfig, sparse: SparseConfig, tx, state_sh, tok_sh, ix_sh, remat: bool = True,
-               attn_backend: str = "xla"):
+               attn_backend: str = "xla", dtypes=None):
     """The jitted stage-2 step (state, indexer, tokens, row weights, teacher top-k ids, teacher top-k logits) ->
     (state, {loss, grad_norm}): eq. 7 on the student in sparse mode (the frozen indexer selects), gradients, the
-    optimiser; everything in the given shardings, the state donated. Also lowered for TPU pods in
-    `tests/test_tpu_lowering.py`."""
+    optimiser; everything in the given shardings, the state donated. state["params"] are fp32 masters when
+    `dtypes` (the model's dtype per leaf) is given: the forward runs on them cast to those dtypes, and the
+    gradients and updates are fp32. Also lowered for TPU pods in `tests/test_tpu_lowering.py`."""
 
     def loss_fn(p, ix, tokens, weights, t_ids, t_logits):
-        return topk_kl_at(student_logits(p, tokens, cfg, sparse, ix, remat, at=t_ids, attn_backend=attn_backend),
+        return topk_kl_at(student_logits(cast_like(p, dtypes), tokens, cfg, sparse, ix, remat, at=t_ids, attn_backend=attn_backend),
                           t_logits, weights)
 
     def step(state, ix, tokens, weights, t_ids, t_logits):
@@ -226,12 +242,16 @@ def run(c: Stage2Config) -> dict:
                          {"model": os.path.abspath(c.model), "data": c.data, "events": c.events, "seq_len": c.seq_len,
                           "batch": c.batch, "seed": c.seed, "top_k": c.top_k, "windows": micro + c.eval_batches,
                           **({"processes": pcount} if pcount > 1 else {})})
+    tokenizer = ckpt.tokenizer() if ckpt.has_tokenizer else None
     params = ckpt.params  # the student starts as the teacher: the same (sharded) arrays serve both
     cache.build(micro + c.eval_batches, lambda i: glob(data.batch(i, c.batch, pidx, pcount)),
                 lambda t, p: apply(p, t, cfg), c.top_k, log=log0, args=(params,),
                 to_local=lambda x: multihost_utils.global_array_to_host_local_array(x, mesh, tok_sh.spec))
     teacher = lambda i: tuple(glob(x) for x in cache.get(i))  # this process's rows of step i's teacher top-k
 
+    dtypes = jax.tree.map(lambda x: x.dtype, params)  # the model's dtypes: the forward's and the export's
+    params = jax.jit(master_weights, out_shardings=params_sh)(params)
+    ckpt = None  # the checkpoint's own arrays are not needed past the teacher
     tx = make_optimizer(c, params)
     state = {"params": params, "opt_state": jax.jit(tx.init)(params)}
     # optimiser moments follow their params' shardings (FSDP); scalars (step counts) are replicated
@@ -242,10 +262,14 @@ def run(c: Stage2Config) -> dict:
 
     backend = train_backend(c.attn_backend)
     log0(f"[stage2] attention backend: {backend} (--attn-backend {c.attn_backend})")
-    step_j = build_step(cfg, sparse, tx, state_sh, tok_sh, rep, c.remat, backend)
+    low = sorted({str(jnp.dtype(d)) for d in jax.tree.leaves(dtypes)} - {"float32", "int32"})
+    if low:
+        log0(f"[stage2] fp32 master weights: the model's {'/'.join(low)} weights are cast from them for every "
+             "forward and for the export")
+    step_j = build_step(cfg, sparse, tx, state_sh, tok_sh, rep, c.remat, backend, dtypes)
 
     def metrics(p, ix, t, w, i, lg):  # on the loss rows (answers, or all), and KL on every row beside it
-        s = student_logits(p, t, cfg, sparse, ix, attn_backend=backend)
+        s = student_logits(cast_like(p, dtypes), t, cfg, sparse, ix, attn_backend=backend)
         return {"kl": topk_kl(s, i, lg, w), "topk_agreement": topk_agreement(s, i, w),
                 "top1_within_topk": top1_within_topk(s, i, w), "kl_all_rows": topk_kl(s, i, lg)}
 
@@ -281,8 +305,8 @@ def run(c: Stage2Config) -> dict:
     log0(f"[stage2] after {c.steps} steps: KL {after['kl']:.4f}, top-{c.top_k} agreement {after['topk_agreement']:.3f} "
          f"(top-1 within it {after['top1_within_topk']:.3f})")
     out = os.path.join(c.run_dir, "model")
-    save_converted(out, state["params"], cfg, sparse_config=shipped.to_dict(), source=c.model,
-                   tokenizer=ckpt.tokenizer() if ckpt.has_tokenizer else None, overwrite=os.path.exists(out),
+    save_converted(out, cast_like(state["params"], dtypes), cfg, sparse_config=shipped.to_dict(), source=c.model,
+                   tokenizer=tokenizer, overwrite=os.path.exists(out),
                    extra={"stage2": {"from": os.path.abspath(c.model), "indexer": os.path.abspath(c.indexer),
                                      "steps": c.steps}})
     summary = {"before": before, "after": after}
