@@ -1,5 +1,6 @@
 """`python -m benchmarks.stage2_memory`: does stage 2 of an 8B-shaped model fit? Per-device bytes of what a
-training step keeps — params, gradients, AdamW moments (shapes from `jax.eval_shape` of the real optimiser,
+training step keeps — fp32 master params, their cast to the model's dtype (the forward's weights, counted whole:
+an upper bound where XLA casts layer by layer), gradients, AdamW moments (shapes from `jax.eval_shape` of the real optimiser,
 `train.stage2.make_optimizer`; shardings from `train.stage2.state_rules` on an abstract mesh, so no device or
 weight is needed) — plus the activations with `--remat` (each layer's input kept, one layer recomputed at a time)
 and what the eq. 7 loss keeps (the output embedding's rows at the teacher's top-k ids and their gradient: the
@@ -40,11 +41,12 @@ def _bytes(tree, shardings=None) -> int:
 def account(cfg: ModelConfig, devices: int, seq_len: int, batch: int, dtype, fsdp: bool = True,
             trainable: str = "all") -> dict:
     """Per-device GiB of stage 2's training state and activations on a (devices, 1) data x model mesh."""
-    from train.stage2 import Stage2Config, make_optimizer, state_rules
+    from train.stage2 import Stage2Config, make_optimizer, master_weights, state_rules
 
     c = Stage2Config(model="x", indexer="x", fsdp=fsdp, trainable=trainable, batch=batch, seq_len=seq_len)
     mesh = AbstractMesh((devices, 1), ("data", "model"))
-    params = abstract_params(cfg, dtype)
+    model = abstract_params(cfg, dtype)
+    params = jax.eval_shape(master_weights, model)  # what trains: fp32 masters (the optimiser's params)
     sh = param_shardings(cfg, mesh, state_rules(c))
     opt = jax.eval_shape(make_optimizer(c, params).init, params)
     by_shape = {(x.shape, x.dtype): s for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(sh))}
@@ -58,7 +60,9 @@ def account(cfg: ModelConfig, devices: int, seq_len: int, batch: int, dtype, fsd
     one_layer = local_b * seq_len * (6 * d + 3 * f) * act  # one layer's recomputed working set (qkv, attn, mlp)
     k = c.top_k  # the loss gathers the output embedding's rows at the teacher's k ids (and their gradient)
     loss = 2 * local_b * seq_len * k * d * act + 4 * local_b * seq_len * k * 4
-    out = {"params": _bytes(params, sh), "grads": _bytes(params, sh), "adamw_moments": int(opt_bytes),
+    cast = _bytes(model, sh) if jnp.dtype(dtype) != jnp.float32 else 0  # the forward's copy in the model's dtype
+    out = {"params": _bytes(params, sh), "params_cast": cast, "grads": _bytes(params, sh),
+           "adamw_moments": int(opt_bytes),
            "activations_remat": layer_inputs + one_layer, "loss_topk_rows": loss,
            "vocab_logits_avoided": 3 * local_b * seq_len * v * 4}
     out = {name: b / GIB for name, b in out.items()}

@@ -304,3 +304,5 @@ def test_memory_accounting_matches_the_arrays_stage2_places(tiny):
     assert got["params"] * GIB == on0(params)
     assert got["adamw_moments"] * GIB == pytest.approx(on0(opt), abs=64)  # counters: a few scalar bytes
     assert account(cfg, 8, 96, 8, jnp.float32, fsdp=False)["gib_per_device"]["params"] > got["params"]
+    half = account(cfg, 8, 96, 8, jnp.bfloat16)["gib_per_device"]  # a bf16 model trains fp32 masters beside its cast
+    assert half["params"] == got["params"] and half["params_cast"] == got["params"] / 2 and got["params_cast"] == 0
