@@ -11,6 +11,7 @@ import pytest
 
 from convert.__main__ import main as convert_main
 from train.distill import main, parse_args, run
+from tests.runs import assert_same_losses, losses
 
 pytestmark = pytest.mark.usefixtures("xla_program_cache")  # whole runs of the same tiny model, many times
 
@@ -41,11 +42,6 @@ def flags(tiny, run_dir, *extra):
     return ["--model", conv, "--data", tokens, "--run-dir", str(run_dir), "--seq-len", "64", "--batch", "4",
             "--index-dim", "4", "--kv-block", "16", "--chunk", "32", "--log-every", "1", "--ckpt-every", "2",
             "--init", "random", "--lr", "0.02", "--mesh", "1,1", *extra]
-
-
-def losses(run_dir):
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    return {r["step"]: r["loss"] for r in rows if "grad_norm" in r}
 
 
 def test_loss_falls_and_recall_rises(tiny, tmp_path):
@@ -83,8 +79,7 @@ def test_eight_devices_give_the_same_loss(tiny, tmp_path):
     assert jax.device_count() == 8, "conftest sets 8 host devices"
     run(parse_args(flags(tiny, tmp_path / "one", "--steps", "4")))
     run(parse_args(flags(tiny, tmp_path / "eight", "--steps", "4", "--mesh", "4,2")))
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "eight")
-    np.testing.assert_allclose([b[s] for s in range(1, 5)], [a[s] for s in range(1, 5)], rtol=1e-5)
+    assert_same_losses(tmp_path / "one", tmp_path / "eight", 4, rtol=1e-5)
 
 
 def test_bad_input_fails_clearly(tiny, tmp_path, capsys):

@@ -17,6 +17,7 @@ from rtpurbo_jax.sparse_config import SparseConfig
 from train.distill import main as distill_main
 from train.stage2 import parse_args, run
 from train.teacher import TeacherCache, teacher_topk, top1_within_topk, topk_agreement, topk_kl
+from tests.runs import assert_same_losses, losses
 
 pytestmark = pytest.mark.usefixtures("xla_program_cache")  # whole runs of the same tiny model, many times
 
@@ -48,11 +49,6 @@ def flags(tiny, run_dir, *extra):
     return ["--model", conv, "--indexer", ix, "--data", tokens, "--run-dir", str(run_dir), "--seq-len", "96",
             "--batch", "2", "--lr", "3e-3", "--warmup", "0", "--log-every", "1", "--ckpt-every", "3",
             "--mesh", "1,1", "--eval-batches", "1", *extra]
-
-
-def losses(run_dir):
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    return {r["step"]: r["loss"] for r in rows if "grad_norm" in r}
 
 
 def test_topk_kl_is_zero_for_the_same_model_and_positive_otherwise():
@@ -194,8 +190,7 @@ def test_eight_devices_fsdp_give_the_same_loss(tiny, tmp_path):
     assert jax.device_count() == 8, "conftest sets 8 host devices"
     run(parse_args(flags(tiny, tmp_path / "one", "--steps", "3")))
     run(parse_args(flags(tiny, tmp_path / "eight", "--steps", "3", "--mesh", "2,4")))
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "eight")
-    np.testing.assert_allclose([b[s] for s in range(1, 4)], [a[s] for s in range(1, 4)], rtol=1e-4)
+    assert_same_losses(tmp_path / "one", tmp_path / "eight", 3, rtol=1e-4)
 
 
 def test_attention_only_keeps_the_rest_frozen(tiny, tmp_path):

@@ -11,7 +11,8 @@ import sys
 import numpy as np
 
 from tests.test_distill_multiprocess import ROOT, _env, run_two_processes
-from tests.test_stage2 import flags, losses, tiny  # noqa: F401  (module fixture)
+from tests.runs import losses
+from tests.test_stage2 import flags, tiny  # noqa: F401  (module fixture)
 
 
 def _cmd(tiny, run_dir, *extra):  # noqa: F811
@@ -30,14 +31,23 @@ def test_two_processes_match_one(tiny, tmp_path):  # noqa: F811
     run_two_processes(_cmd(tiny, two)[1:])
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == [1, 2, 3]
-    for step in a:
-        assert abs(a[step] - b[step]) <= 1e-5 * max(1.0, abs(a[step])), (step, a[step], b[step])
+    # step 1 runs on the same weights: only the forward's reduction order differs. Later steps follow AdamW
+    # updates whose first steps are ~lr * sign(g), so gradients equal up to summation order can move a weight
+    # whose gradient is near zero either way; the tolerance is well below what training moves the loss by.
+    assert abs(a[1] - b[1]) <= 1e-5 * max(1.0, abs(a[1])), (a[1], b[1])
+    moved = abs(a[3] - a[1])
+    for step in (2, 3):
+        assert abs(a[step] - b[step]) <= 5e-4 * max(1.0, abs(a[step])) < moved / 10, (step, a[step], b[step], moved)
     shards = sorted(os.listdir(two / "teacher"))
     assert any(f.endswith(".p0.npz") for f in shards) and any(f.endswith(".p1.npz") for f in shards), shards
     # the exported weights: trained (far from the start) and the same as one process's, up to the summation
     # order of the sharded reductions that AdamW's first steps amplify
     start = load_converted(tiny[1]).params["layers"]["wq"]
     m1, m2 = (np.asarray(load_converted(str(d / "model")).params["layers"]["wq"]) for d in (one, two))
-    assert np.abs(m2 - np.asarray(start)).max() > 1e-3
-    np.testing.assert_allclose(m2, m1, atol=1e-4)
+    moved = np.abs(m1 - np.asarray(start))
+    assert moved.max() > 1e-3
+    # AdamW's first steps are ~lr * sign(g): a weight whose gradient is ~0 moves either way in either run (a few
+    # percent of them, by up to half a step); the rest agree. Gradients from half of each batch would flip many.
+    diff = np.abs(m2 - m1)
+    assert (diff > 1e-4).mean() < 0.1 and diff.mean() < 0.05 * moved.mean(), ((diff > 1e-4).mean(), diff.mean())
     assert not any(n.endswith(".tmp-collective") for n in os.listdir(two))

@@ -33,7 +33,7 @@ from rtpurbo_jax.indexer import full_layout
 from rtpurbo_jax.model import forward
 from rtpurbo_jax.params import param_shardings
 from rtpurbo_jax.sparse_config import SparseConfig
-from train.trainer import (LoopConfig, check_fingerprint, config_from_argv, first_metrics_row, init_distributed,
+from train.trainer import (LoopConfig, RunFlags, check_fingerprint, config_from_argv, first_metrics_row, init_distributed,
                            log0, make_mesh, open_checkpoints, plot_curves, read_metrics, run_loop, sync,
                            write_run_config)
 from train.data import held_out_retrieval, load_windows
@@ -41,7 +41,7 @@ from train.objective import INITS, LOSS_LEVELS, LOSS_WEIGHTS, gather_heads, init
 
 
 @dataclasses.dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(RunFlags):
     model: str = "smollm2"  # converted dir, HF dir, .gguf, or smollm2 (bundled)
     run_dir: str = "runs/distill-smollm2"
     data: str = "kjv"  # kjv (bundled), a .txt, a dir of .txt, a .jsonl, or a .npy of token ids
@@ -61,20 +61,11 @@ class DistillConfig:
     top_p: float = 0.9
     kv_block: int = 64
     chunk: int = 256
-    mesh: str = "-1,1"  # data,model sizes; -1 fills
     log_every: int = 5
     ckpt_every: int = 10
-    keep: int = 2
-    resume: bool = False
-    seed: int = 0
     calib_len: int = 2048  # when converting on first use
     eval_passkey: int = 2  # needle prompts for the full / before / after check through serving (0 skips)
     eval_len: int = 0  # needle prompt length; 0: the local window + 384, needles placed past the window from the question
-    stop_at: int | None = None  # stop after this step (a preemption stand-in; --resume continues)
-    skip_distributed: bool = False
-    coordinator: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
 
     def validate(self, max_positions: int | None = None):
         if self.steps < 1 or self.batch < 1 or self.seq_len < 2 or self.log_every < 1 or self.ckpt_every < 1:

@@ -22,7 +22,8 @@ marked), chat JSON-lines (assistant turns marked), or `tasks` (the accuracy suit
 train split, the answers marked). Where the data marks answers the loss covers those rows only (eq. 7's answer
 span; `--positions all` for every row); held-out metrics are on the same rows, with `kl_all_rows` beside them.
 
-Not yet: several processes (the cache is written by one).
+Several processes (hosts): each reads its rows of every batch, caches its own rows of the teacher's top-k and
+writes its part of the exported model into the shared run directory (`tests/test_stage2_multiprocess.py`).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from rtpurbo_jax.params import SHARDING_RULES, param_shardings
 from rtpurbo_jax.sparse_config import SparseConfig
 from train.data import load_windows
 from train.teacher import TeacherCache, top1_within_topk, topk_agreement, topk_kl, topk_kl_at
-from train.trainer import (LoopConfig, check_fingerprint, config_from_argv, first_metrics_row, init_distributed,
+from train.trainer import (LoopConfig, RunFlags, check_fingerprint, config_from_argv, first_metrics_row, init_distributed,
                            log0, make_mesh, open_checkpoints, plot_curves, read_metrics, run_loop, write_run_config)
 
 CURVES = {"kl": "KL (held-out)", "topk_agreement": "top-k overlap", "top1_within_topk": "top-1 within top-k"}
@@ -58,7 +59,7 @@ TRAINABLE = ("all", "attention", "no_embeddings")
 
 
 @dataclasses.dataclass(frozen=True)
-class Stage2Config:
+class Stage2Config(RunFlags):
     model: str = ""  # a converted checkpoint with roles (python -m convert, or a stage-1 run's converted/)
     indexer: str = ""  # the stage-1 run's indexer/ (frozen)
     run_dir: str = "runs/stage2"
@@ -79,18 +80,7 @@ class Stage2Config:
     fsdp: bool = True  # shard params and optimiser state over the data axis
     remat: bool = True  # recompute each layer in the backward pass (activation memory of one layer)
     attn_backend: str = "auto"  # the student's block-sparse attention: auto (triton on GPUs, else xla) | triton | xla | reference
-    mesh: str = "-1,1"
     eval_batches: int = 2
-    log_every: int = 10
-    ckpt_every: int = 50
-    keep: int = 2
-    resume: bool = False
-    seed: int = 0
-    stop_at: int | None = None
-    skip_distributed: bool = False
-    coordinator: str | None = None  # several hosts: --coordinator HOST0:PORT --num-processes N --process-id I
-    num_processes: int | None = None
-    process_id: int | None = None
 
     def validate(self) -> None:
         if not self.model or not self.indexer:

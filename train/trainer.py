@@ -102,6 +102,23 @@ def check_fingerprint(run_dir: str, config: dict, keys: tuple[str, ...]) -> None
 
 
 @dataclasses.dataclass(frozen=True)
+class RunFlags:
+    """The flags every training job shares (its config dataclass derives from this one; `config_from_argv` makes
+    one flag per field): the mesh, logging and checkpoint cadence, resume, a preemption stand-in, several hosts."""
+    mesh: str = "-1,1"  # data,model sizes; -1 fills
+    log_every: int = 10
+    ckpt_every: int = 50
+    keep: int = 2  # checkpoints kept
+    resume: bool = False
+    seed: int = 0
+    stop_at: int | None = None  # stop after this step (a preemption stand-in; --resume continues)
+    skip_distributed: bool = False
+    coordinator: str | None = None  # several hosts: --coordinator HOST0:PORT --num-processes N --process-id I
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class LoopConfig:
     """What the loop needs to know (one config per concern: the objective's flags live elsewhere)."""
 
@@ -259,5 +276,5 @@ def read_metrics(loop: LoopConfig) -> list[dict]:
     return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
-__all__ = ["LoopConfig", "check_fingerprint", "config_from_argv", "first_metrics_row", "init_distributed", "log0", "make_mesh",
+__all__ = ["LoopConfig", "RunFlags", "check_fingerprint", "config_from_argv", "first_metrics_row", "init_distributed", "log0", "make_mesh",
            "open_checkpoints", "plot_curves", "read_metrics", "restore_latest_good", "run_loop", "sync", "write_run_config"]

@@ -39,9 +39,10 @@ def _dot(spec, a, b):
 
 
 def _layout(q, k, v, plan: BlockPlan, gt: int, u: int):
-    """Tiled views: q [B, N, Tb', qb, H] (Tb' = groups * gt), k, v [B, K, Sb', kb, H] (Sb' padded to a block of
-    u entries past the last id is never read: ids index the unpadded blocks), ids [B, N, Tb', M'] (M' a multiple
-    of u), counts [B, N, Tb'] (padded tiles 0)."""
+    """Tiled views: q [B, N, Tb', qb, H] (Tb' = groups * gt query tiles, the last ones padding), k, v
+    [B, K, Sb, kb, H] (the keys padded to whole blocks), ids [B, N, Tb', M'] (the plan's block ids, each row padded
+    to M', a multiple of u; padded entries lie past `counts` and are never read), counts [B, N, Tb'] (0 on padded
+    tiles)."""
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     qb, kb = plan.q_block, plan.kv_block
