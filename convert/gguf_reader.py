@@ -50,8 +50,9 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_gguf(path: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """(transformers-style config dict, HF-named float32 tensors) from a GGUF file."""
+def read_gguf(path: str) -> tuple[dict, dict[str, np.ndarray], bool]:
+    """(transformers-style config dict, HF-named float32 tensors, whether the file holds a tokenizer) from a
+    GGUF file (the flag spares `gguf_tokenizer` a second parse of the header: seconds for a 49K-token vocab)."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -108,15 +109,18 @@ def read_gguf(path: str) -> tuple[dict, dict[str, np.ndarray]]:
         elif permuted and hf.endswith("k_proj.weight"):
             arr = unpermute_rows(arr, kv_heads)
         tensors[hf] = arr
-    return config, tensors
+    return config, tensors, _field(reader, "tokenizer.ggml.model") is not None
 
 
-def gguf_tokenizer(path: str):
+def gguf_tokenizer(path: str, present: bool | None = None):
     """The tokenizer stored inside a GGUF file, as a transformers tokenizer; None when the file holds none
-    (no tokenizer.ggml.model field: calibration then uses random-token documents and says so)."""
+    (no tokenizer.ggml.model field: calibration then uses random-token documents and says so). present: that
+    field's presence when the caller has read the header already (`read_gguf`); None reads it here."""
     from gguf import GGUFReader
     from transformers import AutoTokenizer
 
-    if _field(GGUFReader(path), "tokenizer.ggml.model") is None:
+    if present is None:
+        present = _field(GGUFReader(path), "tokenizer.ggml.model") is not None
+    if not present:
         return None
     return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))

@@ -41,8 +41,8 @@ def load_source(path: str, dtype: str = "auto") -> tuple[ModelConfig, dict, obje
     if not os.path.exists(path):
         raise ConversionError("model path does not exist", file=path)
     if os.path.isfile(path) and path.endswith(".gguf"):
-        raw_cfg, tensors = read_gguf(path)
-        tokenizer = gguf_tokenizer(path)
+        raw_cfg, tensors, has_tokenizer = read_gguf(path)
+        tokenizer = gguf_tokenizer(path, has_tokenizer)
     elif os.path.isdir(path):
         cfg_path = os.path.join(path, "config.json")
         if not os.path.exists(cfg_path):

@@ -153,11 +153,12 @@ def heads_attention(q, k, v, is_r, rows, sel, pos: Positions, sparse: SparseConf
     return out.astype(jnp.float32), None
 
 
-def sequence_attention(qkv: dict, roles, ix: dict | None, sparse: SparseConfig, cfg: ModelConfig,
+def sequence_attention(qkv: dict, roles, ix: dict | None, sparse: SparseConfig | None, cfg: ModelConfig,
                        call: AttentionCall, lengths=None, r_heads=None):
     """RTPurbo attention of a whole sequence without a cache: out [B, T, N, H] (dtype of q).
 
-    roles bool [N] (traced is fine: the scanned forward); ix: this layer's indexer for all N heads (w_q, w_k
+    roles bool [N] (traced is fine: the scanned forward); sparse None: full attention (no retrieval head; the
+    model's own sliding window, if any); ix: this layer's indexer for all N heads (w_q, w_k
     [N, H, I], optional prior) or None when retrieval heads run dense; lengths int [B] (right padding);
     r_heads: None, or int [R'] (traced is fine) — the heads whose selection runs: this layer's retrieval heads,
     padded by repeating one (`retrieval_rows`); None selects for all N heads and keeps the retrieval heads'."""

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rtpurbo_jax.model import forward
+from rtpurbo_jax.model import forward, full_attention
 from rtpurbo_jax.model_config import ModelConfig
 from rtpurbo_jax.attention import AttentionCall, retrieval_rows, sequence_attention
 from rtpurbo_jax.indexer import check_indexer
@@ -38,17 +38,18 @@ def apply(params: dict, tokens, cfg: ModelConfig, *, mode: str = "full", sparse:
     mode "rtpurbo" needs `sparse` (roles must fit the model) and, for prefill_mode "indexer", `indexer`
     (`rtpurbo_jax.indexer` layout). lengths int [B]: right padding. Semantics: `rtpurbo_jax.planner` — the
     same layer and planner serving runs, so `serving.prefill` of the same tokens gives the same logits.
-    attn_backend: the block-sparse prefill op's backend. "reference" (default) is the definition (fp32 scores of
-    every pair); "xla" walks the plan block by block (16-bit inputs on tensor cores, fp32 accumulation, its own
-    VJP); "triton" (GPUs) has Pallas backward kernels: these three are differentiable (stage 2 trains through
-    triton on GPUs, xla elsewhere). None picks the Pallas kernel
-    for the device (inference; on an H100 the Mosaic GPU kernel when the plan fits it), or name one
-    (`pallas_kernels.sparse_attention.api`).
+    attn_backend: the block-sparse prefill op's backend, in both modes (full: one causal band plan).
+    "reference" (default) is the definition (fp32 scores of every pair); "xla" walks the plan block by block
+    (16-bit inputs on tensor cores, fp32 accumulation, its own VJP); "triton" (GPUs) has Pallas backward kernels:
+    these three are differentiable (stage 2 trains through triton on GPUs, xla elsewhere). None picks the
+    Pallas kernel for the device (inference; on an H100 the Mosaic GPU kernel when the plan fits it; the
+    reference on CPUs), or name one (`pallas_kernels.sparse_attention.api`).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "full":
-        return forward(params, tokens, cfg, lengths=lengths, chunk=chunk, **kw)
+        return forward(params, tokens, cfg, lengths=lengths, chunk=chunk,
+                       attn_fn=full_attention(cfg, lengths, chunk, attn_backend), **kw)
     if sparse is None:
         raise ValueError("mode='rtpurbo' needs a SparseConfig (sparse=...)")
     sparse.check_model(cfg.num_layers, cfg.num_heads, cfg.num_kv_heads)

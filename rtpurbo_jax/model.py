@@ -16,9 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.block_plan import FULL_WINDOW
-from pallas_kernels.sparse_attention.reference import attention
-from rtpurbo_jax.attention import PLAN_NAME
+from rtpurbo_jax.attention import PLAN_NAME, AttentionCall, sequence_attention
 from rtpurbo_jax.model_config import ModelConfig, RopeConfig
 
 _HI = jax.lax.Precision.HIGHEST
@@ -90,13 +88,19 @@ def mlp(lp: dict, x: jax.Array) -> jax.Array:
     return _dense(jax.nn.silu(_dense(x, lp["w_gate"])) * _dense(x, lp["w_up"]), lp["w_down"])
 
 
-def full_attention(cfg: ModelConfig, lengths=None, chunk: int = 512) -> Callable:
-    """The default attention core: exact causal GQA attention (with the config's sliding window, if any)."""
-    window = cfg.sliding_window or FULL_WINDOW
+def full_attention(cfg: ModelConfig, lengths=None, chunk: int = 512, backend: str | None = "reference",
+                   interpret: bool = False) -> Callable:
+    """The default attention core: exact causal GQA attention (the config's sliding window, if any), through the
+    planner and the block-sparse op like every other call (`attention.sequence_attention` with no SparseConfig
+    and no retrieval head: one band plan). backend: the op's — "reference" (fp32 scores of every pair: the
+    definition), "xla" / "triton" (differentiable), None (the Pallas kernel for the device: on Hopper Mosaic GPU
+    when the plan fits it) or a name (`pallas_kernels.sparse_attention.api`); chunk: the reference's query rows
+    per step."""
+    call = AttentionCall(dense_retrieval=True, prefill_backend=backend, interpret=interpret, chunk=chunk)
 
     def attn(qkv, layer_data):
         del layer_data
-        return attention(qkv["q"], qkv["k"], qkv["v"], window=window, q_offset=0, lengths=lengths, chunk=chunk)
+        return sequence_attention(qkv, np.zeros(qkv["q"].shape[2], bool), None, None, cfg, call, lengths)
 
     return attn
 

@@ -161,6 +161,14 @@ def smollm2_path():
 
 
 @pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_path):
+    """The bundled SmolLM2's tokenizer alone (which it holds: no separate header read)."""
+    from convert.gguf_reader import gguf_tokenizer
+
+    return gguf_tokenizer(smollm2_path, present=True)
+
+
+@pytest.fixture(scope="session")
 def smollm2(smollm2_path):
     """(ModelConfig, jnp float32 params, tokenizer) of the bundled SmolLM2-135M-Instruct."""
     import jax.numpy as jnp

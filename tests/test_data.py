@@ -14,10 +14,8 @@ from train.data import (NIAH_TASKS, PackedWindows, TaskWindows, answer_weights, 
 
 
 @pytest.fixture(scope="module")
-def tok(smollm2_path):
-    from convert.gguf_reader import gguf_tokenizer
-
-    return gguf_tokenizer(smollm2_path)
+def tok(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 def _write(path, rows):

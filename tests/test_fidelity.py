@@ -19,10 +19,8 @@ from train.objective import _row_kl, kl_loss
 
 
 @pytest.fixture(scope="module")
-def tok(smollm2_path):
-    from convert.gguf_reader import gguf_tokenizer
-
-    return gguf_tokenizer(smollm2_path)
+def tok(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 def test_scorer_can_fail():

@@ -220,6 +220,28 @@ def test_training_backend_matches_reference_through_the_model(model):
         assert err <= 1e-4 * scale + 1e-7, (err, scale)
 
 
+def test_full_mode_honours_the_backend(model):
+    """mode="full" runs through the planner and the op like sparse mode: the default ("reference") equals the
+    reference op's causal attention called directly (its own band plan, not the planner's); "xla" (and None: the device's
+    kernel) give the same logits with right padding; an unknown name is refused, not swapped."""
+    from pallas_kernels.sparse_attention.reference import attention
+
+    params, _, tokens, full = model
+    tokens = tokens[:, :75]
+    lengths = jnp.asarray([75, 50])
+    direct = forward(params, tokens, CFG, lengths=lengths,
+                     attn_fn=lambda qkv, _: attention(qkv["q"], qkv["k"], qkv["v"], q_offset=0, lengths=lengths))
+    valid = np.arange(75)[None] < np.asarray(lengths)[:, None]
+    ref = apply(params, tokens, CFG, lengths=lengths)
+    np.testing.assert_allclose(np.asarray(ref)[valid], np.asarray(direct)[valid], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(full)[:, :75], np.asarray(apply(params, tokens, CFG)), atol=1e-5, rtol=1e-5)
+    for backend in ("xla", None):
+        out = jax.jit(lambda p, t: apply(p, t, CFG, lengths=lengths, attn_backend=backend))(params, tokens)
+        np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], atol=1e-4)  # fp32 sum order
+    with pytest.raises(ValueError, match="backend must be one of"):
+        apply(params, tokens, CFG, attn_backend="cudnn")
+
+
 def test_selection_for_retrieval_rows_only_matches_all_heads(model):
     """`lm.apply` selects for each layer's retrieval heads only (`retrieval_rows`: padded by repetition); the
     logits equal selecting for all N heads and keeping the retrieval heads' (layer_data without r_heads)."""
