@@ -5,9 +5,10 @@ jitted call per training batch (`TeacherCache.build`). This times that call on a
 weights (speed does not depend on values) for each `--backends` entry of the block-sparse op ("reference": fp32
 scores of every pair; "none": the op's pick for the device — on Hopper the Mosaic GPU kernel, else Triton), and
 compares every backend's top-k with the first one's (fraction of positions whose top-1 id matches, of the k ids
-shared, and the largest difference of the top-1 logit). One JSON under --out (device, jax version, date, every figure):
+shared, and the largest difference of the top-1 logit). One JSON under --out (device, jax version, date, every
+figure) and a PNG beside it:
 
-    python -m benchmarks.teacher --model smollm2 --seq-len 8192 --batch 1 --out benchmarks/results/teacher_h200.json
+    python -m benchmarks.teacher --model smollm2 --seq-len 8192 --batch 1 --out benchmarks/results/teacher_smollm2_8k_h200.json
 """
 
 from __future__ import annotations
@@ -43,6 +44,26 @@ def time_call(fn, *args, reps: int) -> tuple[float, float, tuple]:
     return first, float(np.median(times)), tuple(np.asarray(x) for x in out)
 
 
+def plot(result: dict, path: str) -> None:
+    """Bar chart of windows/s per backend (PNG at `path`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.bar([r["backend"] for r in rows], [r["windows_per_s"] for r in rows], color=["#888", "#2a7"][: len(rows)] or None)
+    for i, r in enumerate(rows):
+        ax.text(i, r["windows_per_s"], f"{r['windows_per_s']:.1f}", ha="center", va="bottom")
+    ax.set_ylabel("teacher windows / s")
+    ax.set_xlabel("attention backend (none: the device's kernel)")
+    ax.set_title(f"{result['model']} {result['seq_len'] // 1024}K, {result['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=sorted(MODELS), default="smollm2")
@@ -51,8 +72,13 @@ def main(argv=None) -> int:
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--backends", nargs="+", default=["reference", "none"])
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the JSON; its PNG is written beside it")
+    p.add_argument("--plot-only", action="store_true", help="redraw the PNG of an existing --out JSON")
     a = p.parse_args(argv)
+    png = os.path.splitext(a.out)[0] + ".png"
+    if a.plot_only:
+        plot(json.load(open(a.out)), png)
+        return 0
     cfg = MODELS[a.model]
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), init_params(cfg, jax.random.key(0), scale=0.05))
     tokens = jax.random.randint(jax.random.key(1), (a.batch, a.seq_len), 0, cfg.vocab_size)
@@ -80,6 +106,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(out, f, indent=1)
+    plot(out, png)
     print(json.dumps(out.get("speedup_vs_first", {})))
     return 0
 

@@ -301,3 +301,20 @@ def test_memory_accounting_matches_the_arrays_stage2_places(tiny):
     assert account(cfg, 8, 96, 8, jnp.float32, fsdp=False)["gib_per_device"]["params"] > got["params"]
     half = account(cfg, 8, 96, 8, jnp.bfloat16)["gib_per_device"]  # a bf16 model trains fp32 masters beside its cast
     assert half["params"] == got["params"] and half["params_cast"] == got["params"] / 2 and got["params_cast"] == 0
+
+
+def test_teacher_benchmark_writes_rows_and_plot(tmp_path):
+    """`python -m benchmarks.teacher` at a short length: a row per backend, the later ones compared with the
+    first (xla: bf16 dots against the reference's fp32 scores), the JSON's fields and the PNG beside it."""
+    import json
+
+    from benchmarks import teacher
+
+    out = tmp_path / "t.json"
+    assert teacher.main(["--seq-len", "80", "--reps", "1", "--backends", "reference", "xla", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["backend"] for r in res["rows"]] == ["reference", "xla"]
+    assert res["seq_len"] == 80 and res["jax"] == jax.__version__ and res["speedup_vs_first"]["xla"] > 0
+    xla = res["rows"][1]
+    assert xla["windows_per_s"] > 0 and 0.5 < xla["topk_overlap_with_first"] <= 1.0
+    assert (tmp_path / "t.png").stat().st_size > 1000
