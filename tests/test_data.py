@@ -105,3 +105,46 @@ def test_event_windows_mark_the_recalled_values(tok):
     np.testing.assert_array_equal(t, data.batch(0, 2))
     plain = load_windows("kjv", tok, 1024, 0)
     assert not plain.marks_answers and (plain.example(0, 2)[1] == 1).all()
+
+
+def test_prefetch_answers_like_fn_on_one_thread_and_works_ahead():
+    """`Prefetch`: every call returns fn(i) (in order, repeated, out of order, after close); fn runs on one
+    thread, never twice at once; asking for i queues i+1 .. i+depth; fn's error reaches the caller of that i."""
+    import threading
+    import time
+
+    from train.data import Prefetch
+
+    calls, threads, active, peak = [], set(), [0], [0]
+    ahead = threading.Event()
+    lock = threading.Lock()
+
+    def fn(i):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        threads.add(threading.get_ident())
+        calls.append(i)
+        time.sleep(0.002)
+        if i == 2:
+            ahead.set()
+        with lock:
+            active[0] -= 1
+        if i == 13:
+            raise ValueError("bad window 13")
+        return np.full(3, i)
+
+    p = Prefetch(fn, depth=2)
+    assert p(0).tolist() == [0, 0, 0]
+    assert ahead.wait(5), "fn(1), fn(2) were not computed ahead"
+    for i in [1, 2, 3, 3, 7, 8, 4, 100, 101, 5]:
+        assert p(i).tolist() == [i] * 3
+    with pytest.raises(ValueError, match="bad window 13"):
+        p(13)
+    assert p(14).tolist() == [14] * 3
+    p.close()
+    n = len(calls)
+    assert p(20).tolist() == [20] * 3 and p(21).tolist() == [21] * 3
+    time.sleep(0.05)
+    assert calls[n:] == [20, 21], "work ahead after close"
+    assert peak[0] == 1 and len(threads) == 1 and threading.get_ident() not in threads

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
 
 import numpy as np
 
@@ -294,3 +296,34 @@ def held_out_retrieval(tokenizer, seq_len: int, seed: int, per_1k: float = 1.0) 
     toks, rows = insert_events(prose, tokenizer, np.random.default_rng([seed, 7]), word_list("eval"),
                                max(per_1k, 1.0))
     return toks.astype(np.int32), np.asarray(rows, np.int32)
+
+
+class Prefetch:
+    """fn(i) computed ahead for a reader that asks for i, i + 1, i + 2, ... (training steps): each call returns
+    fn(i) and queues fn(i + 1) .. fn(i + depth) on one background thread, so making the next batch on the host
+    overlaps the device's work on this one (JAX dispatches steps asynchronously, and a blocked step releases the
+    GIL). fn runs on that one thread only, never on two at once (tokenizers need not be thread-safe); it must
+    depend on i alone (the windows here are deterministic per step). An exception of fn(i) is raised by the call
+    that asks for i. Out-of-order calls are answered too (queued results that can no longer be asked for are
+    dropped)."""
+
+    def __init__(self, fn: Callable[[int], Any], depth: int = 2):
+        self.fn, self.depth = fn, depth
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        self._queued: dict[int, Future] = {}
+
+    def __call__(self, i: int):
+        for j in [j for j in self._queued if j < i or j > i + self.depth]:
+            self._queued.pop(j).cancel()  # (one already running finishes first)
+        fut = self._queued.pop(i, None) or self._pool.submit(self.fn, i)
+        for j in range(i + 1, i + 1 + self.depth):
+            if j not in self._queued:
+                self._queued[j] = self._pool.submit(self.fn, j)
+        return fut.result()
+
+    def close(self) -> None:
+        """Stop working ahead (the loop is over): queued results are dropped; later calls still answer."""
+        self.depth = 0
+        for f in self._queued.values():
+            f.cancel()
+        self._queued.clear()

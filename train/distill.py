@@ -36,7 +36,7 @@ from rtpurbo_jax.sparse_config import SparseConfig
 from train.trainer import (LoopConfig, RunFlags, check_fingerprint, config_from_argv, first_metrics_row, init_distributed,
                            log0, make_mesh, open_checkpoints, plot_curves, read_metrics, run_loop, sync,
                            write_run_config)
-from train.data import held_out_retrieval, load_windows
+from train.data import Prefetch, held_out_retrieval, load_windows
 from train.objective import INITS, LOSS_LEVELS, LOSS_WEIGHTS, gather_heads, init_rows, kl_loss, recall_metrics
 
 
@@ -205,8 +205,10 @@ def run(c: DistillConfig) -> dict:
     tx = optax.chain(optax.clip_by_global_norm(c.grad_clip), optax.adamw(sched, weight_decay=c.weight_decay))
     pcount, pidx = jax.process_count(), jax.process_index()
 
+    host = Prefetch(lambda step: data.batch(step, c.batch, pidx, pcount))  # made while the device works
+
     def global_batch(step):
-        return jax.make_array_from_process_local_data(tok_sh, data.batch(step, c.batch, pidx, pcount))
+        return jax.make_array_from_process_local_data(tok_sh, host(step))
 
     pca = f"the PCA init (one teacher pass of {c.seq_len} tokens), " if c.init == "pca" else ""
     log0(f"[distill] {r} retrieval heads: {pca}compiling the step and evaluating the start before the first step "
@@ -257,6 +259,7 @@ def run(c: DistillConfig) -> dict:
          f"before: {describe(before)}")
     state, stopped = run_loop(loop, state, mngr, start, lambda s, i: step_j(s, params, global_batch(i)), evaluate,
                               c.batch * c.seq_len, rows=[before] if start == 0 else [])
+    host.close()
     if stopped:
         return {"stopped_at": c.stop_at}
     return finish(c, ckpt, sparse, heads, state, before, evaluate, loop, tok, rep, evaluate_at)

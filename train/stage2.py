@@ -49,7 +49,7 @@ from rtpurbo_jax.model import logits_at
 from rtpurbo_jax.model_config import ModelConfig
 from rtpurbo_jax.params import SHARDING_RULES, param_shardings
 from rtpurbo_jax.sparse_config import SparseConfig
-from train.data import load_windows
+from train.data import Prefetch, load_windows
 from train.teacher import TeacherCache, top1_within_topk, topk_agreement, topk_kl, topk_kl_at
 from train.trainer import (LoopConfig, RunFlags, check_fingerprint, config_from_argv, first_metrics_row, init_distributed,
                            log0, make_mesh, open_checkpoints, plot_curves, read_metrics, run_loop, write_run_config)
@@ -225,8 +225,10 @@ def run(c: Stage2Config) -> dict:
     tok_sh = NamedSharding(mesh, P("data" if c.batch % mesh.shape["data"] == 0 else None))
     glob = lambda x: jax.make_array_from_process_local_data(tok_sh, x)  # this process's rows -> the global batch
 
+    host = Prefetch(lambda i: data.example(i, c.batch, pidx, pcount))  # made on the host while the device works
+
     def example(i):  # (tokens, row weights): the loss rows are the marked answers, or all rows
-        t, w = data.example(i, c.batch, pidx, pcount)
+        t, w = host(i)
         return glob(t), glob(w if answers else np.ones_like(w))
 
     cache = TeacherCache(os.path.join(c.run_dir, "teacher"),
@@ -236,7 +238,7 @@ def run(c: Stage2Config) -> dict:
                           **({"processes": pcount} if pcount > 1 else {})})
     tokenizer = ckpt.tokenizer() if ckpt.has_tokenizer else None
     params = ckpt.params  # the student starts as the teacher: the same (sharded) arrays serve both
-    cache.build(micro + c.eval_batches, lambda i: glob(data.batch(i, c.batch, pidx, pcount)),
+    cache.build(micro + c.eval_batches, lambda i: glob(host(i)[0]),
                 lambda t, p: apply(p, t, cfg, attn_backend=None), c.top_k, log=log0, args=(params,),
                 to_local=lambda x: multihost_utils.global_array_to_host_local_array(x, mesh, tok_sh.spec))
     teacher = lambda i: tuple(glob(x) for x in cache.get(i))  # this process's rows of step i's teacher top-k
@@ -291,6 +293,7 @@ def run(c: Stage2Config) -> dict:
          f"{before['topk_agreement']:.3f} (top-1 within it {before['top1_within_topk']:.3f})")
     state, stopped = run_loop(loop, state, mngr, start, train_step, evaluate,
                               c.batch * c.accumulate * c.seq_len, rows=[before] if start == 0 else [])
+    host.close()
     if stopped:
         return {"stopped_at": c.stop_at}
     after = evaluate(c.steps, state)
