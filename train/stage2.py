@@ -52,7 +52,7 @@ from rtpurbo_jax.params import SHARDING_RULES, param_shardings
 from rtpurbo_jax.sparse_config import SparseConfig
 from train.data import Prefetch, load_windows
 from train.teacher import TeacherCache, top1_within_topk, topk_agreement, topk_kl, topk_kl_at
-from train.trainer import (LoopConfig, RunFlags, check_fingerprint, config_from_argv, first_metrics_row, init_distributed,
+from train.trainer import (LoopConfig, RunFlags, check_fingerprint, config_from_argv, first_metrics_row, frozen_attention_backend, init_distributed,
                            log0, make_mesh, open_checkpoints, plot_curves, read_metrics, run_loop, write_run_config)
 
 CURVES = {"kl": "KL (held-out)", "topk_agreement": "top-k overlap", "top1_within_topk": "top-1 within top-k"}
@@ -232,10 +232,7 @@ def run(c: Stage2Config) -> dict:
         t, w = host(i)
         return glob(t), glob(w if answers else np.ones_like(w))
 
-    # the teacher's attention: on one device the op's pick for it (the Pallas kernel: 16.8x the reference at 8K on
-    # an H200, `benchmarks/results/teacher_smollm2_8k_h200.json`); over a mesh of several the reference, because
-    # XLA does not partition a Pallas call (Mosaic TPU refuses one on sharded inputs; GPUs would replicate it)
-    teacher_backend = None if mesh.size == 1 else "reference"
+    teacher_backend = frozen_attention_backend(mesh)
     cache = TeacherCache(os.path.join(c.run_dir, "teacher"),
                          {"model": os.path.abspath(c.model), "data": c.data, "events": c.events, "seq_len": c.seq_len,
                           "batch": c.batch, "seed": c.seed, "top_k": c.top_k, "windows": micro + c.eval_batches,
