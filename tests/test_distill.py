@@ -137,7 +137,6 @@ def test_frozen_teacher_attention_backend():
     reference over several (XLA does not partition a Pallas call); the backend reaches the forward: "xla" gives
     the reference's q / k within fp32 sum order, an unknown name is refused."""
     import jax
-    import jax.numpy as jnp
 
     from rtpurbo_jax.params import init_params
     from tests.test_calibrate import CFG
