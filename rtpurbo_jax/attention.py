@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.indexer_topp.api import default_backend as selection_default_backend
 from pallas_kernels.sparse_attention import api as prefill_op
@@ -176,6 +177,29 @@ def sequence_attention(qkv: dict, roles, ix: dict | None, sparse: SparseConfig |
     out, _ = heads_attention(qkv["q"], qkv["k"], qkv["v"], roles, None, sel, pos, sparse, cfg, call,
                              sel_heads=None if r_heads is None else heads)
     return out.astype(qkv["q"].dtype)
+
+
+def full_sequence_attention(q, k, v, lengths, cfg: ModelConfig, call: AttentionCall, mesh=None):
+    """Causal attention of whole sequences (no SparseConfig, no retrieval head: `sequence_attention`'s band plan)
+    q [B, T, N, H], k, v [B, T, K, H], lengths int [B] or None -> [B, T, N, H] (q.dtype).
+
+    mesh: a Mesh / AbstractMesh of several devices with axes "data" and "model": the call runs per shard under
+    `shard_map` — sequences over "data", query heads with their KV heads over "model" (an axis a size does not
+    divide is not split) — because XLA does not partition a Pallas kernel (Mosaic TPU refuses sharded inputs)
+    while plans and attention are independent per (sequence, head)."""
+    b, t, n = q.shape[:3]
+    lengths = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+
+    def core(q, k, v, lens):
+        return sequence_attention({"q": q, "k": k, "v": v}, np.zeros(q.shape[2], bool), None, None, cfg, call, lens)
+
+    if mesh is None or mesh.size == 1:
+        return core(q, k, v, lengths)
+    split = lambda name, *sizes: name if name in mesh.shape and all(x % mesh.shape[name] == 0 for x in sizes) else None
+    d, m = split("data", b), split("model", n, k.shape[2])
+    rows = P(d, None, m, None)
+    return jax.shard_map(core, mesh=mesh, in_specs=(rows, rows, rows, P(d)), out_specs=rows,
+                         check_vma=False)(q, k, v, lengths)
 
 
 def retrieval_rows(roles: np.ndarray) -> np.ndarray:

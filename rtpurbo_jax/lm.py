@@ -32,7 +32,7 @@ def rtpurbo_attn_fn(cfg: ModelConfig, sparse: SparseConfig, lengths=None, chunk:
 
 def apply(params: dict, tokens, cfg: ModelConfig, *, mode: str = "full", sparse: SparseConfig | None = None,
           indexer: dict | None = None, lengths=None, chunk: int = 512, attn_backend: str | None = "reference",
-          **kw):
+          mesh=None, **kw):
     """Logits fp32 [B, T, V] (or what `forward`'s options return) for tokens int [B, T].
 
     mode "rtpurbo" needs `sparse` (roles must fit the model) and, for prefill_mode "indexer", `indexer`
@@ -43,13 +43,17 @@ def apply(params: dict, tokens, cfg: ModelConfig, *, mode: str = "full", sparse:
     (16-bit inputs on tensor cores, fp32 accumulation, its own VJP); "triton" (GPUs) has Pallas backward kernels:
     these three are differentiable (stage 2 trains through triton on GPUs, xla elsewhere). None picks the
     Pallas kernel for the device (inference; on an H100 the Mosaic GPU kernel when the plan fits it; the
-    reference on CPUs), or name one (`pallas_kernels.sparse_attention.api`).
+    reference on CPUs), or name one (`pallas_kernels.sparse_attention.api`). mesh (full mode only): run the
+    attention per shard of a ("data", "model") mesh (`attention.full_sequence_attention`): what a Pallas kernel
+    on sharded inputs needs.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "full":
         return forward(params, tokens, cfg, lengths=lengths, chunk=chunk,
-                       attn_fn=full_attention(cfg, lengths, chunk, attn_backend), **kw)
+                       attn_fn=full_attention(cfg, lengths, chunk, attn_backend, mesh=mesh), **kw)
+    if mesh is not None:
+        raise ValueError("mesh= runs full attention per shard; mode='rtpurbo' does not take one yet")
     if sparse is None:
         raise ValueError("mode='rtpurbo' needs a SparseConfig (sparse=...)")
     sparse.check_model(cfg.num_layers, cfg.num_heads, cfg.num_kv_heads)

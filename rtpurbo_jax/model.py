@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rtpurbo_jax.attention import PLAN_NAME, AttentionCall, sequence_attention
+from rtpurbo_jax.attention import PLAN_NAME, AttentionCall, full_sequence_attention
 from rtpurbo_jax.model_config import ModelConfig, RopeConfig
 
 _HI = jax.lax.Precision.HIGHEST
@@ -89,18 +89,19 @@ def mlp(lp: dict, x: jax.Array) -> jax.Array:
 
 
 def full_attention(cfg: ModelConfig, lengths=None, chunk: int = 512, backend: str | None = "reference",
-                   interpret: bool = False) -> Callable:
+                   interpret: bool = False, mesh=None) -> Callable:
     """The default attention core: exact causal GQA attention (the config's sliding window, if any), through the
-    planner and the block-sparse op like every other call (`attention.sequence_attention` with no SparseConfig
-    and no retrieval head: one band plan). backend: the op's — "reference" (fp32 scores of every pair: the
+    planner and the block-sparse op like every other call (`attention.full_sequence_attention`: no SparseConfig,
+    no retrieval head, one band plan). backend: the op's — "reference" (fp32 scores of every pair: the
     definition), "xla" / "triton" (differentiable), None (the Pallas kernel for the device: on Hopper Mosaic GPU
     when the plan fits it) or a name (`pallas_kernels.sparse_attention.api`); chunk: the reference's query rows
-    per step."""
+    per step; mesh: run per shard of a ("data", "model") mesh (`shard_map`: what a Pallas kernel on sharded
+    inputs needs)."""
     call = AttentionCall(dense_retrieval=True, prefill_backend=backend, interpret=interpret, chunk=chunk)
 
     def attn(qkv, layer_data):
         del layer_data
-        return sequence_attention(qkv, np.zeros(qkv["q"].shape[2], bool), None, None, cfg, call, lengths)
+        return full_sequence_attention(qkv["q"], qkv["k"], qkv["v"], lengths, cfg, call, mesh)
 
     return attn
 

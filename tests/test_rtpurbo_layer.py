@@ -242,6 +242,27 @@ def test_full_mode_honours_the_backend(model):
         apply(params, tokens, CFG, attn_backend="cudnn")
 
 
+@pytest.mark.parametrize("mesh_shape", ["2,4", "4,2"])
+def test_full_attention_per_shard_of_a_mesh(model, mesh_shape):
+    """full_attention(mesh=...) runs the op per shard (`shard_map`: sequences over "data", heads with their KV heads
+    over "model" where the sizes divide — (2, 4) splits the batch only, (4, 2) the heads only), here the Triton
+    kernel in interpret mode, and gives the unsharded logits; lm.apply takes the mesh in full mode only."""
+    from rtpurbo_jax.model import full_attention
+    from train.trainer import make_mesh
+
+    params, _, tokens, _ = model
+    tokens = tokens[:, :75]
+    lengths = jnp.asarray([75, 50])
+    mesh = make_mesh(mesh_shape)
+    want = apply(params, tokens, CFG, lengths=lengths)
+    got = jax.jit(lambda p, t: forward(p, t, CFG, lengths=lengths, attn_fn=full_attention(
+        CFG, lengths, backend="triton", interpret=True, mesh=mesh)))(params, tokens)
+    valid = np.arange(75)[None] < np.asarray(lengths)[:, None]
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=1e-4)
+    with pytest.raises(ValueError, match="mode='rtpurbo' does not take one"):
+        apply(params, tokens, CFG, mode="rtpurbo", sparse=sparse(), mesh=mesh)
+
+
 def test_selection_for_retrieval_rows_only_matches_all_heads(model):
     """`lm.apply` selects for each layer's retrieval heads only (`retrieval_rows`: padded by repetition); the
     logits equal selecting for all N heads and keeping the retrieval heads' (layer_data without r_heads)."""

@@ -52,12 +52,14 @@ def test_stage1_step_lowers_for_tpu_on_a_mesh(sparse):
     opt0 = jax.eval_shape(tx.init, train0)
     state_sh = {"params": train_sh, "opt_state": jax.tree.map(lambda _: rep, opt0)}
     loss_kw = dict(level="block", weight="longrange", kv_block=64, sinks=4, recent=64)
+    # the frozen forward's attention through the Mosaic TPU kernel per shard (`shard_map`), as training runs it
     step_j, _ = build_step(CFG, heads, tx, 256, (state_sh, param_shardings(CFG, MESH), NamedSharding(MESH, P("data")),
-                                                  rep), loss_kw)
+                                                  rep), loss_kw, "mosaic_tpu", MESH)
     exp = jax.export.export(step_j, platforms=["tpu"])({"params": train0, "opt_state": opt0},
                                                        abstract_params(CFG, jnp.bfloat16),
                                                        jax.ShapeDtypeStruct((4, 8192), jnp.int32))
     _sharded_for(exp, 8)
+    assert "tpu_custom_call" in exp.mlir_module()  # the kernel, not the jnp reference
 
 
 def test_stage2_step_lowers_for_tpu_on_a_mesh(sparse):

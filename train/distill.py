@@ -2,7 +2,7 @@
 
 Backbone frozen; only the retrieval heads' indexer maps train, by forward KL to each head's own attention
 (`train.objective`). The frozen forward that gives each step the heads' q and k runs its attention through the
-device's kernel on one device and through the reference over a mesh (`trainer.frozen_attention_backend`). With no flags it runs the embedded default on CPU: SmolLM2-135M (converted and
+device's kernel (the op's backend None; the reference on CPUs), per shard of the mesh (`shard_map`). With no flags it runs the embedded default on CPU: SmolLM2-135M (converted and
 calibrated into the run directory on first use), 512-token windows of the bundled corpus, a few dozen steps,
 then prints recall, blocks visited against the oracle, and needle accuracy (full attention, indexer before
 and after) through the serving API.
@@ -35,7 +35,7 @@ from rtpurbo_jax.model import forward, full_attention
 from rtpurbo_jax.params import param_shardings
 from rtpurbo_jax.sparse_config import SparseConfig
 from train.trainer import (LoopConfig, RunFlags, check_fingerprint, config_from_argv, first_metrics_row,
-                           frozen_attention_backend, init_distributed, log0, make_mesh, open_checkpoints, plot_curves,
+                           init_distributed, log0, make_mesh, open_checkpoints, plot_curves,
                            read_metrics, run_loop, sync, write_run_config)
 from train.data import Prefetch, held_out_retrieval, load_windows
 from train.objective import INITS, LOSS_LEVELS, LOSS_WEIGHTS, gather_heads, init_rows, kl_loss, recall_metrics
@@ -133,22 +133,23 @@ def prepare_model(c: DistillConfig):
     return ckpt, SparseConfig.from_dict(ckpt.meta["sparse_config"])
 
 
-def make_teacher(cfg, heads, backend: str | None = "reference"):
-    """tokens -> per retrieval head q, k (post-RoPE) and q_pre, k_pre, each [R, B, T, H]; no gradient. backend:
-    the frozen forward's attention (`model.full_attention`; `trainer.frozen_attention_backend`)."""
+def make_teacher(cfg, heads, backend: str | None = "reference", mesh=None):
+    """tokens -> per retrieval head q, k (post-RoPE) and q_pre, k_pre, each [R, B, T, H]; no gradient. backend,
+    mesh: the frozen forward's attention (`model.full_attention`; training passes None — the device's kernel —
+    and its mesh)."""
 
     def teacher(params, tokens):
         _, col = forward(params, tokens, cfg, collect=("q", "k", "q_pre", "k_pre"), return_hidden=True,
-                         attn_fn=full_attention(cfg, backend=backend))
+                         attn_fn=full_attention(cfg, backend=backend, mesh=mesh))
         return jax.lax.stop_gradient(gather_heads(col, heads, cfg.group_size))
 
     return teacher
 
 
-def build_step(cfg, heads, tx, chunk, shardings, loss_kw=None, teacher_backend: str | None = "reference"):
+def build_step(cfg, heads, tx, chunk, shardings, loss_kw=None, teacher_backend: str | None = "reference", mesh=None):
     """(jitted train step with NamedSharding in/out and donated state, jitted evaluation). loss_kw: kl_loss's
-    level / weight / kv_block / sinks / recent; teacher_backend: `make_teacher`'s."""
-    teacher = make_teacher(cfg, heads, teacher_backend)
+    level / weight / kv_block / sinks / recent; teacher_backend, mesh: `make_teacher`'s."""
+    teacher = make_teacher(cfg, heads, teacher_backend, mesh)
     loss_kw = loss_kw or {}
 
     def step(state, params, tokens):
@@ -217,8 +218,7 @@ def run(c: DistillConfig) -> dict:
     log0(f"[distill] {r} retrieval heads: {pca}compiling the step and evaluating the start before the first step "
          f"(minutes on a CPU at long --seq-len)")
     t_prep = time.time()
-    teacher_backend = frozen_attention_backend(mesh)
-    calib_x = (jax.jit(make_teacher(cfg, heads, teacher_backend))(params, global_batch(10 ** 6)) if c.init == "pca"
+    calib_x = (jax.jit(make_teacher(cfg, heads, None, mesh))(params, global_batch(10 ** 6)) if c.init == "pca"
                else None)
     train0 = init_rows(c.init, heads, cfg, c.index_dim, jax.random.key(c.seed), calib_x,
                        local_prior=c.local_prior == "query")
@@ -227,7 +227,7 @@ def run(c: DistillConfig) -> dict:
     state = jax.device_put({"params": train0, "opt_state": opt0}, state_sh)
     loss_kw = dict(level=c.loss_level, weight=c.loss_weight, kv_block=c.kv_block, sinks=sparse.sinks,
                    recent=sparse.keep_recent)
-    step_j, eval_j = build_step(cfg, heads, tx, c.chunk, (state_sh, params_sh, tok_sh, rep), loss_kw, teacher_backend)
+    step_j, eval_j = build_step(cfg, heads, tx, c.chunk, (state_sh, params_sh, tok_sh, rep), loss_kw, None, mesh)
 
     loop = LoopConfig(run_dir=c.run_dir, steps=c.steps, log_every=c.log_every, ckpt_every=c.ckpt_every, keep=c.keep,
                       resume=c.resume, stop_at=c.stop_at, name="distill")
@@ -260,7 +260,7 @@ def run(c: DistillConfig) -> dict:
     first = first_metrics_row(loop, start)
     before = first if first is not None and "recall" in first else evaluate(start, state)
     log0(f"[distill] {r} retrieval heads, index_dim {c.index_dim}, init {c.init}, mesh {dict(mesh.shape)}, "
-         f"teacher attention {teacher_backend or 'auto (the op picks for the device)'}, "
+         "teacher attention: the device's kernel per shard, "
          f"loss {c.loss_level}/{c.loss_weight}, {c.events} events per 1K tokens ({time.time() - t_prep:.0f}s); "
          f"before: {describe(before)}")
     state, stopped = run_loop(loop, state, mngr, start, lambda s, i: step_j(s, params, global_batch(i)), evaluate,

@@ -1,11 +1,10 @@
 """`python -m train.distill --stage 2`: sparse-mode self-distillation of the model against its dense self
 (RTPurbo §6, eq. 7).
 
-The teacher is the converted model in full attention (`lm.apply(mode="full")`; on one device through the
-device's attention kernel — the op's `backend=None`, the reference on CPUs — over a mesh of several through the
-reference, which XLA can partition); its top-k (10) logits on every training batch are cached offline first
-(`train.teacher`). The student is the same model in sparse mode through `lm.apply(mode="rtpurbo")`
-— the layer and planner serving runs: local heads on sinks + window, retrieval heads on their frozen indexer's
+The teacher is the converted model in full attention (`lm.apply(mode="full")` through the device's attention
+kernel — the op's backend None, the reference on CPUs — per shard of the mesh); its top-k (10) logits on every
+training batch are cached offline first (`train.teacher`). The student is the same model in sparse mode
+through `lm.apply(mode="rtpurbo")` — the layer and planner serving runs: local heads on sinks + window, retrieval heads on their frozen indexer's
 top-p blocks, planned per tile of `q_block` query rows as in indexer prefill (teacher-forced positions: the
 paper is silent; a tile shares one plan, so a row may see blocks chosen for its tile-mates — it never sees the
 future). Gradients reach the weights through exact attention over the selected blocks; the selection is not
@@ -52,7 +51,7 @@ from rtpurbo_jax.params import SHARDING_RULES, param_shardings
 from rtpurbo_jax.sparse_config import SparseConfig
 from train.data import Prefetch, load_windows
 from train.teacher import TeacherCache, top1_within_topk, topk_agreement, topk_kl, topk_kl_at
-from train.trainer import (LoopConfig, RunFlags, check_fingerprint, config_from_argv, first_metrics_row, frozen_attention_backend, init_distributed,
+from train.trainer import (LoopConfig, RunFlags, check_fingerprint, config_from_argv, first_metrics_row, init_distributed,
                            log0, make_mesh, open_checkpoints, plot_curves, read_metrics, run_loop, write_run_config)
 
 CURVES = {"kl": "KL (held-out)", "topk_agreement": "top-k overlap", "top1_within_topk": "top-1 within top-k"}
@@ -232,16 +231,15 @@ def run(c: Stage2Config) -> dict:
         t, w = host(i)
         return glob(t), glob(w if answers else np.ones_like(w))
 
-    teacher_backend = frozen_attention_backend(mesh)
     cache = TeacherCache(os.path.join(c.run_dir, "teacher"),
                          {"model": os.path.abspath(c.model), "data": c.data, "events": c.events, "seq_len": c.seq_len,
                           "batch": c.batch, "seed": c.seed, "top_k": c.top_k, "windows": micro + c.eval_batches,
-                          "teacher_attention": f"{teacher_backend} on {jax.default_backend()}",
+                          "teacher_attention": f"backend None per shard on {jax.default_backend()}",
                           **({"processes": pcount} if pcount > 1 else {})})
     tokenizer = ckpt.tokenizer() if ckpt.has_tokenizer else None
     params = ckpt.params  # the student starts as the teacher: the same (sharded) arrays serve both
     cache.build(micro + c.eval_batches, lambda i: glob(host(i)[0]),
-                lambda t, p: apply(p, t, cfg, attn_backend=teacher_backend), c.top_k, log=log0, args=(params,),
+                lambda t, p: apply(p, t, cfg, attn_backend=None, mesh=mesh), c.top_k, log=log0, args=(params,),
                 to_local=lambda x: multihost_utils.global_array_to_host_local_array(x, mesh, tok_sh.spec))
     teacher = lambda i: tuple(glob(x) for x in cache.get(i))  # this process's rows of step i's teacher top-k
 

@@ -42,14 +42,6 @@ def init_distributed(coordinator: str | None, num_processes: int | None, process
         jax.distributed.initialize()
 
 
-def frozen_attention_backend(mesh) -> str | None:
-    """The attention backend of a frozen dense forward (stage 1's teacher q / k, stage 2's teacher logits): on one
-    device None — the op's pick, the Pallas kernel on GPUs / TPUs (SmolLM2's shape at 8K on an H200: 16.8x the
-    reference, `benchmarks/results/teacher_smollm2_8k_h200.json`), the reference on CPUs; over a mesh of several
-    devices the reference, because XLA does not partition a Pallas call (Mosaic TPU refuses sharded inputs)."""
-    return None if mesh.size == 1 else "reference"
-
-
 def make_mesh(spec: str):
     """Mesh (data, model) from 'D,M' (-1 fills with all devices); a smaller mesh uses the first D·M devices."""
     try:
