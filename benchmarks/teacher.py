@@ -56,9 +56,8 @@ def plot(result: dict, path: str) -> None:
     ax.bar([r["backend"] for r in rows], [r["windows_per_s"] for r in rows], color=["#888", "#2a7"][: len(rows)] or None)
     for i, r in enumerate(rows):
         ax.text(i, r["windows_per_s"], f"{r['windows_per_s']:.1f}", ha="center", va="bottom")
-    ax.set_ylabel("teacher windows / s")
-    ax.set_xlabel("attention backend (none: the device's kernel)")
-    ax.set_title(f"{result['model']} {result['seq_len'] // 1024}K, {result['device']}", fontsize=9)
+    ax.set(ylabel="teacher windows / s", xlabel="attention backend (none: the device's kernel)",
+           title=f"{result['model']} {result['seq_len'] // 1024}K, {result['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
