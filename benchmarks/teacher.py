@@ -8,7 +8,8 @@ compares every backend's top-k with the first one's (fraction of positions whose
 shared, and the largest difference of the top-1 logit). One JSON under --out (device, jax version, date, every
 figure) and a PNG beside it:
 
-    python -m benchmarks.teacher --model smollm2 --seq-len 8192 --batch 1 --out benchmarks/results/teacher_smollm2_8k_h200.json
+    python -m benchmarks.teacher --model smollm2 --seq-len 8192 --batch 1 \
+        --out benchmarks/results/teacher_smollm2_8k_h200.json
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def plot(result: dict, path: str) -> None:
 
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    ax.bar([r["backend"] for r in rows], [r["windows_per_s"] for r in rows], color=["#888", "#2a7"][: len(rows)] or None)
+    ax.bar([r["backend"] for r in rows], [r["windows_per_s"] for r in rows], color=["#888", "#2a7"])  # cycled
     for i, r in enumerate(rows):
         ax.text(i, r["windows_per_s"], f"{r['windows_per_s']:.1f}", ha="center", va="bottom")
     ax.set(ylabel="teacher windows / s", xlabel="attention backend (none: the device's kernel)",

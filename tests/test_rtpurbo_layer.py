@@ -222,8 +222,8 @@ def test_training_backend_matches_reference_through_the_model(model):
 
 def test_full_mode_honours_the_backend(model):
     """mode="full" runs through the planner and the op like sparse mode: the default ("reference") equals the
-    reference op's causal attention called directly (its own band plan, not the planner's); "xla" (and None: the device's
-    kernel) give the same logits with right padding; an unknown name is refused, not swapped."""
+    reference op's causal attention called directly (its own band plan, not the planner's); "xla" (and None: the
+    device's kernel) give the same logits with right padding; an unknown name is refused, not swapped."""
     from pallas_kernels.sparse_attention.reference import attention
 
     params, _, tokens, full = model

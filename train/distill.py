@@ -2,10 +2,10 @@
 
 Backbone frozen; only the retrieval heads' indexer maps train, by forward KL to each head's own attention
 (`train.objective`). The frozen forward that gives each step the heads' q and k runs its attention through the
-device's kernel (the op's backend None; the reference on CPUs), per shard of the mesh (`shard_map`). With no flags it runs the embedded default on CPU: SmolLM2-135M (converted and
-calibrated into the run directory on first use), 512-token windows of the bundled corpus, a few dozen steps,
-then prints recall, blocks visited against the oracle, and needle accuracy (full attention, indexer before
-and after) through the serving API.
+device's kernel (the op's backend None; the reference on CPUs), per shard of the mesh (`shard_map`). With no
+flags it runs the embedded default on CPU: SmolLM2-135M (converted and calibrated into the run directory on
+first use), 512-token windows of the bundled corpus, a few dozen steps, then prints recall, blocks visited
+against the oracle, and needle accuracy (full attention, indexer before and after) through the serving API.
 
 Outputs under --run-dir: config.json (resolved), converted/ (when converting), checkpoints/<step>/ (Orbax,
 atomic, keep-K), metrics.jsonl, curves.png, indexer/ (final [L, N, H, I] maps, Orbax).

@@ -4,11 +4,11 @@
 The teacher is the converted model in full attention (`lm.apply(mode="full")` through the device's attention
 kernel — the op's backend None, the reference on CPUs — per shard of the mesh); its top-k (10) logits on every
 training batch are cached offline first (`train.teacher`). The student is the same model in sparse mode
-through `lm.apply(mode="rtpurbo")` — the layer and planner serving runs: local heads on sinks + window, retrieval heads on their frozen indexer's
-top-p blocks, planned per tile of `q_block` query rows as in indexer prefill (teacher-forced positions: the
-paper is silent; a tile shares one plan, so a row may see blocks chosen for its tile-mates — it never sees the
-future). Gradients reach the weights through exact attention over the selected blocks; the selection is not
-differentiated. The attention differentiated (`--attn-backend`, `train_backend`): on GPUs the op's "triton"
+through `lm.apply(mode="rtpurbo")` — the layer and planner serving runs: local heads on sinks + window,
+retrieval heads on their frozen indexer's top-p blocks, planned per tile of `q_block` query rows as in indexer
+prefill (teacher-forced positions: the paper is silent; a tile shares one plan, so a row may see blocks chosen
+for its tile-mates — it never sees the future). Gradients reach the weights through exact attention over the
+selected blocks; the selection is not differentiated. The attention differentiated (`--attn-backend`, `train_backend`): on GPUs the op's "triton"
 backend (the Pallas forward kernel with Pallas backward kernels as its VJP), elsewhere "xla" (the plan walked
 block by block in jnp, 16-bit inputs on tensor cores, fp32 accumulation, its own VJP); both pinned to the
 reference's gradients. AdamW (lr 3e-6, 200 warm-up steps then constant, weight decay 0.01, grad-norm 1.0), global
@@ -51,8 +51,9 @@ from rtpurbo_jax.params import SHARDING_RULES, param_shardings
 from rtpurbo_jax.sparse_config import SparseConfig
 from train.data import Prefetch, load_windows
 from train.teacher import TeacherCache, top1_within_topk, topk_agreement, topk_kl, topk_kl_at
-from train.trainer import (LoopConfig, RunFlags, check_fingerprint, config_from_argv, first_metrics_row, init_distributed,
-                           log0, make_mesh, open_checkpoints, plot_curves, read_metrics, run_loop, write_run_config)
+from train.trainer import (LoopConfig, RunFlags, check_fingerprint, config_from_argv, first_metrics_row,
+                           init_distributed, log0, make_mesh, open_checkpoints, plot_curves, read_metrics, run_loop,
+                           write_run_config)
 
 CURVES = {"kl": "KL (held-out)", "topk_agreement": "top-k overlap", "top1_within_topk": "top-1 within top-k"}
 

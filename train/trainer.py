@@ -276,5 +276,6 @@ def read_metrics(loop: LoopConfig) -> list[dict]:
     return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
-__all__ = ["LoopConfig", "RunFlags", "check_fingerprint", "config_from_argv", "first_metrics_row", "init_distributed", "log0", "make_mesh",
-           "open_checkpoints", "plot_curves", "read_metrics", "restore_latest_good", "run_loop", "sync", "write_run_config"]
+__all__ = ["LoopConfig", "RunFlags", "check_fingerprint", "config_from_argv", "first_metrics_row", "init_distributed",
+           "log0", "make_mesh", "open_checkpoints", "plot_curves", "read_metrics", "restore_latest_good", "run_loop",
+           "sync", "write_run_config"]
