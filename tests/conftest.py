@@ -21,6 +21,28 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+@pytest.fixture(autouse=True, scope="session")
+def _parse_each_gguf_once():
+    """gguf's reader takes ~6 s over SmolLM2's header (a 49K-entry vocabulary, one numpy view per string), and a
+    load parses it twice (our tensors, then transformers' tokenizer; the parity test's transformers model twice
+    more). The reader is read-only, so the tests keep one per file version (path, size, mtime): the same bytes
+    parsed by the same code, ~6-18 s less per SmolLM2 load."""
+    import gguf
+
+    real, readers = gguf.GGUFReader, {}
+
+    def reader(path, *args, **kwargs):
+        st = os.stat(path)
+        key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = real(path, *args, **kwargs)
+        return readers[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "GGUFReader", reader)
+        yield
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _free_compiled_programs():
     """Drop jit caches and compiled executables after each test module: the whole suite runs in one process on

@@ -214,10 +214,16 @@ def test_gguf_without_head_count_kv_has_no_gqa(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_matches_transformers_and_greedy(smollm2, smollm2_path):
+def test_smollm2_gguf_matches_transformers_and_greedy(smollm2, smollm2_path, monkeypatch):
+    import functools
+
+    import gguf
     import torch
     import transformers as tf
 
+    # transformers rebuilds gguf's tensor-name map once per tensor (~7 of this test's seconds; the GGUF parses are
+    # shared by conftest): a pure function of its arguments, so memoise it here
+    monkeypatch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
     cfg, params, tok = smollm2
     hf = tf.AutoModelForCausalLM.from_pretrained(os.path.dirname(smollm2_path),
                                                  gguf_file=os.path.basename(smollm2_path), dtype=torch.float32).eval()

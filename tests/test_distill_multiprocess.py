@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from tests.runs import losses
 from tests.test_distill import flags, tiny  # noqa: F401  (module fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,11 +28,6 @@ def _env(devices: int) -> dict:
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
     return env
-
-
-def _losses(run_dir) -> dict:
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    return {r["step"]: r["loss"] for r in rows if "grad_norm" in r}
 
 
 def run_two_processes(argv: list[str]) -> list[str]:
@@ -64,7 +60,7 @@ def test_two_processes_match_one(tiny, tmp_path):  # noqa: F811
     outs = run_two_processes(["-m", "train.distill", *flags(tiny, two, *common)])
     cfg = json.load(open(two / "config.json"))
     assert cfg["devices"] == 4 and cfg["mesh"]["data"] == 4
-    a, b = _losses(one), _losses(two)
+    a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-5 * max(1.0, abs(a[step])), (step, a[step], b[step])

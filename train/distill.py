@@ -34,7 +34,7 @@ from rtpurbo_jax.indexer import full_layout
 from rtpurbo_jax.model import forward, full_attention
 from rtpurbo_jax.params import param_shardings
 from rtpurbo_jax.sparse_config import SparseConfig
-from train.trainer import (LoopConfig, RunFlags, check_fingerprint, config_from_argv, first_metrics_row,
+from train.trainer import (RunFlags, check_fingerprint, config_from_argv, first_metrics_row,
                            init_distributed, log0, make_mesh, open_checkpoints, plot_curves,
                            read_metrics, run_loop, sync, write_run_config)
 from train.data import Prefetch, held_out_retrieval, load_windows
@@ -229,8 +229,7 @@ def run(c: DistillConfig) -> dict:
                    recent=sparse.keep_recent)
     step_j, eval_j = build_step(cfg, heads, tx, c.chunk, (state_sh, params_sh, tok_sh, rep), loss_kw, None, mesh)
 
-    loop = LoopConfig(run_dir=c.run_dir, steps=c.steps, log_every=c.log_every, ckpt_every=c.ckpt_every, keep=c.keep,
-                      resume=c.resume, stop_at=c.stop_at, name="distill")
+    loop = c.loop("distill")
     config = dataclasses.asdict(c)
     mngr, start, state = open_checkpoints(loop, state, state_sh, lambda: check_fingerprint(c.run_dir, config,
                                                                                              FINGERPRINT))

@@ -51,7 +51,7 @@ from rtpurbo_jax.params import SHARDING_RULES, param_shardings
 from rtpurbo_jax.sparse_config import SparseConfig
 from train.data import Prefetch, load_windows
 from train.teacher import TeacherCache, top1_within_topk, topk_agreement, topk_kl, topk_kl_at
-from train.trainer import (LoopConfig, RunFlags, check_fingerprint, config_from_argv, first_metrics_row,
+from train.trainer import (RunFlags, check_fingerprint, config_from_argv, first_metrics_row,
                            init_distributed, log0, make_mesh, open_checkpoints, plot_curves, read_metrics, run_loop,
                            write_run_config)
 
@@ -281,8 +281,7 @@ def run(c: Stage2Config) -> dict:
             state, m = step_j(state, ix, *example(j), *teacher(j))
         return state, m
 
-    loop = LoopConfig(run_dir=c.run_dir, steps=c.steps, log_every=c.log_every, ckpt_every=c.ckpt_every, keep=c.keep,
-                      resume=c.resume, stop_at=c.stop_at, name="stage2")
+    loop = c.loop("stage2")
     config = dataclasses.asdict(c)
     mngr, start, state = open_checkpoints(loop, state, state_sh,
                                           lambda: check_fingerprint(c.run_dir, config, FINGERPRINT))

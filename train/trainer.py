@@ -117,6 +117,11 @@ class RunFlags:
     num_processes: int | None = None
     process_id: int | None = None
 
+    def loop(self, name: str) -> "LoopConfig":
+        """The loop's view of these flags (the subclass holds run_dir and steps); name prefixes its logs."""
+        return LoopConfig(run_dir=self.run_dir, steps=self.steps, log_every=self.log_every, ckpt_every=self.ckpt_every,
+                          keep=self.keep, resume=self.resume, stop_at=self.stop_at, name=name)
+
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
