@@ -25,7 +25,7 @@ from pallas_kernels.block_plan import FULL_WINDOW, cdiv
 from pallas_kernels.indexer_topp.api import decode_plan_select, decode_selection
 from pallas_kernels.indexer_topp.reference import forced_blocks, topp_select, topp_selection_at
 from pallas_kernels.sparse_decode.api import sparse_decode_attention
-from pallas_kernels.sparse_decode.plan import decode_plan, token_mask
+from pallas_kernels.sparse_decode.plan import decode_plan, decode_token_mask
 
 N, K, H, KB = 32, 8, 128, 64
 G = N // K
@@ -145,11 +145,11 @@ def main(argv=None):
                                           num_kv_heads=1, head_sinks=[0] * G, head_window=[0] * G, top_p=0.9,
                                           kv_block=KB, sinks=4, keep_recent=64, backend="triton", interpret=interp)
 
-            ref_mask = token_mask(jax.jit(select)(qi, ki), s)
+            ref_mask = decode_token_mask(jax.jit(select)(qi, ki), s)
             for name, f in (("XLA indexer + top-p + plan (one group)", select),
                             ("fused Pallas scoring + XLA top-p + plan (one group)", select_fused),
                             ("Pallas scoring + Pallas sort-free top-p/plan (one group)", select_kernels)):
-                same = float((token_mask(jax.jit(f)(qi, ki), s) == ref_mask).mean())
+                same = float((decode_token_mask(jax.jit(f)(qi, ki), s) == ref_mask).mean())
                 t_sel = bench(jax.jit(f), qi, ki)
                 row = {"S": s, "B": b, "variant": name, "us": t_sel * 1e6, "plan_agreement": same}
                 res["rows"].append(row)

@@ -219,7 +219,7 @@ def test_topp_select_with_ties_matches_stable_sort_definition():
 
 
 def _plans_equal(got, want, seq_len):
-    from pallas_kernels.sparse_decode.plan import token_mask
+    from pallas_kernels.sparse_decode.plan import decode_token_mask
 
     np.testing.assert_array_equal(np.asarray(got.counts), np.asarray(want.counts))
     c = np.asarray(want.counts)
@@ -230,7 +230,8 @@ def _plans_equal(got, want, seq_len):
         assert np.all(np.asarray(got.kv_blocks)[b, k, c[b, k]:] == (np.asarray(want.kv_blocks)[b, k, c[b, k] - 1]
                                                                     if c[b, k] else 0))
         assert not np.asarray(got.head_mask)[b, k, c[b, k]:].any()
-    np.testing.assert_array_equal(np.asarray(token_mask(got, seq_len)), np.asarray(token_mask(want, seq_len)))
+    np.testing.assert_array_equal(np.asarray(decode_token_mask(got, seq_len)),
+                                  np.asarray(decode_token_mask(want, seq_len)))
 
 
 @pytest.mark.parametrize("b,n,kh,s,kb,p,retrieval", [(2, 8, 2, 1000, 16, 0.9, (0, 3, 6, 7)),

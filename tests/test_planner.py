@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.block_plan import band_blocks, band_selection, plan_to_dense_mask
-from pallas_kernels.sparse_decode.plan import token_mask as decode_token_mask
+from pallas_kernels.sparse_decode.plan import decode_token_mask
 from rtpurbo_jax import planner
 from rtpurbo_jax.kv_cache import init_cache
 from rtpurbo_jax.lm import apply

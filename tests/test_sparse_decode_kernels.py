@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import check_op_against_reference
 from pallas_kernels.block_plan import cdiv
 from pallas_kernels.sparse_decode.api import sparse_decode_attention
-from pallas_kernels.sparse_decode.plan import decode_plan, token_mask
+from pallas_kernels.sparse_decode.plan import decode_plan, decode_token_mask
 
 BACKENDS = ["triton", "mosaic_tpu"]
 #        b, n, kh,   h,   s, kb, plan,     splits
@@ -43,7 +43,7 @@ def test_plan_mask_matches_numpy_definition():
     case = CASES[2]
     sel, kv_len, plan = make(case, rng)
     b, n, kh, _, s, kb, _, _ = case
-    got = np.asarray(token_mask(plan, s))
+    got = np.asarray(decode_token_mask(plan, s))
     sinks, window = np.asarray(plan.sinks), np.asarray(plan.window)
     for bi in range(b):
         for ni in range(n):

@@ -88,7 +88,7 @@ def kernel_dims(q, num_keys: int, num_kv_heads: int, plan: DecodePlan) -> tuple[
     return b, n, h, n // num_kv_heads, plan.kv_block, plan.kv_blocks.shape[-1]
 
 
-def token_mask(plan: DecodePlan, seq_len: int) -> jax.Array:
+def decode_token_mask(plan: DecodePlan, seq_len: int) -> jax.Array:
     """bool [B, N, S]: the exact visibility a plan defines (tests and the reference)."""
     b, k, m = plan.kv_blocks.shape
     g = plan.head_mask.shape[-1]
