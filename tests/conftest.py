@@ -21,6 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+
 @pytest.fixture(autouse=True, scope="session")
 def _parse_each_gguf_once():
     """gguf's reader takes ~6 s over SmolLM2's header (a 49K-entry vocabulary, one numpy view per string), and a

@@ -259,7 +259,7 @@ def run(c: DistillConfig) -> dict:
     first = first_metrics_row(loop, start)
     before = first if first is not None and "recall" in first else evaluate(start, state)
     log0(f"[distill] {r} retrieval heads, index_dim {c.index_dim}, init {c.init}, mesh {dict(mesh.shape)}, "
-         "teacher attention: the device's kernel per shard, "
+         f"teacher attention: the op's pick on {jax.default_backend()} (the reference on CPUs) per shard, "
          f"loss {c.loss_level}/{c.loss_weight}, {c.events} events per 1K tokens ({time.time() - t_prep:.0f}s); "
          f"before: {describe(before)}")
     state, stopped = run_loop(loop, state, mngr, start, lambda s, i: step_j(s, params, global_batch(i)), evaluate,

@@ -8,10 +8,10 @@ through `lm.apply(mode="rtpurbo")` — the layer and planner serving runs: local
 retrieval heads on their frozen indexer's top-p blocks, planned per tile of `q_block` query rows as in indexer
 prefill (teacher-forced positions: the paper is silent; a tile shares one plan, so a row may see blocks chosen
 for its tile-mates — it never sees the future). Gradients reach the weights through exact attention over the
-selected blocks; the selection is not differentiated. The attention differentiated (`--attn-backend`, `train_backend`): on GPUs the op's "triton"
-backend (the Pallas forward kernel with Pallas backward kernels as its VJP), elsewhere "xla" (the plan walked
-block by block in jnp, 16-bit inputs on tensor cores, fp32 accumulation, its own VJP); both pinned to the
-reference's gradients. AdamW (lr 3e-6, 200 warm-up steps then constant, weight decay 0.01, grad-norm 1.0), global
+selected blocks; the selection is not differentiated. The attention differentiated (`--attn-backend`,
+`train_backend`): on GPUs the op's "triton" backend (the Pallas forward kernel with Pallas backward kernels as its
+VJP), elsewhere "xla" (the plan walked block by block in jnp, 16-bit inputs on tensor cores, fp32 accumulation,
+its own VJP); both pinned to the reference's gradients. AdamW (lr 3e-6, 200 warm-up steps then constant, weight decay 0.01, grad-norm 1.0), global
 batch by gradient accumulation (`--accumulate`), params and optimiser state FSDP-sharded over `data` (and heads
 over `model`). The run uses the reusable trainer (`train.trainer`): Orbax keep-K checkpoints, exact resume,
 metrics.jsonl, progress with tokens/s. Outputs in --run-dir: teacher/ (cache), checkpoints/, metrics.jsonl,
