@@ -11,9 +11,9 @@ for its tile-mates — it never sees the future). Gradients reach the weights th
 selected blocks; the selection is not differentiated. The attention differentiated (`--attn-backend`,
 `train_backend`): on GPUs the op's "triton" backend (the Pallas forward kernel with Pallas backward kernels as its
 VJP), elsewhere "xla" (the plan walked block by block in jnp, 16-bit inputs on tensor cores, fp32 accumulation,
-its own VJP); both pinned to the reference's gradients. AdamW (lr 3e-6, 200 warm-up steps then constant, weight decay 0.01, grad-norm 1.0), global
-batch by gradient accumulation (`--accumulate`), params and optimiser state FSDP-sharded over `data` (and heads
-over `model`). The run uses the reusable trainer (`train.trainer`): Orbax keep-K checkpoints, exact resume,
+its own VJP); both pinned to the reference's gradients. AdamW (lr 3e-6, 200 warm-up steps then constant, weight
+decay 0.01, grad-norm 1.0), global batch by gradient accumulation (`--accumulate`), params and optimiser state
+FSDP-sharded over `data` (and heads over `model`). The run uses the reusable trainer (`train.trainer`): Orbax keep-K checkpoints, exact resume,
 metrics.jsonl, progress with tokens/s. Outputs in --run-dir: teacher/ (cache), checkpoints/, metrics.jsonl,
 summary.json (KL and top-k agreement before / after on held-out windows) and `model/`, a converted checkpoint
 of the trained weights with the same roles (serve it with its indexer).
