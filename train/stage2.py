@@ -1,22 +1,22 @@
 """`python -m train.distill --stage 2`: sparse-mode self-distillation of the model against its dense self
 (RTPurbo §6, eq. 7).
 
-The teacher is the converted model in full attention (`lm.apply(mode="full")` through the device's attention
-kernel — the op's backend None, the reference on CPUs — per shard of the mesh); its top-k (10) logits on every
-training batch are cached offline first (`train.teacher`). The student is the same model in sparse mode
-through `lm.apply(mode="rtpurbo")` — the layer and planner serving runs: local heads on sinks + window,
-retrieval heads on their frozen indexer's top-p blocks, planned per tile of `q_block` query rows as in indexer
-prefill (teacher-forced positions: the paper is silent; a tile shares one plan, so a row may see blocks chosen
-for its tile-mates — it never sees the future). Gradients reach the weights through exact attention over the
-selected blocks; the selection is not differentiated. The attention differentiated (`--attn-backend`,
-`train_backend`): on GPUs the op's "triton" backend (the Pallas forward kernel with Pallas backward kernels as its
-VJP), elsewhere "xla" (the plan walked block by block in jnp, 16-bit inputs on tensor cores, fp32 accumulation,
-its own VJP); both pinned to the reference's gradients. AdamW (lr 3e-6, 200 warm-up steps then constant, weight
-decay 0.01, grad-norm 1.0), global batch by gradient accumulation (`--accumulate`), params and optimiser state
-FSDP-sharded over `data` (and heads over `model`). The run uses the reusable trainer (`train.trainer`): Orbax keep-K checkpoints, exact resume,
-metrics.jsonl, progress with tokens/s. Outputs in --run-dir: teacher/ (cache), checkpoints/, metrics.jsonl,
-summary.json (KL and top-k agreement before / after on held-out windows) and `model/`, a converted checkpoint
-of the trained weights with the same roles (serve it with its indexer).
+The teacher is the converted model in full attention (`lm.apply(mode="full")` through the device's attention kernel
+— the op's backend None, the reference on CPUs — per shard of the mesh); its top-k (10) logits on every training
+batch are cached offline first (`train.teacher`). The student is the same model in sparse mode through
+`lm.apply(mode="rtpurbo")` — the layer and planner serving runs: local heads on sinks + window, retrieval heads on
+their frozen indexer's top-p blocks, planned per tile of `q_block` query rows as in indexer prefill (teacher-forced
+positions: the paper is silent; a tile shares one plan, so a row may see blocks chosen for its tile-mates — it never
+sees the future). Gradients reach the weights through exact attention over the selected blocks; the selection is not
+differentiated. The attention differentiated (`--attn-backend`, `train_backend`): on GPUs the op's "triton" backend
+(the Pallas forward kernel with Pallas backward kernels as its VJP), elsewhere "xla" (the plan walked block by block
+in jnp, 16-bit inputs on tensor cores, fp32 accumulation, its own VJP); both pinned to the reference's gradients.
+AdamW (lr 3e-6, 200 warm-up steps then constant, weight decay 0.01, grad-norm 1.0), global batch by gradient
+accumulation (`--accumulate`), params and optimiser state FSDP-sharded over `data` (and heads over `model`). The run
+uses the reusable trainer (`train.trainer`): Orbax keep-K checkpoints, exact resume, metrics.jsonl, progress with
+tokens/s. Outputs in --run-dir: teacher/ (cache), checkpoints/, metrics.jsonl, summary.json (KL and top-k agreement
+before / after on held-out windows) and `model/`, a converted checkpoint of the trained weights with the same roles
+(serve it with its indexer).
 
 Data (`--data`, `train.data.load_windows`): prose (with `--events`, retrieval events whose recalled values are
 marked), chat JSON-lines (assistant turns marked), or `tasks` (the accuracy suite's generators over the corpus's
