@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from rtpurbo_jax.evals.tasks import Builder, answer_text, train_example, word_list
-from train.data import (NIAH_TASKS, PackedWindows, TaskWindows, answer_weights, is_chat, load_windows, read_chat)
+from train.data import (NIAH_TASKS, LengthMix, PackedWindows, TaskWindows, answer_weights, is_chat, load_windows,
+                        parse_lengths, read_chat)
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +149,26 @@ def test_prefetch_answers_like_fn_on_one_thread_and_works_ahead():
     time.sleep(0.05)
     assert calls[n:] == [20, 21], "work ahead after close"
     assert peak[0] == 1 and len(threads) == 1 and threading.get_ident() not in threads
+
+
+def test_length_mix_cycles_sources_by_step():
+    """Step s takes source s % n at its own step s // n: shapes alternate, each source walks its windows in order,
+    and the same step always gives the same batch."""
+    ids = np.random.default_rng(1).integers(0, 1000, 4096).astype(np.int32)
+    short, long = PackedWindows(ids, 32, seed=0), PackedWindows(ids, 64, seed=0)
+    mix = LengthMix([short, long], (32, 64))
+    assert [mix.batch(s, 2).shape for s in range(4)] == [(2, 32), (2, 64), (2, 32), (2, 64)]
+    assert [mix.length(s) for s in range(3)] == [32, 64, 32]
+    np.testing.assert_array_equal(mix.batch(2, 2), short.batch(1, 2))
+    np.testing.assert_array_equal(mix.batch(5, 2), long.batch(2, 2))
+    np.testing.assert_array_equal(mix.batch(5, 2, 1, 2), long.batch(2, 2, 1, 2))  # process 1 of 2: its row
+    tokens, weights = mix.example(3, 2)
+    assert tokens.shape == weights.shape == (2, 64) and not mix.marks_answers
+
+
+def test_parse_lengths_names_the_flag():
+    assert parse_lengths("", "--x", 64) == () and parse_lengths("16,64", "--x", 64) == (16, 64)
+    with pytest.raises(ValueError, match="--x lengths must lie in"):
+        parse_lengths("16,65", "--x", 64)
+    with pytest.raises(ValueError, match="--x must be comma-separated"):
+        parse_lengths("16 64", "--x", 64)

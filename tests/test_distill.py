@@ -73,6 +73,21 @@ def test_resume_gives_the_same_losses(tiny, tmp_path):
         np.testing.assert_allclose(b[step], a[step], rtol=1e-6, err_msg=f"step {step}")
 
 
+def test_length_mix_cycles_window_lengths_and_resumes_exactly(tiny, tmp_path):
+    """--length-mix: the steps alternate window lengths (each compiles once), the loss falls, and a run cut at
+    an odd step resumes on the same lengths and windows."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    mix = ("--length-mix", "32,64")
+    summary = run(parse_args(flags(tiny, full, "--steps", "12", *mix)))
+    assert summary["after"]["loss"] < summary["before"]["loss"], summary
+    run(parse_args(flags(tiny, part, "--steps", "12", "--stop-at", "5", *mix)))
+    run(parse_args(flags(tiny, part, "--steps", "12", "--resume", *mix)))
+    a, b = losses(full), losses(part)
+    for step in range(6, 13):
+        np.testing.assert_allclose(b[step], a[step], rtol=1e-6, err_msg=f"step {step}")
+    assert main(flags(tiny, part, "--steps", "12", "--resume")) == 2  # a resume must repeat --length-mix
+
+
 def test_eight_devices_give_the_same_loss(tiny, tmp_path):
     import jax
 
@@ -102,6 +117,14 @@ def test_bad_input_fails_clearly(tiny, tmp_path, capsys):
     run(parse_args(flags(tiny, tmp_path / "g", "--steps", "2")))
     assert main(flags(tiny, tmp_path / "g", "--steps", "2")) == 2
     assert "--resume" in capsys.readouterr().err
+    assert main(flags(tiny, tmp_path / "h", "--length-mix", "32,128")) == 2  # longer than --seq-len 64
+    assert "--length-mix lengths must lie in" in capsys.readouterr().err
+    assert main(flags(tiny, tmp_path / "i", "--length-mix", "32;64")) == 2
+    assert "comma-separated integers" in capsys.readouterr().err
+    assert main(flags(tiny, tmp_path / "j", "--length-mix", "8,64")) == 2  # sinks + keep_recent take all 8 tokens
+    assert "leaves nothing to select" in capsys.readouterr().err
+    assert main(flags(tiny, tmp_path / "k", "--eval-lengths", "64")) == 2  # .npy data: no held-out text
+    assert "needs the model's tokenizer" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("init", ["pca", "rope_lowfreq"])

@@ -37,7 +37,7 @@ from rtpurbo_jax.sparse_config import SparseConfig
 from train.trainer import (RunFlags, check_fingerprint, config_from_argv, first_metrics_row,
                            init_distributed, log0, make_mesh, open_checkpoints, plot_curves,
                            read_metrics, run_loop, sync, write_run_config)
-from train.data import Prefetch, held_out_retrieval, load_windows
+from train.data import LengthMix, Prefetch, held_out_retrieval, load_windows, parse_lengths
 from train.objective import INITS, LOSS_LEVELS, LOSS_WEIGHTS, gather_heads, init_rows, kl_loss, recall_metrics
 
 
@@ -51,6 +51,7 @@ class DistillConfig(RunFlags):
     loss_weight: str = "longrange"  # uniform, or longrange (rows weighted by the teacher's far mass)
     local_prior: str = "query"  # query: learn the forced blocks' log-mass bias (linear in pre-RoPE q); none
     seq_len: int = 512
+    length_mix: str = ""  # window lengths cycled step by step, e.g. 1024,2048,4096,8192 (each <= --seq-len); "": --seq-len
     batch: int = 1  # global batch (sequences per step)
     steps: int = 30
     lr: float = 1e-3
@@ -67,6 +68,7 @@ class DistillConfig(RunFlags):
     calib_len: int = 2048  # when converting on first use
     eval_passkey: int = 2  # needle prompts for the full / before / after check through serving (0 skips)
     eval_len: int = 0  # needle prompt length; 0: the local window + 384, needles placed past the window from the question
+    eval_lengths: str = ""  # after training, held-out retrieval rows also at these lengths (e.g. 1024,4096,8192)
 
     def validate(self, max_positions: int | None = None):
         if self.steps < 1 or self.batch < 1 or self.seq_len < 2 or self.log_every < 1 or self.ckpt_every < 1:
@@ -93,6 +95,8 @@ class DistillConfig(RunFlags):
             raise ValueError(f"--eval-len and --eval-passkey must be >= 0, got {self.eval_len}, {self.eval_passkey}")
         if max_positions is not None and self.seq_len > max_positions:
             raise ValueError(f"--seq-len {self.seq_len} exceeds the model's {max_positions} positions")
+        parse_lengths(self.length_mix, "--length-mix", self.seq_len)
+        parse_lengths(self.eval_lengths, "--eval-lengths", max_positions or 1 << 30)
 
 
 def parse_args(argv=None) -> DistillConfig:
@@ -103,7 +107,7 @@ CURVES = {"recall": "recall @ top-p", "selected_frac": "indexer blocks", "oracle
           "heldout_top_hit": "needle-block hit (held-out)", "heldout_recall": "recall (held-out)"}
 
 # flags that define a run: a --resume must repeat them (others, like --log-every, may change)
-FINGERPRINT = ("model", "data", "seq_len", "batch", "steps", "lr", "warmup", "weight_decay", "grad_clip", "index_dim",
+FINGERPRINT = ("model", "data", "seq_len", "length_mix", "batch", "steps", "lr", "warmup", "weight_decay", "grad_clip", "index_dim",
                "init", "kv_block", "events", "loss_level", "loss_weight", "local_prior", "seed", "top_p")
 
 
@@ -190,11 +194,17 @@ def run(c: DistillConfig) -> dict:
     ckpt, sparse = prepare_model(c)
     cfg = ckpt.model_config
     c.validate(cfg.max_position_embeddings)
-    if c.seq_len <= sparse.sinks + sparse.keep_recent:
-        raise ValueError(f"--seq-len {c.seq_len} leaves nothing to select: the first {sparse.sinks} and the last "
-                         f"{sparse.keep_recent} tokens are always kept (sinks, keep_recent in rtpurbo.json)")
+    mix = parse_lengths(c.length_mix, "--length-mix", c.seq_len)
+    for length, flag in [(c.seq_len, "--seq-len")] + [(x, "--length-mix") for x in mix]:
+        if length <= sparse.sinks + sparse.keep_recent:
+            raise ValueError(f"{flag} {length} leaves nothing to select: the first {sparse.sinks} and the last "
+                             f"{sparse.keep_recent} tokens are always kept (sinks, keep_recent in rtpurbo.json)")
     heads = np.argwhere(sparse.roles_array).astype(np.int32)  # [R, 2] (layer, query head)
     tok, data = load_data(c, ckpt)
+    if tok is None and c.eval_lengths:
+        raise ValueError("--eval-lengths evaluates on held-out text, which needs the model's tokenizer (not --data .npy)")
+    train_data = data if not mix else LengthMix(
+        [data if x == c.seq_len else load_windows(c.data, tok, x, c.seed, c.events) for x in mix], mix)
     mesh = make_mesh(c.mesh)
     r = len(heads)
     head_axis = "model" if r % mesh.shape["model"] == 0 else None
@@ -209,16 +219,19 @@ def run(c: DistillConfig) -> dict:
     tx = optax.chain(optax.clip_by_global_norm(c.grad_clip), optax.adamw(sched, weight_decay=c.weight_decay))
     pcount, pidx = jax.process_count(), jax.process_index()
 
-    host = Prefetch(lambda step: data.batch(step, c.batch, pidx, pcount))  # made while the device works
+    host = Prefetch(lambda step: train_data.batch(step, c.batch, pidx, pcount))  # made while the device works
 
     def global_batch(step):
         return jax.make_array_from_process_local_data(tok_sh, host(step))
+
+    def fixed_batch(i):  # --seq-len windows outside the training steps (the PCA init, the evaluation window)
+        return jax.make_array_from_process_local_data(tok_sh, data.batch(i, c.batch, pidx, pcount))
 
     pca = f"the PCA init (one teacher pass of {c.seq_len} tokens), " if c.init == "pca" else ""
     log0(f"[distill] {r} retrieval heads: {pca}compiling the step and evaluating the start before the first step "
          f"(minutes on a CPU at long --seq-len)")
     t_prep = time.time()
-    calib_x = (jax.jit(make_teacher(cfg, heads, None, mesh))(params, global_batch(10 ** 6)) if c.init == "pca"
+    calib_x = (jax.jit(make_teacher(cfg, heads, None, mesh))(params, fixed_batch(10 ** 6)) if c.init == "pca"
                else None)
     train0 = init_rows(c.init, heads, cfg, c.index_dim, jax.random.key(c.seed), calib_x,
                        local_prior=c.local_prior == "query")
@@ -236,7 +249,7 @@ def run(c: DistillConfig) -> dict:
     write_run_config(loop, {**config, "retrieval_heads": r, "devices": jax.device_count(), "mesh": dict(mesh.shape)},
                      start)
 
-    eval_tokens = global_batch(10 ** 6 + 1)  # a fixed training-distribution window, also used before and after
+    eval_tokens = fixed_batch(10 ** 6 + 1)  # a fixed training-distribution window, also used before and after
     if tok is not None:  # held-out prose with retrieval events: recall where retrieval happens
         ho_tokens, ho_rows = held_out_retrieval(tok, c.seq_len, c.seed)
         ho_tokens = jax.device_put(np.broadcast_to(ho_tokens, (c.batch, c.seq_len)), tok_sh)
@@ -260,10 +273,12 @@ def run(c: DistillConfig) -> dict:
     before = first if first is not None and "recall" in first else evaluate(start, state)
     log0(f"[distill] {r} retrieval heads, index_dim {c.index_dim}, init {c.init}, mesh {dict(mesh.shape)}, "
          f"teacher attention: the op's pick on {jax.default_backend()} (the reference on CPUs) per shard, "
-         f"loss {c.loss_level}/{c.loss_weight}, {c.events} events per 1K tokens ({time.time() - t_prep:.0f}s); "
+         f"loss {c.loss_level}/{c.loss_weight}, {c.events} events per 1K tokens, windows of "
+         f"{'/'.join(map(str, mix)) if mix else c.seq_len} tokens ({time.time() - t_prep:.0f}s); "
          f"before: {describe(before)}")
     state, stopped = run_loop(loop, state, mngr, start, lambda s, i: step_j(s, params, global_batch(i)), evaluate,
-                              c.batch * c.seq_len, rows=[before] if start == 0 else [])
+                              (lambda i: c.batch * train_data.length(i)) if mix else c.batch * c.seq_len,
+                              rows=[before] if start == 0 else [])
     host.close()
     if stopped:
         return {"stopped_at": c.stop_at}
@@ -297,6 +312,11 @@ def finish(c: DistillConfig, ckpt, sparse, heads, state, before, evaluate, loop,
                     "KL (summed over retrieval heads)", ylim=(0, 1.02))
     summary = {"before": before, "after": after, "retrieval_heads": len(heads)}
     log0(f"[distill] after {c.steps} steps: {describe(after)}")
+    for length in parse_lengths(c.eval_lengths, "--eval-lengths", cfg.max_position_embeddings) if evaluate_at else ():
+        m = evaluate_at(state, length)
+        summary.setdefault("heldout_by_length", {})[str(length)] = m
+        log0(f"[distill] held-out retrieval rows at {length} tokens: recall {m['recall']:.3f} needle-block hit "
+             f"{m['top_hit']:.3f} blocks {m['selected_frac']:.3f} (oracle {m['oracle_frac']:.3f})")
     length = c.eval_len or min(sparse.window + 384, cfg.max_position_embeddings - 16)
     if c.eval_passkey and tok is not None and length + 16 <= cfg.max_position_embeddings:
         sp = dataclasses.replace(sparse, seqlen_threshold=0, top_p=c.top_p)

@@ -211,10 +211,11 @@ def first_metrics_row(loop: LoopConfig, start: int) -> dict | None:
 
 
 def run_loop(loop: LoopConfig, state, mngr, start: int, step_fn: Callable, evaluate: Callable,
-             tokens_per_step: int, rows: list[dict] | None = None):
+             tokens_per_step: int | Callable[[int], int], rows: list[dict] | None = None):
     """Steps start..loop.steps (or loop.stop_at): step, save (the manager keeps every ckpt_every-th), log every
     log_every steps (loss, grad_norm if given, tokens/s of the steps after the first on the bar), evaluate at checkpoint steps, append rows to
     metrics.jsonl. A non-finite loss stops the run before it is saved, naming the last good checkpoint.
+    tokens_per_step: an int, or step -> int where steps differ (stage 1's --length-mix).
     Returns (state, stopped early)."""
     import orbax.checkpoint as ocp
     from tqdm import tqdm
@@ -230,14 +231,15 @@ def run_loop(loop: LoopConfig, state, mngr, start: int, step_fn: Callable, evalu
         state, m = step_fn(state, step)
         loss = float(m["loss"])  # waits for the step
         dt = time.time() - t_step
+        n_tok = tokens_per_step(step) if callable(tokens_per_step) else tokens_per_step
         if step > start:
-            busy, toks = busy + dt, toks + tokens_per_step
+            busy, toks = busy + dt, toks + n_tok
         if not np.isfinite(loss):  # stop before saving it: the last checkpoint stays the last good one
             raise ValueError(f"non-finite loss at step {step + 1}; the last good checkpoint is step "
                              f"{mngr.latest_step()} in {loop.run_dir}/checkpoints (lower --lr or --grad-clip, then "
                              "--resume)")
         if (step + 1) % loop.log_every == 0 or step + 1 == loop.steps:
-            row = {"step": step + 1, **{k: float(v) for k, v in m.items()}, "tokens_per_s": toks / busy if busy else tokens_per_step / dt}
+            row = {"step": step + 1, **{k: float(v) for k, v in m.items()}, "tokens_per_s": toks / busy if busy else n_tok / dt}
             rows.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
         mngr.save(step + 1, args=ocp.args.StandardSave(state))
