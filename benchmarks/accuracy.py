@@ -80,6 +80,14 @@ def build_modes(shipped: SparseConfig, indexers: list[str], windows: list[int], 
     return [m for m in modes if only is None or m.name in only]
 
 
+def with_dim(sparse: SparseConfig | None, indexer: dict | None) -> SparseConfig | None:
+    """`sparse` with the index_dim of `indexer` (an indexer trained with another --index-dim than the converted
+    model's rtpurbo.json names runs at its own width; its cache's index keys follow)."""
+    if sparse is None or indexer is None or indexer["w_q"].shape[-1] == sparse.index_dim:
+        return sparse
+    return dataclasses.replace(sparse, index_dim=int(indexer["w_q"].shape[-1]))
+
+
 # SparseConfig fields a prefill with dense retrieval heads never reads (they steer the decode-time selection)
 DECODE_ONLY = ("top_p", "max_blocks", "keep_recent", "selector")
 
@@ -150,8 +158,8 @@ def evaluate(params, cfg, tok, modes: list[Mode], indexers: dict, lengths: list[
                         add(done[(m.name, task, length)], resumed=True)
                     else:
                         ix = indexers.get(m.indexer)
-                        out, nll, frac, cache = run_batch(params, cfg, m.sparse, ix, toks, lens, max_len, steps,
-                                                          forced, cache)
+                        out, nll, frac, cache = run_batch(params, cfg, with_dim(m.sparse, ix), ix, toks, lens, max_len,
+                                                          steps, forced, cache)
                         add(_row(m.name, task, length, n, out, nll, frac, prompts, tok, steps))
                     if m.name == "rtpurbo" and rows[-1]["blocks_frac"] is not None:
                         frac_rtp.append(rows[-1]["blocks_frac"])
@@ -165,8 +173,8 @@ def evaluate(params, cfg, tok, modes: list[Mode], indexers: dict, lengths: list[
                     add(done[(m.name, task, length)], resumed=True)
                     continue
                 toks, lens, steps, forced = inputs(task)
-                out, nll, frac, _ = run_batch(params, cfg, m.sparse, indexers.get(m.indexer), toks, lens, max_len, steps,
-                                              forced)
+                ix = indexers.get(m.indexer)
+                out, nll, frac, _ = run_batch(params, cfg, with_dim(m.sparse, ix), ix, toks, lens, max_len, steps, forced)
                 add({**_row(m.name, task, length, n, out, nll, frac, prompts, tok, steps), "max_blocks": k},
                     extra=f" k={k}")
     return rows
@@ -268,9 +276,9 @@ def main(argv=None) -> int:
     indexers = {}
     for spec in args.indexer:
         name, _, path = spec.rpartition("=")
-        indexers[name or "shipped"] = load_indexer(path, cfg, shipped.index_dim)
+        indexers[name or "shipped"] = load_indexer(path, cfg)  # its own index_dim (stage 1's --index-dim)
     for ix in indexers.values():
-        check_indexer(cfg, shipped, ix)
+        check_indexer(cfg, with_dim(shipped, ix), ix)
     for length in args.lengths:
         if length + 64 > cfg.max_position_embeddings:
             raise ValueError(f"--lengths {length} + generated tokens exceed the model's {cfg.max_position_embeddings}")

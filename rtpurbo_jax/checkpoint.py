@@ -223,12 +223,19 @@ def update_meta(path: str, **fields) -> None:
     os.replace(tmp, os.path.join(path, META_FILE))
 
 
-def load_indexer(path: str, cfg: ModelConfig, index_dim: int) -> dict:
+def load_indexer(path: str, cfg: ModelConfig, index_dim: int | None = None) -> dict:
     """Indexer weights written by `train.distill` (its run's `indexer/`): {w_q, w_k: fp32 [L, N, H, I]} and, when
-    it was trained with one, the local prior {w_local: [L, N, H], b_local: [L, N]}."""
+    it was trained with one, the local prior {w_local: [L, N, H], b_local: [L, N]}. index_dim None: the I the
+    indexer was saved with (`--index-dim` of its stage 1); an int must match it."""
     if not os.path.isdir(path):
         raise CheckpointError(f"no indexer at {path} (train.distill writes RUN_DIR/indexer when it finishes)")
     l, n, h = cfg.num_layers, cfg.num_heads, cfg.head_dim
+    if index_dim is None:
+        try:
+            index_dim = int(_checkpointer().metadata(os.path.abspath(path)).item_metadata.tree["w_q"].shape[-1])
+        except Exception as e:  # noqa: BLE001 - any unreadable metadata is the same error to the user
+            raise CheckpointError(f"indexer under {path} has no readable w_q metadata ({type(e).__name__}: {e}); "
+                                  "it is corrupt or not an indexer") from e
     shape = (l, n, h, index_dim)
     here = _here()
     at = lambda s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=here)

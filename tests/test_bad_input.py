@@ -311,6 +311,7 @@ import jax
 from rtpurbo_jax.checkpoint import load_converted, load_indexer
 c = load_converted({str(tmp_path / "conv")!r})
 ix = load_indexer({str(tmp_path / "ix")!r}, c.model_config, 8)
+assert load_indexer({str(tmp_path / "ix")!r}, c.model_config)["w_k"].shape[-1] == 8  # its own index_dim
 assert jax.device_count() == 1 and ix["w_q"].shape[-1] == 8 and float(abs(ix["w_q"]).sum()) > 0
 print("ok", len(jax.tree.leaves(c.params)))
 """
