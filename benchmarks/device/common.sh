@@ -13,3 +13,27 @@ convert_smollm2() {
     || { stamp "convert FAILED"; touch $O/DONE; exit 1; }
   stamp converted
 }
+# stage1 NAME FLAGS...: train.distill with the pipeline's S1 array and FLAGS into $O/run/NAME (log NAME.log), stamped.
+stage1() {
+  local name=$1; shift
+  python -m train.distill "${S1[@]}" --run-dir $O/run/$name "$@" > $O/run/$name.log 2>&1
+  stamp "stage 1 $name rc=$?"
+}
+# indexers FIRST_MODE NAME...: IX (--indexer NAME=DIR for each trained one) and MODES (FIRST_MODE.. as the caller
+# preset them, then rtpurbo for the first indexer and rtpurbo@NAME for the others).
+indexers() {
+  local n0=${#MODES[@]} name; IX=()
+  for name in "$@"; do
+    [ -d $O/run/$name/indexer ] || continue
+    IX+=(--indexer $name=$O/run/$name/indexer)
+    if [ ${#MODES[@]} -eq $n0 ]; then MODES+=(rtpurbo); else MODES+=(rtpurbo@$name); fi
+  done
+}
+# suite LENGTH FLAGS...: the accuracy suite (5 NIAH tasks x 20 prompts) on $O/conv at LENGTH in the background,
+# into $O/run/acc_LENGTH.{json,png,log}; the caller waits.
+suite() {
+  local L=$1; shift
+  python -m benchmarks.accuracy --converted $O/conv --lengths $L --prompts 20 "$@" \
+    --tasks niah_single_noise niah_single_prose niah_multikey niah_multivalue niah_multiquery \
+    --out $O/run/acc_$L > $O/run/acc_$L.log 2>&1 &
+}

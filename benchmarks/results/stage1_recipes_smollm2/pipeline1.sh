@@ -5,31 +5,18 @@
 # events, 8K windows), mix (the same, windows of 1K/2K/4K/8K in turn), tasks (--data tasks, 8K), tasks_mix; each
 # reports held-out needle-block hit at 1K/4K/8K. Then the accuracy suite (5 NIAH tasks x 20 prompts) with full
 # attention, dense retrieval heads and the four indexers, one process per length (1024, 4096, 8000) side by side.
+# Ran verbatim at commit de97ac0 (as stage1_length_mix_smollm2/pipeline.sh); since rewritten onto benchmarks/device/common.sh's helpers (same commands).
 source benchmarks/device/common.sh /tmp/s1
 stamp start
 convert_smollm2
 S1=(--model $O/conv --seq-len 8192 --steps 150 --lr 3e-3 --eval-passkey 0 --log-every 10 --ckpt-every 1000
     --eval-lengths 1024,4096,8192)
 MIX=(--length-mix 1024,2048,4096,8192)
-stage1() {
-  local name=$1; shift
-  python -m train.distill "${S1[@]}" --run-dir $O/run/$name "$@" > $O/run/$name.log 2>&1
-  stamp "stage 1 $name rc=$?"
-}
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.45
 stage1 base & stage1 mix "${MIX[@]}" & wait
 stage1 tasks --data tasks & stage1 tasks_mix --data tasks "${MIX[@]}" & wait
-IX=(); MODES=(full dense_retrieval)
-for name in base mix tasks tasks_mix; do
-  [ -d $O/run/$name/indexer ] || continue
-  IX+=(--indexer $name=$O/run/$name/indexer)
-  if [ ${#MODES[@]} -eq 2 ]; then MODES+=(rtpurbo); else MODES+=(rtpurbo@$name); fi
-done
+MODES=(full dense_retrieval); indexers base mix tasks tasks_mix
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.3
-for L in 1024 4096 8000; do
-  python -m benchmarks.accuracy --converted $O/conv "${IX[@]}" --lengths $L --prompts 20 --modes "${MODES[@]}" \
-    --tasks niah_single_noise niah_single_prose niah_multikey niah_multivalue niah_multiquery \
-    --out $O/run/acc_$L > $O/run/acc_$L.log 2>&1 &
-done
+for L in 1024 4096 8000; do suite $L "${IX[@]}" --modes "${MODES[@]}"; done
 wait; stamp "accuracy done"
 touch $O/DONE

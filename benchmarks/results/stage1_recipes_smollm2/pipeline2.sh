@@ -4,29 +4,16 @@
 # lr 3e-3 as in pipeline 1: tasks (seed 0, pipeline 1's run again), tasks_seed1, tasks_d32 / tasks_d64
 # (--index-dim 32 / 64; 64 = head_dim: the map can equal the pre-RoPE q.k itself), tasks_400 (400 steps). Then the
 # suite at 4096 and 8000 (full attention and the five indexers, 5 NIAH tasks x 20 prompts), one process per length.
+# Ran verbatim at commit 2f13eb7; since rewritten onto benchmarks/device/common.sh's helpers (same commands).
 source benchmarks/device/common.sh /tmp/s2
 stamp start
 convert_smollm2
 S1=(--model $O/conv --seq-len 8192 --lr 3e-3 --eval-passkey 0 --log-every 10 --ckpt-every 1000 --data tasks
     --eval-lengths 1024,4096,8192)
-stage1() {
-  local name=$1; shift
-  python -m train.distill "${S1[@]}" --run-dir $O/run/$name "$@" > $O/run/$name.log 2>&1
-  stamp "stage 1 $name rc=$?"
-}
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.3
 stage1 tasks --steps 150 & stage1 tasks_seed1 --steps 150 --seed 1 & stage1 tasks_400 --steps 400 & wait
 stage1 tasks_d32 --steps 150 --index-dim 32 & stage1 tasks_d64 --steps 150 --index-dim 64 & wait
-IX=(); MODES=(full)
-for name in tasks tasks_seed1 tasks_d32 tasks_d64 tasks_400; do
-  [ -d $O/run/$name/indexer ] || continue
-  IX+=(--indexer $name=$O/run/$name/indexer)
-  if [ ${#MODES[@]} -eq 1 ]; then MODES+=(rtpurbo); else MODES+=(rtpurbo@$name); fi
-done
-for L in 4096 8000; do
-  python -m benchmarks.accuracy --converted $O/conv "${IX[@]}" --lengths $L --prompts 20 --modes "${MODES[@]}" \
-    --tasks niah_single_noise niah_single_prose niah_multikey niah_multivalue niah_multiquery \
-    --out $O/run/acc_$L > $O/run/acc_$L.log 2>&1 &
-done
+MODES=(full); indexers tasks tasks_seed1 tasks_d32 tasks_d64 tasks_400
+for L in 4096 8000; do suite $L "${IX[@]}" --modes "${MODES[@]}"; done
 wait; stamp "accuracy done"
 touch $O/DONE

@@ -3,15 +3,11 @@
 # ../stage2_smollm2_h200) -> stage 1 (150 steps at 8K, alone on the GPU: its tokens/s with the kernel teacher)
 # -> generate's first call (compile) unrolled / scanned -> stage 2 variants on every row (--positions all),
 # each followed by the accuracy suite on the same prompts; "before" accuracy runs beside the first variant.
-set -uo pipefail
-O=/tmp/s2; mkdir -p $O/run
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-t0=$(date +%s); stamp() { echo "[pipeline] $1 at $(( $(date +%s) - t0 ))s" | tee -a $O/stamps.log; }
-python -c "import jax; print(jax.__version__, jax.devices())" > $O/env.log 2>&1
-nvidia-smi --query-gpu=name,memory.total --format=csv >> $O/env.log 2>&1
+# Ran verbatim at commit 167a725; since rewritten onto benchmarks/device/common.sh (same commands; common.sh also
+# writes the date into env.log).
+source benchmarks/device/common.sh /tmp/s2
 stamp start
-python -m convert --model smollm2 --out $O/conv --calib-len 8192 --calib-docs 4 --dtype bfloat16 > $O/convert.log 2>&1 || { stamp "convert FAILED"; touch $O/DONE; exit 1; }
-stamp converted
+convert_smollm2
 python -m train.distill --model $O/conv --run-dir $O/run/stage1 --seq-len 8192 --steps 150 --lr 3e-3 --eval-passkey 0 \
   --log-every 10 --ckpt-every 1000 > $O/run/stage1.log 2>&1 || { stamp "stage1 FAILED"; touch $O/DONE; exit 1; }
 stamp "stage 1 done"
