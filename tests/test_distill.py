@@ -78,14 +78,14 @@ def test_length_mix_cycles_window_lengths_and_resumes_exactly(tiny, tmp_path):
     an odd step resumes on the same lengths and windows."""
     full, part = tmp_path / "full", tmp_path / "part"
     mix = ("--length-mix", "32,64")
-    summary = run(parse_args(flags(tiny, full, "--steps", "12", *mix)))
+    summary = run(parse_args(flags(tiny, full, "--steps", "6", *mix)))
     assert summary["after"]["loss"] < summary["before"]["loss"], summary
-    run(parse_args(flags(tiny, part, "--steps", "12", "--stop-at", "5", *mix)))
-    run(parse_args(flags(tiny, part, "--steps", "12", "--resume", *mix)))
+    run(parse_args(flags(tiny, part, "--steps", "6", "--stop-at", "3", *mix)))
+    run(parse_args(flags(tiny, part, "--steps", "6", "--resume", *mix)))
     a, b = losses(full), losses(part)
-    for step in range(6, 13):
+    for step in range(4, 7):
         np.testing.assert_allclose(b[step], a[step], rtol=1e-6, err_msg=f"step {step}")
-    assert main(flags(tiny, part, "--steps", "12", "--resume")) == 2  # a resume must repeat --length-mix
+    assert main(flags(tiny, part, "--steps", "6", "--resume")) == 2  # a resume must repeat --length-mix
 
 
 def test_eight_devices_give_the_same_loss(tiny, tmp_path):
