@@ -273,9 +273,9 @@ class LengthMix:
     s // n (so each source walks its own windows in order, and a resumed run sees the same batches). A step's
     batch is int32 [global_batch // process_count, lengths[s % n]]; each length compiles its own step once.
 
-    Why: top-p ranks the indexer's mass over the blocks a query can see, and an indexer trained on windows of one
-    length selects worse at others (measured: trained on 8K windows, it lost 8-9 NIAH points at 1K and 4K where
-    the oracle's top-p lost none; README, 'Does it answer like full attention?')."""
+    Why it was tried: an indexer trained on 8K windows lost 8-9 NIAH points at 1K and 4K where the oracle's top-p
+    lost none. Measured since (README, 'Which training data finds the needle?'): on SmolLM2 the mix moved 1K up
+    and 4K / 8K down by 3-4 points, within the seed spread — no effect shown, so it is not a default."""
 
     def __init__(self, sources: list, lengths: tuple[int, ...]):
         if len(sources) != len(lengths) or not sources:
@@ -309,7 +309,7 @@ def parse_lengths(spec: str, flag: str, longest: int, shortest: int = 2) -> tupl
         raise ValueError(f"{flag} must be comma-separated integers like 1024,4096; got {spec!r}") from e
     bad = [x for x in out if not shortest <= x <= longest]
     if bad:
-        raise ValueError(f"{flag} lengths must lie in [{shortest}, {longest}] (--seq-len is the longest); got {bad}")
+        raise ValueError(f"{flag} lengths must lie in [{shortest}, {longest}]; got {bad}")
     return out
 
 
