@@ -243,6 +243,24 @@ def test_teacher_cache_resumes_and_refuses_other_settings(tmp_path):
         TeacherCache(str(tmp_path / "t"), {"data": "y"}, steps_per_shard=2).check_meta()
 
 
+def test_teacher_cache_ignores_other_processes_files_in_flight(tmp_path, monkeypatch):
+    """Processes share the folder: another one's shard may sit under a temporary name and vanish (renamed) while
+    this one counts its bytes; the count covers this process's whole shards only (CI once died of this race)."""
+    root = tmp_path / "t"
+    root.mkdir()
+    (root / "shard_00000000.p1.npz.tmp.npz").write_bytes(b"half")  # another process's write in flight
+    real = os.path.getsize
+    monkeypatch.setattr(os.path, "getsize", lambda p: (_ for _ in ()).throw(FileNotFoundError(p))
+                        if ".tmp" in str(p) else real(p))  # ...renamed away between a listing and a stat
+    rng = np.random.default_rng(3)
+    batches = {i: rng.integers(0, 30, (2, 8)).astype(np.int32) for i in range(3)}
+    cache = TeacherCache(str(root), {"data": "x"}, steps_per_shard=2)
+    size = cache.build(3, batches.__getitem__, lambda t: jax.nn.one_hot(t, 30), 3, log=lambda *_: None)
+    shards = sorted(f for f in os.listdir(root) if f.startswith("shard_") and ".tmp" not in f)
+    assert shards == ["shard_00000000.npz", "shard_00000002.npz"]
+    assert size == sum(real(root / f) for f in shards)
+
+
 def test_stage_flag_and_bad_input(tiny, tmp_path, capsys):
     assert distill_main(["--stage", "3"]) == 2
     assert "--stage must be 1 or 2" in capsys.readouterr().err

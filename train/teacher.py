@@ -5,7 +5,7 @@ ids int32 [steps, B, T, k] and logits float16 [steps, B, T, k] of the dense mode
 steps train on (`train.data` windows are deterministic per step), plus `meta.json` (model source, data, shapes,
 k, processes). With several processes each one caches its own rows of every batch (B / processes of them) in
 `shard_<first step>.p<process>.npz`, so hosts need not share a disk. Shards are written to a temporary name
-and renamed, so a killed build leaves only whole shards; a rebuild skips them (resumable) and refuses a cache
+(never ending in .npz) and renamed, so a killed build leaves only whole shards; a rebuild skips them (resumable) and refuses a cache
 made for other settings.
 
 Loss (eq. 7): per position, forward KL between softmax of the teacher's top-k logits and the softmax of the
@@ -100,7 +100,7 @@ class TeacherCache:
         """Compute the missing shards. batch_fn(step) -> tokens int [B, T] (the global batch); logits_fn(tokens,
         *args) -> fp32 [B, T, V] (pass arrays such as params in `args`: a jit may not close over arrays spread
         over several processes); to_local(x) -> this process's rows of a global result (all in one process).
-        Every process runs the teacher on the global batch and writes its own rows. Returns the bytes on disk."""
+        Every process runs the teacher on the global batch and writes its own rows. Returns the bytes of this process's shards on disk."""
         from tqdm import tqdm
 
         self.check_meta()
@@ -119,13 +119,16 @@ class TeacherCache:
                 ids.append(np.asarray(to_local(i), np.int32))
                 vals.append(np.asarray(to_local(v), np.float16))
                 bar.update(1)
-            tmp = self._path(first) + ".tmp.npz"
-            np.savez(tmp, ids=np.stack(ids), logits=np.stack(vals))
+            # the tmp name must not end in .npz: other processes list the folder while this one writes
+            tmp = self._path(first) + ".tmp"
+            with open(tmp, "wb") as f:
+                np.savez(f, ids=np.stack(ids), logits=np.stack(vals))
             os.replace(tmp, self._path(first))
         bar.close()
-        size = sum(os.path.getsize(os.path.join(self.root, f)) for f in os.listdir(self.root) if f.endswith(".npz"))
+        size = sum(os.path.getsize(self._path(f)) for f in range(0, steps, self.per))  # this process's shards only
+        procs = jax.process_count()
         log(f"[stage2] teacher top-{k} logits for {steps} steps: {size / 2**20:.1f} MiB in {self.root}"
-            + ("" if firsts else " (cached)"))
+            + (f" (this process's rows; {procs} processes)" if procs > 1 else "") + ("" if firsts else " (cached)"))
         return size
 
     def get(self, step: int) -> tuple[np.ndarray, np.ndarray]:
