@@ -54,15 +54,18 @@ class Mode:
     indexer: str | None = None  # name of the indexer it runs with
 
 
-def build_modes(shipped: SparseConfig, indexers: list[str], windows: list[int], seed: int,
+def build_modes(shipped: SparseConfig, indexers: list[str] | dict[str, int], windows: list[int], seed: int,
                 only: list[str] | None = None) -> list[Mode]:
-    """The benchmark's modes (see the module docstring), in the order they run."""
+    """The benchmark's modes (see the module docstring), in the order they run. indexers: their names (the first
+    is the shipped one), or name -> index_dim (`index_dims`): a mode that runs with an indexer gets its width (one
+    trained with another --index-dim than the converted model's rtpurbo.json names runs at its own width, and its
+    cache's index keys follow)."""
     base = dataclasses.replace(shipped, seqlen_threshold=0)
     dense = dataclasses.replace(base, top_p=1.0, max_blocks=None)
     roles = shipped.roles_array
     rnd = np.zeros(roles.size, bool)
     rnd[np.random.default_rng(seed).choice(roles.size, int(roles.sum()), replace=False)] = True
-    first = indexers[0] if indexers else None
+    first = next(iter(indexers), None)
     modes = [Mode("full", None), Mode("dense_retrieval", dense, first),
              Mode("local_only", dataclasses.replace(dense, roles=np.zeros_like(roles))),
              Mode("random_heads", dataclasses.replace(dense, roles=rnd.reshape(roles.shape)))]
@@ -73,19 +76,19 @@ def build_modes(shipped: SparseConfig, indexers: list[str], windows: list[int], 
                   Mode("rtpurbo_p0.99", dataclasses.replace(base, top_p=0.99), first),
                   Mode("rtpurbo_indexer_prefill", dataclasses.replace(base, prefill_mode="indexer"), first),
                   Mode("rtpurbo_fp8_index", dataclasses.replace(base, index_dtype="float8_e4m3fn"), first)]
-        modes += [Mode(f"rtpurbo@{n}", base, n) for n in indexers[1:]]
+        modes += [Mode(f"rtpurbo@{n}", base, n) for n in list(indexers)[1:]]
     modes += [Mode("oracle_topp", dataclasses.replace(base, selector="oracle"), first)]
     if first is not None:
         modes += [Mode("topk_same_budget", None, first)]  # sparse filled per length from rtpurbo's blocks
+    dims = indexers if isinstance(indexers, dict) else {}
+    modes = [dataclasses.replace(m, sparse=dataclasses.replace(m.sparse, index_dim=dims[m.indexer]))
+             if m.sparse is not None and m.indexer in dims else m for m in modes]
     return [m for m in modes if only is None or m.name in only]
 
 
-def with_dim(sparse: SparseConfig | None, indexer: dict | None) -> SparseConfig | None:
-    """`sparse` with the index_dim of `indexer` (an indexer trained with another --index-dim than the converted
-    model's rtpurbo.json names runs at its own width; its cache's index keys follow)."""
-    if sparse is None or indexer is None or indexer["w_q"].shape[-1] == sparse.index_dim:
-        return sparse
-    return dataclasses.replace(sparse, index_dim=int(indexer["w_q"].shape[-1]))
+def index_dims(indexers: dict[str, dict]) -> dict[str, int]:
+    """name -> index_dim (the width of its w_q) of loaded indexers, for `build_modes`."""
+    return {name: int(ix["w_q"].shape[-1]) for name, ix in indexers.items()}
 
 
 # SparseConfig fields a prefill with dense retrieval heads never reads (they steer the decode-time selection)
@@ -158,7 +161,7 @@ def evaluate(params, cfg, tok, modes: list[Mode], indexers: dict, lengths: list[
                         add(done[(m.name, task, length)], resumed=True)
                     else:
                         ix = indexers.get(m.indexer)
-                        out, nll, frac, cache = run_batch(params, cfg, with_dim(m.sparse, ix), ix, toks, lens, max_len,
+                        out, nll, frac, cache = run_batch(params, cfg, m.sparse, ix, toks, lens, max_len,
                                                           steps, forced, cache)
                         add(_row(m.name, task, length, n, out, nll, frac, prompts, tok, steps))
                     if m.name == "rtpurbo" and rows[-1]["blocks_frac"] is not None:
@@ -174,7 +177,7 @@ def evaluate(params, cfg, tok, modes: list[Mode], indexers: dict, lengths: list[
                     continue
                 toks, lens, steps, forced = inputs(task)
                 ix = indexers.get(m.indexer)
-                out, nll, frac, _ = run_batch(params, cfg, with_dim(m.sparse, ix), ix, toks, lens, max_len, steps, forced)
+                out, nll, frac, _ = run_batch(params, cfg, m.sparse, ix, toks, lens, max_len, steps, forced)
                 add({**_row(m.name, task, length, n, out, nll, frac, prompts, tok, steps), "max_blocks": k},
                     extra=f" k={k}")
     return rows
@@ -277,12 +280,12 @@ def main(argv=None) -> int:
     for spec in args.indexer:
         name, _, path = spec.rpartition("=")
         indexers[name or "shipped"] = load_indexer(path, cfg)  # its own index_dim (stage 1's --index-dim)
-    for ix in indexers.values():
-        check_indexer(cfg, with_dim(shipped, ix), ix)
+    for name, dim in index_dims(indexers).items():
+        check_indexer(cfg, dataclasses.replace(shipped, index_dim=dim), indexers[name])
     for length in args.lengths:
         if length + 64 > cfg.max_position_embeddings:
             raise ValueError(f"--lengths {length} + generated tokens exceed the model's {cfg.max_position_embeddings}")
-    modes = build_modes(shipped, list(indexers), args.windows, args.seed, args.modes)
+    modes = build_modes(shipped, index_dims(indexers), args.windows, args.seed, args.modes)
     device = jax.devices()[0].device_kind
     model = os.path.basename(os.path.normpath(ckpt.meta.get("source", args.converted))).split(".")[0].lower()
     print(f"[accuracy] {model} on {device}: {len(modes)} modes x {len(args.tasks)} tasks x {args.lengths}, "

@@ -155,14 +155,20 @@ def heads_attention(q, k, v, is_r, rows, sel, pos: Positions, sparse: SparseConf
 
 
 def sequence_attention(qkv: dict, roles, ix: dict | None, sparse: SparseConfig | None, cfg: ModelConfig,
-                       call: AttentionCall, lengths=None, r_heads=None):
+                       call: AttentionCall, lengths=None, r_heads=None, mesh=None):
     """RTPurbo attention of a whole sequence without a cache: out [B, T, N, H] (dtype of q).
 
     roles bool [N] (traced is fine: the scanned forward); sparse None: full attention (no retrieval head; the
     model's own sliding window, if any); ix: this layer's indexer for all N heads (w_q, w_k
     [N, H, I], optional prior) or None when retrieval heads run dense; lengths int [B] (right padding);
     r_heads: None, or int [R'] (traced is fine) — the heads whose selection runs: this layer's retrieval heads,
-    padded by repeating one (`retrieval_rows`); None selects for all N heads and keeps the retrieval heads'."""
+    padded by repeating one (`retrieval_rows`); None selects for all N heads and keeps the retrieval heads'.
+    mesh: None, or a Mesh / AbstractMesh with axes "data" and "model": with several devices the call runs per
+    shard under `shard_map` (`per_shard_specs`), because XLA does not partition a Pallas kernel (it gathers its
+    inputs and runs the whole call on every device; Mosaic TPU refuses sharded inputs) while plans and attention
+    are independent per sequence (and per head in full attention)."""
+    if mesh is not None and mesh.size > 1:
+        return _sequence_attention_per_shard(qkv, roles, ix, sparse, cfg, call, lengths, r_heads, mesh)
     b, t, n, _ = qkv["q"].shape
     pos = Positions.sequence(b, t, lengths)
     sel = None
@@ -179,27 +185,40 @@ def sequence_attention(qkv: dict, roles, ix: dict | None, sparse: SparseConfig |
     return out.astype(qkv["q"].dtype)
 
 
+def per_shard_specs(mesh, batch: int, heads: tuple[int, ...] = ()) -> tuple:
+    """(rows, lengths) PartitionSpecs of a per-shard attention call: rows [B, T, heads, H] with sequences over
+    "data" and heads over "model", lengths [B] over "data" — each axis only where the mesh has it and its size
+    divides every size given (the batch; `heads`: the query and KV head counts, empty when heads must stay
+    whole, as in sparse mode, where a layer's retrieval heads are indexed across all N)."""
+    split = lambda name, *sizes: (name if sizes and name in mesh.shape and all(x % mesh.shape[name] == 0 for x in sizes)
+                                  else None)
+    d, m = split("data", batch), split("model", *heads)
+    return P(d, None, m, None), P(d)
+
+
+def _sequence_attention_per_shard(qkv, roles, ix, sparse, cfg, call, lengths, r_heads, mesh):
+    """`sequence_attention` under `shard_map` over `mesh`: sequences over "data"; heads over "model" in full
+    attention only (sparse None); roles, the indexer and r_heads replicated."""
+    b, t, n = qkv["q"].shape[:3]
+    lengths = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+    rows, lens = per_shard_specs(mesh, b, (n, qkv["k"].shape[2]) if sparse is None else ())
+    qkv_specs = {name: rows for name in qkv}
+
+    def core(qkv, lengths, roles, ix, r_heads):
+        if sparse is None:  # full attention: no retrieval head among this shard's heads
+            roles = np.zeros(qkv["q"].shape[2], bool)
+        return sequence_attention(qkv, roles, ix, sparse, cfg, call, lengths, r_heads)
+
+    return jax.shard_map(core, mesh=mesh, in_specs=(qkv_specs, lens, P(), P(), P()), out_specs=rows,
+                         check_vma=False)(qkv, lengths, jnp.asarray(roles), ix, r_heads)
+
+
 def full_sequence_attention(q, k, v, lengths, cfg: ModelConfig, call: AttentionCall, mesh=None):
     """Causal attention of whole sequences (no SparseConfig, no retrieval head: `sequence_attention`'s band plan)
-    q [B, T, N, H], k, v [B, T, K, H], lengths int [B] or None -> [B, T, N, H] (q.dtype).
-
-    mesh: a Mesh / AbstractMesh of several devices with axes "data" and "model": the call runs per shard under
-    `shard_map` — sequences over "data", query heads with their KV heads over "model" (an axis a size does not
-    divide is not split) — because XLA does not partition a Pallas kernel (Mosaic TPU refuses sharded inputs)
-    while plans and attention are independent per (sequence, head)."""
-    b, t, n = q.shape[:3]
-    lengths = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
-
-    def core(q, k, v, lens):
-        return sequence_attention({"q": q, "k": k, "v": v}, np.zeros(q.shape[2], bool), None, None, cfg, call, lens)
-
-    if mesh is None or mesh.size == 1:
-        return core(q, k, v, lengths)
-    split = lambda name, *sizes: name if name in mesh.shape and all(x % mesh.shape[name] == 0 for x in sizes) else None
-    d, m = split("data", b), split("model", n, k.shape[2])
-    rows = P(d, None, m, None)
-    return jax.shard_map(core, mesh=mesh, in_specs=(rows, rows, rows, P(d)), out_specs=rows,
-                         check_vma=False)(q, k, v, lengths)
+    q [B, T, N, H], k, v [B, T, K, H], lengths int [B] or None -> [B, T, N, H] (q.dtype). mesh: per shard, as in
+    `sequence_attention` (sequences over "data", query heads with their KV heads over "model")."""
+    return sequence_attention({"q": q, "k": k, "v": v}, np.zeros(q.shape[2], bool), None, None, cfg, call, lengths,
+                              mesh=mesh)
 
 
 def retrieval_rows(roles: np.ndarray) -> np.ndarray:

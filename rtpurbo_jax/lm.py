@@ -16,16 +16,17 @@ MODES = ("full", "rtpurbo")
 
 
 def rtpurbo_attn_fn(cfg: ModelConfig, sparse: SparseConfig, lengths=None, chunk: int = 512,
-                    backend: str | None = "reference", interpret: bool = False):
+                    backend: str | None = "reference", interpret: bool = False, mesh=None):
     """`attn_fn` for `model.forward` running `attention.sequence_attention`; its layer_data is
     (roles bool [L, N], indexer dict of [L, N, ...] arrays or None[, r_heads int [L, R'] —
-    `attention.retrieval_rows(roles)`: the selection runs for those heads only; without it, for all N])."""
+    `attention.retrieval_rows(roles)`: the selection runs for those heads only; without it, for all N]).
+    mesh: run per shard of a ("data", "model") mesh (sequences over "data"; `attention.sequence_attention`)."""
     call = AttentionCall(decode=False, tile=sparse.q_block, dense_retrieval=sparse.prefill_mode != "indexer",
                          prefill_backend=backend, interpret=interpret, chunk=chunk)
 
     def attn(qkv, layer_data):
         roles, ix, *r_heads = layer_data
-        return sequence_attention(qkv, roles, ix, sparse, cfg, call, lengths, *r_heads)
+        return sequence_attention(qkv, roles, ix, sparse, cfg, call, lengths, *(r_heads or [None]), mesh=mesh)
 
     return attn
 
@@ -43,17 +44,16 @@ def apply(params: dict, tokens, cfg: ModelConfig, *, mode: str = "full", sparse:
     (16-bit inputs on tensor cores, fp32 accumulation, its own VJP); "triton" (GPUs) has Pallas backward kernels:
     these three are differentiable (stage 2 trains through triton on GPUs, xla elsewhere). None picks the
     Pallas kernel for the device (inference; on an H100 the Mosaic GPU kernel when the plan fits it; the
-    reference on CPUs), or name one (`pallas_kernels.sparse_attention.api`). mesh (full mode only): run the
-    attention per shard of a ("data", "model") mesh (`attention.full_sequence_attention`): what a Pallas kernel
-    on sharded inputs needs.
+    reference on CPUs), or name one (`pallas_kernels.sparse_attention.api`). mesh: run the attention per shard
+    of a ("data", "model") mesh (`attention.sequence_attention`; sequences over "data", and in full mode heads
+    over "model"): what a Pallas kernel on sharded inputs needs — without it XLA gathers the kernel's inputs and
+    every device attends over the whole batch.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "full":
         return forward(params, tokens, cfg, lengths=lengths, chunk=chunk,
                        attn_fn=full_attention(cfg, lengths, chunk, attn_backend, mesh=mesh), **kw)
-    if mesh is not None:
-        raise ValueError("mesh= runs full attention per shard; mode='rtpurbo' does not take one yet")
     if sparse is None:
         raise ValueError("mode='rtpurbo' needs a SparseConfig (sparse=...)")
     sparse.check_model(cfg.num_layers, cfg.num_heads, cfg.num_kv_heads)
@@ -65,7 +65,7 @@ def apply(params: dict, tokens, cfg: ModelConfig, *, mode: str = "full", sparse:
     layer_data = (jnp.asarray(sparse.roles_array), indexer if uses_indexer else None,
                   jnp.asarray(retrieval_rows(sparse.roles_array)))
     return forward(params, tokens, cfg, lengths=lengths, layer_data=layer_data, chunk=chunk,
-                   attn_fn=rtpurbo_attn_fn(cfg, sparse, lengths, chunk, attn_backend), **kw)
+                   attn_fn=rtpurbo_attn_fn(cfg, sparse, lengths, chunk, attn_backend, mesh=mesh), **kw)
 
 
 class CausalLM(nnx.Module):

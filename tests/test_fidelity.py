@@ -294,3 +294,20 @@ def test_modes_share_a_prefill_only_when_their_caches_agree():
 
     base = SparseConfig(roles=roles.tolist(), seqlen_threshold=0)
     assert _prefill_key(Mode("x", base, "a")) != _prefill_key(Mode("y", dataclasses.replace(base, kv_block=32), "a"))
+
+
+def test_each_indexer_runs_at_its_own_width():
+    """An indexer trained with another --index-dim than the converted model names: the modes that run with it
+    carry its width (their caches' index keys follow); modes without an indexer keep the shipped one."""
+    from benchmarks.accuracy import build_modes, index_dims
+    from rtpurbo_jax.sparse_config import SparseConfig
+
+    roles = np.zeros((2, 4), int)
+    roles[0, 1] = 1
+    shipped = SparseConfig(roles=roles.tolist(), seqlen_threshold=0, index_dim=16)
+    dims = index_dims({"a": {"w_q": np.zeros((2, 4, 64, 8))}, "b": {"w_q": np.zeros((2, 4, 64, 32))}})
+    assert dims == {"a": 8, "b": 32}
+    modes = {m.name: m for m in build_modes(shipped, dims, [], 0)}
+    assert modes["rtpurbo"].sparse.index_dim == modes["dense_retrieval"].sparse.index_dim == 8
+    assert modes["rtpurbo@b"].sparse.index_dim == 32 and modes["local_only"].sparse.index_dim == 16
+    assert modes["full"].sparse is None

@@ -246,7 +246,7 @@ def test_full_mode_honours_the_backend(model):
 def test_full_attention_per_shard_of_a_mesh(model, mesh_shape):
     """full_attention(mesh=...) runs the op per shard (`shard_map`: sequences over "data", heads with their KV heads
     over "model" where the sizes divide — (2, 4) splits the batch only, (4, 2) the heads only), here the Triton
-    kernel in interpret mode, and gives the unsharded logits; lm.apply takes the mesh in full mode only."""
+    kernel in interpret mode, and gives the unsharded logits."""
     from rtpurbo_jax.model import full_attention
     from train.trainer import make_mesh
 
@@ -259,8 +259,38 @@ def test_full_attention_per_shard_of_a_mesh(model, mesh_shape):
         CFG, lengths, backend="triton", interpret=True, mesh=mesh)))(params, tokens)
     valid = np.arange(75)[None] < np.asarray(lengths)[:, None]
     np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=1e-4)
-    with pytest.raises(ValueError, match="mode='rtpurbo' does not take one"):
-        apply(params, tokens, CFG, mode="rtpurbo", sparse=sparse(), mesh=mesh)
+
+
+def test_sparse_mode_per_shard_of_a_mesh(model):
+    """mode="rtpurbo" with mesh=: the attention runs per shard (sequences over "data"; heads stay whole, since a
+    layer's retrieval heads index all N) — the Triton kernel in interpret mode gives the unsharded logits, and the
+    xla backend the unsharded loss and gradients (stage 2 differentiates it), through a shard_map."""
+    from rtpurbo_jax.attention import retrieval_rows
+    from rtpurbo_jax.lm import rtpurbo_attn_fn
+    from train.trainer import make_mesh
+
+    params, indexer, tokens, _ = model
+    tokens, lengths = tokens[:, :75], jnp.asarray([75, 50])
+    valid = np.arange(75)[None] < np.asarray(lengths)[:, None]
+    sp = sparse(window=8, top_p=0.5, prefill_mode="indexer", kv_block=8, q_block=8, keep_recent=8)
+    mesh = make_mesh("2,4")
+    data = (jnp.asarray(sp.roles_array), indexer, jnp.asarray(retrieval_rows(sp.roles_array)))
+    want = apply(params, tokens, CFG, mode="rtpurbo", sparse=sp, indexer=indexer, lengths=lengths)
+    got = jax.jit(lambda p, t: forward(p, t, CFG, lengths=lengths, layer_data=data, attn_fn=rtpurbo_attn_fn(
+        CFG, sp, lengths, backend="triton", interpret=True, mesh=mesh)))(params, tokens)
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=1e-4)
+
+    def loss(p, m):
+        out = apply(p, tokens, CFG, mode="rtpurbo", sparse=sp, indexer=indexer, lengths=lengths, attn_backend="xla",
+                    mesh=m)
+        return (jnp.where(jnp.asarray(valid)[..., None], jax.nn.log_softmax(out), 0.0) ** 2).mean()
+
+    assert "shard_map" in str(jax.make_jaxpr(lambda p: loss(p, mesh))(params)), "attention not run per shard"
+    assert "shard_map" not in str(jax.make_jaxpr(lambda p: loss(p, None))(params))
+    (l1, g1), (l8, g8) = (jax.jit(jax.value_and_grad(lambda p: loss(p, m)))(params) for m in (None, mesh))
+    np.testing.assert_allclose(float(l8), float(l1), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1)):  # fp32 sums in another order (per shard, then across)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4 * float(jnp.abs(b).max()), rtol=1e-4)
 
 
 def test_selection_for_retrieval_rows_only_matches_all_heads(model):

@@ -76,7 +76,8 @@ def test_stage2_step_lowers_for_tpu_on_a_mesh(sparse):
                                                                state["opt_state"])}
     ix = jax.eval_shape(lambda: init_indexer(CFG, sparse.index_dim, jax.random.key(0)))
     tok_sh = NamedSharding(MESH, P("data"))
-    step_j = build_step(CFG, dataclasses.replace(sparse, prefill_mode="indexer"), tx, state_sh, tok_sh, rep)
+    step_j = build_step(CFG, dataclasses.replace(sparse, prefill_mode="indexer"), tx, state_sh, tok_sh, rep,
+                        mesh=MESH)  # the attention per shard (sequences over "data")
     rows = jax.ShapeDtypeStruct((4, 4096), jnp.int32)
     topk = jax.ShapeDtypeStruct((4, 4096, 10), jnp.int32)
     exp = jax.export.export(step_j, platforms=["tpu"])(state, ix, rows, jax.ShapeDtypeStruct((4, 4096), jnp.float32),

@@ -11,6 +11,8 @@ sees the future). Gradients reach the weights through exact attention over the s
 differentiated. The attention differentiated (`--attn-backend`, `train_backend`): on GPUs the op's "triton" backend
 (the Pallas forward kernel with Pallas backward kernels as its VJP), elsewhere "xla" (the plan walked block by block
 in jnp, 16-bit inputs on tensor cores, fp32 accumulation, its own VJP); both pinned to the reference's gradients.
+On a mesh of several devices the attention runs per shard (`shard_map`, sequences over "data"): XLA does not
+partition a Pallas call, and would otherwise gather its inputs and attend over the whole batch on every device.
 AdamW (lr 3e-6, 200 warm-up steps then constant, weight decay 0.01, grad-norm 1.0), global batch by gradient
 accumulation (`--accumulate`), params and optimiser state FSDP-sharded over `data` (and heads over `model`). The run
 uses the reusable trainer (`train.trainer`): Orbax keep-K checkpoints, exact resume, metrics.jsonl, progress with
@@ -168,12 +170,13 @@ def cast_like(params, dtypes):
 
 
 def student_logits(params, tokens, cfg, sparse: SparseConfig, indexer: dict, remat: bool = False, at=None,
-                   attn_backend: str = "xla"):
+                   attn_backend: str = "xla", mesh=None):
     """The student's fp32 logits — [B, T, V], or [B, T, k] at ids `at` int [B, T, k] without ever building the
     [B, T, V] ones (the training step: eq. 7 needs the teacher's top-k ids only) — of the model in sparse mode
     with indexer prefill (`lm.apply`). attn_backend: a differentiable backend of the block-sparse op ("xla":
-    blockwise with its own VJP; "reference": autodiff of the definition, fp32 scores of every pair)."""
-    kw = dict(mode="rtpurbo", sparse=sparse, indexer=indexer, remat=remat, attn_backend=attn_backend)
+    blockwise with its own VJP; "reference": autodiff of the definition, fp32 scores of every pair). mesh: the
+    attention runs per shard of it (sequences over "data": `attention.sequence_attention`)."""
+    kw = dict(mode="rtpurbo", sparse=sparse, indexer=indexer, remat=remat, attn_backend=attn_backend, mesh=mesh)
     if at is None:
         return apply(params, tokens, cfg, **kw)
     hidden = apply(params, tokens, cfg, return_hidden=True, **kw)
@@ -181,15 +184,17 @@ def student_logits(params, tokens, cfg, sparse: SparseConfig, indexer: dict, rem
 
 
 def build_step(cfg: ModelConfig, sparse: SparseConfig, tx, state_sh, tok_sh, ix_sh, remat: bool = True,
-               attn_backend: str = "xla", dtypes=None):
+               attn_backend: str = "xla", dtypes=None, mesh=None):
     """The jitted stage-2 step (state, indexer, tokens, row weights, teacher top-k ids, teacher top-k logits) ->
     (state, {loss, grad_norm}): eq. 7 on the student in sparse mode (the frozen indexer selects), gradients, the
     optimiser; everything in the given shardings, the state donated. state["params"] are fp32 masters when
     `dtypes` (the model's dtype per leaf) is given: the forward runs on them cast to those dtypes, and the
-    gradients and updates are fp32. Also lowered for TPU pods in `tests/test_tpu_lowering.py`."""
+    gradients and updates are fp32. mesh: the attention runs per shard of it (`student_logits`). Also lowered for
+    TPU pods in `tests/test_tpu_lowering.py`."""
 
     def loss_fn(p, ix, tokens, weights, t_ids, t_logits):
-        return topk_kl_at(student_logits(cast_like(p, dtypes), tokens, cfg, sparse, ix, remat, at=t_ids, attn_backend=attn_backend),
+        return topk_kl_at(student_logits(cast_like(p, dtypes), tokens, cfg, sparse, ix, remat, at=t_ids, attn_backend=attn_backend,
+                                         mesh=mesh),
                           t_logits, weights)
 
     def step(state, ix, tokens, weights, t_ids, t_logits):
@@ -261,10 +266,10 @@ def run(c: Stage2Config) -> dict:
     if low:
         log0(f"[stage2] fp32 master weights: the model's {'/'.join(low)} weights are cast from them for every "
              "forward and for the export")
-    step_j = build_step(cfg, sparse, tx, state_sh, tok_sh, rep, c.remat, backend, dtypes)
+    step_j = build_step(cfg, sparse, tx, state_sh, tok_sh, rep, c.remat, backend, dtypes, mesh)
 
     def metrics(p, ix, t, w, i, lg):  # on the loss rows (answers, or all), and KL on every row beside it
-        s = student_logits(cast_like(p, dtypes), t, cfg, sparse, ix, attn_backend=backend)
+        s = student_logits(cast_like(p, dtypes), t, cfg, sparse, ix, attn_backend=backend, mesh=mesh)
         return {"kl": topk_kl(s, i, lg, w), "topk_agreement": topk_agreement(s, i, w),
                 "top1_within_topk": top1_within_topk(s, i, w), "kl_all_rows": topk_kl(s, i, lg)}
 
