@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from rtpurbo_jax.evals.tasks import Builder, answer_text, train_example, word_list
-from train.data import (NIAH_TASKS, LengthMix, PackedWindows, TaskWindows, answer_weights, is_chat, load_windows,
-                        parse_lengths, read_chat)
+from train.data import (NIAH_TASKS, LengthMix, PackedWindows, TaskWindows, answer_weights, held_out_tasks, is_chat,
+                        load_windows, parse_lengths, read_chat)
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +88,29 @@ def test_task_windows_append_the_answer_and_mark_it(tok):
     assert one.tasks == ("niah_single_prose",)
     with pytest.raises(ValueError, match="unknown task"):
         load_windows("tasks:nope", tok, 512, 0)
+
+
+def test_held_out_task_prompts_cover_every_task_at_their_answer_rows(tok):
+    """Stage 1's held-out task prompts: eval-split prompts of every NIAH task, batched like training, their rows
+    the ones that predict the first answer tokens (the needle's value, which the prompt holds)."""
+    got = held_out_tasks(tok, 512, seed=0, batch=2)
+    again = held_out_tasks(tok, 512, seed=0, batch=2)
+    assert len(got) == 3  # 5 tasks in batches of 2
+    train = TaskWindows(tok, 512, 0).example(0, 2)[0]
+    for (t, rows), (t2, rows2) in zip(got, again):
+        np.testing.assert_array_equal(t, t2)
+        np.testing.assert_array_equal(rows, rows2)
+        assert t.shape == (2, 512) and t.dtype == np.int32 and 1 <= rows.size <= 4
+        assert rows[0] == 512 - 64 - 1 and (np.diff(rows) == 1).all()
+        assert not any(np.array_equal(a, b) for a in t for b in train)
+        for row in t:
+            first = tok.decode(row[rows + 1]).strip()
+            assert first and first[:3] in tok.decode(row[: 512 - 64])  # the answer's start is in the prompt
+    assert not np.array_equal(got[0][0], held_out_tasks(tok, 512, seed=1, batch=2)[0][0])
+    with pytest.raises(ValueError, match="512 tokens"):
+        held_out_tasks(tok, 400, 0, 1)
+    with pytest.raises(ValueError, match="too short for task windows"):
+        TaskWindows(tok, 400, 0)
 
 
 def test_training_examples_never_come_from_the_eval_split(tok):

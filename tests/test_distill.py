@@ -177,3 +177,32 @@ def test_frozen_teacher_attention_backend():
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="backend must be one of"):
         make_teacher(CFG, heads, "cudnn")(params, tokens)
+
+
+def test_held_out_evaluation_with_a_tokenizer(tmp_path, smollm2_tokenizer):
+    """With the model's tokenizer, every evaluation row also scores held-out text the run never trains on:
+    retrieval events in eval-split prose (`heldout_*`) and the accuracy suite's kinds of prompt over the eval
+    split at their answer rows (`heldout_tasks_*`); fractions in [0, 1], in metrics.jsonl and the summary."""
+    import jax
+
+    from rtpurbo_jax.checkpoint import save_converted
+    from rtpurbo_jax.model_config import ModelConfig
+    from rtpurbo_jax.params import init_params
+    from rtpurbo_jax.sparse_config import SparseConfig
+
+    tok = smollm2_tokenizer
+    cfg = ModelConfig(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=1024)
+    roles = np.zeros((2, 4), int)
+    roles[0, 1] = roles[1, 2] = 1
+    conv = save_converted(str(tmp_path / "conv"), init_params(cfg, jax.random.key(0), scale=0.3), cfg,
+                          sparse_config=SparseConfig(roles=roles.tolist(), window=64, index_dim=4).to_dict(),
+                          tokenizer=tok)
+    summary = run(parse_args(["--model", conv, "--run-dir", str(tmp_path / "r"), "--seq-len", "512", "--batch", "2",
+                              "--steps", "2", "--index-dim", "4", "--chunk", "64", "--init", "random",
+                              "--eval-passkey", "0", "--mesh", "1,1", "--log-every", "1", "--ckpt-every", "2"]))
+    for row in (summary["before"], summary["after"]):
+        for k in ("heldout_top_hit", "heldout_recall", "heldout_tasks_top_hit", "heldout_tasks_recall",
+                  "heldout_tasks_selected_frac", "heldout_tasks_oracle_frac"):
+            assert 0.0 <= row[k] <= 1.0, (k, row)
+    assert "heldout_tasks_top_hit" in json.loads(open(tmp_path / "r" / "metrics.jsonl").readline())

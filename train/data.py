@@ -234,6 +234,7 @@ class EventWindows(PackedWindows):
 
 
 NIAH_TASKS = ("niah_single_noise", "niah_single_prose", "niah_multikey", "niah_multivalue", "niah_multiquery")
+MIN_TASK_LEN = 512  # task windows: the multi-key / -query prompts' fixed text (~250 tokens) + a haystack + the answer
 
 
 class TaskWindows:
@@ -248,8 +249,8 @@ class TaskWindows:
 
         for t in tasks:
             _task_id(t)
-        if seq_len < 4 * room:
-            raise ValueError(f"--seq-len {seq_len} is too short for task windows (>= {4 * room} tokens)")
+        if seq_len < max(MIN_TASK_LEN, 4 * room):
+            raise ValueError(f"--seq-len {seq_len} is too short for task windows (>= {max(MIN_TASK_LEN, 4 * room)} tokens)")
         self.builder, self.seq_len, self.seed, self.tasks, self.room = Builder(tokenizer, "train"), seq_len, seed, tasks, room
 
     def example(self, step: int, global_batch: int, process_index: int = 0, process_count: int = 1):
@@ -266,6 +267,28 @@ class TaskWindows:
 
     def batch(self, step: int, global_batch: int, process_index: int = 0, process_count: int = 1) -> np.ndarray:
         return self.example(step, global_batch, process_index, process_count)[0]
+
+
+def held_out_tasks(tokenizer, seq_len: int, seed: int, batch: int, tasks: tuple[str, ...] = NIAH_TASKS,
+                   room: int = 64, rows: int = 4) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Held-out task prompts for stage 1's evaluation: a list of (tokens int32 [batch, seq_len], answer rows int32
+    [P]) covering every task at least once (row i of the whole set is a prompt of tasks[i % len(tasks)]), each a
+    prompt of the accuracy suite's generator over the `eval` split (never trained on; drawn from its own seed
+    stream, not the suite's prompts) with its answer appended (`tasks.answered_example`). The rows are those that
+    predict the first P answer tokens — where a retrieval head must find the needle — the same for every prompt
+    (answers start at seq_len - room): P = min(rows, the shortest answer's tokens)."""
+    from rtpurbo_jax.evals.tasks import Builder, _task_id, answered_example
+
+    if seq_len < max(MIN_TASK_LEN, 4 * room):
+        raise ValueError(f"held-out task prompts need >= {max(MIN_TASK_LEN, 4 * room)} tokens, got {seq_len}")
+    builder = Builder(tokenizer, "eval")
+    n = -(-len(tasks) // batch) * batch
+    made = [answered_example(builder, tasks[i % len(tasks)], seq_len,
+                             np.random.default_rng([seed, 1913, _task_id(tasks[i % len(tasks)]), i]), room)
+            for i in range(n)]
+    p = min(rows, min(int(m.sum()) for _, m in made))
+    answer_rows = np.arange(seq_len - room - 1, seq_len - room - 1 + p, dtype=np.int32)
+    return [(np.stack([t for t, _ in made[i:i + batch]]), answer_rows) for i in range(0, n, batch)]
 
 
 class LengthMix:

@@ -6,6 +6,9 @@ device's kernel (the op's backend None; the reference on CPUs), per shard of the
 flags it runs the embedded default on CPU: SmolLM2-135M (converted and calibrated into the run directory on
 first use), 512-token windows of the bundled corpus, a few dozen steps, then prints recall, blocks visited
 against the oracle, and needle accuracy (full attention, indexer before and after) through the serving API.
+Held-out evaluation (text the run never trains on): retrieval events in eval-split prose (`heldout_*`) and, for
+windows of >= 512 tokens, prompts of the accuracy suite's kinds over the eval split at the rows that predict their
+answers (`heldout_tasks_*`: the needle-block hit where the suite's questions are answered).
 
 Outputs under --run-dir: config.json (resolved), converted/ (when converting), checkpoints/<step>/ (Orbax,
 atomic, keep-K), metrics.jsonl, curves.png, indexer/ (final [L, N, H, I] maps, Orbax).
@@ -37,7 +40,8 @@ from rtpurbo_jax.sparse_config import SparseConfig
 from train.trainer import (RunFlags, check_fingerprint, config_from_argv, first_metrics_row,
                            init_distributed, log0, make_mesh, open_checkpoints, plot_curves,
                            read_metrics, run_loop, sync, write_run_config)
-from train.data import LengthMix, Prefetch, held_out_retrieval, load_windows, parse_lengths
+from train.data import (MIN_TASK_LEN, LengthMix, Prefetch, held_out_retrieval, held_out_tasks, load_windows,
+                        parse_lengths)
 from train.objective import INITS, LOSS_LEVELS, LOSS_WEIGHTS, gather_heads, init_rows, kl_loss, recall_metrics
 
 
@@ -104,7 +108,8 @@ def parse_args(argv=None) -> DistillConfig:
 
 
 CURVES = {"recall": "recall @ top-p", "selected_frac": "indexer blocks", "oracle_frac": "oracle blocks",
-          "heldout_top_hit": "needle-block hit (held-out)", "heldout_recall": "recall (held-out)"}
+          "heldout_top_hit": "needle-block hit (held-out)", "heldout_recall": "recall (held-out)",
+          "heldout_tasks_top_hit": "needle-block hit (held-out task prompts)"}
 
 # flags that define a run: a --resume must repeat them (others, like --log-every, may change)
 FINGERPRINT = ("model", "data", "seq_len", "length_mix", "batch", "steps", "lr", "warmup", "weight_decay", "grad_clip", "index_dim",
@@ -184,6 +189,10 @@ def describe(m: dict) -> str:
         out += (f"; held-out retrieval rows: recall {m['heldout_recall']:.3f} needle-block hit "
                 f"{m['heldout_top_hit']:.3f} blocks {m['heldout_selected_frac']:.3f} (oracle "
                 f"{m['heldout_oracle_frac']:.3f})")
+    if "heldout_tasks_top_hit" in m:
+        out += (f"; held-out task prompts: needle-block hit {m['heldout_tasks_top_hit']:.3f} recall "
+                f"{m['heldout_tasks_recall']:.3f} blocks {m['heldout_tasks_selected_frac']:.3f} (oracle "
+                f"{m['heldout_tasks_oracle_frac']:.3f})")
     return out
 
 
@@ -250,9 +259,13 @@ def run(c: DistillConfig) -> dict:
                      start)
 
     eval_tokens = fixed_batch(10 ** 6 + 1)  # a fixed training-distribution window, also used before and after
+    ho_tasks = []
     if tok is not None:  # held-out prose with retrieval events: recall where retrieval happens
         ho_tokens, ho_rows = held_out_retrieval(tok, c.seq_len, c.seed)
         ho_tokens = jax.device_put(np.broadcast_to(ho_tokens, (c.batch, c.seq_len)), tok_sh)
+        if c.seq_len >= MIN_TASK_LEN:  # and the accuracy suite's kinds of prompt (eval split) at their answer rows
+            ho_tasks = [(jax.device_put(t, tok_sh), jnp.asarray(rows))
+                        for t, rows in held_out_tasks(tok, c.seq_len, c.seed, c.batch)]
 
     def evaluate(step, state):
         train = state["params"]
@@ -260,6 +273,9 @@ def run(c: DistillConfig) -> dict:
         if tok is not None:
             ho = eval_j(train, params, ho_tokens, c.top_p, c.kv_block, jnp.asarray(ho_rows))
             m.update({f"heldout_{k}": float(v) for k, v in ho.items() if k != "loss"})
+        if ho_tasks:
+            hts = [eval_j(train, params, t, c.top_p, c.kv_block, rows) for t, rows in ho_tasks]
+            m.update({f"heldout_tasks_{k}": float(np.mean([float(h[k]) for h in hts])) for k in hts[0] if k != "loss"})
         return {"step": step, **m}
 
     def evaluate_at(state, length: int) -> dict:

@@ -247,6 +247,11 @@ def train_example(builder: Builder, task: str, length: int, rng, room: int = 64)
     [length], answer bool [length]: True on the answer's tokens, cut to `room - 1`)."""
     if builder.split == "eval":
         raise ValueError("training examples must not come from the eval split (use Builder(tok, 'train'))")
+    return answered_example(builder, task, length, rng, room)
+
+
+def answered_example(builder: Builder, task: str, length: int, rng, room: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """`train_example` from a Builder of either split (stage 1's held-out task prompts use the eval split's)."""
     p = _generate(builder, task, length - room, rng)
     ans = builder.enc(answer_text(p.answers))[: room - 1]
     eos = builder.tok.eos_token_id if builder.tok.eos_token_id is not None else ans[-1]
