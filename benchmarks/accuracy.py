@@ -16,9 +16,13 @@ Modes (every sparse mode runs the split at every length: `seqlen_threshold` is s
   rtpurbo@NAME for every further `--indexer NAME=DIR`;
 - oracle_topp: top-p over the head's exact attention block masses, same p (the ceiling of any indexer);
 - topk_same_budget: a fixed number of blocks per retrieval head, equal to rtpurbo's mean at that length.
-Rows: {mode, task, kind, length, n, score, blocks_frac}; score is 0-100 (mean per-prompt score), for kind
-"ppl" it is the perplexity of the last 64 tokens of held-out text (decoded token by token, teacher-forced).
-blocks_frac: mean over decode steps and retrieval heads of the fraction of visible key blocks visited.
+Rows: {mode, task, kind, length, n, score, scores, blocks_frac}; score is 0-100 (mean of the per-prompt `scores`),
+for kind "ppl" it is the perplexity of the last 64 tokens of held-out text (decoded token by token,
+teacher-forced; per-prompt mean NLL per token in `nll_per_token`). blocks_frac: mean over decode steps and
+retrieval heads of the fraction of visible key blocks visited. `paired_vs_full`: every mode against full
+attention on the same prompts (`paired`): the mean per-prompt score difference over the five NIAH tasks with its
+standard error and 95% interval, and the perplexity ratio with its interval — prompts shared by both modes
+cancel out, so these intervals are much narrower than two separate means' would be.
 The JSON is rewritten atomically after every cell; an existing one is never replaced without `--overwrite`,
 and `--resume` keeps the cells an interrupted run of the same configuration (model, device, roles, prompts,
 seed, indexers, dtype) saved and runs the rest.
@@ -40,7 +44,7 @@ import numpy as np
 
 from benchmarks.kernels import save
 from rtpurbo_jax.evals.decoding import run_batch
-from rtpurbo_jax.evals.tasks import TASKS, Builder, make_prompt, max_new_tokens, score
+from rtpurbo_jax.evals.tasks import NIAH_TASKS, TASKS, Builder, make_prompt, max_new_tokens, score
 from rtpurbo_jax.serving import check_indexer
 from rtpurbo_jax.sparse_config import SparseConfig
 
@@ -208,7 +212,8 @@ def earlier_rows(path: str, config: dict, resume: bool, overwrite: bool) -> dict
 def _row(mode, task, length, n, out, nll, frac, prompts, tok, steps) -> dict:
     if task == "ppl":
         return {"mode": mode, "task": "ppl", "kind": "ppl", "length": length, "n": n,
-                "score": float(np.exp(nll.sum() / (n * steps))), "blocks_frac": frac}
+                "score": float(np.exp(nll.sum() / (n * steps))), "blocks_frac": frac,
+                "nll_per_token": [float(x) / steps for x in nll]}
     eos = tok.eos_token_id
     texts = []
     for o in out:
@@ -216,7 +221,45 @@ def _row(mode, task, length, n, out, nll, frac, prompts, tok, steps) -> dict:
         texts.append(tok.decode(o[: o.index(eos)] if eos in o else o))
     scores = [score(t, p.answers) for t, p in zip(texts, prompts[task])]
     return {"mode": mode, "task": task, "kind": TASKS[task], "length": length, "n": n,
-            "score": float(np.mean(scores)), "blocks_frac": frac, "sample": texts[0][:120]}
+            "score": float(np.mean(scores)), "scores": [float(x) for x in scores], "blocks_frac": frac,
+            "sample": texts[0][:120]}
+
+
+def paired(rows: list[dict], base: str = "full", tasks: tuple[str, ...] = NIAH_TASKS) -> list[dict]:
+    """Every mode against `base` on the same prompts, per length: {mode, length, n (prompts), score_diff (mean of
+    the per-prompt score differences over `tasks`, points), stderr, ci95 [lo, hi] (normal approximation),
+    differing (prompts whose scores differ)} where both modes have per-prompt scores of every task, plus
+    {ppl_ratio, ppl_ratio_ci95} where both have per-prompt NLLs (the ratio of perplexities, exp of the mean
+    per-prompt NLL difference). Rows of older results without per-prompt values are skipped."""
+    at = {(r["mode"], r["task"], r["length"]): r for r in rows}
+    out = []
+    for mode, length in dict.fromkeys((r["mode"], r["length"]) for r in rows if r["mode"] != base):
+        row = {"mode": mode, "length": length}
+        pairs = [(at.get((mode, t, length)), at.get((base, t, length))) for t in tasks]
+        if all(a and b and "scores" in a and "scores" in b for a, b in pairs):
+            d = np.concatenate([np.subtract(a["scores"], b["scores"]) for a, b in pairs])
+            se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
+            row.update(n=int(d.size), score_diff=float(d.mean()), stderr=se,
+                       ci95=[float(d.mean() - 1.96 * se), float(d.mean() + 1.96 * se)], differing=int((d != 0).sum()))
+        a, b = at.get((mode, "ppl", length)), at.get((base, "ppl", length))
+        if a and b and "nll_per_token" in a and "nll_per_token" in b:
+            d = np.subtract(a["nll_per_token"], b["nll_per_token"])
+            se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
+            row.update(ppl_ratio=float(np.exp(d.mean())),
+                       ppl_ratio_ci95=[float(np.exp(d.mean() - 1.96 * se)), float(np.exp(d.mean() + 1.96 * se))])
+        if len(row) > 2:
+            out.append(row)
+    return out
+
+
+def describe_paired(p: dict) -> str:
+    """One log line of a `paired` row."""
+    out = f"[accuracy] {p['length']:>6} {p['mode']:<26} vs full:"
+    if "score_diff" in p:
+        out += f" NIAH {p['score_diff']:+6.2f} points (95% CI {p['ci95'][0]:+.2f} .. {p['ci95'][1]:+.2f}; {p['n']} prompts)"
+    if "ppl_ratio" in p:
+        out += f" ppl x{p['ppl_ratio']:.4f} ({p['ppl_ratio_ci95'][0]:.4f} .. {p['ppl_ratio_ci95'][1]:.4f})"
+    return out
 
 
 def plot(res: dict, path: str) -> None:
@@ -303,6 +346,8 @@ def main(argv=None) -> int:
     evaluate(params, cfg, tok, modes, indexers, args.lengths, args.tasks, args.prompts, args.seed,
              log=lambda s: print(s, flush=True), done=done, on_row=save_row)
     res = _result(model, device, shipped, args, params, rows)
+    for p in res["paired_vs_full"]:
+        print(describe_paired(p), flush=True)
     plot(res, out + ".png")
     print(f"[accuracy] wrote {out}.json / .png")
     return 0
@@ -314,7 +359,7 @@ def _result(model, device, shipped, args, params, rows) -> dict:
                       "retrieval_heads": int(shipped.roles_array.sum()), "total_heads": int(shipped.roles_array.size),
                       "seqlen_threshold_in_benchmark": 0, "indexers": args.indexer, "prompts": args.prompts,
                       "seed": args.seed, "dtype": str(jnp.dtype(params["embed"].dtype))},
-           "rows": rows}
+           "rows": rows, "paired_vs_full": paired(rows)}
 
 
 if __name__ == "__main__":

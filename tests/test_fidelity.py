@@ -142,6 +142,14 @@ def test_suite_end_to_end_tiny_model(tok, tmp_path, monkeypatch):
         assert by[(m, "ppl")]["score"] == pytest.approx(by[("full", "ppl")]["score"], rel=1e-4)
         assert by[(m, "niah_single_noise")]["sample"] == by[("full", "niah_single_noise")]["sample"]
     assert by[("rtpurbo", "ppl")]["score"] != pytest.approx(by[("full", "ppl")]["score"], rel=1e-6)
+    for r in rows:  # per-prompt values behind every mean: the paired comparison's input
+        per = r["nll_per_token"] if r["task"] == "ppl" else r["scores"]
+        assert len(per) == 2
+        if r["task"] != "ppl":
+            assert np.mean(per) == pytest.approx(r["score"])
+    pairs = {p["mode"]: p for p in accuracy.paired(rows, tasks=("niah_single_noise",))}
+    assert pairs["oracle_p1"]["score_diff"] == 0 and pairs["oracle_p1"]["ppl_ratio"] == pytest.approx(1.0, rel=1e-4)
+    assert pairs["rtpurbo"]["ppl_ratio"] != pytest.approx(1.0, rel=1e-6)
 
     calls, real = [], accuracy.run_batch
     monkeypatch.setattr(accuracy, "run_batch", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
@@ -311,3 +319,32 @@ def test_each_indexer_runs_at_its_own_width():
     assert modes["rtpurbo"].sparse.index_dim == modes["dense_retrieval"].sparse.index_dim == 8
     assert modes["rtpurbo@b"].sparse.index_dim == 32 and modes["local_only"].sparse.index_dim == 16
     assert modes["full"].sparse is None
+
+
+def test_paired_comparison_against_full_attention():
+    """`paired`: per-prompt differences on the same prompts — mean, standard error, 95% interval, prompts that
+    differ — over every task of the set, and the perplexity ratio; a mode lacking a task (or an older row
+    without per-prompt values) gets no score difference."""
+    from benchmarks.accuracy import describe_paired, paired
+
+    rng = np.random.default_rng(0)
+    tasks = ("a", "b")
+    base = {t: rng.choice([0.0, 100.0], 50) for t in tasks}
+    flip = {t: base[t].copy() for t in tasks}
+    flip["a"][:3] = 100.0 - flip["a"][:3]  # three prompts change their outcome
+    rows = [{"mode": m, "task": t, "length": 8, "scores": list(v[t])} for m, v in (("full", base), ("x", flip))
+            for t in tasks]
+    rows += [{"mode": m, "task": "ppl", "length": 8, "nll_per_token": list(np.full(10, 2.0) + (m == "x") * 0.01)}
+             for m in ("full", "x")]
+    rows += [{"mode": "y", "task": "a", "length": 8, "scores": list(base["a"])},  # no task b
+             {"mode": "z", "task": "a", "length": 8, "score": 50.0}, {"mode": "z", "task": "b", "length": 8, "score": 50.0}]
+    got = {p["mode"]: p for p in paired(rows, tasks=tasks)}
+    d = np.concatenate([flip[t] - base[t] for t in tasks])
+    assert got["x"]["n"] == 100 and got["x"]["differing"] == 3
+    assert got["x"]["score_diff"] == pytest.approx(d.mean())
+    assert got["x"]["stderr"] == pytest.approx(d.std(ddof=1) / 10)
+    lo, hi = got["x"]["ci95"]
+    assert lo < d.mean() < hi and hi - lo == pytest.approx(2 * 1.96 * d.std(ddof=1) / 10)
+    assert got["x"]["ppl_ratio"] == pytest.approx(np.exp(0.01)) and got["x"]["ppl_ratio_ci95"][0] == pytest.approx(np.exp(0.01))
+    assert "y" not in got and "z" not in got
+    assert "NIAH" in describe_paired(got["x"]) and "ppl x1.0101" in describe_paired(got["x"])

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from rtpurbo_jax.evals.tasks import word_list
+from rtpurbo_jax.evals.tasks import NIAH_TASKS, word_list
 
 
 def _jsonl(source: str) -> list[dict]:
@@ -233,7 +233,6 @@ class EventWindows(PackedWindows):
         return self.example(step, global_batch, process_index, process_count)[0]
 
 
-NIAH_TASKS = ("niah_single_noise", "niah_single_prose", "niah_multikey", "niah_multivalue", "niah_multiquery")
 MIN_TASK_LEN = 512  # task windows: the multi-key / -query prompts' fixed text (~250 tokens) + a haystack + the answer
 
 

@@ -40,6 +40,8 @@ TASKS = {
     "niah_multiquery": "retrieval", "variable_tracking": "retrieval", "common_words": "aggregation",
     "frequent_words": "aggregation",
 }
+# the tasks a 135M model solves at all: the README's "NIAH mean", stage 1's task windows, the paired comparison
+NIAH_TASKS = ("niah_single_noise", "niah_single_prose", "niah_multikey", "niah_multivalue", "niah_multiquery")
 DEPTH = (0.05, 0.95)  # where needles go, as fractions of the haystack (RULER's spread)
 MAX_NEW = {"niah_single_uuid": 40, "niah_multivalue": 48, "niah_multiquery": 48, "variable_tracking": 40,
            "common_words": 48, "frequent_words": 16}  # generated tokens per task (default 12)
