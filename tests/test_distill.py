@@ -179,10 +179,10 @@ def test_frozen_teacher_attention_backend():
         make_teacher(CFG, heads, "cudnn")(params, tokens)
 
 
-def test_held_out_evaluation_with_a_tokenizer(tmp_path, smollm2_tokenizer):
-    """With the model's tokenizer, every evaluation row also scores held-out text the run never trains on:
-    retrieval events in eval-split prose (`heldout_*`) and the accuracy suite's kinds of prompt over the eval
-    split at their answer rows (`heldout_tasks_*`); fractions in [0, 1], in metrics.jsonl and the summary."""
+@pytest.fixture(scope="module")
+def with_tokenizer(tmp_path_factory, smollm2_tokenizer):
+    """A tiny random model with SmolLM2's tokenizer, converted into RUN/converted as the main job lays it out,
+    and a 2-step stage 1 on the bundled corpus in RUN: (RUN, summary)."""
     import jax
 
     from rtpurbo_jax.checkpoint import save_converted
@@ -191,18 +191,43 @@ def test_held_out_evaluation_with_a_tokenizer(tmp_path, smollm2_tokenizer):
     from rtpurbo_jax.sparse_config import SparseConfig
 
     tok = smollm2_tokenizer
+    run_dir = tmp_path_factory.mktemp("tok") / "run"
     cfg = ModelConfig(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=1024)
+                      num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=1024,
+                      eos_token_id=tok.eos_token_id)
     roles = np.zeros((2, 4), int)
     roles[0, 1] = roles[1, 2] = 1
-    conv = save_converted(str(tmp_path / "conv"), init_params(cfg, jax.random.key(0), scale=0.3), cfg,
+    conv = save_converted(str(run_dir / "converted"), init_params(cfg, jax.random.key(0), scale=0.3), cfg,
                           sparse_config=SparseConfig(roles=roles.tolist(), window=64, index_dim=4).to_dict(),
                           tokenizer=tok)
-    summary = run(parse_args(["--model", conv, "--run-dir", str(tmp_path / "r"), "--seq-len", "512", "--batch", "2",
+    summary = run(parse_args(["--model", conv, "--run-dir", str(run_dir), "--seq-len", "512", "--batch", "2",
                               "--steps", "2", "--index-dim", "4", "--chunk", "64", "--init", "random",
                               "--eval-passkey", "0", "--mesh", "1,1", "--log-every", "1", "--ckpt-every", "2"]))
+    return run_dir, summary
+
+
+def test_held_out_evaluation_with_a_tokenizer(with_tokenizer):
+    """With the model's tokenizer, every evaluation row also scores held-out text the run never trains on:
+    retrieval events in eval-split prose (`heldout_*`) and the accuracy suite's kinds of prompt over the eval
+    split at their answer rows (`heldout_tasks_*`); fractions in [0, 1], in metrics.jsonl and the summary."""
+    run_dir, summary = with_tokenizer
     for row in (summary["before"], summary["after"]):
         for k in ("heldout_top_hit", "heldout_recall", "heldout_tasks_top_hit", "heldout_tasks_recall",
                   "heldout_tasks_selected_frac", "heldout_tasks_oracle_frac"):
             assert 0.0 <= row[k] <= 1.0, (k, row)
-    assert "heldout_tasks_top_hit" in json.loads(open(tmp_path / "r" / "metrics.jsonl").readline())
+    assert "heldout_tasks_top_hit" in json.loads(open(run_dir / "metrics.jsonl").readline())
+
+
+def test_readme_python_runs_on_the_main_jobs_outputs(with_tokenizer, capsys):
+    """Every ```python block of README.md, run as written on outputs laid out like the main job's
+    (runs/distill-smollm2/{converted, indexer}; here a tiny model with SmolLM2's tokenizer)."""
+    import re
+
+    run_dir, _ = with_tokenizer
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert len(blocks) >= 2 and all("runs/distill-smollm2" in b for b in blocks)
+    for block in blocks:
+        scope: dict = {}
+        exec(compile(block.replace("runs/distill-smollm2", str(run_dir)), "README.md", "exec"), scope)
+    assert "tokens/s" in capsys.readouterr().out  # the serving example printed its text and speed
