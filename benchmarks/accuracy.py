@@ -22,7 +22,9 @@ teacher-forced; per-prompt mean NLL per token in `nll_per_token`). blocks_frac: 
 retrieval heads of the fraction of visible key blocks visited. `paired_vs_full`: every mode against full
 attention on the same prompts (`paired`): the mean per-prompt score difference over the five NIAH tasks with its
 standard error and 95% interval, and the perplexity ratio with its interval — prompts shared by both modes
-cancel out, so these intervals are much narrower than two separate means' would be.
+cancel out, so these intervals are much narrower than two separate means' would be. `--compare A.json B.json`
+runs nothing: it compares two result files of the same prompts (same model, --prompts and --seed) mode by
+mode, B minus A, the same way (e.g. two indexers, or before and after stage 2, from separate runs).
 The JSON is rewritten atomically after every cell; an existing one is never replaced without `--overwrite`,
 and `--resume` keeps the cells an interrupted run of the same configuration (model, device, roles, prompts,
 seed, indexers, dtype) saved and runs the rest.
@@ -234,27 +236,55 @@ def paired(rows: list[dict], base: str = "full", tasks: tuple[str, ...] = NIAH_T
     at = {(r["mode"], r["task"], r["length"]): r for r in rows}
     out = []
     for mode, length in dict.fromkeys((r["mode"], r["length"]) for r in rows if r["mode"] != base):
-        row = {"mode": mode, "length": length}
-        pairs = [(at.get((mode, t, length)), at.get((base, t, length))) for t in tasks]
-        if all(a and b and "scores" in a and "scores" in b for a, b in pairs):
-            d = np.concatenate([np.subtract(a["scores"], b["scores"]) for a, b in pairs])
-            se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
-            row.update(n=int(d.size), score_diff=float(d.mean()), stderr=se,
-                       ci95=[float(d.mean() - 1.96 * se), float(d.mean() + 1.96 * se)], differing=int((d != 0).sum()))
-        a, b = at.get((mode, "ppl", length)), at.get((base, "ppl", length))
-        if a and b and "nll_per_token" in a and "nll_per_token" in b:
-            d = np.subtract(a["nll_per_token"], b["nll_per_token"])
-            se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
-            row.update(ppl_ratio=float(np.exp(d.mean())),
-                       ppl_ratio_ci95=[float(np.exp(d.mean() - 1.96 * se)), float(np.exp(d.mean() + 1.96 * se))])
-        if len(row) > 2:
-            out.append(row)
+        row = _paired_cell(at, mode, at, base, length, tasks)
+        if row:
+            out.append({"mode": mode, "length": length, **row})
     return out
 
 
-def describe_paired(p: dict) -> str:
-    """One log line of a `paired` row."""
-    out = f"[accuracy] {p['length']:>6} {p['mode']:<26} vs full:"
+def _paired_cell(at: dict, mode: str, base_at: dict, base: str, length: int, tasks) -> dict:
+    """`paired`'s figures of `mode` (rows `at`, keyed (mode, task, length)) against `base` (rows `base_at`) at one
+    length; {} where neither comparison has per-prompt values."""
+    row: dict = {}
+    pairs = [(at.get((mode, t, length)), base_at.get((base, t, length))) for t in tasks]
+    if all(a and b and "scores" in a and "scores" in b and len(a["scores"]) == len(b["scores"]) for a, b in pairs):
+        d = np.concatenate([np.subtract(a["scores"], b["scores"]) for a, b in pairs])
+        se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
+        row.update(n=int(d.size), score_diff=float(d.mean()), stderr=se,
+                   ci95=[float(d.mean() - 1.96 * se), float(d.mean() + 1.96 * se)], differing=int((d != 0).sum()))
+    a, b = at.get((mode, "ppl", length)), base_at.get((base, "ppl", length))
+    if a and b and "nll_per_token" in a and "nll_per_token" in b and len(a["nll_per_token"]) == len(b["nll_per_token"]):
+        d = np.subtract(a["nll_per_token"], b["nll_per_token"])
+        se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
+        row.update(ppl_ratio=float(np.exp(d.mean())),
+                   ppl_ratio_ci95=[float(np.exp(d.mean() - 1.96 * se)), float(np.exp(d.mean() + 1.96 * se))])
+    return row
+
+
+# what makes two runs' prompts the same (`compare_runs`)
+SAME_PROMPTS = ("model", "prompts", "seed")
+
+
+def compare_runs(a: dict, b: dict, tasks: tuple[str, ...] = NIAH_TASKS) -> list[dict]:
+    """Two result JSONs (dicts) of the same prompts — same model, prompt count and seed (the prompts are drawn from
+    those and the length) — compared mode by mode: `paired`'s figures of run b's mode against run a's same mode,
+    for every (mode, length) both hold. Raises naming what differs when the prompts cannot be the same."""
+    key = lambda r: {"model": r.get("model"), **{k: r.get("config", {}).get(k) for k in SAME_PROMPTS[1:]}}
+    if key(a) != key(b):
+        raise ValueError(f"the runs did not score the same prompts: {key(a)} vs {key(b)}")
+    at_a = {(r["mode"], r["task"], r["length"]): r for r in a["rows"]}
+    at_b = {(r["mode"], r["task"], r["length"]): r for r in b["rows"]}
+    out = []
+    for mode, length in dict.fromkeys((r["mode"], r["length"]) for r in b["rows"]):
+        row = _paired_cell(at_b, mode, at_a, mode, length, tasks)
+        if row:
+            out.append({"mode": mode, "length": length, **row})
+    return out
+
+
+def describe_paired(p: dict, against: str = "full") -> str:
+    """One log line of a `paired` (or `compare_runs`) row."""
+    out = f"[accuracy] {p['length']:>6} {p['mode']:<26} vs {against}:"
     if "score_diff" in p:
         out += f" NIAH {p['score_diff']:+6.2f} points (95% CI {p['ci95'][0]:+.2f} .. {p['ci95'][1]:+.2f}; {p['n']} prompts)"
     if "ppl_ratio" in p:
@@ -300,7 +330,9 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--converted", required=True, help="a converted checkpoint with roles (python -m convert)")
+    p.add_argument("--converted", help="a converted checkpoint with roles (python -m convert)")
+    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
+                   help="no run: compare two result files of the same prompts mode by mode (B minus A, paired)")
     p.add_argument("--indexer", action="append", default=[],
                    help="DIR or NAME=DIR of a trained indexer (train.distill's indexer/); the first is the shipped one")
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8000])
@@ -315,6 +347,19 @@ def main(argv=None) -> int:
                    help="keep the cells an interrupted run of the same configuration saved in --out, run the rest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out JSON")
     args = p.parse_args(argv)
+    if args.compare:
+        runs = []
+        for path in args.compare:
+            with open(path) as f:
+                runs.append(json.load(f))
+        rows = compare_runs(*runs, tasks=tuple(t for t in NIAH_TASKS if t in args.tasks))
+        for r in rows:
+            print(describe_paired(r, against=os.path.basename(args.compare[0])), flush=True)
+        if not rows:
+            print("[accuracy] no (mode, length) of both runs has per-prompt values to compare", flush=True)
+        return 0
+    if not args.converted:
+        p.error("--converted is required (or --compare A.json B.json)")
     ckpt = load_converted(args.converted)
     cfg, tok = ckpt.model_config, ckpt.tokenizer()
     params = ckpt.params if args.dtype is None else jax.tree.map(lambda x: jnp.asarray(x, args.dtype), ckpt.params)

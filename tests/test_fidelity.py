@@ -348,3 +348,29 @@ def test_paired_comparison_against_full_attention():
     assert got["x"]["ppl_ratio"] == pytest.approx(np.exp(0.01)) and got["x"]["ppl_ratio_ci95"][0] == pytest.approx(np.exp(0.01))
     assert "y" not in got and "z" not in got
     assert "NIAH" in describe_paired(got["x"]) and "ppl x1.0101" in describe_paired(got["x"])
+
+
+def test_compare_runs_pairs_the_same_prompts_across_files(tmp_path, capsys):
+    """`--compare A.json B.json`: two runs of the same prompts (model, prompt count, seed) compared mode by mode,
+    B minus A, paired; runs of other prompts are refused, naming what differs."""
+    from benchmarks.accuracy import compare_runs, main
+
+    task = "niah_single_noise"
+
+    def run(scores_x, seed=0):
+        rows = [{"mode": m, "task": t, "length": 8, "scores": list(v)} for m, v in (("full", [0, 100, 100, 0]),
+                                                                                  ("x", scores_x)) for t in (task,)]
+        return {"model": "m", "config": {"prompts": 4, "seed": seed}, "rows": rows}
+
+    a, b = run([0, 0, 100, 0]), run([100, 100, 100, 0])
+    got = {r["mode"]: r for r in compare_runs(a, b, tasks=(task,))}
+    assert got["full"]["score_diff"] == 0 and got["full"]["differing"] == 0
+    assert got["x"]["score_diff"] == 50.0 and got["x"]["differing"] == 2 and got["x"]["n"] == 4
+    with pytest.raises(ValueError, match="same prompts.*seed"):
+        compare_runs(a, run([0, 0, 0, 0], seed=1), tasks=(task,))
+    for name, res in (("a.json", a), ("b.json", b)):
+        (tmp_path / name).write_text(json.dumps(res))
+    assert main(["--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--tasks", task]) == 0
+    assert "x                          vs a.json: NIAH +50.00 points" in capsys.readouterr().out
+    assert main(["--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--tasks", "niah_multikey"]) == 0
+    assert "no (mode, length)" in capsys.readouterr().out
