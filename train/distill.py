@@ -99,8 +99,16 @@ class DistillConfig(RunFlags):
             raise ValueError(f"--eval-len and --eval-passkey must be >= 0, got {self.eval_len}, {self.eval_passkey}")
         if max_positions is not None and self.seq_len > max_positions:
             raise ValueError(f"--seq-len {self.seq_len} exceeds the model's {max_positions} positions")
-        parse_lengths(self.length_mix, "--length-mix", self.seq_len)
-        parse_lengths(self.eval_lengths, "--eval-lengths", max_positions or 1 << 30)
+        self.mix_lengths()
+        self.eval_length_list(max_positions or 1 << 30)
+
+    def mix_lengths(self) -> tuple[int, ...]:
+        """--length-mix's window lengths (each <= --seq-len), () for none."""
+        return parse_lengths(self.length_mix, "--length-mix", self.seq_len)
+
+    def eval_length_list(self, max_positions: int) -> tuple[int, ...]:
+        """--eval-lengths (each <= the model's positions), () for none."""
+        return parse_lengths(self.eval_lengths, "--eval-lengths", max_positions)
 
 
 def parse_args(argv=None) -> DistillConfig:
@@ -203,7 +211,7 @@ def run(c: DistillConfig) -> dict:
     ckpt, sparse = prepare_model(c)
     cfg = ckpt.model_config
     c.validate(cfg.max_position_embeddings)
-    mix = parse_lengths(c.length_mix, "--length-mix", c.seq_len)
+    mix = c.mix_lengths()
     for length, flag in [(c.seq_len, "--seq-len")] + [(x, "--length-mix") for x in mix]:
         if length <= sparse.sinks + sparse.keep_recent:
             raise ValueError(f"{flag} {length} leaves nothing to select: the first {sparse.sinks} and the last "
@@ -328,7 +336,7 @@ def finish(c: DistillConfig, ckpt, sparse, heads, state, before, evaluate, loop,
                     "KL (summed over retrieval heads)", ylim=(0, 1.02))
     summary = {"before": before, "after": after, "retrieval_heads": len(heads)}
     log0(f"[distill] after {c.steps} steps: {describe(after)}")
-    for length in parse_lengths(c.eval_lengths, "--eval-lengths", cfg.max_position_embeddings) if evaluate_at else ():
+    for length in c.eval_length_list(cfg.max_position_embeddings) if evaluate_at else ():
         m = evaluate_at(state, length)
         summary.setdefault("heldout_by_length", {})[str(length)] = m
         log0(f"[distill] held-out retrieval rows at {length} tokens: recall {m['recall']:.3f} needle-block hit "
