@@ -51,6 +51,8 @@ class AttentionCall:
     prefill_backend / decode_backend: the op backends (`pallas_kernels.sparse_attention.api.BACKENDS` /
     `pallas_kernels.sparse_decode.api.BACKENDS`; None: the op picks for the device and logs it).
     chunk: query rows per step of the reference prefill op (memory O(B · N · chunk · S)).
+    mesh: None, or a Mesh whose "data" axis splits the batch: `cached_attention` runs per shard (`shard_map`),
+    because XLA does not partition a Pallas kernel (serving's `data_parallel_mesh` decides).
     """
 
     decode: bool = False
@@ -60,6 +62,7 @@ class AttentionCall:
     decode_backend: str | None = "reference"
     interpret: bool = False
     chunk: int = 512
+    mesh: object = None
 
 
 @jax.tree_util.register_dataclass
@@ -357,7 +360,10 @@ def cached_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLa
     active: None, or bool [R] (traced): which of ll.retrieval_q are retrieval heads in this layer — a padded
     stacked layout's slots (`kv_cache.LayerLayout.padded`); the others are local heads that keep index keys.
     rows: `new_rows(qkv, ll, ix)` when the caller has them already (`layer_scan` writes them into its stack).
+    With `call.mesh` the layer runs per shard of its "data" axis (`shard_map`; every sequence with all its heads).
     """
+    if call.mesh is not None:
+        return _cached_attention_per_shard(qkv, lc, ll, layout, cfg, sparse, ix, pos, call, active, rows)
     outs, order, frac = [], [], None
     rows = new_rows(qkv, ll, ix) if rows is None else rows
     if ll.full_kv:
@@ -393,6 +399,23 @@ def cached_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLa
         lc = dataclasses.replace(lc, k_sink=k_sink, v_sink=v_sink, k_ring=k_ring, v_ring=v_ring)
     inv = np.argsort(np.asarray(order))
     return jnp.concatenate(outs, axis=2)[:, :, inv], lc, frac
+
+
+def _cached_attention_per_shard(qkv, lc, ll, layout, cfg, sparse, ix, pos, call, active, rows):
+    """`cached_attention` under `shard_map` over `call.mesh`'s "data" axis: the call's rows, the layer's cache and
+    positions split by sequence; the indexer rows and `active` replicated."""
+    d = P("data")
+    inner = dataclasses.replace(call, mesh=None)
+    has_frac = []  # whether the layer reports blocks_frac (static: set while shard_map traces `core`)
+
+    def core(qkv, lc, ix, pos, active, rows):
+        out, lc, frac = cached_attention(qkv, lc, ll, layout, cfg, sparse, ix, pos, inner, active, rows)
+        has_frac.append(frac is not None)
+        return out, lc, jnp.zeros(out.shape[:1], jnp.float32) if frac is None else frac
+
+    out, lc, frac = jax.shard_map(core, mesh=call.mesh, in_specs=(d, d, P(), d, P(), d), out_specs=(d, d, d),
+                                  check_vma=False)(qkv, lc, ix, pos, active, rows)
+    return out, lc, frac if has_frac[0] else None
 
 
 __all__ = ["AttentionCall", "Positions", "cached_attention", "heads_attention", "local_slots", "new_rows", "scatter_rows",

@@ -2,7 +2,8 @@
 
 All three are jitted (configs static, the cache donated) and follow the input shardings: place params with
 `params.param_shardings` and the cache with `kv_cache.cache_shardings` (heads on the `model` axis) and XLA
-keeps them there. Every layer runs `model.decoder_layer` with `attention.cached_attention` — the same layer,
+keeps them there. A cache split over "data" only makes `prefill` / `decode_step` run each layer's attention per
+shard (`data_parallel_mesh`), since XLA would gather a Pallas kernel's inputs. Every layer runs `model.decoder_layer` with `attention.cached_attention` — the same layer,
 planner and ops as the full-sequence forward (`lm.apply`), whose semantics are documented once in
 `rtpurbo_jax.planner`; with `sparse=None` the cache is dense and the model runs plain causal attention.
 
@@ -133,7 +134,7 @@ def _run_tokens(params, cache: HybridCache, tokens, pos: Positions, indexer, cfg
 
 
 def _prefill(params, cache, tokens, lengths, indexer, cfg, sparse, chunk, backends=("reference", "reference"),
-             interpret=False):
+             interpret=False, mesh=None):
     b, t = tokens.shape
     indexer_mode = sparse is not None and sparse.prefill_mode == "indexer"
     unit = sparse.q_block if indexer_mode else 1
@@ -146,7 +147,8 @@ def _prefill(params, cache, tokens, lengths, indexer, cfg, sparse, chunk, backen
     start = cache.lengths
     total = start + lengths
     call = AttentionCall(decode=False, tile=sparse.q_block if indexer_mode else 1, dense_retrieval=not indexer_mode,
-                         prefill_backend=backends[0], decode_backend=backends[1], interpret=interpret, chunk=chunk)
+                         prefill_backend=backends[0], decode_backend=backends[1], interpret=interpret, chunk=chunk,
+                         mesh=mesh)
 
     def body(carry, i):
         cache, last_h = carry
@@ -195,10 +197,34 @@ def check_call(cache: HybridCache, tokens, cfg: ModelConfig, sparse: SparseConfi
                          f"{end}: init_cache with a larger max_len")
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sparse", "chunk", "backend", "interpret"),
+@functools.partial(jax.jit, static_argnames=("cfg", "sparse", "chunk", "backend", "interpret", "mesh"),
                    donate_argnames=("cache",))
-def _prefill_jit(params, cache, tokens, lengths, indexer, *, cfg, sparse, chunk, backend, interpret):
-    return _prefill(params, cache, tokens, lengths, indexer, cfg, sparse, chunk, _resolve(backend), interpret)
+def _prefill_jit(params, cache, tokens, lengths, indexer, *, cfg, sparse, chunk, backend, interpret, mesh=None):
+    return _prefill(params, cache, tokens, lengths, indexer, cfg, sparse, chunk, _resolve(backend), interpret, mesh)
+
+
+def data_parallel_mesh(cache: HybridCache):
+    """The mesh whose "data" axis splits `cache`'s batch when that is the only split of every buffer (the layers
+    unrolled; `kv_cache.cache_shardings` on a mesh whose other axes have size 1), else None. Serving then runs
+    each layer's attention per shard (`AttentionCall.mesh`): XLA does not partition a Pallas kernel and would
+    gather the whole cache onto every device. A cache also split over heads is left to XLA (see the README)."""
+    if cache.layout.scan:
+        return None
+    first = getattr(cache.lengths, "sharding", None)  # decides the common single-device case in ~1 us
+    if not isinstance(first, jax.sharding.NamedSharding) or first.mesh.size == 1:
+        return None
+    shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves(cache.layers) if x.size]
+    if not shardings or not all(isinstance(sh, jax.sharding.NamedSharding) for sh in shardings):
+        return None
+    mesh = shardings[0].mesh
+    if mesh.size == 1 or "data" not in mesh.shape or mesh.shape["data"] == 1:
+        return None
+    split = lambda a: a is not None and any(mesh.shape[n] > 1 for n in (a if isinstance(a, tuple) else (a,)))
+    for sh in shardings:
+        spec = tuple(sh.spec) + (None,) * 4
+        if sh.mesh != mesh or spec[0] != "data" or any(split(a) for a in spec[1:]):
+            return None
+    return mesh
 
 
 def prefill(params, cache: HybridCache, tokens, lengths, indexer=None, *, cfg: ModelConfig,
@@ -218,24 +244,25 @@ def prefill(params, cache: HybridCache, tokens, lengths, indexer=None, *, cfg: M
     if check:
         check_call(cache, tokens, cfg, sparse, indexer, lengths=lengths)
     return _prefill_jit(params, cache, tokens, lengths, indexer, cfg=cfg, sparse=sparse, chunk=chunk,
-                        backend=op_backends(backend), interpret=interpret)
+                        backend=op_backends(backend), interpret=interpret, mesh=data_parallel_mesh(cache))
 
 
-def _decode(params, cache, tokens, indexer, cfg, sparse, backends=("reference", "reference"), interpret=False):
+def _decode(params, cache, tokens, indexer, cfg, sparse, backends=("reference", "reference"), interpret=False,
+            mesh=None):
     q_pos = cache.lengths[:, None]
     valid = jnp.ones_like(q_pos, bool)
     dense = sparse is None or (sparse.top_p >= 1.0 and sparse.max_blocks is None)
     call = AttentionCall(decode=True, tile=1, dense_retrieval=dense, prefill_backend=backends[0],
-                         decode_backend=backends[1], interpret=interpret)
+                         decode_backend=backends[1], interpret=interpret, mesh=mesh)
     pos = Positions(q_pos, valid, cache.lengths, cache.lengths + 1)
     x, cache, frac = _run_tokens(params, cache, tokens[:, None], pos, indexer, cfg, sparse, call)
     return logits_from_hidden(params, x[:, 0], cfg), cache, frac
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sparse", "backend", "interpret", "stats"),
+@functools.partial(jax.jit, static_argnames=("cfg", "sparse", "backend", "interpret", "stats", "mesh"),
                    donate_argnames=("cache",))
-def _decode_jit(params, cache, tokens, indexer, *, cfg, sparse, backend, interpret, stats):
-    logits, cache, frac = _decode(params, cache, tokens, indexer, cfg, sparse, _resolve(backend), interpret)
+def _decode_jit(params, cache, tokens, indexer, *, cfg, sparse, backend, interpret, stats, mesh=None):
+    logits, cache, frac = _decode(params, cache, tokens, indexer, cfg, sparse, _resolve(backend), interpret, mesh)
     return (logits, cache, {"blocks_frac": frac}) if stats else (logits, cache)
 
 
@@ -253,8 +280,7 @@ def decode_step(params, cache: HybridCache, tokens, indexer=None, *, cfg: ModelC
     if check:
         check_call(cache, tokens, cfg, sparse, indexer)
     return _decode_jit(params, cache, tokens, indexer, cfg=cfg, sparse=sparse, backend=op_backends(backend),
-                       interpret=interpret,
-                       stats=stats)
+                       interpret=interpret, stats=stats, mesh=data_parallel_mesh(cache))
 
 
 def _stops(stop_tokens) -> jax.Array:
@@ -416,5 +442,5 @@ def generate(params, prompts, lengths, *, cfg: ModelConfig, max_new_tokens: int,
     return {"tokens": tokens, "num_tokens": count, "cache": cache}
 
 
-__all__ = ["GenerateExecutables", "check_call", "check_indexer", "compile_generate", "decode_step", "generate",
-           "prefill"]
+__all__ = ["GenerateExecutables", "check_call", "check_indexer", "compile_generate", "data_parallel_mesh", "decode_step",
+           "generate", "prefill"]

@@ -296,6 +296,39 @@ def test_sharded_decode_equals_single_device(model):
     assert cache.layers[0].k_full.shape[2] == 1
 
 
+def test_data_parallel_cache_runs_attention_per_shard(model1):
+    """A cache split over "data" only (a (4, 1) mesh): prefill and decode_step run each layer's attention per
+    shard (`shard_map`; the Triton kernels in interpret mode here) and give the single-device logits; the cache
+    stays split. A cache whose heads are also split (a (2, 2) mesh) or a single-device one is left to XLA."""
+    from rtpurbo_jax.serving import _decode_jit, data_parallel_mesh
+
+    params, ix = model1
+    sp = sparse_cfg1(q_block=8, window=9, sinks=2)
+    toks = tokens(4, 36, seed=23)
+    want = run_prefill_decode(params, ix, toks, 32, sp, max_len=48, chunk=16, cfg=CFG1)
+    mesh = Mesh(np.asarray(jax.devices()[:4]).reshape(4, 1), ("data", "model"))
+    cache = init_cache(CFG1, 4, 48, sp, jnp.float32)
+    assert data_parallel_mesh(cache) is None
+    cache = jax.device_put(cache, cache_shardings(cache, mesh))
+    assert data_parallel_mesh(cache) is mesh
+    lg, cache = prefill(params, cache, toks[:, :32], jnp.full((4,), 32), ix, cfg=CFG1, sparse=sp, chunk=16,
+                        backend="triton", interpret=True)
+    got = [lg]
+    for i in range(32, 36):
+        lg, cache = decode_step(params, cache, toks[:, i], ix, cfg=CFG1, sparse=sp, backend="triton",
+                                interpret=True)
+        got.append(lg)
+    assert_logits_close(np.stack(got), want)
+    assert cache.layers[0].k_full.sharding.spec[0] == "data"
+    jaxpr = jax.make_jaxpr(lambda c: _decode_jit(params, c, toks[:, 0], ix, cfg=CFG1, sparse=sp,
+                                                 backend=("triton", "triton"), interpret=True, stats=False,
+                                                 mesh=mesh))(cache)
+    assert "shard_map" in str(jaxpr)
+    two = Mesh(np.asarray(jax.devices()[:4]).reshape(2, 2), ("data", "model"))
+    c2 = init_cache(CFG1, 4, 48, sp, jnp.float32)
+    assert data_parallel_mesh(jax.device_put(c2, cache_shardings(c2, two))) is None  # heads split too
+
+
 def test_sharded_dense_cache_keeps_heads_on_model_axis(model):
     params, _ = model
     toks = tokens(2, 20, seed=22)
