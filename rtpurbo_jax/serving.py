@@ -44,7 +44,7 @@ from pallas_kernels.sparse_attention.api import BACKENDS as PREFILL_BACKENDS
 from pallas_kernels.sparse_decode.api import BACKENDS as DECODE_BACKENDS
 from rtpurbo_jax import indexer as ixr
 from rtpurbo_jax.attention import AttentionCall, Positions, cached_attention
-from rtpurbo_jax.kv_cache import SCAN_MODES, HybridCache, init_cache
+from rtpurbo_jax.kv_cache import SCAN_MODES, HybridCache, cache_shardings, init_cache
 from rtpurbo_jax.layer_scan import scan_layers
 from rtpurbo_jax.model import decoder_layer, logits_from_hidden, rms_norm, rope_cos_sin
 from rtpurbo_jax.model_config import ModelConfig
@@ -204,12 +204,12 @@ def _prefill_jit(params, cache, tokens, lengths, indexer, *, cfg, sparse, chunk,
 
 
 def data_parallel_mesh(cache: HybridCache):
-    """The mesh whose "data" axis splits `cache`'s batch when that is the only split of every buffer (the layers
-    unrolled; `kv_cache.cache_shardings` on a mesh whose other axes have size 1), else None. Serving then runs
-    each layer's attention per shard (`AttentionCall.mesh`): XLA does not partition a Pallas kernel and would
-    gather the whole cache onto every device. A cache also split over heads is left to XLA (see the README)."""
-    if cache.layout.scan:
-        return None
+    """The mesh whose "data" axis splits `cache`'s batch when that is the only split of every buffer
+    (`kv_cache.cache_shardings` on a mesh whose other axes have size 1; layers unrolled or stacked), else None.
+    Serving then runs each layer's attention per shard (`AttentionCall.mesh`): XLA does not partition a Pallas
+    kernel and would gather the whole cache onto every device. A cache also split over heads is left to XLA (see
+    the README)."""
+    lead = 1 if cache.layout.scan else 0  # a stacked buffer's batch axis follows its layers' axis
     first = getattr(cache.lengths, "sharding", None)  # decides the common single-device case in ~1 us
     if not isinstance(first, jax.sharding.NamedSharding) or first.mesh.size == 1:
         return None
@@ -221,8 +221,8 @@ def data_parallel_mesh(cache: HybridCache):
         return None
     split = lambda a: a is not None and any(mesh.shape[n] > 1 for n in (a if isinstance(a, tuple) else (a,)))
     for sh in shardings:
-        spec = tuple(sh.spec) + (None,) * 4
-        if sh.mesh != mesh or spec[0] != "data" or any(split(a) for a in spec[1:]):
+        spec = tuple(sh.spec) + (None,) * 5
+        if sh.mesh != mesh or spec[lead] != "data" or any(split(a) for i, a in enumerate(spec) if i != lead):
             return None
     return mesh
 
@@ -288,22 +288,26 @@ def _stops(stop_tokens) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sparse", "sampling", "stop_tokens", "chunk", "max_len",
-                                             "cache_dtype", "backend", "interpret", "scan_layers"))
+                                             "cache_dtype", "backend", "interpret", "scan_layers", "mesh"))
 def _generate_prefill(params, prompts, lengths, indexer, key, *, cfg, sparse, sampling, stop_tokens, chunk, max_len,
-                      cache_dtype, backend, interpret, scan_layers=False):
+                      cache_dtype, backend, interpret, scan_layers=False, mesh=None):
     """generate's first program: a new cache, the prompts' prefill, the first sampled token. Returns (first int
-    [B], done bool [B], key, cache)."""
+    [B], done bool [B], key, cache). mesh: a data-parallel mesh (`_prompts_mesh`): the cache is split over its
+    "data" axis and each layer's attention runs per shard."""
     cache = init_cache(cfg, prompts.shape[0], max_len, sparse, cache_dtype, scan=scan_layers)
-    logits, cache = _prefill(params, cache, prompts, lengths, indexer, cfg, sparse, chunk, _resolve(backend), interpret)
+    if mesh is not None:
+        cache = jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh))
+    logits, cache = _prefill(params, cache, prompts, lengths, indexer, cfg, sparse, chunk, _resolve(backend), interpret,
+                             mesh)
     key, sub = jax.random.split(key)
     first = sample(logits, sub, sampling)
     return first, jnp.isin(first, _stops(stop_tokens)), key, cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sparse", "sampling", "max_new_tokens", "stop_tokens", "backend",
-                                             "interpret"), donate_argnames=("cache",))
+                                             "interpret", "mesh"), donate_argnames=("cache",))
 def _generate_decode(params, cache, first, done, key, indexer, *, cfg, sparse, sampling, max_new_tokens, stop_tokens,
-                     backend, interpret):
+                     backend, interpret, mesh=None):
     """generate's second program: the decode loop after `_generate_prefill`. Returns (tokens int32 [B,
     max_new_tokens], num_tokens int32 [B], cache)."""
     backend = _resolve(backend)
@@ -312,7 +316,7 @@ def _generate_decode(params, cache, first, done, key, indexer, *, cfg, sparse, s
 
     def step(carry, _):
         cache, tok, done, key, count = carry
-        logits, cache, _ = _decode(params, cache, tok, indexer, cfg, sparse, backend, interpret)
+        logits, cache, _ = _decode(params, cache, tok, indexer, cfg, sparse, backend, interpret, mesh)
         key, sub = jax.random.split(key)
         nxt = jnp.where(done, pad, sample(logits, sub, sampling))
         count = count + (~done).astype(jnp.int32)
@@ -369,6 +373,18 @@ def compile_generate(params, prompts, lengths, indexer, key, *, max_new_tokens: 
     return GenerateExecutables(exe_p, exe_d, t1 - t0, t2 - t1, ops)
 
 
+def _prompts_mesh(prompts):
+    """generate's data-parallel mesh: that of prompts split over "data" (rows) on a mesh whose other axes have
+    size 1, else None (`data_parallel_mesh` for a cache generate builds itself)."""
+    sh = getattr(prompts, "sharding", None)
+    if not isinstance(sh, jax.sharding.NamedSharding) or sh.mesh.size == 1 or sh.mesh.shape.get("data", 1) == 1:
+        return None
+    if any(n != "data" and sh.mesh.shape[n] > 1 for n in sh.mesh.axis_names):
+        return None
+    spec = tuple(sh.spec) + (None, None)
+    return sh.mesh if spec[0] == "data" and spec[1] is None else None
+
+
 def _on_default_device(tree) -> bool:
     """True when every array leaf lives on the default device alone (the case compile_generate serves)."""
     dev = jax.devices()[0]
@@ -387,7 +403,8 @@ def generate(params, prompts, lengths, *, cfg: ModelConfig, max_new_tokens: int,
     and the scanned decode loop. On a first call with inputs on the default device both are lowered and then
     compiled at once (`compile_generate`, two threads: the wait is about the slower compile, not the sum) and
     kept for later calls of the same signature; sharded inputs go through jit dispatch, which follows their
-    shardings.
+    shardings (prompts split over a mesh's "data" axis alone: the cache is split the same way and each layer's
+    attention runs per shard).
 
     prompts int [B, T] right-padded, lengths int [B]. stop_tokens: ids that end a row (the stop token is kept;
     later positions repeat the first stop id). Returns dict tokens int32 [B, max_new_tokens], num_tokens int32
@@ -435,10 +452,11 @@ def generate(params, prompts, lengths, *, cfg: ModelConfig, max_new_tokens: int,
         first, done, key, cache = exe.prefill(*args)
         tokens, count, cache = exe.decode(params, cache, first, done, key, indexer)
     else:  # sharded inputs: jit dispatch follows their shardings (the two programs compile one after the other)
-        first, done, key, cache = _generate_prefill(*args, **static)
+        mesh = _prompts_mesh(prompts)
+        first, done, key, cache = _generate_prefill(*args, **static, mesh=mesh)
         dec = {k: static[k] for k in ("cfg", "sparse", "sampling", "stop_tokens", "backend", "interpret")}
         tokens, count, cache = _generate_decode(params, cache, first, done, key, indexer,
-                                                max_new_tokens=max_new_tokens, **dec)
+                                                max_new_tokens=max_new_tokens, mesh=mesh, **dec)
     return {"tokens": tokens, "num_tokens": count, "cache": cache}
 
 

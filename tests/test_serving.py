@@ -187,6 +187,28 @@ def test_generate_compiles_both_programs_once_and_sharded_inputs_follow_jit(mode
     np.testing.assert_array_equal(np.asarray(c["tokens"]), np.asarray(a["tokens"]))
 
 
+def test_generate_with_data_parallel_prompts_runs_attention_per_shard(model, monkeypatch):
+    """Prompts split over a mesh's "data" axis alone: generate splits its cache the same way and runs each
+    layer's attention per shard (`shard_map`), with the single-device tokens."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from rtpurbo_jax import attention
+
+    params, ix = model
+    prompt = tokens(2, 17, seed=13)
+    kw = dict(cfg=CFG, max_new_tokens=5, sparse=sparse_cfg(), indexer=ix, chunk=8)
+    a = generate(params, prompt, [17, 11], **kw)
+    mesh = Mesh(np.asarray(jax.devices()[:2]).reshape(2, 1), ("data", "model"))
+    calls = []
+    real = attention._cached_attention_per_shard
+    monkeypatch.setattr(attention, "_cached_attention_per_shard", lambda *x: calls.append(1) or real(*x))
+    c = generate(jax.device_put(params, NamedSharding(mesh, P())), jax.device_put(prompt, NamedSharding(mesh, P("data"))),
+                 jnp.asarray([17, 11]), **kw)
+    np.testing.assert_array_equal(np.asarray(c["tokens"]), np.asarray(a["tokens"]))
+    assert len(calls) >= 2 * CFG.num_layers  # every layer of both programs traced per shard
+    assert c["cache"].layers[0].k_full.sharding.spec[0] == "data"
+
+
 def test_float8_index_keys_are_stored_saturated_and_counted(model):
     """SparseConfig.index_dtype="float8_e4m3fn": the cache holds index keys in float8 (bytes as the formula
     says), saturated at +-448 rather than NaN (the indexer here is scaled up so that many keys overflow), and

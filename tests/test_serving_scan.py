@@ -119,6 +119,41 @@ def test_scanned_dense_cache_sharded(model):
     np.testing.assert_allclose(np.asarray(out[True]), np.asarray(out[False]), rtol=1e-5, atol=1e-5)
 
 
+def test_scanned_data_parallel_cache_runs_attention_per_shard(model):
+    """A stacked (padded) cache split over "data" only: each scanned layer's attention runs per shard (the Triton
+    kernels in interpret mode; a shard_map in the decode program) and the logits equal the single-device unrolled
+    layers'."""
+    from jax.sharding import Mesh
+
+    from rtpurbo_jax.kv_cache import cache_shardings
+    from rtpurbo_jax.serving import _decode_jit, data_parallel_mesh
+
+    scan = "padded"
+    params, ix = model
+    sp = sparse_cfg(q_block=8)
+    toks = jnp.asarray(np.random.default_rng(5).integers(0, CFG4.vocab_size, (4, 36)), jnp.int32)
+    mesh = Mesh(np.asarray(jax.devices()[:4]).reshape(4, 1), ("data", "model"))
+    out = {}
+    for placed in (False, True):
+        cache = init_cache(CFG4, 4, 48, sp, jnp.float32, scan=scan if placed else False)
+        if placed:
+            cache = jax.device_put(cache, cache_shardings(cache, mesh))
+            assert data_parallel_mesh(cache) is mesh
+        kw = dict(backend="triton", interpret=True) if placed else {}
+        lg, cache = prefill(params, cache, toks[:, :32], jnp.full((4,), 32), ix, cfg=CFG4, sparse=sp, chunk=16, **kw)
+        got = [lg]
+        for i in range(32, 34):
+            lg, cache = decode_step(params, cache, toks[:, i], ix, cfg=CFG4, sparse=sp, **kw)
+            got.append(lg)
+        out[placed] = np.stack(got)
+    assert cache.layers[0].k_full.sharding.spec[1] == "data"
+    np.testing.assert_allclose(out[True], out[False], rtol=1e-4, atol=1e-4)
+    jaxpr = jax.make_jaxpr(lambda c: _decode_jit(params, c, toks[:, 0], ix, cfg=CFG4, sparse=sp,
+                                                 backend=("triton", "triton"), interpret=True, stats=False,
+                                                 mesh=mesh))(cache)
+    assert "shard_map" in str(jaxpr)
+
+
 # padded grouping: layers 0 and 1 have different splits ((1, 1, (1,)) and (1, 1, (2,))) but one KV count pair
 ROLES_P = np.zeros((4, 8), int)
 ROLES_P[0, 1] = 1
