@@ -32,20 +32,34 @@ def _env(devices: int) -> dict:
 
 def run_two_processes(argv: list[str]) -> list[str]:
     """Run `python <argv>` as 2 jax.distributed processes on localhost (2 CPU devices each); assert both exit 0;
-    return their outputs."""
+    return their outputs. When one fails the other is stopped at once (it would otherwise wait minutes on
+    jax.distributed's shutdown barrier) and both outputs are shown."""
+    import tempfile
+    import time
+
     port = _free_port()
+    logs = [tempfile.TemporaryFile("w+") for _ in range(2)]
     procs = [subprocess.Popen([sys.executable, *argv, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                "--process-id", str(i)],
-                              cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              cwd=ROOT, env=_env(2), stdout=logs[i], stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=600)[0])
-        except subprocess.TimeoutExpired:
+    deadline = time.monotonic() + 600
+    while any(p.poll() is None for p in procs):
+        failed = any(p.poll() not in (None, 0) for p in procs)
+        if failed or time.monotonic() > deadline:
             for q in procs:
                 q.kill()
-            pytest.fail(f"2-process run timed out: {argv}")
+            for q in procs:
+                q.wait()
+            if not failed:
+                pytest.fail(f"2-process run timed out: {argv}")
+            break
+        time.sleep(0.2)
+    outs = []
+    for f in logs:
+        f.seek(0)
+        outs.append(f.read())
+        f.close()
     for p in procs:
         assert p.returncode == 0, "\n=====\n".join(o[-2500:] for o in outs)
     return outs
@@ -66,3 +80,16 @@ def test_two_processes_match_one(tiny, tmp_path):  # noqa: F811
         assert abs(a[step] - b[step]) <= 1e-5 * max(1.0, abs(a[step])), (step, a[step], b[step])
     assert os.path.isdir(two / "indexer")
     assert "[distill]" in outs[0] and "[distill]" not in outs[1], "only process 0 logs"
+
+
+def test_a_failed_process_stops_the_other_at_once():
+    """run_two_processes does not wait for the survivor of a failed pair (which would sit on jax.distributed's
+    shutdown barrier for minutes): it stops it, then fails showing both outputs."""
+    import time
+
+    code = ("import sys, time; pid = sys.argv[sys.argv.index('--process-id') + 1]; print('process', pid, flush=True); "
+            "sys.exit(3) if pid == '1' else time.sleep(120)")
+    t0 = time.monotonic()
+    with pytest.raises(AssertionError, match="process 1"):  # the failed one's output is shown
+        run_two_processes(["-c", code])
+    assert time.monotonic() - t0 < 30
