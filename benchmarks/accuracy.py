@@ -25,6 +25,7 @@ standard error and 95% interval, and the perplexity ratio with its interval — 
 cancel out, so these intervals are much narrower than two separate means' would be. `--compare A.json B.json`
 runs nothing: it compares two result files of the same prompts (same model, --prompts and --seed) mode by
 mode, B minus A, the same way (e.g. two indexers, or before and after stage 2, from separate runs).
+OUT_paired.png draws `paired_vs_full` (each mode's difference with its interval, per length).
 The JSON is rewritten atomically after every cell; an existing one is never replaced without `--overwrite`,
 and `--resume` keeps the cells an interrupted run of the same configuration (model, device, roles, prompts,
 seed, indexers, dtype) saved and runs the rest.
@@ -325,6 +326,40 @@ def plot(res: dict, path: str) -> None:
     plt.close(fig)
 
 
+def plot_paired(res: dict, path: str) -> bool:
+    """Each mode's paired NIAH difference from full attention (`paired_vs_full`) with its 95% interval, one panel
+    per length; False (nothing written) when no row has per-prompt scores."""
+    rows = [r for r in res.get("paired_vs_full", []) if "score_diff" in r]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["length"] for r in rows})
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    fig, axes = plt.subplots(1, len(lengths), figsize=(3.2 * len(lengths), 0.28 * len(modes) + 1.4), squeeze=False,
+                             sharey=True)
+    for ax, length in zip(axes[0], lengths):
+        at = {r["mode"]: r for r in rows if r["length"] == length}
+        for i, m in enumerate(modes):
+            if m in at:
+                r = at[m]
+                ax.errorbar(r["score_diff"], i, xerr=[[r["score_diff"] - r["ci95"][0]], [r["ci95"][1] - r["score_diff"]]],
+                            fmt="o", ms=3, capsize=2)
+        ax.axvline(0, color="k", lw=0.6)
+        ax.set_title(f"{length} tokens", fontsize=8)
+        ax.set_xlabel("NIAH points vs full (95% CI)", fontsize=7)
+        ax.set_yticks(range(len(modes)), modes, fontsize=6)
+        ax.tick_params(axis="x", labelsize=6)
+    fig.suptitle(f"{res['model']} on {res['device']}: paired difference from full attention, same prompts", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None) -> int:
     from rtpurbo_jax.checkpoint import load_converted, load_indexer
 
@@ -394,7 +429,8 @@ def main(argv=None) -> int:
     for p in res["paired_vs_full"]:
         print(describe_paired(p), flush=True)
     plot(res, out + ".png")
-    print(f"[accuracy] wrote {out}.json / .png")
+    paired_png = plot_paired(res, out + "_paired.png")
+    print(f"[accuracy] wrote {out}.json / .png" + (" / _paired.png" if paired_png else ""))
     return 0
 
 

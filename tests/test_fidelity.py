@@ -321,7 +321,7 @@ def test_each_indexer_runs_at_its_own_width():
     assert modes["full"].sparse is None
 
 
-def test_paired_comparison_against_full_attention():
+def test_paired_comparison_against_full_attention(tmp_path):
     """`paired`: per-prompt differences on the same prompts — mean, standard error, 95% interval, prompts that
     differ — over every task of the set, and the perplexity ratio; a mode lacking a task (or an older row
     without per-prompt values) gets no score difference."""
@@ -348,6 +348,12 @@ def test_paired_comparison_against_full_attention():
     assert got["x"]["ppl_ratio"] == pytest.approx(np.exp(0.01)) and got["x"]["ppl_ratio_ci95"][0] == pytest.approx(np.exp(0.01))
     assert "y" not in got and "z" not in got
     assert "NIAH" in describe_paired(got["x"]) and "ppl x1.0101" in describe_paired(got["x"])
+    from benchmarks.accuracy import plot_paired
+
+    res = {"model": "m", "device": "cpu", "paired_vs_full": paired(rows, tasks=tasks)}
+    assert plot_paired(res, str(tmp_path / "p.png")) and (tmp_path / "p.png").stat().st_size > 1000
+    assert not plot_paired({**res, "paired_vs_full": [{"mode": "x", "length": 8, "ppl_ratio": 1.0}]},
+                           str(tmp_path / "q.png")) and not (tmp_path / "q.png").exists()
 
 
 def test_compare_runs_pairs_the_same_prompts_across_files(tmp_path, capsys):
