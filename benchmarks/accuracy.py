@@ -205,7 +205,7 @@ def earlier_rows(path: str, config: dict, resume: bool, overwrite: bool) -> dict
         if diff:
             raise ValueError(f"{path} was written with another configuration ({', '.join(diff)} differ): "
                              f"choose another --out, or --overwrite to replace it")
-        return {(r["mode"], r["task"], r["length"]): r for r in old["rows"]}
+        return by_cell(old["rows"])
     if not overwrite:
         raise FileExistsError(f"{path} exists: --resume to keep its cells and run the rest, --overwrite to replace "
                               f"it, or another --out")
@@ -228,16 +228,27 @@ def _row(mode, task, length, n, out, nll, frac, prompts, tok, steps) -> dict:
             "sample": texts[0][:120]}
 
 
+def by_cell(rows: list[dict]) -> dict:
+    """{(mode, task, length): row} of result rows."""
+    return {(r["mode"], r["task"], r["length"]): r for r in rows}
+
+
 def paired(rows: list[dict], base: str = "full", tasks: tuple[str, ...] = NIAH_TASKS) -> list[dict]:
     """Every mode against `base` on the same prompts, per length: {mode, length, n (prompts), score_diff (mean of
     the per-prompt score differences over `tasks`, points), stderr, ci95 [lo, hi] (normal approximation),
     differing (prompts whose scores differ)} where both modes have per-prompt scores of every task, plus
     {ppl_ratio, ppl_ratio_ci95} where both have per-prompt NLLs (the ratio of perplexities, exp of the mean
     per-prompt NLL difference). Rows of older results without per-prompt values are skipped."""
-    at = {(r["mode"], r["task"], r["length"]): r for r in rows}
+    at = by_cell(rows)
+    return _paired_rows(at, at, [r for r in rows if r["mode"] != base], base, tasks)
+
+
+def _paired_rows(at: dict, base_at: dict, rows: list[dict], base: str | None, tasks) -> list[dict]:
+    """`_paired_cell` for every (mode, length) of `rows` in order, against mode `base` (None: the same mode) of
+    `base_at`; cells without per-prompt values left out."""
     out = []
-    for mode, length in dict.fromkeys((r["mode"], r["length"]) for r in rows if r["mode"] != base):
-        row = _paired_cell(at, mode, at, base, length, tasks)
+    for mode, length in dict.fromkeys((r["mode"], r["length"]) for r in rows):
+        row = _paired_cell(at, mode, base_at, mode if base is None else base, length, tasks)
         if row:
             out.append({"mode": mode, "length": length, **row})
     return out
@@ -273,14 +284,7 @@ def compare_runs(a: dict, b: dict, tasks: tuple[str, ...] = NIAH_TASKS) -> list[
     key = lambda r: {"model": r.get("model"), **{k: r.get("config", {}).get(k) for k in SAME_PROMPTS[1:]}}
     if key(a) != key(b):
         raise ValueError(f"the runs did not score the same prompts: {key(a)} vs {key(b)}")
-    at_a = {(r["mode"], r["task"], r["length"]): r for r in a["rows"]}
-    at_b = {(r["mode"], r["task"], r["length"]): r for r in b["rows"]}
-    out = []
-    for mode, length in dict.fromkeys((r["mode"], r["length"]) for r in b["rows"]):
-        row = _paired_cell(at_b, mode, at_a, mode, length, tasks)
-        if row:
-            out.append({"mode": mode, "length": length, **row})
-    return out
+    return _paired_rows(by_cell(b["rows"]), by_cell(a["rows"]), b["rows"], None, tasks)
 
 
 def describe_paired(p: dict, against: str = "full") -> str:

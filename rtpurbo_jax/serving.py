@@ -3,7 +3,8 @@
 All three are jitted (configs static, the cache donated) and follow the input shardings: place params with
 `params.param_shardings` and the cache with `kv_cache.cache_shardings` (heads on the `model` axis) and XLA
 keeps them there. A cache split over "data" only makes `prefill` / `decode_step` run each layer's attention per
-shard (`data_parallel_mesh`), since XLA would gather a Pallas kernel's inputs. Every layer runs `model.decoder_layer` with `attention.cached_attention` — the same layer,
+shard (`data_parallel_mesh`), since XLA would gather a Pallas kernel's inputs. Every layer runs
+`model.decoder_layer` with `attention.cached_attention` — the same layer,
 planner and ops as the full-sequence forward (`lm.apply`), whose semantics are documented once in
 `rtpurbo_jax.planner`; with `sparse=None` the cache is dense and the model runs plain causal attention.
 
@@ -209,20 +210,26 @@ def data_parallel_mesh(cache: HybridCache):
     Serving then runs each layer's attention per shard (`AttentionCall.mesh`): XLA does not partition a Pallas
     kernel and would gather the whole cache onto every device. A cache also split over heads is left to XLA (see
     the README)."""
-    lead = 1 if cache.layout.scan else 0  # a stacked buffer's batch axis follows its layers' axis
     first = getattr(cache.lengths, "sharding", None)  # decides the common single-device case in ~1 us
     if not isinstance(first, jax.sharding.NamedSharding) or first.mesh.size == 1:
         return None
-    shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves(cache.layers) if x.size]
+    # a stacked buffer's batch axis follows its layers' axis
+    return _data_only_mesh([getattr(x, "sharding", None) for x in jax.tree.leaves(cache.layers) if x.size],
+                           batch_axis=1 if cache.layout.scan else 0)
+
+
+def _data_only_mesh(shardings: list, batch_axis: int = 0):
+    """The one mesh of `shardings` when each splits its `batch_axis` over "data" (of size > 1) and no other axis
+    over any mesh axis of size > 1, else None."""
     if not shardings or not all(isinstance(sh, jax.sharding.NamedSharding) for sh in shardings):
         return None
     mesh = shardings[0].mesh
-    if mesh.size == 1 or "data" not in mesh.shape or mesh.shape["data"] == 1:
+    if mesh.shape.get("data", 1) == 1:
         return None
     split = lambda a: a is not None and any(mesh.shape[n] > 1 for n in (a if isinstance(a, tuple) else (a,)))
     for sh in shardings:
-        spec = tuple(sh.spec) + (None,) * 5
-        if sh.mesh != mesh or spec[lead] != "data" or any(split(a) for i, a in enumerate(spec) if i != lead):
+        spec = tuple(sh.spec) + (None,) * (batch_axis + 5)
+        if sh.mesh != mesh or spec[batch_axis] != "data" or any(split(a) for i, a in enumerate(spec) if i != batch_axis):
             return None
     return mesh
 
@@ -375,14 +382,12 @@ def compile_generate(params, prompts, lengths, indexer, key, *, max_new_tokens: 
 
 def _prompts_mesh(prompts):
     """generate's data-parallel mesh: that of prompts split over "data" (rows) on a mesh whose other axes have
-    size 1, else None (`data_parallel_mesh` for a cache generate builds itself)."""
-    sh = getattr(prompts, "sharding", None)
-    if not isinstance(sh, jax.sharding.NamedSharding) or sh.mesh.size == 1 or sh.mesh.shape.get("data", 1) == 1:
+    size 1 (params may be split over them, and generate's cache would be), else None (`data_parallel_mesh` for a
+    cache generate builds itself)."""
+    mesh = _data_only_mesh([getattr(prompts, "sharding", None)])
+    if mesh is None or any(n != "data" and mesh.shape[n] > 1 for n in mesh.axis_names):
         return None
-    if any(n != "data" and sh.mesh.shape[n] > 1 for n in sh.mesh.axis_names):
-        return None
-    spec = tuple(sh.spec) + (None, None)
-    return sh.mesh if spec[0] == "data" and spec[1] is None else None
+    return mesh
 
 
 def _on_default_device(tree) -> bool:
