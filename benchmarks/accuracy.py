@@ -365,7 +365,7 @@ def plot_paired(res: dict, path: str) -> bool:
 
 
 def main(argv=None) -> int:
-    from rtpurbo_jax.checkpoint import load_converted, load_indexer
+    from rtpurbo_jax.checkpoint import load_converted, load_indexer, model_name
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -414,7 +414,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--lengths {length} + generated tokens exceed the model's {cfg.max_position_embeddings}")
     modes = build_modes(shipped, index_dims(indexers), args.windows, args.seed, args.modes)
     device = jax.devices()[0].device_kind
-    model = os.path.basename(os.path.normpath(ckpt.meta.get("source", args.converted))).split(".")[0].lower()
+    model = model_name(ckpt.meta, args.converted)
     print(f"[accuracy] {model} on {device}: {len(modes)} modes x {len(args.tasks)} tasks x {args.lengths}, "
           f"{args.prompts} prompts per cell", flush=True)
     out = args.out or f"benchmarks/results/accuracy_{model}_{device.lower().replace(' ', '_')}"

@@ -171,6 +171,14 @@ def save_converted(out_dir: str, params: dict, cfg: ModelConfig, *, sparse_confi
     return os.path.abspath(out_dir)
 
 
+def model_name(meta: dict, path: str = "") -> str:
+    """The model's short name (lower case) that results are labelled with: `extra["model_name"]` where a derived
+    checkpoint (stage 2's export) carries its base model's, else the stem of `source` (the converted file or
+    directory), else of `path`."""
+    name = (meta.get("extra") or {}).get("model_name")
+    return name or os.path.basename(os.path.normpath(meta.get("source") or path)).split(".")[0].lower()
+
+
 def read_meta(path: str) -> dict:
     meta_path = os.path.join(path, META_FILE)
     if not os.path.exists(meta_path):

@@ -36,7 +36,8 @@ def tiny(tmp_path_factory):
     roles[PLANTED] = roles[2, 0] = 1
     sparse = SparseConfig(roles=roles, window=16, sinks=2, kv_block=16, q_block=16, keep_recent=8, index_dim=4)
     params = init_params(CFG, jax.random.key(0), scale=0.2)  # sharp enough attention for a real sparse effect
-    conv = save_converted(str(root / "conv"), params, CFG, sparse_config=sparse.to_dict())
+    conv = save_converted(str(root / "conv"), params, CFG, sparse_config=sparse.to_dict(),
+                          source=str(root / "TinyBase-1M.Q4_0.gguf"))  # results name it "tinybase-1m"
     ix = str(root / "indexer")
     write_params(ix, init_indexer(CFG, 4, jax.random.key(3)))
     tokens = str(root / "tokens.npy")
@@ -176,6 +177,20 @@ def test_loss_falls_and_agreement_rises(tiny, tmp_path):
     assert meta["sparse_config"]["roles"] == tiny[4].to_dict()["roles"]
 
 
+def test_warnings_for_short_windows_and_a_worse_student(tiny, tmp_path, capsys):
+    """Windows the local heads see whole (seq-len <= sinks + window) are warned about up front; a run that ends
+    further from the teacher than it began is warned about at the end."""
+    from train.stage2 import regression_note
+
+    run(parse_args(flags(tiny, tmp_path / "short", "--steps", "1", "--seq-len", "18")))  # sinks 2 + window 16
+    assert "local heads see every key" in capsys.readouterr().out
+    run(parse_args(flags(tiny, tmp_path / "long", "--steps", "1")))
+    assert "local heads see every key" not in capsys.readouterr().out
+    row = lambda kl, agree: {"kl": kl, "topk_agreement": agree}
+    assert regression_note(row(0.02, 0.9), row(0.01, 0.95)) is None
+    assert "rose from 0.0030 to 0.0211" in regression_note(row(0.003, 0.981), row(0.0211, 0.921))
+
+
 def test_resume_is_exact_and_the_cache_is_reused(tiny, tmp_path, capsys):
     run(parse_args(flags(tiny, tmp_path / "a", "--steps", "6")))
     run(parse_args(flags(tiny, tmp_path / "b", "--steps", "6", "--stop-at", "3")))
@@ -194,13 +209,16 @@ def test_eight_devices_fsdp_give_the_same_loss(tiny, tmp_path):
 
 
 def test_attention_only_keeps_the_rest_frozen(tiny, tmp_path):
-    from rtpurbo_jax.checkpoint import load_converted
+    """Also: the export keeps its base model's name (what the accuracy suite labels results with and
+    `--compare` matches on), not the name of the directory it came from."""
+    from rtpurbo_jax.checkpoint import load_converted, model_name, read_meta
 
     run(parse_args(flags(tiny, tmp_path / "att", "--steps", "2", "--trainable", "attention")))
     old, new = load_converted(tiny[1]).params, load_converted(str(tmp_path / "att" / "model")).params
     np.testing.assert_array_equal(np.asarray(old["embed"]), np.asarray(new["embed"]))
     np.testing.assert_array_equal(np.asarray(old["layers"]["w_up"]), np.asarray(new["layers"]["w_up"]))
     assert np.abs(np.asarray(old["layers"]["wq"]) - np.asarray(new["layers"]["wq"])).max() > 0
+    assert model_name(read_meta(str(tmp_path / "att" / "model"))) == model_name(read_meta(tiny[1])) == "tinybase-1m"
 
 
 def test_loss_covers_only_the_marked_answer_rows(tiny, tmp_path, monkeypatch):

@@ -44,7 +44,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pallas_kernels.sparse_attention.api import DIFFERENTIABLE
-from rtpurbo_jax.checkpoint import load_converted, load_indexer, read_meta, save_converted
+from rtpurbo_jax.checkpoint import load_converted, load_indexer, model_name, read_meta, save_converted
 from rtpurbo_jax.cli import run_cli
 from rtpurbo_jax.lm import apply
 from rtpurbo_jax.model import logits_at
@@ -220,7 +220,13 @@ def run(c: Stage2Config) -> dict:
     if c.seq_len > cfg.max_position_embeddings:
         raise ValueError(f"--seq-len {c.seq_len} exceeds the model's {cfg.max_position_embeddings} positions")
     shipped = SparseConfig.from_dict(ckpt.meta["sparse_config"])
+    name = model_name(ckpt.meta, c.model)
     sparse = dataclasses.replace(shipped, prefill_mode="indexer", top_p=c.top_p, seqlen_threshold=0)
+    if c.seq_len <= sparse.sinks + sparse.window:
+        log0(f"[stage2] warning: --seq-len {c.seq_len} <= sinks + window ({sparse.sinks} + {sparse.window}): the local "
+             "heads see every key, so sparse mode differs from dense only through the retrieval heads' top-p; the KL "
+             "starts near zero and the updates are mostly noise (on Qwen2.5-0.5B, window 8192, 8K windows at global "
+             "batch 2 cost 7.5 NIAH points; benchmarks/results/stage2_qwen25coder05b_h100/). Train on longer windows.")
     indexer = load_indexer(c.indexer, cfg, shipped.index_dim)
     data = load_windows(c.data, None if c.data.endswith(".npy") else ckpt.tokenizer(), c.seq_len, c.seed, c.events)
     answers = data.marks_answers and c.positions == "answer"
@@ -307,15 +313,29 @@ def run(c: Stage2Config) -> dict:
     out = os.path.join(c.run_dir, "model")
     save_converted(out, cast_like(state["params"], dtypes), cfg, sparse_config=shipped.to_dict(), source=c.model,
                    tokenizer=tokenizer, overwrite=os.path.exists(out),
-                   extra={"stage2": {"from": os.path.abspath(c.model), "indexer": os.path.abspath(c.indexer),
+                   extra={"model_name": name, "stage2": {"from": os.path.abspath(c.model), "indexer": os.path.abspath(c.indexer),
                                      "steps": c.steps}})
     summary = {"before": before, "after": after}
+    note = regression_note(before, after)
+    if note:
+        log0(f"[stage2] warning: {note}")
     if jax.process_index() == 0:
         plot_curves(read_metrics(loop) + [after], os.path.join(c.run_dir, "curves.png"), CURVES,
                     f"KL on the teacher's top-{c.top_k}")
         with open(os.path.join(c.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     return summary
+
+
+def regression_note(before: dict, after: dict) -> str | None:
+    """A warning when the run left the student further from the teacher on the held-out rows than it started
+    (the exported model is still the last step's); None otherwise."""
+    if after["kl"] <= before["kl"]:
+        return None
+    return (f"the held-out KL rose from {before['kl']:.4f} to {after['kl']:.4f} (top-10 agreement "
+            f"{before['topk_agreement']:.3f} -> {after['topk_agreement']:.3f}): the exported model is further from the "
+            "dense one than the model it started from. Check it with benchmarks.accuracy before using it; a larger "
+            "global batch (--accumulate), longer windows or fewer steps may help.")
 
 
 def main(argv=None) -> int:
