@@ -170,7 +170,7 @@ def compile_probe(roles_path, option_sets=("default",), variants=VARIANTS, backe
                 first, done, key, cache = exe.prefill(*args)
                 return exe.decode(p, cache, first, done, key, ix)
 
-            jax.block_until_ready(call())
+            row["tokens"] = np.asarray(jax.block_until_ready(call())[0]).tolist()  # [B, 17]: compare variants
             runs = []
             for _ in range(3):
                 t0 = time.perf_counter()

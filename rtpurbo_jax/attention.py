@@ -115,15 +115,17 @@ def selection_backend(op_backend: str | None, indexer: bool) -> str:
 
 
 def heads_attention(q, k, v, is_r, rows, sel, pos: Positions, sparse: SparseConfig | None, cfg: ModelConfig,
-                    call: AttentionCall, active=None, sel_heads=None):
+                    call: AttentionCall, active=None, sel_heads=None, layer=None):
     """Attention of N' query heads q [B, C, N', H] over keys k, v [B, S, K', H] holding every position, through
     one plan. is_r bool [N'] (static numpy, or traced with rows=None); rows: static positions of the heads whose
     selection inputs `sel` (from `selection_inputs`) holds, or None for all N'; sel None: retrieval heads dense;
     active: None, or bool [R] (traced) — which of the `rows` are retrieval heads (`planner.roles_of`);
     sel_heads: None, or int [R] (traced; prefill with rows=None) — the heads `sel` covers (repeats allowed).
+    layer: None, or int32 [] (a decode step of a scanned layer): k, v and the index keys in `sel` are stacks
+    [L, B, S, ...] read at that layer in place by the kernels (`sparse_decode_attention(layer=)`).
     Returns (out fp32 [B, C, N', H], blocks_frac fp32 [B] for a decode step with retrieval heads, else None)."""
     b, c = q.shape[:2]
-    s, kh = k.shape[1], k.shape[2]
+    s, kh = k.shape[-3], k.shape[-2]
     dense = planner.dense_call(sparse, pos.total_len)
     sinks, window = planner.local_band(sparse, cfg, dense)
     new_len = pos.new_len
@@ -135,9 +137,12 @@ def heads_attention(q, k, v, is_r, rows, sel, pos: Positions, sparse: SparseConf
         plan = planner.decode_step_plan(np.asarray(is_r), None if q_sel is None else q_sel[:, 0], k_sel,
                                         None if bias is None else bias[:, 0], new_len, sinks, window, sparse,
                                         num_kv_heads=kh, num_keys=s, dense=dense, interpret=call.interpret,
-                                        selection_backend=selection, active=active)
-        out, _ = sparse_decode_attention(q[:, 0], k, v, plan, backend=call.decode_backend, interpret=call.interpret)
+                                        selection_backend=selection, active=active, layer=layer)
+        out, _ = sparse_decode_attention(q[:, 0], k, v, plan, layer=layer, backend=call.decode_backend,
+                                         interpret=call.interpret)
         return out[:, None].astype(jnp.float32), planner.visited_fraction(plan, rows or (), new_len, active)
+    if layer is not None:
+        raise ValueError("heads_attention: layer= (a stacked cache read in place) is for decode steps only")
     sel_r = None
     if sel is not None:
         sel_r = planner.retrieval_selection(*sel, pos.q_pos, pos.valid, new_len, sparse, tile=call.tile, dense=dense,
@@ -348,9 +353,17 @@ def new_rows(qkv: dict, ll: LayerLayout, ix: dict | None) -> dict:
     return rows
 
 
+def in_place_ok(sparse: SparseConfig | None, call: AttentionCall) -> bool:
+    """Whether `cached_attention` can read a scanned layer's stacked full-KV buffers in place (`layer=`): decode
+    steps without a mesh whose retrieval heads run dense or select with the indexer (the oracle selector gathers
+    the layer's own keys)."""
+    selects_in_place = call.dense_retrieval or sparse is None or sparse.selector == "indexer"
+    return call.decode and call.mesh is None and selects_in_place
+
+
 def cached_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLayout, cfg: ModelConfig,
                      sparse: SparseConfig | None, ix: dict | None, pos: Positions, call: AttentionCall, active=None,
-                     rows: dict | None = None):
+                     rows: dict | None = None, layer=None):
     """One layer over the hybrid cache: (out fp32 [B, C, N, H], the updated LayerCache, blocks_frac fp32 [B] or
     None). blocks_frac: for a decode step, the mean over the layer's retrieval heads of the fraction of visible
     key blocks each visits (1.0 when they run dense); None without retrieval heads.
@@ -361,26 +374,33 @@ def cached_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLa
     stacked layout's slots (`kv_cache.LayerLayout.padded`); the others are local heads that keep index keys.
     rows: `new_rows(qkv, ll, ix)` when the caller has them already (`layer_scan` writes them into its stack).
     With `call.mesh` the layer runs per shard of its "data" axis (`shard_map`; every sequence with all its heads).
+    layer: None, or int32 [] (a decode step of a scanned layer, `layer_scan`; no mesh): lc's full-KV buffers
+    (k_full, v_full, k_index) are its group's stacks [L, B, S, ...], already holding this step's rows, and the
+    kernels read layer `layer` of them in place — they come back unchanged; the local buffers are the layer's own.
     """
+    if layer is not None and not in_place_ok(sparse, call):
+        raise ValueError("cached_attention: layer= is for decode steps without a mesh, with indexer selection")
     if call.mesh is not None:
         return _cached_attention_per_shard(qkv, lc, ll, layout, cfg, sparse, ix, pos, call, active, rows)
     outs, order, frac = [], [], None
     rows = new_rows(qkv, ll, ix) if rows is None else rows
     if ll.full_kv:
-        k_full = scatter_rows(lc.k_full, rows["k_full"], pos.q_pos, pos.valid)
-        v_full = scatter_rows(lc.v_full, rows["v_full"], pos.q_pos, pos.valid)
+        k_full, v_full, k_index, sel = lc.k_full, lc.v_full, lc.k_index, None
+        if layer is None:
+            k_full = scatter_rows(k_full, rows["k_full"], pos.q_pos, pos.valid)
+            v_full = scatter_rows(v_full, rows["v_full"], pos.q_pos, pos.valid)
         qf = ll.q_heads(ll.full_kv)
         r_rows = tuple(qf.index(r) for r in ll.retrieval_q)
-        k_index, sel = lc.k_index, None
         if ll.retrieval_q:
             rq = jnp.asarray(ll.retrieval_q)
-            k_index = scatter_rows(lc.k_index, ixr.store_keys(rows["k_index"], lc.k_index.dtype), pos.q_pos, pos.valid)
+            if layer is None:
+                k_index = scatter_rows(k_index, ixr.store_keys(rows["k_index"], k_index.dtype), pos.q_pos, pos.valid)
             if not call.dense_retrieval:
                 kv_r = jnp.asarray([ll.full_kv.index(r // ll.group) for r in ll.retrieval_q])
                 sel = selection_inputs(qkv, k_full, ix, k_index, rq, kv_r, sparse)
         is_r = np.isin(np.asarray(qf), ll.retrieval_q)
         out, frac = heads_attention(qkv["q"][:, :, jnp.asarray(qf)], k_full, v_full, is_r, r_rows, sel, pos, sparse,
-                                    cfg, call, active)
+                                    cfg, call, active, layer=layer)
         outs.append(out)
         order += list(qf)
         lc = dataclasses.replace(lc, k_full=k_full, v_full=v_full, k_index=k_index)
@@ -418,5 +438,5 @@ def _cached_attention_per_shard(qkv, lc, ll, layout, cfg, sparse, ix, pos, call,
     return out, lc, frac if has_frac[0] else None
 
 
-__all__ = ["AttentionCall", "Positions", "cached_attention", "heads_attention", "local_slots", "new_rows", "scatter_rows",
-           "retrieval_rows", "selection_inputs", "sequence_attention"]
+__all__ = ["AttentionCall", "Positions", "cached_attention", "heads_attention", "in_place_ok", "local_slots",
+           "new_rows", "scatter_rows", "retrieval_rows", "selection_inputs", "sequence_attention"]

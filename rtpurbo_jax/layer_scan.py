@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rtpurbo_jax import indexer as ixr
-from rtpurbo_jax.attention import Positions, cached_attention, local_slots, new_rows
+from rtpurbo_jax.attention import Positions, cached_attention, in_place_ok, local_slots, new_rows
 from rtpurbo_jax.kv_cache import LayerCache
 from rtpurbo_jax.model import decoder_layer
 from rtpurbo_jax.model_config import ModelConfig
@@ -31,7 +31,12 @@ def scan_layers(params, caches, x, cos, sin, pos: Positions, indexer, cfg: Model
     stack, even unchanged, makes XLA copy it); the layer's new K / V / index-key rows are then scattered into its
     stack in place (`_write_rows`; the other groups' stacks get an out-of-range slot: nothing written); the rows
     (`attention.new_rows`) are computed once, outside the switch, and handed to `cached_attention`. With
-    `scan="padded"` the layer's active retrieval slots (`LayerLayout.active`) ride along as data."""
+    `scan="padded"` the layer's active retrieval slots (`LayerLayout.active`) ride along as data.
+
+    Decode steps (`attention.in_place_ok`) read the layer's full-KV and index buffers in place: their new rows
+    are written into the stacks *before* the switch and the kernels read layer `si` of the stack
+    (`cached_attention(..., layer=si)`), so no slice of a layer's whole cache is copied per step; only the small
+    sink / ring buffers of local KV heads are sliced (and written after the switch, as the ring needs)."""
     groups = layout.groups
     canon = [layout.stacked(ids[0]) for ids in groups]
     group_of, slot_of = np.asarray([layout.slot(i) for i in range(len(layout.layers))], np.int32).T
@@ -45,14 +50,21 @@ def scan_layers(params, caches, x, cos, sin, pos: Positions, indexer, cfg: Model
                                    else np.ones(0, bool) for ll in layout.layers]).reshape(len(layout.layers), -1))
     rows_at = local_slots(layout, pos)
     b = x.shape[0]
+    in_place = in_place_ok(sparse, call)
+    first, then = (FULL_ROWS, LOCAL_ROWS) if in_place else ((), FULL_ROWS + LOCAL_ROWS)  # rows written before / after
 
     def branch(g):
         cl = canon[g]
 
         def run(qkv, caches, si, act, ixs, rows):
-            lc = jax.tree.map(lambda a: a[si], caches[g])
+            stack = caches[g]
+            if in_place:  # the full-KV stacks whole (the kernels index them), the local buffers sliced
+                lc = dataclasses.replace(stack, **{f: getattr(stack, f)[si] for f in LOCAL_BUFFERS})
+            else:
+                lc = jax.tree.map(lambda a: a[si], stack)
             act = act[:len(cl.retrieval_q)] if layout.padded else None
-            out, _, frac = cached_attention(qkv, lc, cl, layout, cfg, sparse, ixs[g], pos, call, act, rows[g])
+            out, _, frac = cached_attention(qkv, lc, cl, layout, cfg, sparse, ixs[g], pos, call, act, rows[g],
+                                            layer=si if in_place else None)
             has = jnp.float32(frac is not None)
             return out, jnp.zeros((b,), jnp.float32) if frac is None else frac.astype(jnp.float32), has
         return run
@@ -68,9 +80,10 @@ def scan_layers(params, caches, x, cos, sin, pos: Positions, indexer, cfg: Model
             ixs = [ixr.layer_rows(indexer, li, qp[np.asarray(cl.retrieval_q, np.int32)], cfg.head_dim,
                                   layout.index_dim) for cl in canon]
             rows = [new_rows(qkv, cl, ix) for cl, ix in zip(canon, ixs)]  # each group's layout; one used, below
-            out, frac, has = jax.lax.switch(gi, branches, qkv, caches, si, act, ixs, rows)
-            new = tuple(_write_rows(caches[g], rows[g], jnp.where(gi == g, si, len(groups[g])), pos, rows_at)
-                        for g in range(len(groups)))
+            at = [jnp.where(gi == g, si, len(groups[g])) for g in range(len(groups))]  # out of range: no write
+            new = tuple(_write_rows(caches[g], rows[g], at[g], pos, rows_at, first) for g in range(len(groups)))
+            out, frac, has = jax.lax.switch(gi, branches, qkv, new, si, act, ixs, rows)
+            new = tuple(_write_rows(new[g], rows[g], at[g], pos, rows_at, then) for g in range(len(groups)))
             return jnp.take(out, iq, axis=2), (new, frac, has)
 
         x, _, (caches, frac, has) = decoder_layer(lp, x, cfg, cos, sin, attend)
@@ -83,11 +96,17 @@ def scan_layers(params, caches, x, cos, sin, pos: Positions, indexer, cfg: Model
     return x, caches, frac_sum / jnp.maximum(n_frac, 1.0)
 
 
-def _write_rows(stack: LayerCache, rows: dict, slot, pos: Positions, rows_at) -> LayerCache:
+FULL_ROWS = ("k_full", "k_index")  # `_write_rows`' parts: the full KV heads' K / V and the index keys,
+LOCAL_ROWS = ("k_local",)  # the local KV heads' sink / ring slots
+LOCAL_BUFFERS = ("k_sink", "v_sink", "k_ring", "v_ring")
+
+
+def _write_rows(stack: LayerCache, rows: dict, slot, pos: Positions, rows_at,
+                parts=FULL_ROWS + LOCAL_ROWS) -> LayerCache:
     """A group's stacked buffers with one layer's new rows (`attention.new_rows` in the group's layout) written
     at layer index `slot` (int []; out of range: nothing written), in place: the full KV heads' K / V at their
     positions, the local KV heads' into sink / ring slots (`rows_at` = `attention.local_slots`), the retrieval
-    slots' index keys in the cache's dtype."""
+    slots' index keys in the cache's dtype — those of `parts` (rows keys: k_full, k_local, k_index)."""
     bi = jnp.arange(pos.q_pos.shape[0])[:, None]
     in_sink, ring_slot, keep = rows_at
 
@@ -96,6 +115,7 @@ def _write_rows(stack: LayerCache, rows: dict, slot, pos: Positions, rows_at) ->
 
     q_pos, valid = pos.q_pos, pos.valid
     out = {}
+    rows = {k: v for k, v in rows.items() if k.replace("v_", "k_") in parts}
     if "k_full" in rows:
         out.update(k_full=put(stack.k_full, rows["k_full"], q_pos, valid), v_full=put(stack.v_full, rows["v_full"], q_pos, valid))
     if "k_local" in rows:

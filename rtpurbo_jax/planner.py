@@ -125,13 +125,14 @@ def chunk_plan(is_r, rows, sel_r, q_start, num_rows: int, num_keys: int, kv_len,
 
 def decode_step_plan(is_r: np.ndarray, q_sel, k_sel, bias, kv_len, sinks, window, sparse: SparseConfig | None, *,
                      num_kv_heads: int, num_keys: int, dense, selection_backend: str = "reference",
-                     interpret: bool = False, active=None) -> DecodePlan:
+                     interpret: bool = False, active=None, layer=None) -> DecodePlan:
     """The DecodePlan of one decode token per sequence (at kv_len - 1) for N' heads of num_kv_heads groups.
 
     is_r: static bool [N']; q_sel fp32 [B, R, X] / k_sel [B, S, R, X] / bias fp32 [B, R] or None: the retrieval
     heads' selection inputs, or q_sel None when they run dense. selection_backend "triton": the fused scoring +
     sort-free top-p + packing kernels (`decode_plan_select`); "xla": the sort-free top-p in XLA (TPUs);
-    "reference": exact sort-based selection. active: None or bool [R] (traced): as `merge_roles`."""
+    "reference": exact sort-based selection. active: None or bool [R] (traced): as `merge_roles`. layer: None,
+    or int32 [] — k_sel is a stacked index cache [L, B, S, R, X] planned at that layer (`decode_plan_select`)."""
     kv_block = sparse.kv_block if sparse is not None else 64
     rows = tuple(int(i) for i in np.flatnonzero(is_r))
     n = len(is_r)
@@ -141,7 +142,7 @@ def decode_step_plan(is_r: np.ndarray, q_sel, k_sel, bias, kv_len, sinks, window
                                   top_p=sparse.top_p, kv_block=kv_block, sinks=sparse.sinks,
                                   keep_recent=sparse.keep_recent, dense=jnp.broadcast_to(dense, kv_len.shape),
                                   max_blocks=sparse.max_blocks, interpret=interpret, local_bias=bias,
-                                  backend=selection_backend, active=active)
+                                  backend=selection_backend, active=active, layer=layer)
     q_pos = kv_len - 1
     sb = cdiv(num_keys, kv_block)
     band = band_blocks(q_pos, q_pos, sb, kv_block, sinks, window)[:, None]  # [B, 1, Sb]

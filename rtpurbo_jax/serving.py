@@ -14,10 +14,12 @@ positions, so one compilation serves every chunk and every decode step. A cache 
 serving scans over layers instead, compiling one attention per split (SmolLM2's 30 layers have 9): the same
 results, less compile time; `scan="padded"` stacks layers of equal full / local KV counts (SmolLM2: 4 groups),
 each full KV head's query heads all in retrieval slots and the layer's real ones marked as data (more index-key
-bytes; see `kv_cache`). But each layer's slice of a stacked buffer is copied before the Pallas kernels (XLA
-does not alias a dynamic slice into a custom call) and its new rows are scattered into every group's stack
-after the switch, which costs time on GPUs (`benchmarks/scan_probe.py`; H200, SmolLM2: 86 vs 49 ms per 2K-prompt
-call; compile 9-13 vs 15-17 s), so it is not the default.
+bytes; see `kv_cache`). A decode step reads each layer of the stacked full-KV and index buffers in place (the
+Triton decode and scoring kernels take the stack and the layer; `layer_scan`); a prefill chunk still copies the
+layer's slice before its kernels (XLA does not alias a dynamic slice into a custom call), and every layer's new
+rows are scattered into every group's stack. Scanned calls still run slower on GPUs (H100, SmolLM2: 86 vs 48 ms
+per 2K-prompt call with the in-place decode too; compile 11-17 vs ~20 s; `benchmarks/results/scan_probe_h100/`),
+so scanning is not the default.
 
 Backends (`backend`): None lets each op pick for the device and log it — a prefill chunk runs the block-sparse
 prefill op (`pallas_kernels.sparse_attention`: Mosaic GPU on Hopper when the plan fits it, else Triton; Mosaic

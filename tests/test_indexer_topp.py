@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -305,15 +306,38 @@ def test_fused_topp_plan_kernel_ties_follow_the_stable_sort_rule():
             np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("backend", ["triton", "xla", "reference"])
+def test_decode_plan_from_a_layer_of_a_stacked_index_cache(backend):
+    """`layer=` (a scanned layer's stacked index keys [L, B, S, R, I], the layer traced) plans that layer: the
+    same DecodePlan as its own slice (triton scores it in place, the others slice); also S not a multiple of
+    the block (the slice-and-pad path)."""
+    from pallas_kernels.indexer_topp.api import decode_plan_select
+
+    rng = np.random.default_rng(3)
+    b, n, kh, kb, retrieval = 2, 8, 2, 16, (0, 3, 6)
+    for s in (512, 500):
+        q = jnp.asarray(rng.normal(size=(b, len(retrieval), 16)) * 1.5, jnp.float32)
+        k = jnp.asarray(rng.normal(size=(3, b, s, len(retrieval), 16)), jnp.float32)
+        kvl = jnp.asarray(rng.integers(s // 3, s + 1, b))
+        kw = dict(retrieval=retrieval, num_kv_heads=kh, head_sinks=rng.integers(0, 9, n), head_window=rng.integers(20, 200, n),
+                  top_p=0.9, kv_block=kb, sinks=4, keep_recent=10, backend=backend, interpret=True)
+        run = jax.jit(lambda q, k, kvl, layer: decode_plan_select(q, k, kvl, layer=layer, **kw))
+        for layer in (0, 2):
+            got, want = run(q, k, kvl, jnp.int32(layer)), decode_plan_select(q, k[layer], kvl, **kw)
+            for a, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(w))
+
+
 def test_decode_selection_kernels_lower_for_an_h100():
     """Both decode selection kernels lower through Pallas' Triton lowering for an abstract H100 (catches
     primitives the lowering lacks, which interpret mode does not), for bf16 index keys and float8 ones
-    (`SparseConfig.index_dtype`)."""
+    (`SparseConfig.index_dtype`), and the scoring kernel reading one layer of a stack in place."""
     for kdt in (jnp.bfloat16, jnp.float8_e4m3fn):
         _lower_decode_selection(8, 4, 2048, 64, kdt)
+    _lower_decode_selection(2, 4, 2048, 64, jnp.bfloat16, layers=3)
 
 
-def _lower_decode_selection(b, r, sbp, kb, kdt):
+def _lower_decode_selection(b, r, sbp, kb, kdt, layers=None):
     import jax
     from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
@@ -322,16 +346,17 @@ def _lower_decode_selection(b, r, sbp, kb, kdt):
 
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
 
-    def both(q, k, kv_len, isr, hs, hw, dense):
-        lse = block_lse_triton(q, k, kv_len, kv_block=kb, bpp=8)
+    def both(q, k, kv_len, isr, hs, hw, dense, layer):
+        lse = block_lse_triton(q, k, kv_len, layer=layer, kv_block=kb, bpp=8)
         return decode_plan_triton(lse, isr, hs, hw, kv_len, dense, num_kv_heads=1, top_p=0.9, kv_block=kb,
                                   sinks=4, keep_recent=64)
 
     dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
     with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=dev)):
         low = jax.jit(both).trace(jax.ShapeDtypeStruct((b, r, 16), jnp.float32),
-                                  jax.ShapeDtypeStruct((b, sbp * kb, r, 16), kdt), i32(b), i32(r), i32(r),
-                                  i32(r), i32(b)).lower(lowering_platforms=("cuda",))
+                                  jax.ShapeDtypeStruct((layers or 1,) * (layers is not None) + (b, sbp * kb, r, 16), kdt),
+                                  i32(b), i32(r), i32(r), i32(r), i32(b),
+                                  None if layers is None else i32()).lower(lowering_platforms=("cuda",))
     text = low.as_text()
     for name in ("rtpurbo_index_block_lse", "rtpurbo_decode_topp_select", "rtpurbo_decode_topp_plan"):
         assert name in text

@@ -193,3 +193,34 @@ def test_padded_scan_matches_unrolled(model):
     for i in range(4):
         jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-5),
                      ca.layer(i), cb.layer(i))
+
+
+def test_scanned_decode_reads_the_stacked_cache_in_place(model):
+    """A scanned decode step on the GPU kernels (Triton, interpret mode) reads each layer of the stacked full-KV
+    and index buffers in place: its program slices none of them (a slice of a kernel's operand is a copy of the
+    layer's whole cache per step), and its logits, blocks_frac and cache equal the unrolled layers' on the same
+    kernels."""
+    params, ix = model
+    sp = sparse_cfg()
+    toks = jnp.asarray(np.random.default_rng(2).integers(0, CFG4.vocab_size, (2, 36)), jnp.int32)
+    kw = dict(cfg=CFG4, sparse=sp, backend="triton", interpret=True)
+    outs = []
+    for scan in (False, "padded"):
+        cache = init_cache(CFG4, 2, 48, sp, jnp.float32, scan=scan)
+        _, cache = prefill(params, cache, toks[:, :33], jnp.asarray([29, 33]), ix, cfg=CFG4, sparse=sp, chunk=8)
+        steps = []
+        for i in range(33, 36):
+            lg, cache, st = decode_step(params, cache, toks[:, i], ix, stats=True, **kw)
+            steps.append((np.asarray(lg), np.asarray(st["blocks_frac"])))
+        outs.append((steps, cache))
+    for (la, fa), (lb, fb) in zip(outs[0][0], outs[1][0]):
+        np.testing.assert_allclose(lb, la, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(fb, fa, rtol=1e-6)
+    for i in range(4):
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-5),
+                     outs[0][1].layer(i), outs[1][1].layer(i))
+    cache = outs[1][1]
+    jaxpr = str(jax.make_jaxpr(lambda c, t: decode_step(params, c, t, ix, check=False, **kw))(cache, toks[:, 35]))
+    full_len = [ln for ln in jaxpr.splitlines()
+                if ("dynamic_slice" in ln or "gather" in ln) and ",48," in ln.split("=")[0]]
+    assert not full_len, f"the scanned decode copies slices of the stacked cache: {full_len[:3]}"

@@ -201,3 +201,46 @@ def test_triton_decode_kernel_lowers_for_an_h100():
                                  jax.ShapeDtypeStruct((b, kh, m, n // kh), jnp.bool_), i32(n), i32(n), i32(b),
                                  i32(n)).lower(lowering_platforms=("cuda",))
     assert "rtpurbo_sparse_decode" in low.as_text()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference", "mosaic_tpu"])
+def test_a_layer_of_a_stacked_cache_equals_that_layer_alone(backend):
+    """`layer=` (a scanned layer's stacked cache [L, B, S, K, H], the layer traced) attends over that layer: the
+    same output and lse as the layer's own slice, bit for bit (triton reads it in place; the others slice)."""
+    rng = np.random.default_rng(5)
+    case = (2, 8, 2, 64, 192, 32, "random", 2)
+    sel, kv_len, plan = make(case, rng)
+    b, n, kh, h, s = case[:5]
+    q = jnp.asarray(rng.normal(size=(b, n, h)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(3, b, s, kh, h)), jnp.float32) for _ in range(2))
+    run = jax.jit(lambda q, k, v, layer: sparse_decode_attention(q, k, v, plan, layer=layer, backend=backend,
+                                                                  interpret=True))
+    for layer in (0, 2):
+        got = run(q, k, v, jnp.int32(layer))
+        want = sparse_decode_attention(q, k[layer], v[layer], plan, backend=backend, interpret=True)
+        for a, w in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(w))
+    with pytest.raises(ValueError, match="L, B, S, K, H"):
+        sparse_decode_attention(q, k[0], v[0], plan, layer=jnp.int32(0), backend=backend, interpret=True)
+
+
+def test_stacked_triton_decode_kernel_lowers_for_an_h100():
+    """The in-place read of one layer of a stack lowers for an abstract H100 from CPU."""
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+
+    from pallas_kernels.sparse_decode.plan import DecodePlan
+    from pallas_kernels.sparse_decode.triton import sparse_decode_triton
+
+    l, b, n, kh, s, h, kb, m = 4, 2, 32, 8, 4096, 128, 64, 64
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    bf = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+
+    def run(q, k, v, blocks, counts, hm, sinks, window, kv_len, layer):
+        return sparse_decode_triton(q, k, v, DecodePlan(blocks, counts, hm, sinks, window, kv_len, kb), layer=layer)
+
+    dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=dev)):
+        low = jax.jit(run).trace(bf(b, n, h), bf(l, b, s, kh, h), bf(l, b, s, kh, h), i32(b, kh, m), i32(b, kh),
+                                 jax.ShapeDtypeStruct((b, kh, m, n // kh), jnp.bool_), i32(n), i32(n), i32(b),
+                                 i32()).lower(lowering_platforms=("cuda",))
+    assert "rtpurbo_sparse_decode" in low.as_text()

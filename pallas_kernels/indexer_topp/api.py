@@ -53,34 +53,44 @@ def add_local_bias(lse, forced, local_bias):
     return lse + jnp.where(forced, local_bias[..., None], 0.0)
 
 
-def _block_lse(q_idx, k_idx, kv_len, kv_block: int, bpp: int, interpret: bool):
-    """fp32 [B, R, Sb]: the fused scoring kernel's block log-sum-exps over the index keys k_idx [B, S, R, I],
-    read in place. Blocks per program = the largest power of two <= bpp that divides Sb, so the keys need no
-    padded copy (a copy of the whole index cache per decode step, measured at 0.4 ms per 4 layers at 512K B=1
-    on an H200); only S not a multiple of kv_block pads."""
+def _block_lse(q_idx, k_idx, kv_len, kv_block: int, bpp: int, interpret: bool, layer=None):
+    """fp32 [B, R, Sb]: the fused scoring kernel's block log-sum-exps over the index keys k_idx [B, S, R, I]
+    (or layer `layer` of a stack [L, B, S, R, I]), read in place. Blocks per program = the largest power of two
+    <= bpp that divides Sb, so the keys need no padded copy (a copy of the whole index cache per decode step,
+    measured at 0.4 ms per 4 layers at 512K B=1 on an H200); only S not a multiple of kv_block pads."""
     from pallas_kernels.indexer_topp.triton import block_lse_triton
 
-    s = k_idx.shape[1]
+    s = k_idx.shape[-3]
     sb = cdiv(s, kv_block)
     if s % kv_block:
+        k_idx, layer = _layer_of(k_idx, layer), None
         k_idx = jnp.pad(k_idx, ((0, 0), (0, sb * kv_block - s), (0, 0), (0, 0)))
     per = 1
     while per * 2 <= bpp and sb % (per * 2) == 0:
         per *= 2
-    return block_lse_triton(q_idx, k_idx, kv_len, kv_block=kv_block, bpp=per, interpret=interpret)
+    return block_lse_triton(q_idx, k_idx, kv_len, layer=layer, kv_block=kv_block, bpp=per, interpret=interpret)
+
+
+def _layer_of(k_idx, layer):
+    """k_idx itself, or its layer `layer` (a slice: a copy) when it is a stack [L, B, S, R, I]."""
+    return k_idx if layer is None else jax.lax.dynamic_index_in_dim(k_idx, layer, keepdims=False)
 
 
 def decode_selection(q_idx, k_idx, kv_len, *, top_p: float, kv_block: int, sinks: int = 0, keep_recent: int = 64,
                      max_blocks: int | None = None, backend: str | None = None, interpret: bool = False,
-                     bpp: int = 8, local_bias=None):
+                     bpp: int = 8, local_bias=None, layer=None):
     """bool [B, R, Sb]: each decode token's top-p blocks.
 
     q_idx fp32 [B, R, I] (the token at position kv_len - 1), k_idx [B, S, R, I], kv_len int [B]. local_bias fp32
     [B, R] or None: the local prior added to the forced blocks' log-mass (`reference` module docstring).
+    layer: None, or int32 [] (may be traced): k_idx is a stacked index cache [L, B, S, R, I] scored at that
+    layer — in place by the triton kernel, through a slice (a copy) by the others.
     """
     backend = _pick_backend(backend, top_p, interpret, "decode_selection")
     kv_len = jnp.asarray(kv_len, jnp.int32)
-    b, s = k_idx.shape[:2]
+    if backend != "triton":
+        k_idx, layer = _layer_of(k_idx, layer), None
+    s = k_idx.shape[-3]
     if backend == "reference":
         return topp_selection_at(q_idx[:, None], k_idx, (kv_len - 1)[:, None], kv_len, top_p=top_p, tile=1,
                                  kv_block=kv_block, sinks=sinks, keep_recent=keep_recent, max_blocks=max_blocks,
@@ -91,7 +101,7 @@ def decode_selection(q_idx, k_idx, kv_len, *, top_p: float, kv_block: int, sinks
 
         lse = block_lse_xla(q_idx, k_idx, kv_len, kv_block)
     else:
-        lse = _block_lse(q_idx, k_idx, kv_len, kv_block, bpp, interpret)
+        lse = _block_lse(q_idx, k_idx, kv_len, kv_block, bpp, interpret, layer)
     forced = forced_blocks(kv_len - 1, kv_len - 1, sb, kv_block, sinks, keep_recent)[:, None]  # [B, 1, Sb]
     lse = add_local_bias(lse, forced, local_bias)
     tot = jax.nn.logsumexp(lse, axis=-1, keepdims=True)
@@ -147,7 +157,7 @@ def prefill_selection(q_idx, k_idx, q_pos, kv_len, *, tile: int, top_p: float, k
 def decode_plan_select(q_idx, k_idx, kv_len, *, retrieval: tuple[int, ...], num_kv_heads: int, head_sinks,
                        head_window, top_p: float, kv_block: int, sinks: int = 0, keep_recent: int = 64,
                        dense=None, max_blocks: int | None = None, backend: str | None = None,
-                       interpret: bool = False, bpp: int = 8, local_bias=None, active=None):
+                       interpret: bool = False, bpp: int = 8, local_bias=None, active=None, layer=None):
     """The DecodePlan of one decode step for N query heads (G = N / num_kv_heads per group), from index keys.
 
     q_idx fp32 [B, R, I] and k_idx [B, S, R, I]: the R retrieval heads, which sit at rows `retrieval` (static)
@@ -159,12 +169,13 @@ def decode_plan_select(q_idx, k_idx, kv_len, *, retrieval: tuple[int, ...], num_
     backend "reference": exact sort-based top-p (XLA) + `decode_plan`; "triton": the fused scoring kernel, then
     the sort-free top-p and packing kernels (`plan_triton.py`) — three launches from index keys to the plan. With
     `max_blocks` (a per-head cap the kernel does not implement) triton scores and XLA selects and packs.
+    layer: None, or int32 [] (may be traced): k_idx is a stacked index cache [L, B, S, R, I] (`decode_selection`).
     """
     from pallas_kernels.sparse_decode.plan import DecodePlan, decode_plan
 
     backend = _pick_backend(backend, top_p, interpret, "decode_plan_select")
     n = len(head_sinks)
-    b, s = k_idx.shape[:2]
+    b, s = q_idx.shape[0], k_idx.shape[-3]
     sb = cdiv(s, kv_block)
     kv_len = jnp.asarray(kv_len, jnp.int32)
     is_r = jnp.zeros((n,), bool).at[jnp.asarray(retrieval, jnp.int32)].set(True if active is None else active)
@@ -174,7 +185,8 @@ def decode_plan_select(q_idx, k_idx, kv_len, *, retrieval: tuple[int, ...], num_
     if backend in ("reference", "xla") or max_blocks is not None:
         sel_r = decode_selection(q_idx, k_idx, kv_len, top_p=top_p, kv_block=kv_block, sinks=sinks,
                                  keep_recent=keep_recent, max_blocks=max_blocks, backend=backend,
-                                 interpret=interpret, bpp=bpp, local_bias=local_bias) | dense[:, None, None]
+                                 interpret=interpret, bpp=bpp, local_bias=local_bias,
+                                 layer=layer) | dense[:, None, None]
         q_pos = (kv_len - 1)[:, None]
         causal = band_blocks(q_pos, q_pos, sb, kv_block, 0, FULL_WINDOW)  # [B, 1, Sb]
         band = band_blocks(q_pos, q_pos, sb, kv_block, plan_sinks, plan_window)  # [B, N, Sb]
@@ -185,7 +197,7 @@ def decode_plan_select(q_idx, k_idx, kv_len, *, retrieval: tuple[int, ...], num_
     from pallas_kernels.indexer_topp.plan_triton import decode_plan_triton
 
     sbp = 1 << (sb - 1).bit_length()
-    lse = _block_lse(q_idx, k_idx, kv_len, kv_block, bpp, interpret)
+    lse = _block_lse(q_idx, k_idx, kv_len, kv_block, bpp, interpret, layer)
     lse = jnp.pad(lse, ((0, 0), (0, 0), (0, sbp - sb)), constant_values=-jnp.inf)  # [B, R, Sbp]
     lse = add_local_bias(lse, forced_blocks(kv_len - 1, kv_len - 1, sbp, kv_block, sinks, keep_recent)[:, None],
                          local_bias)

@@ -7,7 +7,8 @@ positions at or past kv_len, and writes each block's log-sum-exp. Only [B, R, Sb
 (`decode_selection` in `api.py`).
 
 Layout: k_idx [B, S, R, I] used in place through a free reshape to [B, Sb, kv_block, R, I]; S a multiple of
-kv_block · bpp (the api pads with positions past kv_len).
+kv_block · bpp (the api pads with positions past kv_len). With `layer` (a stacked index cache [L, B, S, R, I],
+int32 [] traced) the programs read layer `layer` of the stack in place (no copy of a scanned layer's slice).
 """
 
 from __future__ import annotations
@@ -21,10 +22,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 
-def _kernel(kvlen_ref, q_ref, k_ref, lse_ref, *, kv_block, bpp):
+def _kernel(*refs, kv_block, bpp, stacked):
     b, p = pl.program_id(0), pl.program_id(2)
+    if stacked:  # the whole stack [L, B, Sb, bk, R, I]: this program's span of layer `layer`, in place
+        kvlen_ref, layer_ref, q_ref, k_ref, lse_ref = refs
+        k = k_ref[layer_ref[0], b, pl.ds(p * bpp, bpp), :, pl.program_id(1), :]
+    else:
+        kvlen_ref, q_ref, k_ref, lse_ref = refs
+        k = k_ref[...]
     q = q_ref[...].astype(jnp.float32)  # [I]
-    k = k_ref[...].astype(jnp.float32)  # [bpp, bk, I]
+    k = k.astype(jnp.float32)  # [bpp, bk, I]
     s = (k * q[None, None, :]).sum(axis=-1)  # [bpp, bk]
     pos = (p * bpp + lax.broadcasted_iota(jnp.int32, (bpp, kv_block), 0)) * kv_block + \
         lax.broadcasted_iota(jnp.int32, (bpp, kv_block), 1)
@@ -36,24 +43,30 @@ def _kernel(kvlen_ref, q_ref, k_ref, lse_ref, *, kv_block, bpp):
 
 
 @functools.partial(jax.jit, static_argnames=("kv_block", "bpp", "num_warps", "interpret"))
-def block_lse_triton(q_idx, k_idx, kv_len, *, kv_block: int, bpp: int = 8, num_warps: int = 4,
+def block_lse_triton(q_idx, k_idx, kv_len, *, layer=None, kv_block: int, bpp: int = 8, num_warps: int = 4,
                      interpret: bool = False):
     """q_idx [B, R, I], k_idx [B, S, R, I] (S a multiple of kv_block · bpp), kv_len int [B] ->
-    block log-sum-exp fp32 [B, R, Sb] (-inf for blocks with no visible key)."""
+    block log-sum-exp fp32 [B, R, Sb] (-inf for blocks with no visible key). layer: None, or int32 [] — then
+    k_idx is a stack [L, B, S, R, I] read at that layer in place."""
     b, r, i = q_idx.shape
-    s = k_idx.shape[1]
+    s = k_idx.shape[-3]
     if s % (kv_block * bpp):
         raise ValueError(f"S={s} must be a multiple of kv_block * bpp = {kv_block * bpp} (the api pads)")
     sb = s // kv_block
-    k5 = k_idx.reshape(b, sb, kv_block, r, i)
     kvl = jnp.asarray(kv_len, jnp.int32)
+    if layer is None:
+        args = (kvl, q_idx, k_idx.reshape(b, sb, kv_block, r, i))
+        k_spec = pl.BlockSpec((None, bpp, kv_block, None, i), lambda bi, ri, pi: (bi, pi, 0, ri, 0))
+    else:
+        k6 = k_idx.reshape(k_idx.shape[0], b, sb, kv_block, r, i)
+        args = (kvl, jnp.reshape(layer, (1,)).astype(jnp.int32), q_idx, k6)
+        k_spec = pl.BlockSpec(k6.shape, lambda *_: (0,) * 6)
     return pl.pallas_call(
-        functools.partial(_kernel, kv_block=kv_block, bpp=bpp), grid=(b, r, sb // bpp),
-        in_specs=[pl.BlockSpec(kvl.shape, lambda *_: (0,)),
-                  pl.BlockSpec((None, None, i), lambda bi, ri, pi: (bi, ri, 0)),
-                  pl.BlockSpec((None, bpp, kv_block, None, i), lambda bi, ri, pi: (bi, pi, 0, ri, 0))],
+        functools.partial(_kernel, kv_block=kv_block, bpp=bpp, stacked=layer is not None), grid=(b, r, sb // bpp),
+        in_specs=[pl.BlockSpec(x.shape, lambda *_: (0,)) for x in args[:-2]] + [
+                  pl.BlockSpec((None, None, i), lambda bi, ri, pi: (bi, ri, 0)), k_spec],
         out_specs=pl.BlockSpec((None, None, bpp), lambda bi, ri, pi: (bi, ri, pi)),
         out_shape=jax.ShapeDtypeStruct((b, r, sb), jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=2),
         interpret=interpret, name="rtpurbo_index_block_lse",
-    )(kvl, q_idx, k5)
+    )(*args)

@@ -27,16 +27,22 @@ def default_backend(platform: str | None = None) -> str:
     return {"gpu": "triton", "cuda": "triton", "tpu": "mosaic_tpu"}.get(platform, "reference")
 
 
-def sparse_decode_attention(q, k, v, plan: DecodePlan, *, backend: str | None = None, interpret: bool = False,
-                            scale=None, splits: int | None = None):
+def sparse_decode_attention(q, k, v, plan: DecodePlan, *, layer=None, backend: str | None = None,
+                            interpret: bool = False, scale=None, splits: int | None = None):
     """q [B, N, H] (the token at kv_len - 1), k / v [B, S, K, H] -> (out [B, N, H] q.dtype, lse fp32 [B, N]).
 
+    layer: None, or int32 [] (may be traced) — then k / v are a stacked cache [L, B, S, K, H] and the call
+    attends over layer `layer` (a scanned layer): the triton backend reads it in place; the others take the
+    slice (a copy), as does triton when S is not a multiple of kv_block.
     Inputs must be floating point; outside jit the plan's block ids, counts and kv_len are range-checked."""
-    if q.ndim != 3 or k.ndim != 4 or k.shape != v.shape or q.shape[1] % k.shape[2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q must be [B, N, H] and k, v [B, S, K, H] with N a multiple of K; got {q.shape}, "
-                         f"{k.shape}, {v.shape}")
+    stacked = layer is not None
+    if (q.ndim != 3 or k.ndim != 4 + stacked or k.shape != v.shape or q.shape[1] % k.shape[-2]
+            or q.shape[-1] != k.shape[-1] or (stacked and k.shape[1] != q.shape[0])):
+        raise ValueError(f"q must be [B, N, H] and k, v [{'L, ' if stacked else ''}B, S, K, H] with N a multiple of K;"
+                         f" got {q.shape}, {k.shape}, {v.shape}")
     check_inputs(q, k, v, "sparse_decode_attention")
-    check_plan_values(plan.kv_blocks, plan.counts, plan.kv_len, cdiv(k.shape[1], plan.kv_block), k.shape[1],
+    s = k.shape[-3]
+    check_plan_values(plan.kv_blocks, plan.counts, plan.kv_len, cdiv(s, plan.kv_block), s,
                       "sparse_decode_attention plan")
     if backend is None:
         backend = default_backend()
@@ -44,9 +50,14 @@ def sparse_decode_attention(q, k, v, plan: DecodePlan, *, backend: str | None = 
     if backend not in BACKENDS:  # a named backend is honoured or refused, never swapped for another
         raise ValueError(f"sparse_decode_attention: backend must be one of {BACKENDS}, got {backend!r}")
     _check_backend(backend, interpret, q)
+    if stacked and backend == "triton" and s % plan.kv_block == 0:
+        from pallas_kernels.sparse_decode.triton import sparse_decode_triton
+
+        return sparse_decode_triton(q, k, v, plan, layer=layer, scale=scale, splits=splits, interpret=interpret)
+    if stacked:
+        k, v = (jax.lax.dynamic_index_in_dim(x, layer, keepdims=False) for x in (k, v))
     if backend == "reference":
         return reference.sparse_decode_attention(q, k, v, plan, scale)
-    s = k.shape[1]
     sp = cdiv(s, plan.kv_block) * plan.kv_block
     k, v = (jnp.pad(x, ((0, 0), (0, sp - s), (0, 0), (0, 0))) for x in (k, v))
     if backend == "triton":

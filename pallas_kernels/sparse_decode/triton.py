@@ -6,7 +6,9 @@ block once for all G query heads of the group (q rows padded to at least 16 for 
 head with `head_mask`, and keeps the online-softmax state in fp32. It writes a normalised partial output and
 its log-sum-exp; `combine` merges the splits (one small XLA fusion). Two launches from plan to output.
 
-Layouts: q [B, K, Gp, H] (padded group rows), k / v [B, S, K, H] in place; S a multiple of kv_block.
+Layouts: q [B, K, Gp, H] (padded group rows), k / v [B, S, K, H] in place; S a multiple of kv_block. With
+`layer` (a stacked cache: k / v [L, B, S, K, H], int32 [] traced) each program reads layer `layer` of the stack
+in place — a scanned layer needs no copy of its slice (an operand of a kernel is otherwise materialised).
 """
 
 from __future__ import annotations
@@ -25,9 +27,19 @@ from pallas_kernels.sparse_decode.plan import DecodePlan, head_mask_words, kerne
 
 
 
-def _kernel(blocks_ref, counts_ref, hmask_ref, sinks_ref, window_ref, shift_ref, kvlen_ref, q_ref, k_ref, v_ref,
-            o_ref, lse_ref, *, scale, kv_block, m_max, gp, num_kv, splits, bits):
+def _kernel(*refs, scale, kv_block, m_max, gp, num_kv, splits, bits, stacked):
+    if stacked:  # whole-stack refs [L, B, S, K, H]: this program's rows of layer `layer` in place
+        blocks_ref, counts_ref, hmask_ref, sinks_ref, window_ref, shift_ref, kvlen_ref, layer_ref, q_ref, k_ref, \
+            v_ref, o_ref, lse_ref = refs
+    else:  # k / v blocks [S, H] of this program's sequence and KV head
+        blocks_ref, counts_ref, hmask_ref, sinks_ref, window_ref, shift_ref, kvlen_ref, q_ref, k_ref, v_ref, o_ref, \
+            lse_ref = refs
     b, kh, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    if stacked:
+        layer = layer_ref[0]
+        rows = lambda ref, start: ref[layer, b, pl.ds(start, kv_block), kh, :]
+    else:
+        rows = lambda ref, start: ref[pl.ds(start, kv_block), :]
     row = b * num_kv + kh
     count = counts_ref[row]
     per = (count + splits - 1) // splits
@@ -47,12 +59,12 @@ def _kernel(blocks_ref, counts_ref, hmask_ref, sinks_ref, window_ref, shift_ref,
             use = ((hmask_ref[row * m_max + j] >> lax.broadcasted_iota(jnp.int32, (gp, 1), 0)) & 1) != 0
         else:
             use = hmask_ref[pl.ds((row * m_max + j) * gp, gp)][:, None] != 0
-        k = k_ref[pl.ds(start, kv_block), :]
+        k = rows(k_ref, start)
         s = pltriton.dot(q, k, trans_b=True) * qk_scale  # [Gp, bk] fp32
         k_pos = start + lax.broadcasted_iota(jnp.int32, (gp, kv_block), 1)
         vis = use & (k_pos <= q_pos) & ((k_pos < sink) | (q_pos - k_pos < window))
         return online_softmax.step_exp2(s, vis, acc, m_prev, l_prev,
-                                         lambda: v_ref[pl.ds(start, kv_block), :], pltriton.dot)
+                                         lambda: rows(v_ref, start), pltriton.dot)
 
     h = q.shape[-1]
     init = (jnp.zeros((gp, h), jnp.float32), jnp.full((gp,), online_softmax.NEG, jnp.float32), jnp.zeros((gp,), jnp.float32))
@@ -75,10 +87,12 @@ def default_splits(batch: int, num_kv_heads: int, m_max: int, target_programs: i
 
 
 @functools.partial(jax.jit, static_argnames=("splits", "num_warps", "num_stages", "interpret"))
-def sparse_decode_triton(q, k, v, plan: DecodePlan, *, scale=None, splits: int | None = None,
+def sparse_decode_triton(q, k, v, plan: DecodePlan, *, layer=None, scale=None, splits: int | None = None,
                          num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
-    """q [B, N, H], k / v [B, S, K, H] (S a multiple of kv_block) -> (out [B, N, H] q.dtype, lse fp32 [B, N])."""
-    s, kh = k.shape[1], k.shape[2]
+    """q [B, N, H], k / v [B, S, K, H] (S a multiple of kv_block) -> (out [B, N, H] q.dtype, lse fp32 [B, N]).
+    layer: None, or int32 [] — then k / v are a stack [L, B, S, K, H] read at that layer in place."""
+    stacked = layer is not None
+    s, kh = k.shape[-3], k.shape[-2]
     b, n, h, g, bk, m_max = kernel_dims(q, s, kh, plan)
     gp = max(16, 1 << (g - 1).bit_length())
     splits = splits or default_splits(b, kh, m_max)
@@ -95,13 +109,17 @@ def sparse_decode_triton(q, k, v, plan: DecodePlan, *, scale=None, splits: int |
             pad_g(plan.window, 0).reshape(-1), pad_g(plan.shifts(), 0).reshape(-1), plan.kv_len.astype(jnp.int32))
     whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
     kernel = functools.partial(_kernel, scale=scale, kv_block=bk, m_max=m_max, gp=gp, num_kv=kh, splits=splits,
-                               bits=bits)
+                               bits=bits, stacked=stacked)
+    if stacked:
+        args += (jnp.reshape(layer, (1,)).astype(jnp.int32),)
+        kv_specs = [whole(k), whole(v)]
+    else:
+        kv_specs = [pl.BlockSpec((None, s, None, h), lambda bi, ki, si: (bi, 0, ki, 0)),
+                    pl.BlockSpec((None, s, None, h), lambda bi, ki, si: (bi, 0, ki, 0))]
     o_parts, lse_parts = pl.pallas_call(
         kernel, grid=(b, kh, splits),
-        in_specs=[whole(a) for a in args] + [
-            pl.BlockSpec((None, None, gp, h), lambda bi, ki, si: (bi, ki, 0, 0)),
-            pl.BlockSpec((None, s, None, h), lambda bi, ki, si: (bi, 0, ki, 0)),
-            pl.BlockSpec((None, s, None, h), lambda bi, ki, si: (bi, 0, ki, 0))],
+        in_specs=[whole(a) for a in args] + [pl.BlockSpec((None, None, gp, h), lambda bi, ki, si: (bi, ki, 0, 0))]
+        + kv_specs,
         out_specs=[pl.BlockSpec((None, None, None, gp, h), lambda bi, ki, si: (bi, ki, si, 0, 0)),
                    pl.BlockSpec((None, None, None, gp), lambda bi, ki, si: (bi, ki, si, 0))],
         out_shape=[jax.ShapeDtypeStruct((b, kh, splits, gp, h), jnp.float32),
