@@ -5,7 +5,8 @@
 # with "_stage2"), merged into one accuracy JSON. The "before" suite runs beside the training (both processes
 # share the GPU: XLA_PYTHON_CLIENT_MEM_FRACTION splits its memory).
 #   bash benchmarks/run_stage2.sh OUTDIR CONVERTED INDEXER
-# Environment: SEQ (4096), STEPS (300), LR (3e-6), WARMUP (50), DATA (kjv), EVENTS (0), POSITIONS (answer),
+# Environment: SEQ (4096), STEPS (300), LR (3e-6), WARMUP (50), ACCUMULATE (0: the paper's global batch 8), DATA (kjv),
+# EVENTS (0), POSITIONS (answer),
 # LENGTHS ("4096"), PROMPTS (20), TASKS ("niah_single_noise niah_single_prose niah_multikey"),
 # MODES ("full dense_retrieval rtpurbo").
 set -uo pipefail
@@ -21,7 +22,7 @@ common=(--indexer "$IX" --lengths ${LENGTHS:-4096} --prompts "${PROMPTS:-20}" --
 python -m benchmarks.accuracy --converted "$CONV" "${common[@]}" --out "$OUT/acc_stage1" > "$OUT/acc_stage1.log" 2>&1 &
 before=$!
 python -m train.distill --stage 2 --model "$CONV" --indexer "$IX" --run-dir "$OUT/stage2" --seq-len "${SEQ:-4096}" \
-  --steps "${STEPS:-300}" --lr "${LR:-3e-6}" --warmup "${WARMUP:-50}" --data "${DATA:-kjv}" --events "${EVENTS:-0}" \
+  --steps "${STEPS:-300}" --lr "${LR:-3e-6}" --warmup "${WARMUP:-50}" --accumulate "${ACCUMULATE:-0}" --data "${DATA:-kjv}" --events "${EVENTS:-0}" \
   --positions "${POSITIONS:-answer}" --log-every 10 --ckpt-every 50 --eval-batches "${EVAL_BATCHES:-5}" \
   > "$OUT/stage2.log" 2>&1 || { tail -30 "$OUT/stage2.log"; exit 1; }
 grep "\[stage2\]" "$OUT/stage2.log"

@@ -62,7 +62,7 @@ def account(cfg: ModelConfig, devices: int, seq_len: int, batch: int, dtype, fsd
     loss = 2 * local_b * seq_len * k * d * act + 4 * local_b * seq_len * k * 4
     cast = _bytes(model, sh) if jnp.dtype(dtype) != jnp.float32 else 0  # the forward's copy in the model's dtype
     out = {"params": _bytes(params, sh), "params_cast": cast, "grads": _bytes(params, sh),
-           "adamw_moments": int(opt_bytes),
+           "optimizer_state": int(opt_bytes),  # AdamW moments (+ MultiSteps' fp32 gradient sum when accumulating)
            "activations_remat": layer_inputs + one_layer, "loss_topk_rows": loss,
            "vocab_logits_avoided": 3 * local_b * seq_len * v * 4}
     out = {name: b / GIB for name, b in out.items()}

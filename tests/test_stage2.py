@@ -48,7 +48,7 @@ def tiny(tmp_path_factory):
 def flags(tiny, run_dir, *extra):
     _, conv, ix, tokens, _ = tiny
     return ["--model", conv, "--indexer", ix, "--data", tokens, "--run-dir", str(run_dir), "--seq-len", "96",
-            "--batch", "2", "--lr", "3e-3", "--warmup", "0", "--log-every", "1", "--ckpt-every", "3",
+            "--batch", "2", "--accumulate", "1", "--lr", "3e-3", "--warmup", "0", "--log-every", "1", "--ckpt-every", "3",
             "--mesh", "1,1", "--eval-batches", "1", *extra]
 
 
@@ -146,7 +146,7 @@ def test_bf16_model_trains_through_fp32_masters(tiny):
     toks = jnp.asarray(np.random.default_rng(4).integers(0, cfg.vocab_size, (2, 64)), jnp.int32)
     ids, vals = teacher_topk(apply(jax.tree.map(lambda x: x.astype(jnp.float32), bf16), toks, cfg), 10)
     rep = NamedSharding(make_mesh("1,1"), P())
-    c = Stage2Config(model="x", indexer="x", lr=3e-6, warmup=0)
+    c = Stage2Config(model="x", indexer="x", lr=3e-6, warmup=0, accumulate=1)
     out = {}
     for name, params, dt in (("in_place", bf16, None), ("masters", master_weights(bf16), dtypes)):
         tx = make_optimizer(c, params)
@@ -189,6 +189,23 @@ def test_warnings_for_short_windows_and_a_worse_student(tiny, tmp_path, capsys):
     row = lambda kl, agree: {"kl": kl, "topk_agreement": agree}
     assert regression_note(row(0.02, 0.9), row(0.01, 0.95)) is None
     assert "rose from 0.0030 to 0.0211" in regression_note(row(0.003, 0.981), row(0.0211, 0.921))
+
+
+def test_accumulated_micro_steps_equal_one_big_batch(tiny, tmp_path):
+    """Global batch by accumulation: one optimiser step over 2 micro-steps of 1 window trains the same weights as
+    one step over a batch of the same 2 windows (every row in the loss: token data marks no answers). Tolerance:
+    3% of one step (lr 3e-3), since Adam's first step is about lr x sign(g) and flips where g is rounding noise;
+    a dropped or different micro-batch moves most weights by a whole step."""
+    from rtpurbo_jax.checkpoint import load_converted
+
+    run(parse_args(flags(tiny, tmp_path / "big", "--steps", "1", "--batch", "2", "--accumulate", "1")))
+    run(parse_args(flags(tiny, tmp_path / "acc", "--steps", "1", "--batch", "1", "--accumulate", "2")))
+    base, big, acc = (load_converted(p).params for p in (tiny[1], str(tmp_path / "big" / "model"),
+                                                         str(tmp_path / "acc" / "model")))
+    assert max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
+               zip(jax.tree.leaves(base), jax.tree.leaves(big))) > 1e-4, "the step should move the weights"
+    for a, b in zip(jax.tree.leaves(big), jax.tree.leaves(acc)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-4)
 
 
 def test_resume_is_exact_and_the_cache_is_reused(tiny, tmp_path, capsys):
@@ -323,7 +340,7 @@ def test_memory_accounting_matches_the_arrays_stage2_places(tiny):
     from train.trainer import make_mesh
 
     cfg = tiny[0]
-    c = Stage2Config(model="x", indexer="x")
+    c = Stage2Config(model="x", indexer="x", batch=8)  # the global batch 8 in one micro-step: no accumulator
     mesh = make_mesh("8,1")
     sh = param_shardings(cfg, mesh, state_rules(c))
     params = jax.device_put(init_params(cfg, jax.random.key(0)), sh)
@@ -333,7 +350,10 @@ def test_memory_accounting_matches_the_arrays_stage2_places(tiny):
     on0 = lambda tree: sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device.id == 0)
     got = account(cfg, 8, 96, 8, jnp.float32)["gib_per_device"]
     assert got["params"] * GIB == on0(params)
-    assert got["adamw_moments"] * GIB == pytest.approx(on0(opt), abs=64)  # counters: a few scalar bytes
+    assert got["optimizer_state"] * GIB == pytest.approx(on0(opt), abs=64)  # counters: a few scalar bytes
+    # one sequence per micro-step: 8 micro-steps (the paper's global batch 8), MultiSteps adds an fp32 gradient sum
+    one = account(cfg, 8, 96, 1, jnp.float32)["gib_per_device"]
+    assert one["optimizer_state"] == pytest.approx(got["optimizer_state"] + got["grads"], abs=1e-6)
     assert account(cfg, 8, 96, 8, jnp.float32, fsdp=False)["gib_per_device"]["params"] > got["params"]
     half = account(cfg, 8, 96, 8, jnp.bfloat16)["gib_per_device"]  # a bf16 model trains fp32 masters beside its cast
     assert half["params"] == got["params"] and half["params_cast"] == got["params"] / 2 and got["params_cast"] == 0
