@@ -191,6 +191,33 @@ def test_warnings_for_short_windows_and_a_worse_student(tiny, tmp_path, capsys):
     assert "rose from 0.0030 to 0.0211" in regression_note(row(0.003, 0.981), row(0.0211, 0.921))
 
 
+def test_export_best_picks_the_lowest_held_out_kl(tiny, tmp_path):
+    """--export best: model/ holds the weights of the evaluated step with the lowest held-out KL among those at hand
+    (the start, kept checkpoints, the last step) — the same weights a run stopped at that step exports — and
+    best_export_step skips steps whose weights are gone and takes the earliest on a tie."""
+    from rtpurbo_jax.checkpoint import load_converted
+    from train.stage2 import best_export_step
+
+    rows = [{"step": 0, "kl": 0.3}, {"step": 2, "kl": 0.1}, {"step": 4, "kl": 0.2}, {"step": 6, "kl": 0.1}]
+    assert best_export_step(rows, {0, 2, 4, 6}) == 2 and best_export_step(rows, {0, 4, 6}) == 6
+    assert best_export_step(rows[:1] + rows[2:3], {0, 4}) == 4 and best_export_step(rows[:1], {0, 9}) == 0
+
+    extra = ("--lr", "0.3", "--ckpt-every", "1", "--keep", "10", "--eval-batches", "2")
+    s = run(parse_args(flags(tiny, tmp_path / "best", "--steps", "5", "--export", "best", *extra)))
+    evals = {r["step"]: r["kl"] for r in map(json.loads, open(tmp_path / "best" / "metrics.jsonl")) if "kl" in r}
+    step = s["exported"]["step"]
+    assert 0 < step < 5, f"lr 0.3 makes the KL rise, fall, rise: the restore path should be taken {evals}"
+    assert step == min(evals, key=lambda k: (evals[k], k)) and s["exported"]["kl"] == evals[step]
+    if step == 0:
+        want = load_converted(tiny[1]).params
+    else:
+        run(parse_args(flags(tiny, tmp_path / "ref", "--steps", str(step), *extra)))
+        want = load_converted(str(tmp_path / "ref" / "model")).params
+    got = load_converted(str(tmp_path / "best" / "model")).params
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+
+
 def test_accumulated_micro_steps_equal_one_big_batch(tiny, tmp_path):
     """Global batch by accumulation: one optimiser step over 2 micro-steps of 1 window trains the same weights as
     one step over a batch of the same 2 windows (every row in the loss: token data marks no answers). Tolerance:

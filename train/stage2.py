@@ -89,6 +89,8 @@ class Stage2Config(RunFlags):
     remat: bool = True  # recompute each layer in the backward pass (activation memory of one layer)
     attn_backend: str = "auto"  # the student's block-sparse attention: auto (triton on GPUs, else xla) | triton | xla | reference
     eval_batches: int = 2
+    export: str = "last"  # model/ holds the last step's weights, or "best": the lowest held-out KL among the start,
+    # the kept checkpoints (--ckpt-every, --keep) and the last step (the start: the model as it came)
 
     @property
     def micro_steps(self) -> int:
@@ -106,6 +108,8 @@ class Stage2Config(RunFlags):
             raise ValueError("--grad-clip must be a finite number > 0 and --weight-decay >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.export not in ("last", "best"):
+            raise ValueError(f"--export must be 'last' or 'best', got {self.export!r}")
         if self.positions not in ("answer", "all"):
             raise ValueError(f"--positions must be 'answer' or 'all', got {self.positions!r}")
         if not 0 <= self.events < float("inf"):
@@ -320,14 +324,27 @@ def run(c: Stage2Config) -> dict:
     after = evaluate(c.steps, state)
     log0(f"[stage2] after {c.steps} steps: KL {after['kl']:.4f}, top-{c.top_k} agreement {after['topk_agreement']:.3f} "
          f"(top-1 within it {after['top1_within_topk']:.3f})")
+    evals = {r["step"]: r for r in read_metrics(loop) + [after] if "kl" in r}  # a resumed run's rows: the later win
+    step_out, params = c.steps, state["params"]
+    if c.export == "best":
+        step_out = best_export_step(list(evals.values()), {0, c.steps, *mngr.all_steps()})
+        if step_out == 0:  # the model as it came
+            params = load_converted(c.model, shardings=params_sh).params
+        elif step_out != c.steps:
+            import orbax.checkpoint as ocp
+
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+            params = mngr.restore(step_out, args=ocp.args.StandardRestore(abstract))["params"]
+        log0(f"[stage2] --export best: step {step_out} (held-out KL {evals[step_out]['kl']:.4f})")
     out = os.path.join(c.run_dir, "model")
-    save_converted(out, cast_like(state["params"], dtypes), cfg, sparse_config=shipped.to_dict(), source=c.model,
+    save_converted(out, cast_like(params, dtypes), cfg, sparse_config=shipped.to_dict(), source=c.model,
                    tokenizer=tokenizer, overwrite=os.path.exists(out),
-                   extra={"model_name": name, "stage2": {"from": os.path.abspath(c.model), "indexer": os.path.abspath(c.indexer),
-                                     "steps": c.steps}})
-    summary = {"before": before, "after": after}
+                   extra={"model_name": name, "stage2": {"from": os.path.abspath(c.model),
+                                                         "indexer": os.path.abspath(c.indexer), "steps": c.steps,
+                                                         "exported_step": step_out}})
+    summary = {"before": before, "after": after, "exported": {"step": step_out, "kl": evals[step_out]["kl"]}}
     note = regression_note(before, after)
-    if note:
+    if note and c.export == "last":
         log0(f"[stage2] warning: {note}")
     if jax.process_index() == 0:
         plot_curves(read_metrics(loop) + [after], os.path.join(c.run_dir, "curves.png"), CURVES,
@@ -337,6 +354,12 @@ def run(c: Stage2Config) -> dict:
     return summary
 
 
+def best_export_step(evals: list[dict], available: set[int]) -> int:
+    """The step whose held-out KL is lowest among evaluation rows {"step", "kl", ...} whose weights are at hand
+    (`available`: the start, the kept checkpoints, the last step); the earliest on a tie."""
+    return min((r for r in evals if r["step"] in available), key=lambda r: (r["kl"], r["step"]))["step"]
+
+
 def regression_note(before: dict, after: dict) -> str | None:
     """A warning when the run left the student further from the teacher on the held-out rows than it started
     (the exported model is still the last step's); None otherwise."""
@@ -344,8 +367,9 @@ def regression_note(before: dict, after: dict) -> str | None:
         return None
     return (f"the held-out KL rose from {before['kl']:.4f} to {after['kl']:.4f} (top-10 agreement "
             f"{before['topk_agreement']:.3f} -> {after['topk_agreement']:.3f}): the exported model is further from the "
-            "dense one than the model it started from. Check it with benchmarks.accuracy before using it; a larger "
-            "global batch (--accumulate), longer windows or fewer steps may help.")
+            "dense one than the model it started from. Check it with benchmarks.accuracy before using it; --export best "
+            "exports the step with the lowest held-out KL; a larger global batch (--accumulate), longer windows or fewer "
+            "steps may help.")
 
 
 def main(argv=None) -> int:
