@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.kernels import bench
+from benchmarks.output import add_overwrite, claim, write_json
 from pallas_kernels.block_plan import FULL_WINDOW, cdiv
 from pallas_kernels.indexer_topp.api import decode_plan_select, decode_selection
 from pallas_kernels.indexer_topp.reference import forced_blocks, topp_select, topp_selection_at
@@ -67,7 +66,9 @@ def main(argv=None):
                    help="with --layer-only: the index keys' dtype(s) (SparseConfig.index_dtype)")
     p.add_argument("--tokens", type=int, default=0,
                    help="only time C query tokens per sequence in one call vs C one-token calls")
+    add_overwrite(p)
     args = p.parse_args(argv)
+    claim(p, [args.out + ".json"], args.overwrite)
     impl, interp = ("xla", True) if args.dry_run else ("cudnn", False)
     rng = np.random.default_rng(0)
     bw = copy_bandwidth(1 << 20 if args.dry_run else 1 << 30)
@@ -157,9 +158,7 @@ def main(argv=None):
             res["rows"].append(histogram_overselection(qi, ki, s, b))
             print(res["rows"][-1], flush=True)
             layer_rows(res, q, k, v, s, b, t_cudnn, interp)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(res, f, indent=1)
+    write_json(args.out + ".json", res)
     plot(res, args.out + ".png")
     return res
 

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import baselines
+from benchmarks.output import add_overwrite, claim, write_json
 from benchmarks.serve import rel as rel_err
 from rtpurbo_jax.indexer import init_indexer
 from rtpurbo_jax.kv_cache import cache_bytes, init_cache
@@ -384,7 +385,12 @@ def main(argv=None):
     p.add_argument("--profile-decode", type=int, nargs="*", default=None, metavar="CONTEXT",
                    help="only trace the device kernels of decode steps (4 layers) at these contexts, per batch")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    add_overwrite(p)
     args = p.parse_args(argv)
+    if not args.worker:
+        suffix = ("_profile.json" if args.profile_prefill is not None else
+                  "_decode_profile.json" if args.profile_decode is not None else ".json")
+        claim(p, [args.out + suffix], args.overwrite)
     if args.worker:
         print("DEVICE " + jax.devices()[0].device_kind, flush=True)
         rows = worker(json.loads(args.worker))
@@ -394,9 +400,8 @@ def main(argv=None):
         from benchmarks.e2e_profile import profile_prefill
 
         rows = [profile_prefill(t, args.chunk, args.small) for t in args.profile_prefill]
-        with open(args.out + "_profile.json", "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                       "date": datetime.date.today().isoformat(), "rows": rows}, f, indent=1)
+        write_json(args.out + "_profile.json", {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                                                "date": datetime.date.today().isoformat(), "rows": rows})
         return
     if args.profile_decode is not None:
         from benchmarks.e2e_profile import profile_decode
@@ -405,8 +410,7 @@ def main(argv=None):
                "date": datetime.date.today().isoformat(), "rows": []}
         for t in args.profile_decode:
             res["rows"] += profile_decode(t, args.batches, args.small, args.density)
-            with open(args.out + "_decode_profile.json", "w") as f:
-                json.dump(res, f, indent=1)
+            write_json(args.out + "_decode_profile.json", res)
         return
     if min(args.batches) != 1:
         raise SystemExit("--batches must include 1 (decode calibrates its density and prefills at batch 1)")
@@ -450,14 +454,12 @@ def main(argv=None):
                     res["device"] = line[7:]
             res["rows"] = extrapolate(scope_rows(res["raw"], FULL_LAYERS), res["raw"])
             add_speedups(res["rows"])
-            with open(args.out + ".json", "w") as f:  # after every process: a timeout keeps what ran
-                json.dump(res, f, indent=1)
+            write_json(args.out + ".json", res)  # after every process: a timeout keeps what ran
     res["device"] = res["device"] or next((r.get("device") for path in args.merge
                                            for r in [json.load(open(path))] if r.get("device")), None)
     res["rows"] = extrapolate(scope_rows(res["raw"], FULL_LAYERS), res["raw"])
     add_speedups(res["rows"])
-    with open(args.out + ".json", "w") as f:
-        json.dump(res, f, indent=1)
+    write_json(args.out + ".json", res)
     try:
         plot(res, args.out + ".png")
     except ImportError as e:  # no matplotlib on the device: plot from the JSON later (--merge OUT.json --contexts)

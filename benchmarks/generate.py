@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks.output import add_overwrite, claim, write_json
 from rtpurbo_jax.checkpoint import CheckpointError, load_converted, load_indexer
 from rtpurbo_jax.cli import run_cli
 from rtpurbo_jax.kv_cache import cache_bytes
@@ -47,7 +47,10 @@ def parse_args(argv=None):
                         "when given alone) groups layers of equal head split, 'padded' of equal full / local KV "
                         "counts")
     p.add_argument("--out", default="", help="optional JSON file for the figures")
-    return p.parse_args(argv)
+    add_overwrite(p)
+    args = p.parse_args(argv)
+    claim(p, [args.out], args.overwrite)
+    return args
 
 
 def timed_generate(params, ids, cfg, **kw) -> tuple[dict, float, float]:
@@ -103,8 +106,7 @@ def run(args) -> dict:
               f"cache {mem['hybrid'] / 2**20:.2f} MiB "
               f"({mem['ratio']:.2f} of dense)\n  {text!r}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(args.out, report)
     return report
 
 

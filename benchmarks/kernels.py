@@ -20,7 +20,6 @@ import argparse
 import datetime
 import gc
 import json
-import os
 import time
 
 import jax
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import baselines
+from benchmarks.output import add_overwrite, claim, write_json
 from benchmarks.prefill_plans import causal_block_count, layer_plan
 from pallas_kernels.sparse_attention.reference import block_sparse_attention as reference_bsa
 
@@ -113,7 +113,9 @@ def main(argv=None):
     p.add_argument("--no-decode", action="store_true", help="skip the decode context rows")
     p.add_argument("--only", nargs="*", default=None, metavar="VARIANT",
                    help="run only these variants (names as in the JSON, e.g. dense_plan)")
+    add_overwrite(p)
     args = p.parse_args(argv)
+    claim(p, [args.out + ".json"], args.overwrite)
     dev = jax.devices()[0]
     base = baselines.name()
     res = {"device": dev.device_kind, "jax": jax.__version__, "date": datetime.date.today().isoformat(),
@@ -186,10 +188,7 @@ def tokamax_row(q, k, v, ref_dense, t_cudnn, dense_flops, t, reps, rounds, recor
 
 
 def save(res: dict, out: str) -> None:
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out + ".json.tmp", "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(out + ".json.tmp", out + ".json")
+    write_json(out + ".json", res)
 
 
 def decode_rows(t, k, v, record, reps):

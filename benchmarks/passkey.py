@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import json
 import os
 import time
 
@@ -22,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.output import add_overwrite, claim, write_json
 from convert.calibrate import CalibConfig, calibrate_model, head_count, select_roles
 from convert.corpus import text_tokens
 from rtpurbo_jax.kv_memory import kv_cache_bytes
@@ -161,12 +161,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
     p.add_argument("--out", default="benchmarks/results/passkey_smollm2")
+    add_overwrite(p)
     args = p.parse_args(argv)
+    claim(p, [args.out + ".json"], args.overwrite)
     args.model = args.model or smollm2_gguf()
     res = run(args)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(res, f, indent=1)
+    write_json(args.out + ".json", res)
     plot(res, args.out + ".png")
     print(f"[passkey] wrote {args.out}.json / .png")
 

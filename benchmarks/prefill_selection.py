@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +26,7 @@ import numpy as np
 
 from benchmarks import baselines
 from benchmarks.kernels import bench, save
+from benchmarks.output import add_overwrite, claim
 from benchmarks.prefill_plans import causal_block_count
 from pallas_kernels.indexer_topp.api import prefill_selection
 
@@ -99,6 +99,7 @@ def main(argv=None) -> int:
     p.add_argument("--backends", nargs="+", default=["reference", "xla", "triton"])
     p.add_argument("--interpret", action="store_true", help="run Pallas kernels in interpret mode (CPU checks)")
     p.add_argument("--out", default=None, help="output prefix (default benchmarks/results/prefill_selection_<device>)")
+    add_overwrite(p)
     a = p.parse_args(argv)
     if "reference" in a.backends:  # the reference first: the others are compared with it
         a.backends = ["reference"] + [b for b in a.backends if b != "reference"]
@@ -107,8 +108,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--contexts {t}: must be a multiple of 128 (whole tiles)")
     device = jax.devices()[0].device_kind
     out = a.out or f"benchmarks/results/prefill_selection_{device.lower().replace(' ', '_')}"
-    if os.path.exists(out + ".json"):
-        raise FileExistsError(f"{out}.json exists: choose another --out")
+    claim(p, [out + ".json"], a.overwrite)
     res = {"device": device, "jax": jax.__version__, "date": datetime.date.today().isoformat(),
            "config": {"heads": a.heads, "index_dim": a.index_dim, "head_dim": a.head_dim, "scale": a.scale,
                       "top_p": a.top_p, "tile": 128, "kv_block": 64, "batch": 1}, "rows": []}

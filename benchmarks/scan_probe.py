@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.output import add_overwrite, claim, write_json
 from pallas_kernels.sparse_decode.api import sparse_decode_attention
 from pallas_kernels.sparse_decode.plan import decode_plan
 
@@ -206,8 +207,8 @@ def plot(res: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.scan_probe")
     ap.add_argument("--roles", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--options", nargs="+", default=["default"], choices=sorted(OPTION_SETS),
@@ -221,7 +222,9 @@ def main():
                     help="attention backend of the compiled generate (default: the device's kernels)")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
                     help="generate variants compiled and timed (layers unrolled / scanned, full / RTPurbo)")
-    a = ap.parse_args()
+    add_overwrite(ap)
+    a = ap.parse_args(argv)
+    claim(ap, [os.path.join(a.out, "scan_probe.json")], a.overwrite)
     res = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
            "date": datetime.date.today().isoformat()}
     if not a.no_copy_probe:
@@ -232,9 +235,7 @@ def main():
         res["compile_probe"] = compile_probe(a.roles, a.options, a.variants, a.backend, a.prompt_len,
                                              not a.serial_compile)
     res["xla_flags"] = os.environ.get("XLA_FLAGS", "")
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "scan_probe.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    write_json(os.path.join(a.out, "scan_probe.json"), res)
     if "copy_probe" in res:
         plot(res, os.path.join(a.out, "scan_probe.png"))
 

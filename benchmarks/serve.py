@@ -17,13 +17,13 @@ import dataclasses
 import datetime
 import json
 import logging
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.output import add_overwrite, claim, write_json
 from rtpurbo_jax.kv_cache import init_cache
 from rtpurbo_jax.model_config import LLAMA3_8B, SMOLLM2_135M
 from rtpurbo_jax.params import init_params
@@ -96,7 +96,9 @@ def main(argv=None):
     p.add_argument("--small", action="store_true", help="tiny shapes for a CPU check of the script")
     p.add_argument("--generate-compile", action="store_true",
                    help="also time serving.generate's compilation for the SmolLM2-135M shape (30 layers)")
+    add_overwrite(p)
     args = p.parse_args(argv)
+    claim(p, [args.out + ".json"], args.overwrite)
     logging.basicConfig(level=logging.WARNING)
     for name in ("pallas_kernels", "rtpurbo_jax"):  # print which kernel each op resolved to
         logging.getLogger(name).setLevel(logging.INFO)
@@ -137,9 +139,7 @@ def main(argv=None):
                "rel_err_prefill_logits": rel(ker[0], ref[0]), "rel_err_decode_logits": rel(ker[1], ref[1])}
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(res, f, indent=1)
+    write_json(args.out + ".json", res)
     plot(res, args.out + ".png")
     print(f"wrote {args.out}.json / .png")
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import math
 import os
 
@@ -22,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh
 
+from benchmarks.output import add_overwrite, claim, write_json
 from rtpurbo_jax.model_config import LLAMA3_8B, ModelConfig
 from rtpurbo_jax.params import abstract_params, param_shardings
 
@@ -80,7 +80,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--hbm-gib", type=float, default=80.0, help="device memory to compare with (H100: 80)")
     ap.add_argument("--out", default=None)
+    add_overwrite(ap)
     a = ap.parse_args(argv)
+    out = a.out or os.path.join("benchmarks", "results", f"stage2_memory_{a.model}.json")
+    claim(ap, [out], a.overwrite)
     cfg = MODELS[a.model]
     rows = []
     for n in a.devices:
@@ -91,12 +94,10 @@ def main(argv=None) -> int:
             g = r["gib_per_device"]
             print(f"[stage2_memory] {a.model} {n} device(s) fsdp={fsdp}: " + ", ".join(f"{k} {v:.1f}" for k, v in g.items())
                   + f" GiB per device -> {'fits' if r['fits'] else 'does not fit'} in {HEADROOM:.0%} of {a.hbm_gib:.0f} GiB")
-    out = a.out or os.path.join("benchmarks", "results", f"stage2_memory_{a.model}.json")
-    with open(out, "w") as fh:
-        json.dump({"model": a.model, "device": f"accounting for {a.hbm_gib:.0f} GiB devices (CPU, jax.eval_shape)",
-                   "jax": jax.__version__, "date": datetime.date.today().isoformat(), "seq_len": a.seq_len,
-                   "dtype": a.dtype, "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else None,
-                   "rows": rows}, fh, indent=1, default=str)
+    write_json(out, {"model": a.model, "device": f"accounting for {a.hbm_gib:.0f} GiB devices (CPU, jax.eval_shape)",
+                     "jax": jax.__version__, "date": datetime.date.today().isoformat(), "seq_len": a.seq_len,
+                     "dtype": a.dtype, "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else None,
+                     "rows": rows}, default=str)
     print(f"[stage2_memory] wrote {out}")
     return 0
 

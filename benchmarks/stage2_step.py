@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
 import sys
 import time
 
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.kernels import bench
+from benchmarks.output import add_overwrite, claim, write_json
 from benchmarks.prefill_plans import layer_plan
 from pallas_kernels.sparse_attention.api import block_sparse_attention
 from rtpurbo_jax.indexer import init_indexer
@@ -204,7 +204,9 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="top kernels of each xla step (a profiler trace)")
     p.add_argument("--small", action="store_true", help="tiny shapes: a CPU check of the script")
     p.add_argument("--out", required=True, help="output prefix (writes OUT.json and OUT.png)")
+    add_overwrite(p)
     a = p.parse_args(argv)
+    claim(p, [a.out + ".json"], a.overwrite)
     res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": str(datetime.date.today()),
            "command": "python -m benchmarks.stage2_step " + " ".join(sys.argv[1:] if argv is None else argv)}
     res["check"] = grad_check(a.small, a.backends)
@@ -218,9 +220,7 @@ def main(argv=None) -> int:
         rows += step_rows(model, int(t), a.reps, a.small, a.backends, a.profile)
     add_ratios(rows)
     res["rows"] = rows
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out + ".json", "w") as f:
-        json.dump(res, f, indent=1)
+    write_json(a.out + ".json", res)
     plot(res, a.out + ".png")
     print(f"wrote {a.out}.json / .png", flush=True)
     return 0 if res["check"]["within_derived_tolerance"] else 1

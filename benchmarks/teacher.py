@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.output import add_overwrite, claim, write_json
 from rtpurbo_jax.lm import apply
 from rtpurbo_jax.model_config import QWEN25_05B, SMOLLM2_135M
 from rtpurbo_jax.params import init_params
@@ -74,7 +75,10 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", required=True, help="the JSON; its PNG is written beside it")
     p.add_argument("--plot-only", action="store_true", help="redraw the PNG of an existing --out JSON")
+    add_overwrite(p)
     a = p.parse_args(argv)
+    if not a.plot_only:
+        claim(p, [a.out], a.overwrite)
     png = os.path.splitext(a.out)[0] + ".png"
     if a.plot_only:
         plot(json.load(open(a.out)), png)
@@ -104,8 +108,7 @@ def main(argv=None) -> int:
     if len(rows) > 1:
         out["speedup_vs_first"] = {r["backend"]: round(rows[0]["s_per_call"] / r["s_per_call"], 2) for r in rows[1:]}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(out, f, indent=1)
+    write_json(a.out, out)
     plot(out, png)
     print(json.dumps(out.get("speedup_vs_first", {})))
     return 0
