@@ -26,7 +26,10 @@ CLIS = [("decode", ["--out", "{d}/r"], "{d}/r.json"),
         ("scan_probe", ["--roles", "x.json", "--out", "{d}"], "{d}/scan_probe.json")]
 
 
-@pytest.mark.parametrize("module,args,path", CLIS, ids=[f"{c[0]}{'-' + c[1][2] if len(c[1]) > 2 else ''}" for c in CLIS])
+IDS = [f"{c[0]}{'-' + c[1][2] if len(c[1]) > 2 else ''}" for c in CLIS]
+
+
+@pytest.mark.parametrize("module,args,path", CLIS, ids=IDS)
 def test_refuses_to_replace_a_result(module, args, path, tmp_path, capsys):
     path = path.format(d=tmp_path)
     with open(path, "w") as f:

@@ -48,7 +48,8 @@ def tiny(tmp_path_factory):
 def flags(tiny, run_dir, *extra):
     _, conv, ix, tokens, _ = tiny
     return ["--model", conv, "--indexer", ix, "--data", tokens, "--run-dir", str(run_dir), "--seq-len", "96",
-            "--batch", "2", "--accumulate", "1", "--lr", "3e-3", "--warmup", "0", "--log-every", "1", "--ckpt-every", "3",
+            "--batch", "2", "--accumulate", "1", "--lr", "3e-3", "--warmup", "0", "--log-every", "1",
+            "--ckpt-every", "3",
             "--mesh", "1,1", "--eval-batches", "1", *extra]
 
 
