@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.kernels import save
+from benchmarks.output import write_json
 from rtpurbo_jax.evals.decoding import run_batch
 from rtpurbo_jax.evals.tasks import NIAH_TASKS, TASKS, Builder, make_prompt, max_new_tokens, score
 from rtpurbo_jax.serving import check_indexer
@@ -425,7 +425,7 @@ def main(argv=None) -> int:
 
     def save_row(row):  # after every cell, atomically: a cut-off run keeps what it measured and --resume goes on
         rows.append(row)
-        save(_result(model, device, shipped, args, params, rows), out)
+        write_json(out + ".json", _result(model, device, shipped, args, params, rows))
 
     evaluate(params, cfg, tok, modes, indexers, args.lengths, args.tasks, args.prompts, args.seed,
              log=lambda s: print(s, flush=True), done=done, on_row=save_row)

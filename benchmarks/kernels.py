@@ -166,7 +166,7 @@ def main(argv=None):
             decode_rows(t, k, v, record, args.reps)
         del q, k, v, ref_dense
         gc.collect()
-        save(res, args.out)  # after every length: a crash at 1M keeps the shorter lengths
+        write_json(args.out + ".json", res)  # after every length: a crash at 1M keeps the shorter lengths
     plot(res, args.out + ".png")
     print(f"wrote {args.out}.json / .png")
 
@@ -185,10 +185,6 @@ def tokamax_row(q, k, v, ref_dense, t_cudnn, dense_flops, t, reps, rounds, recor
     sec = bench(fn, q, k, v, reps=reps, rounds=rounds)
     record(length=t, variant="tokamax_mosaic_dense", ms=sec * 1e3, tflops=dense_flops / sec / 1e12,
            speedup=t_cudnn / sec, rel_err=err)
-
-
-def save(res: dict, out: str) -> None:
-    write_json(out + ".json", res)
 
 
 def decode_rows(t, k, v, record, reps):

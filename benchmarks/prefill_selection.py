@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import baselines
-from benchmarks.kernels import bench, save
-from benchmarks.output import add_overwrite, claim
+from benchmarks.kernels import bench
+from benchmarks.output import add_overwrite, claim, write_json
 from benchmarks.prefill_plans import causal_block_count
 from pallas_kernels.indexer_topp.api import prefill_selection
 
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
                       "top_p": a.top_p, "tile": 128, "kv_block": 64, "batch": 1}, "rows": []}
     for t in a.contexts:
         res["rows"] += run(t, a.heads, a.index_dim, a.head_dim, a.scale, a.backends, a.top_p, interpret=a.interpret)
-        save(res, out)
+        write_json(out + ".json", res)
     plot(res, out + ".png")
     print(f"[prefill_selection] wrote {out}.json / .png")
     return 0

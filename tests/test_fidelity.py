@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from benchmarks import accuracy
+from benchmarks.output import write_json
 from rtpurbo_jax.evals.tasks import TASKS, Builder, make_prompt, max_new_tokens, score
 from train.objective import _row_kl, kl_loss
 
@@ -168,7 +169,7 @@ def test_results_file_is_never_replaced_silently_and_resumes_only_its_own_config
     config = {"prompts": 20, "seed": 0, "model": "m", "device": "d"}
     assert accuracy.earlier_rows(path, config, resume=True, overwrite=False) == {}  # nothing to resume: fresh
     row = {"mode": "full", "task": "ppl", "kind": "ppl", "length": 400, "n": 20, "score": 3.0, "blocks_frac": None}
-    accuracy.save({"model": "m", "device": "d", "config": {"prompts": 20, "seed": 0}, "rows": [row]}, path[:-5])
+    write_json(path, {"model": "m", "device": "d", "config": {"prompts": 20, "seed": 0}, "rows": [row]})
     assert not os.path.exists(path + ".tmp")
     with pytest.raises(FileExistsError, match="--resume.*--overwrite"):
         accuracy.earlier_rows(path, config, resume=False, overwrite=False)
