@@ -4,11 +4,10 @@
 # --data tasks, answer rows, lr 3e-6, 20 warm-up steps), then the suite on the stage-2 model (full, rtpurbo at
 # 8000 and 16000, one process per length). The "before" rows are pipeline.sh's (same conversion and stage-1
 # configuration; not re-run, for device time).
+# Ran verbatim at commit 89a125b; its conversion since rewritten onto common.sh's convert_model (same command).
 source benchmarks/device/common.sh /tmp/s2g
 stamp start
-python -m convert --model /tmp/qwen.gguf --out $O/conv --calib-len 8192 --calib-docs 4 --dtype bfloat16 \
-  > $O/convert.log 2>&1 || { stamp "convert FAILED"; touch $O/DONE; exit 1; }
-stamp converted
+convert_model /tmp/qwen.gguf
 python -m train.distill --model $O/conv --run-dir $O/run/stage1 --seq-len 8192 --steps 100 --lr 3e-3 --eval-passkey 0 \
   --log-every 10 --ckpt-every 1000 > $O/run/stage1.log 2>&1 || { stamp "stage1 FAILED"; touch $O/DONE; exit 1; }
 stamp "stage 1 done"
