@@ -96,6 +96,25 @@ def test_generate_scan_layers(model):
         generate(params, prompts, jnp.asarray([24, 17]), scan_layers="yes", **kw)
 
 
+@pytest.mark.parametrize("scan", [False, "split", "padded"])
+@pytest.mark.parametrize("dense", [False, True])
+def test_decode_loop_compiles_for_the_prefill_outputs(model, scan, dense):
+    """compile_generate lowers the decode loop before tracing the prefill, from `_prefill_outputs`: those shapes
+    must be what the traced prefill returns (tree, shapes, dtypes) for every cache kind."""
+    from rtpurbo_jax import serving
+
+    params, ix = model
+    sp = None if dense else sparse_cfg()
+    prompts = jnp.asarray(np.random.default_rng(2).integers(0, CFG4.vocab_size, (2, 24)), jnp.int32)
+    static = dict(cfg=CFG4, sparse=sp, sampling=serving.SamplingConfig(), stop_tokens=(), chunk=8, max_len=32,
+                  cache_dtype="float32", backend=(None, None), interpret=False, scan_layers=scan)
+    args = (params, prompts, jnp.asarray([24, 17]), None if dense else ix, jax.random.key(0))
+    traced = jax.eval_shape(lambda *a: serving._generate_prefill(*a, **static), *args)
+    predicted = serving._prefill_outputs(prompts, args[-1], static)
+    assert serving._same_shapes(traced, predicted)
+    assert not serving._same_shapes(traced, predicted[:3] + (init_cache(CFG4, 2, 40, sp, "float32", scan=scan),))
+
+
 def test_scanned_dense_cache_sharded(model):
     """A dense stacked cache (one split): heads on the model axis behind the layers' axis, same logits."""
     from jax.sharding import Mesh
