@@ -103,7 +103,8 @@ def profile_prefill(t: int, chunk: int, small: bool) -> dict:
 
 def device_kernels(trace_dir: str, steps: int) -> dict:
     """{kernel name: device µs per step} from a `jax.profiler.trace(..., create_perfetto_trace=True)` directory:
-    the complete events of the processes whose name says GPU (every process on a CPU run), summed per name."""
+    the complete events of the processes whose name says GPU (every process on a CPU run), summed per name; and
+    `launches`: those events per step."""
     import glob
     import gzip
 
@@ -114,10 +115,12 @@ def device_kernels(trace_dir: str, steps: int) -> dict:
              if e.get("ph") == "M" and e.get("name") == "process_name"}
     gpu = {pid for pid, n in names.items() if "GPU" in n or "gpu" in n}
     per: dict = {}
+    count = 0
     for e in events:
         if e.get("ph") == "X" and (e["pid"] in gpu if gpu else not e["name"].startswith("$")) and "dur" in e:
             per[e["name"]] = per.get(e["name"], 0.0) + float(e["dur"]) / steps
-    return {"processes": sorted(set(names.values())), "gpu_found": bool(gpu),
+            count += 1
+    return {"processes": sorted(set(names.values())), "gpu_found": bool(gpu), "launches": count / steps,
             "kernels": dict(sorted(per.items(), key=lambda kv: -kv[1]))}
 
 

@@ -137,7 +137,7 @@ VARIANTS = {"full": False, "rtpurbo": False, "full_scan": "split", "rtpurbo_scan
 
 
 def compile_probe(roles_path, option_sets=("default",), variants=VARIANTS, backend=None, prompt_len=2048,
-                  concurrent=True):
+                  concurrent=True, profile=False):
     from rtpurbo_jax import serving
     from rtpurbo_jax.indexer import init_indexer
     from rtpurbo_jax.kv_cache import CacheLayout
@@ -178,12 +178,33 @@ def compile_probe(roles_path, option_sets=("default",), variants=VARIANTS, backe
                 jax.block_until_ready(call())
                 runs.append(time.perf_counter() - t0)
             row["generate_ms_median"] = float(np.median(runs)) * 1e3
+            if profile:
+                row["profile"] = _profile(call)
             key = name if opts == "default" else f"{name}/{opts}"
             out[key] = {"compiler_options": OPTION_SETS[opts], **row}
             print("generate", key, out[key], flush=True)
     return {"model": "SmolLM2-135M shape, random weights, roles of " + os.path.basename(os.path.dirname(roles_path)),
             "retrieval_heads": int(np.asarray(sp.roles_array).sum()), "window": sp.window,
             "backend": backend or "default (the device's kernels)", "prompt_len": prompt_len, "generate": out}
+
+
+def _profile(call) -> dict:
+    """One traced call: its wall ms, the device time and kernel launches in it (`e2e_profile.device_kernels`)
+    and the 30 kernel names with the most device time. Wall minus device time is what the host adds (launch
+    gaps, conditionals reading their index, loop conditions)."""
+    import tempfile
+
+    from benchmarks.e2e_profile import device_kernels
+
+    d = tempfile.mkdtemp(prefix="scan_probe_trace_")
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        wall = time.perf_counter() - t0
+    found = device_kernels(d, 1)
+    kernels = found.pop("kernels")
+    return {**found, "wall_ms": wall * 1e3, "device_ms": sum(kernels.values()) / 1e3,
+            "top_kernels_us": {k: round(v, 1) for k, v in list(kernels.items())[:30]}}
 
 
 def plot(res: dict, path: str) -> None:
@@ -217,6 +238,8 @@ def main(argv=None):
     ap.add_argument("--switch-probe", action="store_true", help="also time a lax.switch per layer by itself")
     ap.add_argument("--serial-compile", action="store_true",
                     help="compile generate's two programs one after the other instead of at once")
+    ap.add_argument("--profile", action="store_true",
+                    help="also trace one generate call per variant: device time, kernel launches, top kernels")
     ap.add_argument("--prompt-len", type=int, default=2048, help="prompt tokens of the compiled generate (+16 new)")
     ap.add_argument("--backend", default=None, choices=["reference", "triton"],
                     help="attention backend of the compiled generate (default: the device's kernels)")
@@ -233,7 +256,7 @@ def main(argv=None):
         res["switch_probe"] = switch_probe()
     if a.variants:
         res["compile_probe"] = compile_probe(a.roles, a.options, a.variants, a.backend, a.prompt_len,
-                                             not a.serial_compile)
+                                             not a.serial_compile, a.profile)
     res["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     write_json(os.path.join(a.out, "scan_probe.json"), res)
     if "copy_probe" in res:
