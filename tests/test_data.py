@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from rtpurbo_jax.evals.tasks import Builder, answer_text, train_example, word_list
-from train.data import (NIAH_TASKS, LengthMix, PackedWindows, TaskWindows, answer_weights, held_out_tasks, is_chat,
+from train.data import (NIAH_TASKS, PackedWindows, StepMix, TaskWindows, answer_weights, held_out_tasks, is_chat,
                         load_windows, parse_lengths, read_chat)
 
 
@@ -131,6 +131,26 @@ def test_event_windows_mark_the_recalled_values(tok):
     assert not plain.marks_answers and (plain.example(0, 2)[1] == 1).all()
 
 
+def test_source_mix_weights_each_window_by_its_own_source(tok, tmp_path):
+    """`--data tasks+kjv`: task windows (answer rows marked) and prose windows (every row) in turn, each the
+    batch its own source gives at its own step; a '+' that names no source is refused, and a file whose name has
+    a '+' is still read as a file."""
+    mix = load_windows("tasks+kjv", tok, 1024, 0)
+    tasks, prose = load_windows("tasks", tok, 1024, 0), load_windows("kjv", tok, 1024, 0)
+    assert isinstance(mix, StepMix) and mix.marks_answers
+    for step, (src, own) in enumerate([(tasks, 0), (prose, 0), (tasks, 1), (prose, 1)]):
+        t, w = mix.example(step, 2)
+        t_ref, w_ref = src.example(own, 2)
+        np.testing.assert_array_equal(t, t_ref)
+        np.testing.assert_array_equal(w, w_ref)
+        assert (w == 1).all() if src is prose else 0 < w.sum() < w.size / 10
+    with pytest.raises(ValueError, match="joined by"):
+        load_windows("tasks++kjv", tok, 1024, 0)
+    odd = tmp_path / "a+b.txt"
+    odd.write_text("in the beginning " * 2000)
+    assert not load_windows(str(odd), tok, 256, 0).marks_answers
+
+
 def test_prefetch_answers_like_fn_on_one_thread_and_works_ahead():
     """`Prefetch`: every call returns fn(i) (in order, repeated, out of order, after close); fn runs on one
     thread, never twice at once; asking for i queues i+1 .. i+depth; fn's error reaches the caller of that i."""
@@ -179,7 +199,7 @@ def test_length_mix_cycles_sources_by_step():
     and the same step always gives the same batch."""
     ids = np.random.default_rng(1).integers(0, 1000, 4096).astype(np.int32)
     short, long = PackedWindows(ids, 32, seed=0), PackedWindows(ids, 64, seed=0)
-    mix = LengthMix([short, long], (32, 64))
+    mix = StepMix([short, long], (32, 64))
     assert [mix.batch(s, 2).shape for s in range(4)] == [(2, 32), (2, 64), (2, 32), (2, 64)]
     assert [mix.length(s) for s in range(3)] == [32, 64, 32]
     np.testing.assert_array_equal(mix.batch(2, 2), short.batch(1, 2))

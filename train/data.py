@@ -9,7 +9,9 @@ Sources (`load_windows`):
   tokens are the marked answers;
 - `tasks` or `tasks:NAME,NAME`: the accuracy suite's generators (`rtpurbo_jax.evals.tasks`) over the corpus's
   `train` split, one prompt plus its answer per window (default: the five NIAH tasks in turn).
-`LengthMix` cycles sources of several window lengths step by step (stage 1's `--length-mix`).
+- `A+B+...`: those sources cycled step by step (`StepMix`), e.g. `tasks+kjv`: task prompts (answers marked) and
+  prose (every row) in turn, each window weighted by its own source's marks.
+`StepMix` also cycles windows of several lengths (stage 1's `--length-mix`).
 
 Packed streams are cut into non-overlapping windows of `seq_len`; a seeded permutation orders them, and step s
 on process p takes windows perm[(s · global_batch + p · local_batch + i) mod n] — the same windows whatever the
@@ -290,23 +292,28 @@ def held_out_tasks(tokenizer, seq_len: int, seed: int, batch: int, tasks: tuple[
     return [(np.stack([t for t, _ in made[i:i + batch]]), answer_rows) for i in range(0, n, batch)]
 
 
-class LengthMix:
-    """Windows of several lengths, one length per step: step s takes `sources[s % n]`'s windows of its step
-    s // n (so each source walks its own windows in order, and a resumed run sees the same batches). A step's
-    batch is int32 [global_batch // process_count, lengths[s % n]]; each length compiles its own step once.
+class StepMix:
+    """Several window sources, one per step: step s takes `sources[s % n]`'s windows of its step s // n (so each
+    source walks its own windows in order, and a resumed run sees the same batches). A step's batch is int32
+    [global_batch // process_count, lengths[s % n]]; each length compiles its own step once. Row weights are each
+    source's own (all ones from a source that marks nothing), so `marks_answers` if any source marks them.
 
-    Why it was tried: an indexer trained on 8K windows lost 8-9 NIAH points at 1K and 4K where the oracle's top-p
-    lost none. Measured since (README, 'Which training data finds the needle?'): on SmolLM2 the mix moved 1K up
+    Sources of one length, `--data A+B` (`load_windows`): stage 2 on task prompts alone (answer rows only) cost
+    Qwen2.5-0.5B 2-3% perplexity at 16K and full attention 5 NIAH points (benchmarks/results/
+    stage2_qwen25coder05b_16k_h100/); prose windows in between keep every row in the objective.
+
+    Several lengths (stage 1's `--length-mix`): tried because an indexer trained on 8K windows lost 8-9 NIAH
+    points at 1K and 4K where the oracle's top-p lost none. Measured since (README, 'Which training data finds the needle?'): on SmolLM2 the mix moved 1K up
     and 4K / 8K down by 3-4 points, within the seed spread — no effect shown, so it is not a default."""
 
     def __init__(self, sources: list, lengths: tuple[int, ...]):
         if len(sources) != len(lengths) or not sources:
-            raise ValueError("LengthMix needs one window source per length")
+            raise ValueError("StepMix needs one window source per length")
         self.sources, self.lengths = list(sources), tuple(lengths)
 
     @property
     def marks_answers(self) -> bool:
-        return all(s.marks_answers for s in self.sources)
+        return any(s.marks_answers for s in self.sources)
 
     def length(self, step: int) -> int:
         return self.lengths[step % len(self.lengths)]
@@ -341,6 +348,11 @@ def load_windows(source: str, tokenizer, seq_len: int, seed: int, events: float 
         if not os.path.exists(source):
             raise ValueError(f"--data {source} does not exist")
         return PackedWindows(np.load(source).astype(np.int32).ravel(), seq_len, seed)
+    if "+" in source and not os.path.exists(source):
+        parts = source.split("+")
+        if any(not x or "+" in x for x in parts):
+            raise ValueError(f"--data {source!r}: a mix is sources joined by '+', e.g. tasks+kjv")
+        return StepMix([load_windows(x, tokenizer, seq_len, seed, events) for x in parts], (seq_len,) * len(parts))
     if tokenizer is None:
         raise ValueError(f"--data {source} needs the model's tokenizer, and this checkpoint has none (pass a .npy)")
     if source == "tasks" or source.startswith("tasks:"):

@@ -40,7 +40,7 @@ from rtpurbo_jax.sparse_config import SparseConfig
 from train.trainer import (RunFlags, check_fingerprint, config_from_argv, first_metrics_row,
                            init_distributed, log0, make_mesh, open_checkpoints, plot_curves,
                            read_metrics, run_loop, sync, write_run_config)
-from train.data import (MIN_TASK_LEN, LengthMix, Prefetch, held_out_retrieval, held_out_tasks, load_windows,
+from train.data import (MIN_TASK_LEN, Prefetch, StepMix, held_out_retrieval, held_out_tasks, load_windows,
                         parse_lengths)
 from train.objective import INITS, LOSS_LEVELS, LOSS_WEIGHTS, gather_heads, init_rows, kl_loss, recall_metrics
 
@@ -220,7 +220,7 @@ def run(c: DistillConfig) -> dict:
     tok, data = load_data(c, ckpt)
     if tok is None and c.eval_lengths:
         raise ValueError("--eval-lengths evaluates on held-out text, which needs the model's tokenizer (not --data .npy)")
-    train_data = data if not mix else LengthMix(
+    train_data = data if not mix else StepMix(
         [data if x == c.seq_len else load_windows(c.data, tok, x, c.seed, c.events) for x in mix], mix)
     mesh = make_mesh(c.mesh)
     r = len(heads)

@@ -70,7 +70,8 @@ class Stage2Config(RunFlags):
     model: str = ""  # a converted checkpoint with roles (python -m convert, or a stage-1 run's converted/)
     indexer: str = ""  # the stage-1 run's indexer/ (frozen)
     run_dir: str = "runs/stage2"
-    data: str = "kjv"  # train.data.load_windows: a .npy of ids, text, jsonl, chat jsonl, tasks[:NAME,..], or kjv
+    data: str = "kjv"  # train.data.load_windows: a .npy of ids, text, jsonl, chat jsonl, tasks[:NAME,..], kjv, or A+B
+    # (sources in turn, step by step: tasks+kjv alternates task prompts, answer rows marked, with prose, every row)
     events: float = 0.0  # retrieval events written into prose windows per 1K tokens (their values marked answers)
     positions: str = "answer"  # answer: the loss on marked answer rows where the data marks them; all: every row
     seq_len: int = 2048
