@@ -1,6 +1,8 @@
 """`python -m benchmarks.stage2_summary OUTDIR`: merge run_stage2.sh's two accuracy files (the model before and
 after stage 2, same prompts) into OUTDIR/accuracy_stage2.json (modes of the second get "_stage2"), print the
-retrieval mean / perplexity / blocks_frac per mode and length, and draw them as OUTDIR/accuracy_stage2.png."""
+retrieval mean / perplexity / blocks_frac per mode and length, and draw them as OUTDIR/accuracy_stage2.png.
+`runs_table` / `plot_runs`: several runs' suites side by side, each cell paired against full attention of the same
+model and against the same mode before stage 2 (the results folders' summarize.py scripts)."""
 
 from __future__ import annotations
 
@@ -59,6 +61,55 @@ def plot(t: dict, path: str) -> None:
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def runs_table(runs: dict, base: str = "before") -> list[dict]:
+    """runs: {run name: {length: accuracy result JSON (dict)}}, one run named `base` (the model before stage 2,
+    the same prompts). Rows per run, length and mode: NIAH mean, perplexity, blocks_frac; the paired difference
+    from full attention of the same run (points, 95% interval, perplexity ratio) and from the same mode of
+    `base` (`benchmarks.accuracy.compare_runs`)."""
+    from benchmarks.accuracy import compare_runs
+
+    rows = []
+    for run, by_length in runs.items():
+        for length, res in by_length.items():
+            vs_full = {p["mode"]: p for p in res["paired_vs_full"]}
+            vs_base = {} if run == base else {p["mode"]: p for p in compare_runs(runs[base][length], res)}
+            for (mode, n), cell in table(res["rows"]).items():
+                pf, pb = vs_full.get(mode, {}), vs_base.get(mode, {})
+                rows.append({"run": run, "length": n, "mode": mode, "niah_mean": round(cell["retrieval"], 2),
+                             "ppl": round(cell["ppl"], 3),
+                             "blocks_frac": cell["blocks_frac"] and round(cell["blocks_frac"], 4),
+                             "vs_full_points": pf.get("score_diff"), "vs_full_ci95": pf.get("ci95"),
+                             "vs_full_ppl_ratio": pf.get("ppl_ratio"), "vs_before_points": pb.get("score_diff"),
+                             "vs_before_ci95": pb.get("ci95"), "vs_before_ppl_ratio": pb.get("ppl_ratio")})
+    return rows
+
+
+def plot_runs(rows: list[dict], modes: tuple[str, ...], title: str, path: str, ylim=(60, 95)) -> None:
+    """`runs_table`'s NIAH means as bars, one panel per length, modes grouped, one colour per run (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["length"] for r in rows})
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    step = len(runs) + 1
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 3.6), squeeze=False)
+    for ax, n in zip(axes[0], lengths):
+        for i, mode in enumerate(modes):
+            for j, run in enumerate(runs):
+                r = [x for x in rows if x["run"] == run and x["mode"] == mode and x["length"] == n]
+                if r:
+                    ax.bar(i * step + j, r[0]["niah_mean"], color=f"C{j}", label=run if i == 0 else None)
+        ax.set_xticks([i * step + (len(runs) - 1) / 2 for i in range(len(modes))], list(modes), fontsize=8)
+        ax.set_ylim(*ylim)
+        ax.set_title(f"{n} tokens: NIAH mean (5 tasks x 20 prompts)", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main(argv=None) -> int:
