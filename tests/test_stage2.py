@@ -178,6 +178,33 @@ def test_loss_falls_and_agreement_rises(tiny, tmp_path):
     assert meta["sparse_config"]["roles"] == tiny[4].to_dict()["roles"]
 
 
+def test_the_last_step_is_evaluated_once(tiny, tmp_path, monkeypatch):
+    """The summary's "after" is the row run_loop evaluated at the last step (not a second pass over the held-out
+    windows); a resumed run that has nothing left to train evaluates it itself."""
+    import train.stage2 as stage2
+
+    asked = []
+
+    class Counting(stage2.Prefetch):  # the windows stage 2 asks for (teacher cache, training, evaluation)
+        def __call__(self, i):
+            asked.append(i)
+            return super().__call__(i)
+
+    monkeypatch.setattr(stage2, "Prefetch", Counting)
+    summary = run(parse_args(flags(tiny, tmp_path / "r", "--steps", "2", "--ckpt-every", "100",
+                                   "--eval-batches", "2")))
+    evals = [i for i in asked if i >= 2]  # micro-steps 0, 1 train; 2, 3 are the held-out windows
+    # the teacher cache reads each once; then 'before' and the last step's evaluation
+    assert sorted(evals) == [2, 2, 2, 3, 3, 3], asked
+    last = [r for r in map(json.loads, open(tmp_path / "r" / "metrics.jsonl")) if r.get("step") == 2
+            and "kl" in r]
+    assert summary["after"] == last[-1]
+    asked.clear()
+    again = run(parse_args(flags(tiny, tmp_path / "r", "--steps", "2", "--ckpt-every", "100", "--eval-batches", "2",
+                                 "--resume")))
+    assert again["after"]["kl"] == pytest.approx(summary["after"]["kl"], rel=1e-6) and 2 in asked
+
+
 def test_warnings_for_short_windows_and_a_worse_student(tiny, tmp_path, capsys):
     """Windows the local heads see whole (seq-len <= sinks + window) are warned about up front; a run that ends
     further from the teacher than it began is warned about at the end."""

@@ -296,10 +296,13 @@ def run(c: Stage2Config) -> dict:
 
     metrics_j = jax.jit(metrics)
 
+    evaluated: dict = {}  # step -> its evaluation row, on every process (the last one is the summary's "after")
+
     def evaluate(step_no, state):
         rows = [metrics_j(state["params"], ix, *example(micro + j), *teacher(micro + j))
                 for j in range(c.eval_batches)]
-        return {"step": step_no, **{k: float(np.mean([r[k] for r in rows])) for k in rows[0]}}
+        evaluated[step_no] = {"step": step_no, **{k: float(np.mean([r[k] for r in rows])) for k in rows[0]}}
+        return evaluated[step_no]
 
     def train_step(state, i):  # optimiser step i = micro-steps i*A .. i*A + A - 1
         m = None
@@ -322,7 +325,7 @@ def run(c: Stage2Config) -> dict:
     host.close()
     if stopped:
         return {"stopped_at": c.stop_at}
-    after = evaluate(c.steps, state)
+    after = evaluated.get(c.steps) or evaluate(c.steps, state)  # run_loop evaluates the last step it runs
     log0(f"[stage2] after {c.steps} steps: KL {after['kl']:.4f}, top-{c.top_k} agreement {after['topk_agreement']:.3f} "
          f"(top-1 within it {after['top1_within_topk']:.3f})")
     evals = {r["step"]: r for r in read_metrics(loop) + [after] if "kl" in r}  # a resumed run's rows: the later win
