@@ -15,6 +15,13 @@ convert_model() {  # convert_model SOURCE: python -m convert of SOURCE (smollm2,
   stamp converted
 }
 convert_smollm2() { convert_model smollm2; }
+# stage1_shipped: stage 1's shipped recipe (100 steps at 8K, lr 3e-3) on $O/conv into $O/run/stage1 (log stage1.log);
+# the pipeline stops (DONE) if it fails.
+stage1_shipped() {
+  python -m train.distill --model $O/conv --run-dir $O/run/stage1 --seq-len 8192 --steps 100 --lr 3e-3 --eval-passkey 0 \
+    --log-every 10 --ckpt-every 1000 > $O/run/stage1.log 2>&1 || { stamp "stage1 FAILED"; touch $O/DONE; exit 1; }
+  stamp "stage 1 done"
+}
 # stage1 NAME FLAGS...: train.distill with the pipeline's S1 array and FLAGS into $O/run/NAME (log NAME.log), stamped.
 stage1() {
   local name=$1; shift

@@ -6,12 +6,11 @@
 # (16K windows of --data tasks: a needle past 8192 + 4 sinks is out of the local heads' reach, so sparse mode differs
 # from dense there; global batch 8 = --accumulate 8, 40 steps, lr 3e-6, 10 warm-up steps, loss on the answer rows)
 # -> the suite "after" on the stage-2 model (same prompts), --compare per length, benchmarks.stage2_summary.
+# Ran verbatim at commit ea19b28; its stage 1 since rewritten onto common.sh's stage1_shipped (same command).
 source benchmarks/device/common.sh /tmp/s2l
 stamp start
 convert_model /tmp/qwen.gguf
-python -m train.distill --model $O/conv --run-dir $O/run/stage1 --seq-len 8192 --steps 100 --lr 3e-3 --eval-passkey 0 \
-  --log-every 10 --ckpt-every 1000 > $O/run/stage1.log 2>&1 || { stamp "stage1 FAILED"; touch $O/DONE; exit 1; }
-stamp "stage 1 done"
+stage1_shipped
 TASKS=(--tasks niah_single_noise niah_single_prose niah_multikey niah_multivalue niah_multiquery)
 acc() {  # acc CONVERTED NAME LENGTH MEM: the suite into $O/run/L<LENGTH>/NAME.{json,png,log}, in the background
   mkdir -p $O/run/L$3

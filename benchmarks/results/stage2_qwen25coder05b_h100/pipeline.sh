@@ -5,13 +5,12 @@
 # dense_retrieval, rtpurbo at 8000 and 16000, one process per length) beside stage 2 (250 steps x 2 accumulated
 # 8K windows of --data tasks, loss on the answer rows, lr 3e-6, 50 warm-up steps) -> the suite "after" on the
 # stage-2 model (same prompts), then benchmarks.stage2_summary per length.
-# Ran verbatim at commit b097814; its conversion since rewritten onto common.sh's convert_model (same command).
+# Ran verbatim at commit b097814; its conversion and stage 1 since rewritten onto common.sh's convert_model
+# and stage1_shipped (same commands).
 source benchmarks/device/common.sh /tmp/s2q
 stamp start
 convert_model /tmp/qwen.gguf
-python -m train.distill --model $O/conv --run-dir $O/run/stage1 --seq-len 8192 --steps 100 --lr 3e-3 --eval-passkey 0 \
-  --log-every 10 --ckpt-every 1000 > $O/run/stage1.log 2>&1 || { stamp "stage1 FAILED"; touch $O/DONE; exit 1; }
-stamp "stage 1 done"
+stage1_shipped
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.3
 TASKS=(--tasks niah_single_noise niah_single_prose niah_multikey niah_multivalue niah_multiquery)
 acc() {  # acc CONVERTED NAME LENGTH: the suite into $O/run/L<LENGTH>/NAME.{json,png,log}, in the background

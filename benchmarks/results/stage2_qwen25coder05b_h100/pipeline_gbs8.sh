@@ -4,13 +4,12 @@
 # --data tasks, answer rows, lr 3e-6, 20 warm-up steps), then the suite on the stage-2 model (full, rtpurbo at
 # 8000 and 16000, one process per length). The "before" rows are pipeline.sh's (same conversion and stage-1
 # configuration; not re-run, for device time).
-# Ran verbatim at commit 89a125b; its conversion since rewritten onto common.sh's convert_model (same command).
+# Ran verbatim at commit 89a125b; its conversion and stage 1 since rewritten onto common.sh's convert_model
+# and stage1_shipped (same commands).
 source benchmarks/device/common.sh /tmp/s2g
 stamp start
 convert_model /tmp/qwen.gguf
-python -m train.distill --model $O/conv --run-dir $O/run/stage1 --seq-len 8192 --steps 100 --lr 3e-3 --eval-passkey 0 \
-  --log-every 10 --ckpt-every 1000 > $O/run/stage1.log 2>&1 || { stamp "stage1 FAILED"; touch $O/DONE; exit 1; }
-stamp "stage 1 done"
+stage1_shipped
 python -m train.distill --stage 2 --model $O/conv --indexer $O/run/stage1/indexer --run-dir $O/run/stage2 --seq-len 8192 \
   --steps 80 --accumulate 8 --lr 3e-6 --warmup 20 --data tasks --events 0 --positions answer --log-every 5 \
   --ckpt-every 1000 --eval-batches 6 > $O/run/stage2.log 2>&1 || { stamp "stage2 FAILED"; touch $O/DONE; exit 1; }
