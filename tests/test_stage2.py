@@ -207,8 +207,9 @@ def test_the_last_step_is_evaluated_once(tiny, tmp_path, monkeypatch):
 
 def test_warnings_for_short_windows_and_a_worse_student(tiny, tmp_path, capsys):
     """Windows the local heads see whole (seq-len <= sinks + window) are warned about up front; a run that ends
-    further from the teacher than it began is warned about at the end."""
-    from train.stage2 import regression_note
+    further from the teacher than it began is warned about at the end, and so is one whose answer-row loss let
+    the other rows drift (all-row KL up)."""
+    from train.stage2 import drift_note, regression_note
 
     run(parse_args(flags(tiny, tmp_path / "short", "--steps", "1", "--seq-len", "18")))  # sinks 2 + window 16
     assert "local heads see every key" in capsys.readouterr().out
@@ -217,6 +218,9 @@ def test_warnings_for_short_windows_and_a_worse_student(tiny, tmp_path, capsys):
     row = lambda kl, agree: {"kl": kl, "topk_agreement": agree}
     assert regression_note(row(0.02, 0.9), row(0.01, 0.95)) is None
     assert "rose from 0.0030 to 0.0211" in regression_note(row(0.003, 0.981), row(0.0211, 0.921))
+    rows = lambda kl, all_rows: {"kl": kl, "kl_all_rows": all_rows}
+    assert drift_note(rows(0.0073, 0.0216), rows(0.0032, 0.0200)) is None
+    assert "all rows rose from 0.0216 to 0.0241" in drift_note(rows(0.0073, 0.0216), rows(0.0032, 0.0241))
 
 
 def test_export_best_picks_the_lowest_held_out_kl(tiny, tmp_path):
