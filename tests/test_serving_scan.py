@@ -115,6 +115,27 @@ def test_decode_loop_compiles_for_the_prefill_outputs(model, scan, dense):
     assert not serving._same_shapes(traced, predicted[:3] + (init_cache(CFG4, 2, 40, sp, "float32", scan=scan),))
 
 
+def test_generate_relowers_the_decode_loop_if_the_predicted_shapes_are_wrong(model, monkeypatch, caplog):
+    """Should `_prefill_outputs` ever disagree with the traced prefill, compile_generate warns and lowers the decode
+    loop again from the prefill's outputs: the tokens are those of the normal path."""
+    from rtpurbo_jax import serving
+
+    params, ix = model
+    prompts = jnp.asarray(np.random.default_rng(3).integers(0, CFG4.vocab_size, (2, 24)), jnp.int32)
+    kw = dict(cfg=CFG4, max_new_tokens=4, sparse=sparse_cfg(), indexer=ix, chunk=8, max_len=32)
+    serving._EXECUTABLES.clear()
+    want = generate(params, prompts, jnp.asarray([24, 17]), **kw)["tokens"]
+    real = serving._prefill_outputs
+    wrong = lambda prompts, key, static: real(prompts, key, {**static, "max_len": static["max_len"] + 8})
+    monkeypatch.setattr(serving, "_prefill_outputs", wrong)
+    serving._EXECUTABLES.clear()
+    with caplog.at_level("WARNING", logger="rtpurbo_jax.serving"):
+        got = generate(params, prompts, jnp.asarray([24, 17]), **kw)["tokens"]
+    assert "lowering it again" in caplog.text
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    serving._EXECUTABLES.clear()
+
+
 def test_scanned_dense_cache_sharded(model):
     """A dense stacked cache (one split): heads on the model axis behind the layers' axis, same logits."""
     from jax.sharding import Mesh
