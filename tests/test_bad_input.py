@@ -126,7 +126,9 @@ def test_sampling_refuses_nan_temperature():
         SamplingConfig(top_p=float("nan"))
 
 
-from tests.test_distill import flags, tiny  # noqa: E402,F401  (the tiny converted model fixture)
+import tests.test_distill as _distill  # noqa: E402
+
+flags, tiny = _distill.flags, _distill.tiny  # tiny: the tiny converted model fixture
 
 
 def test_distill_cli_reads_negative_mesh_and_refuses_bad_numbers():

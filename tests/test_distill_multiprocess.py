@@ -12,7 +12,9 @@ import sys
 import pytest
 
 from tests.runs import losses
-from tests.test_distill import flags, tiny  # noqa: F401  (module fixture)
+import tests.test_distill as _distill
+
+flags, tiny = _distill.flags, _distill.tiny  # tiny: a module fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,7 +67,7 @@ def run_two_processes(argv: list[str]) -> list[str]:
     return outs
 
 
-def test_two_processes_match_one(tiny, tmp_path):  # noqa: F811
+def test_two_processes_match_one(tiny, tmp_path):
     common = ["--steps", "4", "--eval-passkey", "0", "--batch", "4", "--mesh=-1,1"]
     one = tmp_path / "one"
     subprocess.run([sys.executable, "-m", "train.distill", *flags(tiny, one, *common), "--skip-distributed"],

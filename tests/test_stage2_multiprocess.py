@@ -12,16 +12,18 @@ import numpy as np
 
 from tests.test_distill_multiprocess import ROOT, _env, run_two_processes
 from tests.runs import losses
-from tests.test_stage2 import flags, tiny  # noqa: F401  (module fixture)
+import tests.test_stage2 as _stage2
+
+flags, tiny = _stage2.flags, _stage2.tiny  # tiny: a module fixture
 
 
-def _cmd(tiny, run_dir, *extra):  # noqa: F811
+def _cmd(tiny, run_dir, *extra):
     # the last --mesh wins: every device of the run on the data axis
     return [sys.executable, "-m", "train.distill", "--stage", "2",
             *flags(tiny, run_dir, "--steps", "3", "--batch", "4", "--mesh=-1,1", *extra)]
 
 
-def test_two_processes_match_one(tiny, tmp_path):  # noqa: F811
+def test_two_processes_match_one(tiny, tmp_path):
     from rtpurbo_jax.checkpoint import load_converted
 
     one = tmp_path / "one"
