@@ -7,6 +7,10 @@
 - elsewhere (CPU checks of the scripts): XLA's `dot_product_attention`.
 
 `dense_attention(q [B, T, N, H], k / v [B, S, K, H], ...)` -> [B, T, N, H]. The result's name is `name()`.
+
+`fa2_attention`: the FA2-class baseline the paper's speed-ups are quoted against — the Pallas Triton flash
+attention JAX ships (`jax.experimental.pallas.ops.gpu.attention.mha`), for one-layer prefill comparisons with the
+paper's curve (issue 17); a second baseline beside the strong one, never instead of it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,11 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
+
+
+PAPER_PREFILL_VS_FA2 = {32768: 2.83, 1 << 20: 9.36}  # RTPurbo's one-layer prefill speed-up against FA2 (H20): its
+# curve's two end points (32K, 1M)
 
 
 def name(platform: str | None = None) -> str:
@@ -57,3 +66,25 @@ def dense_attention(q, k, v, *, causal: bool = True, window: int | None = None, 
         return splash_attention(q, k, v, window=window, interpret=interpret)
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=kv_lengths,
                                         local_window_size=local, implementation="cudnn" if base == "cudnn" else None)
+
+
+def fa2_attention(q, k, v, *, causal: bool = True, interpret: bool = False, block_q: int = 128,
+                  block_k: int = 128):
+    """Causal flash attention by the Pallas Triton kernel JAX ships (FlashAttention-2's algorithm: one program per
+    (query tile, sequence, head), online softmax over key tiles). q [B, T, N, H], k / v [B, S, N, H] -> [B, T, N,
+    H] in q.dtype, scaled by H^-0.5; T and S multiples of the tiles (128 by default, or the length if shorter).
+    The kernel has no GQA: pass K / V with their heads repeated to N (`repeat_kv`), done once outside any timing
+    (FA2 reads a KV head once per query head as well)."""
+    from jax.experimental.pallas.ops.gpu import attention as pallas_gpu_attention
+
+    if k.shape[2] != q.shape[2] or v.shape[2] != q.shape[2]:
+        raise ValueError(f"fa2_attention needs K / V with the query's {q.shape[2]} heads (repeat_kv), got "
+                         f"{k.shape[2]} and {v.shape[2]}")
+    sizes = pallas_gpu_attention.BlockSizes(block_q=block_q, block_k=block_k)
+    return pallas_gpu_attention.mha(q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=causal,
+                                    block_sizes=sizes, interpret=interpret)
+
+
+def repeat_kv(x, num_heads: int):
+    """[B, S, K, H] -> [B, S, num_heads, H]: each KV head repeated for its group of query heads (GQA -> MHA)."""
+    return jnp.repeat(x, num_heads // x.shape[2], axis=2)

@@ -57,7 +57,7 @@ from rtpurbo_jax.serving import decode_step, prefill
 from rtpurbo_jax.sparse_config import SparseConfig
 
 MODES = ("dense_cudnn", "rtpurbo", "rtpurbo_indexer_prefill")
-PAPER = {32768: 2.83, 1 << 20: 9.36}  # RTPurbo's one-layer prefill speed-up against FA2 (H20), its two end points
+PAPER = baselines.PAPER_PREFILL_VS_FA2
 FULL_LAYERS = 32
 GIB = 2 ** 30
 

@@ -9,7 +9,11 @@ at every length; sparse plans against the jnp reference up to 32K), then timed w
 to back and one block_until_ready (median of `rounds`). TFLOP/s count visited blocks: 4 · bq · bk · H per (head,
 query tile, visited block) — masked elements of edge blocks count as done, the kernel computes them. Speed-ups are
 against cuDNN causal dense attention on the same shapes in the same run. Local heads are also compared with
-cuDNN's sliding window (8192, no sinks: a lower bound for a window + sink pass merged by log-sum-exp).
+cuDNN's sliding window (8192, no sinks: a lower bound for a window + sink pass merged by log-sum-exp). On GPUs the
+FA2-class baseline the paper quotes (the Pallas Triton flash kernel, `baselines.fa2_attention`, GQA's K / V
+repeated per query head outside the timing) is timed too: row `fa2_pallas_triton_dense`, and every plan row gets
+`speedup_vs_fa2`; the paper-mix rows also carry the paper's figure at that length (`paper_speedup_vs_fa2`, 32K
+and 1M). `--no-fa2` skips it.
 On a TPU the same command runs the same plans on mosaic_tpu against splash attention (`benchmarks.baselines`;
 rows named splash_*); not yet run on a TPU.
 """
@@ -111,6 +115,7 @@ def main(argv=None):
     p.add_argument("--reference-max-length", type=int, default=32768,
                    help="check sparse plans against the jnp reference up to this length")
     p.add_argument("--no-decode", action="store_true", help="skip the decode context rows")
+    p.add_argument("--no-fa2", action="store_true", help="skip the FA2-class baseline (Pallas Triton flash; GPUs)")
     p.add_argument("--only", nargs="*", default=None, metavar="VARIANT",
                    help="run only these variants (names as in the JSON, e.g. dense_plan)")
     add_overwrite(p)
@@ -140,6 +145,8 @@ def main(argv=None):
         t_win = bench(win, q, k, v, reps=reps, rounds=rounds)
         record(length=t, variant=f"{base}_window8192_all_heads", ms=t_win * 1e3, speedup=t_cudnn / t_win)
         tokamax_row(q, k, v, ref_dense, t_cudnn, dense_flops, t, reps, rounds, record)
+        t_fa2 = (None if args.no_fa2 or jax.default_backend() not in ("gpu", "cuda")
+                 else fa2_row(q, k, v, ref_dense, t_cudnn, dense_flops, t, reps, rounds, record))
         for name, backend, kb, kw in platform_variants(t, args.triton_max_length, jax.default_backend()):
             if args.only is not None and name not in args.only:
                 continue
@@ -159,7 +166,7 @@ def main(argv=None):
             flops = 4 * B * 128 * kb * H * visited
             record(length=t, variant=name, backend=backend, kv_block=kb, density=visited / (N * causal_blocks),
                    visited_blocks=visited, ms=sec * 1e3, tflops_visited=flops / sec / 1e12,
-                   speedup=t_cudnn / sec, rel_err=err)
+                   speedup=t_cudnn / sec, rel_err=err, **fa2_fields(name, t, t_fa2, sec))
             del plan
             gc.collect()
         if not args.no_decode and t <= 131072:
@@ -185,6 +192,31 @@ def tokamax_row(q, k, v, ref_dense, t_cudnn, dense_flops, t, reps, rounds, recor
     sec = bench(fn, q, k, v, reps=reps, rounds=rounds)
     record(length=t, variant="tokamax_mosaic_dense", ms=sec * 1e3, tflops=dense_flops / sec / 1e12,
            speedup=t_cudnn / sec, rel_err=err)
+
+
+def fa2_row(q, k, v, ref_dense, t_cudnn, dense_flops, t, reps, rounds, record) -> float:
+    """The FA2-class baseline (`baselines.fa2_attention`) on the same causal problem, checked against cuDNN first;
+    its seconds per call. K / V are repeated to the query heads once, before the timing."""
+    kr, vr = baselines.repeat_kv(k, N), baselines.repeat_kv(v, N)
+    fn = jax.jit(lambda q, k, v: baselines.fa2_attention(q, k, v))
+    err = rel_err(fn(q, kr, vr), ref_dense)
+    if not err < 2e-2:
+        raise SystemExit(f"fa2 baseline at {t}: relative error {err} vs cuDNN: not timing it")
+    sec = bench(fn, q, kr, vr, reps=reps, rounds=rounds)
+    record(length=t, variant="fa2_pallas_triton_dense", ms=sec * 1e3, tflops=dense_flops / sec / 1e12,
+           speedup=t_cudnn / sec, rel_err=err)
+    return sec
+
+
+def fa2_fields(name: str, t: int, t_fa2: float | None, sec: float) -> dict:
+    """A plan row's figures against the FA2-class baseline (none without it): speedup_vs_fa2, and for the paper
+    mix rows the paper's own speed-up at this length where it quotes one."""
+    if t_fa2 is None:
+        return {}
+    out = {"speedup_vs_fa2": t_fa2 / sec}
+    if name.startswith("paper_mix") and t in baselines.PAPER_PREFILL_VS_FA2:
+        out["paper_speedup_vs_fa2"] = baselines.PAPER_PREFILL_VS_FA2[t]
+    return out
 
 
 def decode_rows(t, k, v, record, reps):

@@ -59,6 +59,45 @@ def test_tpu_baseline_is_splash_attention_and_matches_xla():
     assert (baselines.name("tpu"), baselines.name("gpu"), baselines.name("cpu")) == ("splash", "cudnn", "xla")
 
 
+def test_fa2_baseline_is_causal_attention():
+    """benchmarks.baselines.fa2_attention (the Pallas Triton flash kernel, interpret mode here) with GQA's K / V
+    repeated per query head gives XLA's causal attention; K / V with fewer heads are refused."""
+    from benchmarks import baselines
+
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((1, 256, 4, 64), (1, 256, 2, 64), (1, 256, 2, 64)))
+    got = baselines.fa2_attention(q, baselines.repeat_kv(k, 4), baselines.repeat_kv(v, 4), interpret=True,
+                                  block_q=64, block_k=64)
+    want = baselines.dense_attention(q, k, v, platform="cpu")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="repeat_kv"):
+        baselines.fa2_attention(q, k, v, interpret=True)
+
+
+def test_kernels_benchmark_times_the_fa2_baseline(monkeypatch):
+    """benchmarks.kernels' FA2 row (the kernel in interpret mode, a short causal problem in the benchmark's head
+    shape): checked against the dense result, recorded with its speed-up against cuDNN's time; plan rows get
+    speedup_vs_fa2, and the paper-mix rows the paper's figure at 32K and 1M only."""
+    import functools
+
+    from benchmarks import baselines, kernels
+
+    monkeypatch.setattr(baselines, "fa2_attention", functools.partial(baselines.fa2_attention, interpret=True))
+    rng = np.random.default_rng(2)
+    t = 256
+    q = jnp.asarray(rng.normal(size=(1, t, kernels.N, kernels.H)), jnp.bfloat16)
+    k, v = (jnp.asarray(rng.normal(size=(1, t, kernels.K, kernels.H)), jnp.bfloat16) for _ in range(2))
+    ref = baselines.dense_attention(q, k, v, platform="cpu")
+    rows = []
+    sec = kernels.fa2_row(q, k, v, ref, 2.0, 1.0, t, 1, 1, lambda **r: rows.append(r))
+    assert sec > 0 and rows[0]["variant"] == "fa2_pallas_triton_dense" and rows[0]["rel_err"] < 2e-2
+    assert rows[0]["speedup"] == pytest.approx(2.0 / sec)
+    assert kernels.fa2_fields("random_10pct", 32768, None, 1.0) == {}
+    assert kernels.fa2_fields("random_10pct", 32768, 3.0, 1.0) == {"speedup_vs_fa2": 3.0}
+    assert kernels.fa2_fields("paper_mix_dense_retrieval", 32768, 3.0, 1.0)["paper_speedup_vs_fa2"] == 2.83
+    assert "paper_speedup_vs_fa2" not in kernels.fa2_fields("paper_mix_dense_retrieval", 131072, 3.0, 1.0)
+
+
 def test_prefill_selection_benchmark_compares_backends_and_keeps_results(tmp_path):
     """`python -m benchmarks.prefill_selection` on a CPU (kernels interpreted): every backend selects the
     reference's blocks, rows carry the schema, an existing output is not replaced."""
