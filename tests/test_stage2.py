@@ -205,6 +205,20 @@ def test_the_last_step_is_evaluated_once(tiny, tmp_path, monkeypatch):
     assert again["after"]["kl"] == pytest.approx(summary["after"]["kl"], rel=1e-6) and 2 in asked
 
 
+def test_a_data_mix_reports_its_held_out_kl_per_source(tiny, tmp_path):
+    """--data A+B: the held-out windows alternate sources, and each evaluation row carries kl@A / kl@B beside the
+    mean (its mean over the windows of that source)."""
+    tokens = tiny[3]
+    other = str(tmp_path / "other.npy")
+    np.save(other, np.random.default_rng(5).permutation(np.load(tokens)))
+    summary = run(parse_args(flags(tiny, tmp_path / "r", "--steps", "1", "--eval-batches", "2",
+                                   "--data", f"{tokens}+{other}")))
+    a, b = os.path.basename(tokens), "other.npy"
+    for row in (summary["before"], summary["after"]):
+        assert row["kl"] == pytest.approx((row[f"kl@{a}"] + row[f"kl@{b}"]) / 2, rel=1e-5)
+        assert row[f"kl@{a}"] != row[f"kl@{b}"] and f"kl_all_rows@{b}" in row
+
+
 def test_warnings_for_short_windows_and_a_worse_student(tiny, tmp_path, capsys):
     """Windows the local heads see whole (seq-len <= sinks + window) are warned about up front; a run that ends
     further from the teacher than it began is warned about at the end, and so is one whose answer-row loss let

@@ -344,15 +344,15 @@ def parse_lengths(spec: str, flag: str, longest: int, shortest: int = 2) -> tupl
 
 def load_windows(source: str, tokenizer, seq_len: int, seed: int, events: float = 0.0):
     """The training windows of `--data` (see the module docstring). tokenizer may be None only for a .npy."""
-    if source.endswith(".npy"):
-        if not os.path.exists(source):
-            raise ValueError(f"--data {source} does not exist")
-        return PackedWindows(np.load(source).astype(np.int32).ravel(), seq_len, seed)
     if "+" in source and not os.path.exists(source):
         parts = source.split("+")
         if any(not x or "+" in x for x in parts):
             raise ValueError(f"--data {source!r}: a mix is sources joined by '+', e.g. tasks+kjv")
         return StepMix([load_windows(x, tokenizer, seq_len, seed, events) for x in parts], (seq_len,) * len(parts))
+    if source.endswith(".npy"):
+        if not os.path.exists(source):
+            raise ValueError(f"--data {source} does not exist")
+        return PackedWindows(np.load(source).astype(np.int32).ravel(), seq_len, seed)
     if tokenizer is None:
         raise ValueError(f"--data {source} needs the model's tokenizer, and this checkpoint has none (pass a .npy)")
     if source == "tasks" or source.startswith("tasks:"):

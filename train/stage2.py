@@ -51,7 +51,7 @@ from rtpurbo_jax.model import logits_at
 from rtpurbo_jax.model_config import ModelConfig
 from rtpurbo_jax.params import SHARDING_RULES, param_shardings
 from rtpurbo_jax.sparse_config import SparseConfig
-from train.data import Prefetch, load_windows
+from train.data import Prefetch, StepMix, load_windows
 from train.teacher import TeacherCache, top1_within_topk, topk_agreement, topk_kl, topk_kl_at
 from train.trainer import (RunFlags, check_fingerprint, config_from_argv, first_metrics_row,
                            init_distributed, log0, make_mesh, open_checkpoints, plot_curves, read_metrics, run_loop,
@@ -298,11 +298,19 @@ def run(c: Stage2Config) -> dict:
 
     evaluated: dict = {}  # step -> its evaluation row, on every process (the last one is the summary's "after")
 
+    # a mix (--data A+B): its held-out KL per source too, as kl@A / kl_all_rows@A (files by their base name)
+    sources = [os.path.basename(x) or x for x in c.data.split("+")] if isinstance(data, StepMix) else []
+
     def evaluate(step_no, state):
         rows = [metrics_j(state["params"], ix, *example(micro + j), *teacher(micro + j))
                 for j in range(c.eval_batches)]
-        evaluated[step_no] = {"step": step_no, **{k: float(np.mean([r[k] for r in rows])) for k in rows[0]}}
-        return evaluated[step_no]
+        row = {"step": step_no, **{k: float(np.mean([r[k] for r in rows])) for k in rows[0]}}
+        for i, name in enumerate(sources):  # window micro + j came from source (micro + j) % n
+            mine = [r for j, r in enumerate(rows) if (micro + j) % len(sources) == i]
+            for k in ("kl", "kl_all_rows") if mine else ():
+                row[f"{k}@{name}"] = float(np.mean([r[k] for r in mine]))
+        evaluated[step_no] = row
+        return row
 
     def train_step(state, i):  # optimiser step i = micro-steps i*A .. i*A + A - 1
         m = None
