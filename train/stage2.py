@@ -394,9 +394,10 @@ def drift_note(before: dict, after: dict) -> str | None:
     if after["kl_all_rows"] <= before["kl_all_rows"]:
         return None
     return (f"the held-out KL over all rows rose from {before['kl_all_rows']:.4f} to {after['kl_all_rows']:.4f} "
-            f"while the loss covered the answer rows only (their KL {before['kl']:.4f} -> {after['kl']:.4f}): the "
-            "rest of the model drifted from the dense one (perplexity may be worse). Mixing in prose, whose every "
-            "row is trained (--data tasks+kjv), or --positions all keeps it in the objective.")
+            f"while the loss covered only the answer rows of the windows that mark them (the loss rows' KL "
+            f"{before['kl']:.4f} -> {after['kl']:.4f}): the rest of the model drifted from the dense one (perplexity "
+            "may be worse). Mixing in prose, whose every row is trained (--data tasks+kjv), or --positions all "
+            "keeps it in the objective.")
 
 
 def main(argv=None) -> int:
