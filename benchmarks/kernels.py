@@ -265,6 +265,33 @@ def plot(res: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    vs_fa2 = [r for r in res["rows"] if "speedup_vs_fa2" in r and r["variant"].startswith("paper_mix")
+              and r.get("kv_block") == 128]
+    if vs_fa2:
+        plot_vs_fa2(res, vs_fa2, path.removesuffix(".png") + "_vs_fa2.png")
+
+
+def plot_vs_fa2(res: dict, rows: list[dict], path: str) -> None:
+    """The paper-mix rows' speed-up against the FA2-class baseline by length (PNG), with the paper's one-layer
+    curve against FA2 (its end points, 32K and 1M)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        mine = sorted((r["length"], r["speedup_vs_fa2"]) for r in rows if r["variant"] == name)
+        ax.plot([x for x, _ in mine], [y for _, y in mine], marker="o", label=name)
+    paper = sorted(baselines.PAPER_PREFILL_VS_FA2.items())
+    ax.plot([x for x, _ in paper], [y for _, y in paper], "k:", marker="s", label="paper, one layer vs FA2 (H20)")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="tokens", ylabel="speed-up vs the FA2-class baseline")
+    ax.set_title(f"one layer prefill vs Pallas Triton flash ({res['device']})", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,21 @@ def test_kernels_benchmark_times_the_fa2_baseline(monkeypatch):
     assert "paper_speedup_vs_fa2" not in kernels.fa2_fields("paper_mix_dense_retrieval", 131072, 3.0, 1.0)
 
 
+def test_kernels_plot_draws_the_fa2_panel_only_with_fa2_rows(tmp_path):
+    """benchmarks.kernels.plot adds OUT_vs_fa2.png (paper-mix speed-ups against FA2 beside the paper's curve) only
+    when the rows carry speedup_vs_fa2."""
+    from benchmarks import kernels
+
+    row = lambda t, **kw: {"length": t, "variant": "paper_mix_dense_retrieval", "backend": "mosaic_gpu",
+                           "kv_block": 128, "speedup": 2.0, **kw}
+    res = {"device": "test", "jax": "0", "rows": [row(32768), row(131072)]}
+    kernels.plot(res, str(tmp_path / "a.png"))
+    assert (tmp_path / "a.png").exists() and not (tmp_path / "a_vs_fa2.png").exists()
+    res["rows"] = [row(32768, speedup_vs_fa2=3.1), row(131072, speedup_vs_fa2=4.0)]
+    kernels.plot(res, str(tmp_path / "b.png"))
+    assert (tmp_path / "b_vs_fa2.png").stat().st_size > 1000
+
+
 def test_prefill_selection_benchmark_compares_backends_and_keeps_results(tmp_path):
     """`python -m benchmarks.prefill_selection` on a CPU (kernels interpreted): every backend selects the
     reference's blocks, rows carry the schema, an existing output is not replaced."""
