@@ -74,7 +74,8 @@ def fa2_attention(q, k, v, *, causal: bool = True, interpret: bool = False, bloc
     (query tile, sequence, head), online softmax over key tiles). q [B, T, N, H], k / v [B, S, N, H] -> [B, T, N,
     H] in q.dtype, scaled by H^-0.5; T and S multiples of the tiles (128 by default, or the length if shorter).
     The kernel has no GQA: pass K / V with their heads repeated to N (`repeat_kv`), done once outside any timing
-    (FA2 reads a KV head once per query head as well)."""
+    (FA2 reads a KV head once per query head as well). JAX 0.11 marks the module deprecated in favour of tokamax
+    (a DeprecationWarning at import); when it goes, tokamax's Triton flash attention is the replacement."""
     from jax.experimental.pallas.ops.gpu import attention as pallas_gpu_attention
 
     if k.shape[2] != q.shape[2] or v.shape[2] != q.shape[2]:
