@@ -315,16 +315,20 @@ class StepMix:
     def marks_answers(self) -> bool:
         return any(s.marks_answers for s in self.sources)
 
+    def source_index(self, step: int) -> int:
+        """Which of `sources` gives step `step`'s windows."""
+        return step % len(self.sources)
+
     def length(self, step: int) -> int:
-        return self.lengths[step % len(self.lengths)]
+        return self.lengths[self.source_index(step)]
 
     def example(self, step: int, global_batch: int, process_index: int = 0, process_count: int = 1):
-        n = len(self.sources)
-        return self.sources[step % n].example(step // n, global_batch, process_index, process_count)
+        src = self.sources[self.source_index(step)]
+        return src.example(step // len(self.sources), global_batch, process_index, process_count)
 
     def batch(self, step: int, global_batch: int, process_index: int = 0, process_count: int = 1) -> np.ndarray:
-        n = len(self.sources)
-        return self.sources[step % n].batch(step // n, global_batch, process_index, process_count)
+        src = self.sources[self.source_index(step)]
+        return src.batch(step // len(self.sources), global_batch, process_index, process_count)
 
 
 def parse_lengths(spec: str, flag: str, longest: int, shortest: int = 2) -> tuple[int, ...]:
