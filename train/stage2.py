@@ -305,10 +305,10 @@ def run(c: Stage2Config) -> dict:
         rows = [metrics_j(state["params"], ix, *example(micro + j), *teacher(micro + j))
                 for j in range(c.eval_batches)]
         row = {"step": step_no, **{k: float(np.mean([r[k] for r in rows])) for k in rows[0]}}
-        for i, name in enumerate(sources):
+        for i, src in enumerate(sources):
             mine = [r for j, r in enumerate(rows) if data.source_index(micro + j) == i]
             for k in ("kl", "kl_all_rows") if mine else ():
-                row[f"{k}@{name}"] = float(np.mean([r[k] for r in mine]))
+                row[f"{k}@{src}"] = float(np.mean([r[k] for r in mine]))
         evaluated[step_no] = row
         return row
 
