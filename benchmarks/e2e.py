@@ -414,10 +414,14 @@ def main(argv=None):
         return
     if min(args.batches) != 1:
         raise SystemExit("--batches must include 1 (decode calibrates its density and prefills at batch 1)")
-    raw = [r for path in args.merge for r in json.load(open(path))["raw"]]
+    merged = [json.load(open(path)) for path in args.merge]
+    raw = [r for m in merged for r in m["raw"]]
+    # the baseline that ran: this machine's when it runs contexts, else the merged files' (a merge on a CPU is not xla)
+    dense_baseline = (baselines.name() if args.contexts or not merged
+                      else merged[0].get("config", {}).get("dense_baseline", baselines.name()))
     res = {"device": None, "jax": jax.__version__, "date": datetime.date.today().isoformat(),
            "model": "Llama-3.1-8B shape, random bf16 weights", "layers_run": args.layers, "full_layers": FULL_LAYERS,
-           "config": {"dense_baseline": baselines.name(),
+           "config": {"dense_baseline": dense_baseline,
                       "retrieval": "kv granularity, 2/1/1/1 of 8 KV groups per layer (15.6%)", "sinks": 4,
                       "window": 8192, "top_p": 0.9, "prefill_chunk": args.chunk, "decode_steps": args.decode_steps,
                       "density_target": args.density, "density_source": "flag (random indexer scaled to it)"},
@@ -455,8 +459,7 @@ def main(argv=None):
             res["rows"] = extrapolate(scope_rows(res["raw"], FULL_LAYERS), res["raw"])
             add_speedups(res["rows"])
             write_json(args.out + ".json", res)  # after every process: a timeout keeps what ran
-    res["device"] = res["device"] or next((r.get("device") for path in args.merge
-                                           for r in [json.load(open(path))] if r.get("device")), None)
+    res["device"] = res["device"] or next((m["device"] for m in merged if m.get("device")), None)
     res["rows"] = extrapolate(scope_rows(res["raw"], FULL_LAYERS), res["raw"])
     add_speedups(res["rows"])
     write_json(args.out + ".json", res)

@@ -128,3 +128,21 @@ def test_prefill_selection_benchmark_compares_backends_and_keeps_results(tmp_pat
         assert r["mismatch_frac"] == 0.0 and 0.0 < r["blocks_frac"] <= 1.0 and r["ms"] > 0
     with pytest.raises(SystemExit, match="2"):  # a usage error naming the file (tests/test_benchmark_outputs.py)
         prefill_selection.main(["--contexts", "384", "--interpret", "--out", out])
+
+
+def test_merge_only_keeps_the_merged_runs_device_and_baseline(tmp_path):
+    """`--contexts` with no value merges earlier files: the output names the device and dense baseline that ran
+    them (a merge on a CPU must not relabel cuDNN rows as xla), and their rows get speed-ups."""
+    import json
+
+    raw = [{"mode": m, "context": 1024, "layers_run": 2, "batch": 1, "phase": "decode", "ms": ms, "head_ms": 0.1,
+            "density": d, "cache_gib": 0.1, "peak_mem_gib": 1.0}
+           for m, ms, d in (("dense_cudnn", 2.1, 1.0), ("rtpurbo", 1.1, 0.2))]
+    src = tmp_path / "gpu.json"
+    src.write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "config": {"dense_baseline": "cudnn"}, "raw": raw}))
+    e2e.main(["--contexts", "--layers", "2", "--merge", str(src), "--out", str(tmp_path / "merged")])
+    out = json.load(open(tmp_path / "merged.json"))
+    assert out["device"] == "NVIDIA H100 80GB HBM3"
+    assert out["config"]["dense_baseline"] == "cudnn"
+    layer = {r["mode"]: r for r in out["rows"] if r["scope"] == "layer"}
+    assert layer["rtpurbo"]["speedup_vs_cudnn"] == pytest.approx(2.0 / 1.0)
