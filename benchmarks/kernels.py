@@ -13,7 +13,7 @@ cuDNN's sliding window (8192, no sinks: a lower bound for a window + sink pass m
 FA2-class baseline the paper quotes (the Pallas Triton flash kernel, `baselines.fa2_attention`, GQA's K / V
 repeated per query head outside the timing) is timed too: row `fa2_pallas_triton_dense`, and every plan row gets
 `speedup_vs_fa2`; the paper-mix rows also carry the paper's figure at that length (`paper_speedup_vs_fa2`, 32K
-and 1M). `--no-fa2` skips it.
+-> 1M). `--no-fa2` skips it.
 On a TPU the same command runs the same plans on mosaic_tpu against splash attention (`benchmarks.baselines`;
 rows named splash_*); not yet run on a TPU.
 """
@@ -276,7 +276,7 @@ def plot(res: dict, path: str) -> None:
 
 def plot_vs_fa2(res: dict, rows: list[dict], path: str) -> None:
     """The paper-mix rows' speed-up against the FA2-class baseline by length (PNG), with the paper's one-layer
-    curve against FA2 (its end points, 32K and 1M)."""
+    curve against FA2 (32K -> 1M)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -289,6 +289,7 @@ def plot_vs_fa2(res: dict, rows: list[dict], path: str) -> None:
     paper = sorted(baselines.PAPER_PREFILL_VS_FA2.items())
     ax.plot([x for x, _ in paper], [y for _, y in paper], "k:", marker="s", label="paper, one layer vs FA2 (H20)")
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.set(xlabel="tokens", ylabel="speed-up vs the FA2-class baseline")
     ax.set_title(f"one layer prefill vs Pallas Triton flash ({res['device']})", fontsize=9)
     ax.legend(fontsize=7)
