@@ -206,12 +206,12 @@ def test_the_last_step_is_evaluated_once(tiny, tmp_path, monkeypatch):
 
 
 def test_a_data_mix_reports_its_held_out_kl_per_source(tiny, tmp_path):
-    """--data A+B: the held-out windows alternate sources, and each evaluation row carries kl@A / kl@B beside the
-    mean (its mean over the windows of that source)."""
+    """--data A+B: the held-out windows alternate sources, --eval-batches of them per source (one each here), and
+    each evaluation row carries kl@A / kl@B beside the mean (its mean over the windows of that source)."""
     tokens = tiny[3]
     other = str(tmp_path / "other.npy")
     np.save(other, np.random.default_rng(5).permutation(np.load(tokens)))
-    summary = run(parse_args(flags(tiny, tmp_path / "r", "--steps", "1", "--eval-batches", "2",
+    summary = run(parse_args(flags(tiny, tmp_path / "r", "--steps", "1", "--eval-batches", "1",
                                    "--data", f"{tokens}+{other}")))
     a, b = os.path.basename(tokens), "other.npy"
     for row in (summary["before"], summary["after"]):

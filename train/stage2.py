@@ -89,7 +89,7 @@ class Stage2Config(RunFlags):
     fsdp: bool = True  # shard params and optimiser state over the data axis
     remat: bool = True  # recompute each layer in the backward pass (activation memory of one layer)
     attn_backend: str = "auto"  # the student's block-sparse attention: auto (triton on GPUs, else xla) | triton | xla | reference
-    eval_batches: int = 2
+    eval_batches: int = 2  # held-out windows (after the training windows) per source: a mix A+B evaluates 2x as many
     export: str = "last"  # model/ holds the last step's weights, or "best": the lowest held-out KL among the start,
     # the kept checkpoints (--ckpt-every, --keep) and the last step (the start: the model as it came)
 
@@ -246,6 +246,9 @@ def run(c: Stage2Config) -> dict:
     data = load_windows(c.data, None if c.data.endswith(".npy") else ckpt.tokenizer(), c.seq_len, c.seed, c.events)
     answers = data.marks_answers and c.positions == "answer"
     micro = c.steps * c.accumulate  # micro-batches the run consumes; evaluation windows come after them
+    # --eval-batches per source: a mix's held-out windows take the sources in turn, so each gets as many as one
+    # source alone would (with 2 sources and 4 windows in all, kl@tasks rested on ~20 answer rows)
+    n_eval = c.eval_batches * (len(data.sources) if isinstance(data, StepMix) else 1)
     pidx, pcount = jax.process_index(), jax.process_count()
     if c.batch % pcount:
         raise ValueError(f"--batch {c.batch} must be a multiple of the {pcount} processes (each reads its rows)")
@@ -260,12 +263,12 @@ def run(c: Stage2Config) -> dict:
 
     cache = TeacherCache(os.path.join(c.run_dir, "teacher"),
                          {"model": os.path.abspath(c.model), "data": c.data, "events": c.events, "seq_len": c.seq_len,
-                          "batch": c.batch, "seed": c.seed, "top_k": c.top_k, "windows": micro + c.eval_batches,
+                          "batch": c.batch, "seed": c.seed, "top_k": c.top_k, "windows": micro + n_eval,
                           "teacher_attention": f"backend None per shard on {jax.default_backend()}",
                           **({"processes": pcount} if pcount > 1 else {})})
     tokenizer = ckpt.tokenizer() if ckpt.has_tokenizer else None
     params = ckpt.params  # the student starts as the teacher: the same (sharded) arrays serve both
-    cache.build(micro + c.eval_batches, lambda i: glob(host(i)[0]),
+    cache.build(micro + n_eval, lambda i: glob(host(i)[0]),
                 lambda t, p: apply(p, t, cfg, attn_backend=None, mesh=mesh), c.top_k, log=log0, args=(params,),
                 to_local=lambda x: multihost_utils.global_array_to_host_local_array(x, mesh, tok_sh.spec))
     teacher = lambda i: tuple(glob(x) for x in cache.get(i))  # this process's rows of step i's teacher top-k
@@ -303,7 +306,7 @@ def run(c: Stage2Config) -> dict:
 
     def evaluate(step_no, state):
         rows = [metrics_j(state["params"], ix, *example(micro + j), *teacher(micro + j))
-                for j in range(c.eval_batches)]
+                for j in range(n_eval)]
         row = {"step": step_no, **{k: float(np.mean([r[k] for r in rows])) for k in rows[0]}}
         for i, src in enumerate(sources):
             mine = [r for j, r in enumerate(rows) if data.source_index(micro + j) == i]
