@@ -300,7 +300,8 @@ class StepMix:
 
     Sources of one length, `--data A+B` (`load_windows`): stage 2 on task prompts alone (answer rows only) cost
     Qwen2.5-0.5B 2-3% perplexity at 16K and full attention 5 NIAH points (benchmarks/results/
-    stage2_qwen25coder05b_16k_h100/); prose windows in between keep every row in the objective.
+    stage2_qwen25coder05b_16k_h100/); prose windows in between keep every row in the objective (tasks+kjv, the same
+    run otherwise: full attention -3.75 instead of -5.25 at 16K, perplexity no longer worse; stage2_qwen25coder05b_16k_mix/).
 
     Several lengths (stage 1's `--length-mix`): tried because an indexer trained on 8K windows lost 8-9 NIAH
     points at 1K and 4K where the oracle's top-p lost none. Measured since (README, 'Which training data finds the needle?'): on SmolLM2 the mix moved 1K up
