@@ -1,7 +1,7 @@
 """`python -m benchmarks.stage2_summary OUTDIR`: merge run_stage2.sh's two accuracy files (the model before and
 after stage 2, same prompts) into OUTDIR/accuracy_stage2.json (modes of the second get "_stage2"), print the
 retrieval mean / perplexity / blocks_frac per mode and length, and draw them as OUTDIR/accuracy_stage2.png.
-`runs_table` / `plot_runs`: several runs' suites side by side, each cell paired against full attention of the same
+`runs_table` / `plot_runs` / `summarize_runs`: several runs' suites side by side, each cell paired against full attention of the same
 model and against the same mode before stage 2 (the results folders' summarize.py scripts)."""
 
 from __future__ import annotations
@@ -110,6 +110,25 @@ def plot_runs(rows: list[dict], modes: tuple[str, ...], title: str, path: str, y
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def summarize_runs(folder: str, runs: dict, lengths, stage2: dict, modes: tuple[str, ...], title: str,
+                   model: str = "qwen2.5-coder-0.5b-instruct", device: str = "NVIDIA H100 80GB HBM3") -> list[dict]:
+    """A results folder's summary: runs {name: path of its accuracy JSON relative to `folder`, with {L} for the
+    length} read at each of `lengths`, `runs_table` over them (the first run is the "before" every other run is
+    paired with) -> folder/summary.json (with `stage2`: the training summaries) and folder/summary.png
+    (`plot_runs` of `modes`); each row printed. The rows."""
+    loaded = {run: {L: json.load(open(os.path.join(folder, path.format(L=L)))) for L in lengths}
+              for run, path in runs.items()}
+    rows = runs_table(loaded, base=next(iter(runs)))
+    with open(os.path.join(folder, "summary.json"), "w") as f:
+        json.dump({"model": model, "device": device, "rows": rows, "stage2": stage2}, f, indent=1)
+    plot_runs(rows, modes, title, os.path.join(folder, "summary.png"))
+    for r in rows:
+        print(r["run"], r["length"], r["mode"], r["niah_mean"], r["ppl"], r["blocks_frac"], r["vs_full_points"],
+              r["vs_full_ci95"], r["vs_full_ppl_ratio"], r["vs_before_points"], r["vs_before_ci95"],
+              r["vs_before_ppl_ratio"])
+    return rows
 
 
 def main(argv=None) -> int:
