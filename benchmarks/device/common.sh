@@ -46,3 +46,36 @@ suite() {
     --tasks niah_single_noise niah_single_prose niah_multikey niah_multivalue niah_multiquery \
     --out $O/run/acc_$L > $O/run/acc_$L.log 2>&1 &
 }
+# stage2_suite CONVERTED NAME LENGTH MEM: the accuracy suite (5 NIAH tasks x 20 prompts, modes full and rtpurbo with
+# $O/run/stage1/indexer) on CONVERTED at LENGTH into $O/run/L<LENGTH>/NAME.{json,png,log} in the background, with
+# XLA_PYTHON_CLIENT_MEM_FRACTION=MEM (it shares the GPU); the caller waits ($!).
+stage2_suite() {
+  mkdir -p $O/run/L$3
+  XLA_PYTHON_CLIENT_MEM_FRACTION=$4 python -m benchmarks.accuracy --converted $1 --indexer $O/run/stage1/indexer \
+    --lengths $3 --prompts 20 --tasks niah_single_noise niah_single_prose niah_multikey niah_multivalue niah_multiquery \
+    --modes full rtpurbo --out $O/run/L$3/$2 > $O/run/L$3/$2.log 2>&1 &
+}
+# stage2_before_after SEQ_LEN DATA: the suite "before" (stage2_suite at 16000 and 32000) beside stage 2 of $O/conv with
+# $O/run/stage1/indexer on SEQ_LEN-token windows of --data DATA (session 21's recipe: global batch 8, 40 steps, lr 3e-6,
+# 10 warm-up steps, answer rows, 4 held-out windows) into $O/run/stage2, then the suite "after" on its model, and per
+# length the merged summary and --compare into $O/run/compare_<LENGTH>.log. Stamped; the pipeline stops (DONE) if
+# stage 2 fails.
+stage2_before_after() {
+  local b16 b32 a16 a32 L
+  stage2_suite $O/conv acc_stage1 16000 0.18; b16=$!
+  stage2_suite $O/conv acc_stage1 32000 0.22; b32=$!
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.55 python -m train.distill --stage 2 --model $O/conv --indexer $O/run/stage1/indexer \
+    --run-dir $O/run/stage2 --seq-len $1 --steps 40 --accumulate 8 --lr 3e-6 --warmup 10 --data $2 --events 0 \
+    --positions answer --log-every 5 --ckpt-every 1000 --eval-batches 4 > $O/run/stage2.log 2>&1 \
+    || { stamp "stage2 FAILED"; wait; touch $O/DONE; exit 1; }
+  stamp "stage 2 trained"
+  wait $b16; wait $b32; stamp "accuracy before done"
+  stage2_suite $O/run/stage2/model acc_stage2 16000 0.3; a16=$!
+  stage2_suite $O/run/stage2/model acc_stage2 32000 0.4; a32=$!
+  wait $a16; wait $a32; stamp "accuracy after done"
+  for L in 16000 32000; do
+    mkdir -p $O/run/L$L/stage2 && cp $O/run/stage2/summary.json $O/run/L$L/stage2/ 2>/dev/null
+    python -m benchmarks.stage2_summary $O/run/L$L > $O/run/L$L/summary.log 2>&1
+    python -m benchmarks.accuracy --compare $O/run/L$L/acc_stage1.json $O/run/L$L/acc_stage2.json > $O/run/compare_$L.log 2>&1
+  done
+}
