@@ -14,8 +14,11 @@ is the process's, OOM stays contained):
 - `rtpurbo_indexer_prefill`: the same with `prefill_mode="indexer"` (top-p per 128-row query tile in prefill).
 
 Decode density: the indexer is random, so its weights are scaled until the retrieval heads' top-p set covers
-`--density` of the visible blocks at B=1 (bisection on `blocks_frac` from `decode_step(stats=True)`; the
-measured value is stored per row, `density_source: "flag"`). Decode at B=8 copies the B=1 prefill's cache.
+a target share of the visible blocks at B=1 (bisection on `blocks_frac` from `decode_step(stats=True)`; the
+measured value is stored per row as `density`). The target is what a **trained** indexer visited where one was
+measured near that context — `--densities ACCURACY.json...` (`benchmarks.accuracy` results: the `rtpurbo` rows'
+mean blocks_frac over the retrieval tasks, per length; a context within 10% of a measured length takes it) —
+else `--density`; each decode row says which in `density_source`. Decode at B=8 copies the B=1 prefill's cache.
 
 Scopes: `layer` rows are (time of `--layers` layers - the head) / layers, the head (embedding, final norm,
 logits) timed alone; `model` rows are head + 32 × layer, `measured: false` unless 32 layers ran. Where a
@@ -168,6 +171,33 @@ def scaled_indexer(indexer, alpha):
     return {**indexer, "w_q": indexer["w_q"] * alpha}
 
 
+def trained_densities(paths: list[str]) -> dict[int, tuple[float, str]]:
+    """{length: (mean blocks_frac of the `rtpurbo` rows over the retrieval tasks, where it comes from)} from
+    `benchmarks.accuracy` result files (several files at one length: the last wins)."""
+    from benchmarks.stage2_summary import table
+
+    out = {}
+    for path in paths:
+        with open(path) as f:
+            res = json.load(f)
+        for (mode, length), cell in table(res["rows"]).items():
+            if mode == "rtpurbo" and cell["blocks_frac"] is not None:
+                out[length] = (float(cell["blocks_frac"]),
+                               f"trained: {res.get('model', '?')} rtpurbo at {length} tokens ({os.path.basename(path)})")
+    if not out:
+        raise SystemExit(f"--densities {' '.join(paths)}: no rtpurbo rows with blocks_frac in these files")
+    return out
+
+
+def density_for(context: int, trained: dict[int, tuple[float, str]], flag: float) -> tuple[float, str]:
+    """(decode density target, its source) for `context`: the trained indexer's measurement at a length within
+    10% of it (the nearest), else the flag."""
+    near = [L for L in trained if abs(L - context) <= 0.1 * context]
+    if near:
+        return trained[min(near, key=lambda L: abs(L - context))]
+    return flag, "flag (--density)"
+
+
 def calibrate(params, cache, indexer, tok, cfg, sparse, target: float, backend, iters: int = 9):
     """(indexer whose top-p sets cover ~`target` of the visible blocks at decode, measured blocks_frac, cache)."""
     lo, hi = -4.0, 16.0  # log2 of the w_q scale; a larger scale sharpens the scores and shrinks the set
@@ -279,7 +309,8 @@ def worker(spec: dict) -> list[dict]:
 
         try:
             ms, _ = timed_steps(step, caches.pop(b), spec["decode_steps"])
-            row(batch=b, phase="decode", ms=ms, head_ms=heads[b], density=frac, cache_gib=cache_gib * b)
+            row(batch=b, phase="decode", ms=ms, head_ms=heads[b], density=frac, cache_gib=cache_gib * b,
+                density_target=spec["density"], density_source=spec.get("density_source", "flag (--density)"))
         except Exception as e:  # noqa: BLE001
             row(batch=b, phase="decode", ms=None, error=str(e).splitlines()[0][:300])
     return rows
@@ -293,6 +324,7 @@ def scope_rows(raw: list[dict], full_layers: int) -> list[dict]:
             continue
         per_layer = (r["ms"] - r["head_ms"]) / r["layers_run"]
         keep = {k: r[k] for k in ("mode", "context", "batch", "phase", "density", "layers_run")}
+        keep.update({k: r[k] for k in ("density_source",) if k in r})
         mem = {"peak_mem_gib": r["peak_mem_gib"], "cache_gib": r["cache_gib"] / r["layers_run"]}
         out.append({**keep, "scope": "layer", "ms": per_layer, "measured": True, **mem})
         out.append({**keep, "scope": "model", "ms": r["head_ms"] + full_layers * per_layer,
@@ -356,7 +388,8 @@ def plot(res: dict, path: str) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel(f"{phase} speed-up vs dense cuDNN")
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:  # nothing to compare without a dense_cudnn row
+            ax.legend(fontsize=6)
     fig.suptitle(f"Llama-3.1-8B shape, {res['layers_run']} layers run (model = head + 32 x layer), "
                  f"{res['device']}", fontsize=9)
     fig.tight_layout()
@@ -377,6 +410,9 @@ def main(argv=None):
     p.add_argument("--density", type=float, default=0.15,
                    help="decode blocks_frac the random indexer is scaled to (Qwen2.5-0.5B's trained indexer "
                         "measured 0.11-0.19 at 8K-32K)")
+    p.add_argument("--densities", nargs="+", default=[], metavar="ACCURACY_JSON",
+                   help="benchmarks.accuracy results of a trained indexer: their rtpurbo blocks_frac is the decode "
+                        "density target at contexts within 10%% of a measured length (--density elsewhere)")
     p.add_argument("--out", default="benchmarks/results/e2e")
     p.add_argument("--merge", nargs="*", default=[], help="earlier OUT.json files whose raw rows join this run's")
     p.add_argument("--small", action="store_true", help="tiny shapes, for a CPU check of the script")
@@ -414,8 +450,12 @@ def main(argv=None):
         return
     if min(args.batches) != 1:
         raise SystemExit("--batches must include 1 (decode calibrates its density and prefills at batch 1)")
-    merged = [json.load(open(path)) for path in args.merge]
+    merged = []
+    for path in args.merge:
+        with open(path) as f:
+            merged.append(json.load(f))
     raw = [r for m in merged for r in m["raw"]]
+    trained = trained_densities(args.densities) if args.densities else {}
     # the baseline that ran: this machine's when it runs contexts, else the merged files' (a merge on a CPU is not xla)
     dense_baseline = (baselines.name() if args.contexts or not merged
                       else merged[0].get("config", {}).get("dense_baseline", baselines.name()))
@@ -424,14 +464,18 @@ def main(argv=None):
            "config": {"dense_baseline": dense_baseline,
                       "retrieval": "kv granularity, 2/1/1/1 of 8 KV groups per layer (15.6%)", "sinks": 4,
                       "window": 8192, "top_p": 0.9, "prefill_chunk": args.chunk, "decode_steps": args.decode_steps,
-                      "density_target": args.density, "density_source": "flag (random indexer scaled to it)"},
+                      "density_target": args.density,
+                      "density_source": ("per decode row: a trained indexer's blocks_frac (--densities) near its "
+                                         "context, else the flag; the random indexer scaled to it")
+                      if trained else "flag (random indexer scaled to it)"},
            "raw": raw, "rows": []}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     for t in args.contexts:
         for mode in args.modes:
+            target, source = density_for(t, trained, args.density)
             spec = {"small": args.small, "mode": mode, "context": t, "layers": args.layers, "chunk": args.chunk,
-                    "batches": args.batches, "decode_steps": args.decode_steps, "density": args.density,
-                    "check": t == min(args.contexts)}
+                    "batches": args.batches, "decode_steps": args.decode_steps, "density": target,
+                    "density_source": source, "check": t == min(args.contexts)}
             cal = [r for r in res["raw"] if (r["mode"], r["context"], r["phase"]) == ("rtpurbo", t, "prefill")
                    and "alpha" in r]
             if mode == "rtpurbo_indexer_prefill" and cal:

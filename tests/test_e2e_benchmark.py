@@ -142,8 +142,38 @@ def test_merge_only_keeps_the_merged_runs_device_and_baseline(tmp_path):
     src = tmp_path / "gpu.json"
     src.write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "config": {"dense_baseline": "cudnn"}, "raw": raw}))
     e2e.main(["--contexts", "--layers", "2", "--merge", str(src), "--out", str(tmp_path / "merged")])
-    out = json.load(open(tmp_path / "merged.json"))
+    with open(tmp_path / "merged.json") as f:
+        out = json.load(f)
     assert out["device"] == "NVIDIA H100 80GB HBM3"
     assert out["config"]["dense_baseline"] == "cudnn"
     layer = {r["mode"]: r for r in out["rows"] if r["scope"] == "layer"}
     assert layer["rtpurbo"]["speedup_vs_cudnn"] == pytest.approx(2.0 / 1.0)
+
+
+def test_decode_density_from_a_trained_indexer_per_row(tmp_path):
+    """--densities: a context within 10% of a length the accuracy suite measured takes the trained indexer's
+    blocks_frac (mean over the retrieval tasks' rtpurbo rows; ppl and other modes ignored) as its decode target,
+    and says so per row; other contexts take --density. Through main with the small shapes (one worker process)."""
+    import json
+
+    rows = [{"mode": m, "task": t, "kind": "ppl" if t == "ppl" else "retrieval", "length": 600, "score": 50.0,
+             "blocks_frac": f} for m, t, f in (("rtpurbo", "niah_a", 0.2), ("rtpurbo", "niah_b", 0.4),
+                                                ("rtpurbo", "ppl", 0.9), ("full", "niah_a", None))]
+    acc = tmp_path / "acc.json"
+    acc.write_text(json.dumps({"model": "tiny", "rows": rows}))
+    trained = e2e.trained_densities([str(acc)])
+    assert trained[600][0] == pytest.approx(0.3) and "tiny" in trained[600][1]
+    assert e2e.density_for(640, trained, 0.15)[0] == pytest.approx(0.3)  # within 10% of 600
+    assert e2e.density_for(1024, trained, 0.15) == (0.15, "flag (--density)")
+    (tmp_path / "full_only.json").write_text(json.dumps({"rows": rows[3:]}))
+    with pytest.raises(SystemExit, match="no rtpurbo rows"):
+        e2e.trained_densities([str(tmp_path / "full_only.json")])
+
+    e2e.main(["--small", "--contexts", "640", "--modes", "rtpurbo", "--layers", "1", "--batches", "1",
+              "--decode-steps", "2", "--chunk", "256", "--densities", str(acc), "--out", str(tmp_path / "r")])
+    with open(tmp_path / "r.json") as f:
+        out = json.load(f)
+    dec = [r for r in out["raw"] if r["phase"] == "decode"]
+    assert dec and dec[0]["density_target"] == pytest.approx(0.3) and dec[0]["density_source"].startswith("trained")
+    assert all(r["density_source"].startswith("trained") for r in out["rows"] if r["phase"] == "decode")
+    assert "trained" in out["config"]["density_source"]
