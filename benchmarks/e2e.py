@@ -178,6 +178,8 @@ def trained_densities(paths: list[str]) -> dict[int, tuple[float, str]]:
 
     out = {}
     for path in paths:
+        if not os.path.isfile(path):
+            raise SystemExit(f"--densities {path}: no such file (benchmarks.accuracy's OUT.json)")
         with open(path) as f:
             res = json.load(f)
         for (mode, length), cell in table(res["rows"]).items():

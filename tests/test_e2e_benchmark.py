@@ -168,6 +168,8 @@ def test_decode_density_from_a_trained_indexer_per_row(tmp_path):
     (tmp_path / "full_only.json").write_text(json.dumps({"rows": rows[3:]}))
     with pytest.raises(SystemExit, match="no rtpurbo rows"):
         e2e.trained_densities([str(tmp_path / "full_only.json")])
+    with pytest.raises(SystemExit, match="no such file"):
+        e2e.trained_densities([str(tmp_path / "missing.json")])
 
     e2e.main(["--small", "--contexts", "640", "--modes", "rtpurbo", "--layers", "1", "--batches", "1",
               "--decode-steps", "2", "--chunk", "256", "--densities", str(acc), "--out", str(tmp_path / "r")])

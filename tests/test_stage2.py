@@ -380,6 +380,9 @@ def test_stage_flag_and_bad_input(tiny, tmp_path, capsys):
     assert "--positions must be" in capsys.readouterr().err
     assert distill_main(["--stage", "2", *flags(tiny, tmp_path / "z", "--data", "tasks")]) == 2
     assert "tokenizer" in capsys.readouterr().err
+    # the held-out evaluation needs a window: refused before the teacher pass, not an IndexError after it
+    assert distill_main(["--stage", "2", *flags(tiny, tmp_path / "w", "--eval-batches", "0")]) == 2
+    assert "--eval-batches" in capsys.readouterr().err
 
 
 def test_stage2_summary_merges_before_and_after(tmp_path):

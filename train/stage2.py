@@ -101,8 +101,10 @@ class Stage2Config(RunFlags):
     def validate(self) -> None:
         if not self.model or not self.indexer:
             raise ValueError("--model (a converted checkpoint with roles) and --indexer (stage 1's indexer/) are needed")
-        if self.steps < 1 or self.batch < 1 or self.accumulate < 0 or self.seq_len < 2 or self.top_k < 1:
-            raise ValueError("--steps, --batch, --top-k must be >= 1, --accumulate >= 0 and --seq-len >= 2")
+        if (self.steps < 1 or self.batch < 1 or self.accumulate < 0 or self.seq_len < 2 or self.top_k < 1
+                or self.eval_batches < 1):
+            raise ValueError("--steps, --batch, --top-k, --eval-batches must be >= 1, --accumulate >= 0 and "
+                             "--seq-len >= 2")
         if not (0 < self.lr < float("inf")) or self.warmup < 0:
             raise ValueError(f"--lr must be a finite number > 0 (got {self.lr}) and --warmup >= 0")
         if not (0 < self.grad_clip < float("inf")) or not (0 <= self.weight_decay < float("inf")):
