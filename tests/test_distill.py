@@ -127,6 +127,33 @@ def test_bad_input_fails_clearly(tiny, tmp_path, capsys):
     assert "needs the model's tokenizer" in capsys.readouterr().err
 
 
+def test_shared_index_keys_train_one_key_map_per_kv_group(tiny, tmp_path):
+    """--share-index-keys: retrieval heads of one layer reading one KV head train one w_k (exported equal in the
+    per-head layout; their w_q stay their own), heads of other groups keep theirs; without it the same heads'
+    w_k differ. The loss still falls."""
+    from rtpurbo_jax.checkpoint import load_indexer, save_converted
+    from rtpurbo_jax.sparse_config import SparseConfig
+    from tests.test_calibrate import CFG, planted_params
+    from train.objective import key_groups
+
+    heads = np.asarray([[1, 2], [1, 3], [2, 0], [2, 1], [2, 3]])
+    assert key_groups(heads, 2).tolist() == [0, 0, 2, 2, 4]  # (layer, query head // 2)
+    roles = np.zeros((CFG.num_layers, CFG.num_heads), int)
+    roles[heads[:, 0], heads[:, 1]] = 1
+    conv = save_converted(str(tmp_path / "conv"), planted_params(), CFG,
+                          sparse_config=SparseConfig(roles=roles, window=32, keep_recent=8).to_dict())
+    args = lambda d, *x: flags(tiny, tmp_path / d, "--model", conv, "--steps", "6", "--init", "pca", *x)
+    summary = run(parse_args(args("shared", "--share-index-keys")))
+    assert summary["after"]["loss"] < summary["before"]["loss"]
+    ix = {k: np.asarray(v) for k, v in load_indexer(str(tmp_path / "shared" / "indexer"), CFG).items()}
+    np.testing.assert_array_equal(ix["w_k"][1, 2], ix["w_k"][1, 3])
+    np.testing.assert_array_equal(ix["w_k"][2, 0], ix["w_k"][2, 1])
+    assert not np.allclose(ix["w_k"][2, 0], ix["w_k"][2, 3]) and not np.allclose(ix["w_q"][1, 2], ix["w_q"][1, 3])
+    run(parse_args(args("own")))
+    own = np.asarray(load_indexer(str(tmp_path / "own" / "indexer"), CFG)["w_k"])
+    assert not np.allclose(own[1, 2], own[1, 3])
+
+
 @pytest.mark.parametrize("init", ["pca", "rope_lowfreq"])
 def test_every_init_trains(tiny, tmp_path, init):
     summary = run(parse_args(flags(tiny, tmp_path / init, "--steps", "6", "--init", init)))

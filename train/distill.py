@@ -42,7 +42,8 @@ from train.trainer import (RunFlags, check_fingerprint, config_from_argv, first_
                            read_metrics, run_loop, sync, write_run_config)
 from train.data import (MIN_TASK_LEN, Prefetch, StepMix, held_out_retrieval, held_out_tasks, load_windows,
                         parse_lengths)
-from train.objective import INITS, LOSS_LEVELS, LOSS_WEIGHTS, gather_heads, init_rows, kl_loss, recall_metrics
+from train.objective import (INITS, LOSS_LEVELS, LOSS_WEIGHTS, gather_heads, init_rows, key_groups, kl_loss,
+                             recall_metrics, share_keys)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,9 @@ class DistillConfig(RunFlags):
     grad_clip: float = 1.0
     index_dim: int = 16
     init: str = "pca"  # best start and end of the three on SmolLM2 (benchmarks/results/distill_init_comparison_cpu.json)
+    share_index_keys: bool = False  # one key map per KV group: the retrieval heads of a layer reading one KV head share
+    # w_k (trained as one map), so their index keys are one array per KV group — G x fewer index-key bytes for serving
+    # to exploit (the exported layout stays per head, rows equal); an experiment, not a default
     top_p: float = 0.9
     kv_block: int = 64
     chunk: int = 256
@@ -163,15 +167,20 @@ def make_teacher(cfg, heads, backend: str | None = "reference", mesh=None):
     return teacher
 
 
-def build_step(cfg, heads, tx, chunk, shardings, loss_kw=None, teacher_backend: str | None = "reference", mesh=None):
+def build_step(cfg, heads, tx, chunk, shardings, loss_kw=None, teacher_backend: str | None = "reference", mesh=None,
+               shared_keys=None):
     """(jitted train step with NamedSharding in/out and donated state, jitted evaluation). loss_kw: kl_loss's
-    level / weight / kv_block / sinks / recent; teacher_backend, mesh: `make_teacher`'s."""
+    level / weight / kv_block / sinks / recent; teacher_backend, mesh: `make_teacher`'s; shared_keys (int [R],
+    `objective.key_groups`): w_k shared per KV group — its gradient summed over the group, so rows that start
+    equal stay equal (AdamW and clipping act elementwise / uniformly)."""
     teacher = make_teacher(cfg, heads, teacher_backend, mesh)
     loss_kw = loss_kw or {}
 
     def step(state, params, tokens):
         hx = teacher(params, tokens)
         loss, grads = jax.value_and_grad(lambda p: kl_loss(p, hx, chunk, **loss_kw))(state["params"])
+        if shared_keys is not None:
+            grads = share_keys(grads, shared_keys, reduce=True)
         updates, opt = tx.update(grads, state["opt_state"], state["params"])
         new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt}
         return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -252,12 +261,17 @@ def run(c: DistillConfig) -> dict:
                else None)
     train0 = init_rows(c.init, heads, cfg, c.index_dim, jax.random.key(c.seed), calib_x,
                        local_prior=c.local_prior == "query")
+    groups = key_groups(heads, cfg.group_size) if c.share_index_keys else None
+    if groups is not None:
+        train0 = share_keys(train0, groups, reduce=False)
+        log0(f"[distill] --share-index-keys: {len(set(groups.tolist()))} key maps for {r} retrieval heads")
     opt0 = tx.init(train0)
     state_sh = {"params": train_sh, "opt_state": jax.tree.map(lambda _: rep, opt0)}
     state = jax.device_put({"params": train0, "opt_state": opt0}, state_sh)
     loss_kw = dict(level=c.loss_level, weight=c.loss_weight, kv_block=c.kv_block, sinks=sparse.sinks,
                    recent=sparse.keep_recent)
-    step_j, eval_j = build_step(cfg, heads, tx, c.chunk, (state_sh, params_sh, tok_sh, rep), loss_kw, None, mesh)
+    step_j, eval_j = build_step(cfg, heads, tx, c.chunk, (state_sh, params_sh, tok_sh, rep), loss_kw, None, mesh,
+                                groups)
 
     loop = c.loop("distill")
     config = dataclasses.asdict(c)

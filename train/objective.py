@@ -41,6 +41,25 @@ def gather_heads(collected: dict, heads: np.ndarray, group: int) -> dict:
     return out
 
 
+def key_groups(heads: np.ndarray, group: int) -> np.ndarray:
+    """int [R]: for each retrieval head (heads int [R, 2]: layer, query head) the row of the first retrieval head
+    reading the same KV head of the same layer (query head // group) — the row whose key map the heads of that KV
+    group share under `--share-index-keys` (their index keys are then one array per KV group)."""
+    first: dict = {}
+    return np.asarray([first.setdefault((int(layer), int(head) // group), r) for r, (layer, head) in enumerate(heads)],
+                      np.int32)
+
+
+def share_keys(tree: dict, groups: np.ndarray, reduce: bool) -> dict:
+    """`tree` (indexer rows or their gradient, leaves [R, ...]) with w_k tied across each KV group (`key_groups`):
+    reduce=True sums the group's rows (the gradient of one shared map) and gives the sum to every row, False copies
+    the group's first row to all of them (the initial maps). Other leaves unchanged."""
+    groups = jnp.asarray(groups)
+    w = tree["w_k"]
+    tied = jax.ops.segment_sum(w, groups, num_segments=w.shape[0])[groups] if reduce else w[groups]
+    return {**tree, "w_k": tied}
+
+
 def forced_token_mask(rows, s: int, kv_block: int, sinks: int, recent: int):
     """bool [C, S]: keys in the blocks top-p always keeps for query rows int [C] (`forced_blocks`, per token)."""
     blocks = forced_blocks(rows, rows, cdiv(s, kv_block), kv_block, sinks, recent)  # [C, Sb]
