@@ -154,6 +154,28 @@ def test_shared_index_keys_train_one_key_map_per_kv_group(tiny, tmp_path):
     assert not np.allclose(own[1, 2], own[1, 3])
 
 
+def test_shared_keys_pca_init_fits_one_basis_per_group():
+    """With shared key maps the PCA init fits one basis per KV group (its heads' q rows and their k rows); a head
+    alone in its group gets the per-head init's subspace, and every head of a group starts on the same map."""
+    import jax
+    from tests.test_calibrate import CFG
+    from train.objective import init_rows, key_groups
+
+    heads = np.asarray([[0, 0], [0, 1], [0, 2], [1, 3]])  # layer 0: heads 0, 1 share KV head 0
+    rng = np.random.default_rng(3)
+    calib = {k: jax.numpy.asarray(rng.normal(size=(4, 1, 50, CFG.head_dim)) * rng.uniform(0.2, 3, CFG.head_dim),
+                                  jax.numpy.float32) for k in ("q_pre", "k_pre")}
+    own = init_rows("pca", heads, CFG, 4, jax.random.key(0), calib, local_prior=False)
+    shared = init_rows("pca", heads, CFG, 4, jax.random.key(0), calib, local_prior=False,
+                       groups=key_groups(heads, 2))
+    proj = lambda w: np.asarray(w @ w.T)  # the subspace, whatever the signs
+    for r in (2, 3):  # alone in their groups: the same subspace as the per-head SVD
+        np.testing.assert_allclose(proj(shared["w_q"][r]), proj(own["w_q"][r]), atol=1e-4)
+    np.testing.assert_array_equal(shared["w_k"][0], shared["w_k"][1])
+    np.testing.assert_array_equal(shared["w_q"][0], shared["w_k"][0])
+    assert not np.allclose(proj(shared["w_k"][0]), proj(own["w_k"][0]), atol=1e-3)  # fitted on both heads' q
+
+
 @pytest.mark.parametrize("init", ["pca", "rope_lowfreq"])
 def test_every_init_trains(tiny, tmp_path, init):
     summary = run(parse_args(flags(tiny, tmp_path / init, "--steps", "6", "--init", init)))

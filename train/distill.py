@@ -259,11 +259,10 @@ def run(c: DistillConfig) -> dict:
     t_prep = time.time()
     calib_x = (jax.jit(make_teacher(cfg, heads, None, mesh))(params, fixed_batch(10 ** 6)) if c.init == "pca"
                else None)
-    train0 = init_rows(c.init, heads, cfg, c.index_dim, jax.random.key(c.seed), calib_x,
-                       local_prior=c.local_prior == "query")
     groups = key_groups(heads, cfg.group_size) if c.share_index_keys else None
+    train0 = init_rows(c.init, heads, cfg, c.index_dim, jax.random.key(c.seed), calib_x,
+                       local_prior=c.local_prior == "query", groups=groups)
     if groups is not None:
-        train0 = share_keys(train0, groups, reduce=False)
         log0(f"[distill] --share-index-keys: {len(set(groups.tolist()))} key maps for {r} retrieval heads")
     opt0 = tx.init(train0)
     state_sh = {"params": train_sh, "opt_state": jax.tree.map(lambda _: rep, opt0)}

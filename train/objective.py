@@ -208,21 +208,27 @@ def recall_metrics(train: dict, heads_x: dict, *, top_p: float = 0.9, kv_block: 
 
 
 def init_rows(kind: str, heads: np.ndarray, cfg: ModelConfig, index_dim: int, key, calib_x: dict | None = None,
-                 local_prior: bool = True):
+                 local_prior: bool = True, groups: np.ndarray | None = None):
     """Initial {w_q, w_k: fp32 [R, H, I]} (+ the local prior w_local fp32 [R, H], b_local [R], zeros: no prior).
 
     random: normal(0, 1/sqrt(H)). rope_lowfreq: select the I dims of the I/2 lowest-frequency rotary pairs
     (half-split layout: pair j = dims j and j + H/2), scaled by H^-1/4 each side so the score equals the
     teacher's low-frequency part of q·k/sqrt(H) at distance 0. pca: per head, the top-I right singular vectors
     of the stacked pre-RoPE q and k rows of calibration text (`calib_x` from `gather_heads`), same scale.
+    groups (int [R], `key_groups`; shared key maps): w_k is its group's first row everywhere, and with pca the
+    basis is fitted per group (the q rows of every head in it and their shared k rows), w_q too, so that each
+    head's query map starts in the basis of the key map it shares.
     """
-    out = _init_maps(kind, heads, cfg, index_dim, key, calib_x)
+    out = _init_maps(kind, heads, cfg, index_dim, key, calib_x, groups)
+    if groups is not None:
+        out = share_keys(out, groups, reduce=False)
     if local_prior:
         out.update(w_local=jnp.zeros((len(heads), cfg.head_dim), jnp.float32), b_local=jnp.zeros((len(heads),), jnp.float32))
     return out
 
 
-def _init_maps(kind: str, heads: np.ndarray, cfg: ModelConfig, index_dim: int, key, calib_x: dict | None):
+def _init_maps(kind: str, heads: np.ndarray, cfg: ModelConfig, index_dim: int, key, calib_x: dict | None,
+               groups: np.ndarray | None = None):
     r, h = len(heads), cfg.head_dim
     if kind not in INITS:
         raise ValueError(f"--init must be one of {INITS}, got {kind!r}")
@@ -243,6 +249,13 @@ def _init_maps(kind: str, heads: np.ndarray, cfg: ModelConfig, index_dim: int, k
         return {"w_q": w, "w_k": jnp.array(w, copy=True)}  # distinct buffers (the step donates both)
     if calib_x is None:
         raise ValueError("pca init needs calibration activations")
+    if groups is not None:  # one basis per key group: the top-I eigenvectors of the Gram matrix of every
+        # member's q rows and the group's (shared) k rows — the right singular vectors of those rows stacked
+        gram = lambda x: jnp.einsum("rnh,rng->rhg", *(x.reshape(r, -1, h).astype(jnp.float32),) * 2, precision=_HI)
+        g = jnp.asarray(groups)
+        total = jax.ops.segment_sum(gram(calib_x["q_pre"]), g, num_segments=r)[g] + gram(calib_x["k_pre"])[g]
+        w = jnp.linalg.eigh(total)[1][..., ::-1][..., :index_dim] * h ** -0.25
+        return {"w_q": w, "w_k": jnp.array(w, copy=True)}
     rows = jnp.concatenate([calib_x["q_pre"], calib_x["k_pre"]], axis=2).reshape(r, -1, h).astype(jnp.float32)
     _, _, vt = jnp.linalg.svd(rows, full_matrices=False)
     w = jnp.swapaxes(vt[:, :index_dim], 1, 2) * h ** -0.25
