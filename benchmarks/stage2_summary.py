@@ -1,8 +1,8 @@
 """`python -m benchmarks.stage2_summary OUTDIR`: merge run_stage2.sh's two accuracy files (the model before and
 after stage 2, same prompts) into OUTDIR/accuracy_stage2.json (modes of the second get "_stage2"), print the
 retrieval mean / perplexity / blocks_frac per mode and length, and draw them as OUTDIR/accuracy_stage2.png.
-`runs_table` / `plot_runs` / `summarize_runs`: several runs' suites side by side, each cell paired against full attention of the same
-model and against the same mode before stage 2 (the results folders' summarize.py scripts)."""
+`runs_table` / `plot_runs` / `summarize_runs`: several runs' suites side by side, each cell paired against full
+attention of the same model and against the same mode before stage 2 (the results folders' summarize.py scripts)."""
 
 from __future__ import annotations
 

@@ -127,7 +127,7 @@ def test_bad_input_fails_clearly(tiny, tmp_path, capsys):
     assert "needs the model's tokenizer" in capsys.readouterr().err
 
 
-def test_shared_index_keys_train_one_key_map_per_kv_group(tiny, tmp_path):
+def test_shared_index_keys_train_one_key_map_per_kv_group(tiny, tmp_path, capsys):
     """--share-index-keys: retrieval heads of one layer reading one KV head train one w_k (exported equal in the
     per-head layout; their w_q stay their own), heads of other groups keep theirs; without it the same heads'
     w_k differ. The loss still falls."""
@@ -152,6 +152,9 @@ def test_shared_index_keys_train_one_key_map_per_kv_group(tiny, tmp_path):
     run(parse_args(args("own")))
     own = np.asarray(load_indexer(str(tmp_path / "own" / "indexer"), CFG)["w_k"])
     assert not np.allclose(own[1, 2], own[1, 3])
+    capsys.readouterr()
+    assert main(args("own", "--resume", "--share-index-keys")) == 2  # a resume may not switch it
+    assert "--share-index-keys False -> True" in capsys.readouterr().err
 
 
 def test_shared_keys_pca_init_fits_one_basis_per_group():

@@ -125,7 +125,8 @@ CURVES = {"recall": "recall @ top-p", "selected_frac": "indexer blocks", "oracle
 
 # flags that define a run: a --resume must repeat them (others, like --log-every, may change)
 FINGERPRINT = ("model", "data", "seq_len", "length_mix", "batch", "steps", "lr", "warmup", "weight_decay", "grad_clip", "index_dim",
-               "init", "kv_block", "events", "loss_level", "loss_weight", "local_prior", "seed", "top_p")
+               "init", "kv_block", "events", "loss_level", "loss_weight", "local_prior", "seed", "top_p",
+               "share_index_keys")
 
 
 def prepare_model(c: DistillConfig):

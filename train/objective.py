@@ -251,7 +251,10 @@ def _init_maps(kind: str, heads: np.ndarray, cfg: ModelConfig, index_dim: int, k
         raise ValueError("pca init needs calibration activations")
     if groups is not None:  # one basis per key group: the top-I eigenvectors of the Gram matrix of every
         # member's q rows and the group's (shared) k rows — the right singular vectors of those rows stacked
-        gram = lambda x: jnp.einsum("rnh,rng->rhg", *(x.reshape(r, -1, h).astype(jnp.float32),) * 2, precision=_HI)
+        def gram(x):  # [R, H, H]
+            x = x.reshape(r, -1, h).astype(jnp.float32)
+            return jnp.einsum("rnh,rng->rhg", x, x, precision=_HI)
+
         g = jnp.asarray(groups)
         total = jax.ops.segment_sum(gram(calib_x["q_pre"]), g, num_segments=r)[g] + gram(calib_x["k_pre"])[g]
         w = jnp.linalg.eigh(total)[1][..., ::-1][..., :index_dim] * h ** -0.25
