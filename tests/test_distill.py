@@ -157,6 +157,25 @@ def test_shared_index_keys_train_one_key_map_per_kv_group(tiny, tmp_path, capsys
     assert "--share-index-keys False -> True" in capsys.readouterr().err
 
 
+def test_shared_index_keys_sharded_over_heads_give_the_same_loss(tiny, tmp_path):
+    """The summed key-map gradient across a KV group stays exact when the retrieval heads are split over the
+    mesh's model axis (4 heads over 2 shards, each group on one shard or across both)."""
+    from rtpurbo_jax.checkpoint import save_converted
+    from rtpurbo_jax.sparse_config import SparseConfig
+    from tests.test_calibrate import CFG, planted_params
+
+    roles = np.zeros((CFG.num_layers, CFG.num_heads), int)
+    # rows (1, 2), (2, 0), (2, 1), (2, 3): the group of (2, 0) and (2, 1) spans the two shards of 2 rows each
+    roles[[1, 2, 2, 2], [2, 0, 1, 3]] = 1
+    conv = save_converted(str(tmp_path / "conv"), planted_params(), CFG,
+                          sparse_config=SparseConfig(roles=roles, window=32, keep_recent=8).to_dict())
+    args = lambda d, mesh: flags(tiny, tmp_path / d, "--model", conv, "--steps", "3", "--share-index-keys",
+                                 "--mesh", mesh)
+    run(parse_args(args("one", "1,1")))
+    run(parse_args(args("eight", "4,2")))
+    assert_same_losses(tmp_path / "one", tmp_path / "eight", 3, rtol=1e-5)
+
+
 def test_shared_keys_pca_init_fits_one_basis_per_group():
     """With shared key maps the PCA init fits one basis per KV group (its heads' q rows and their k rows); a head
     alone in its group gets the per-head init's subspace, and every head of a group starts on the same map."""
