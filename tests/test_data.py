@@ -137,7 +137,7 @@ def test_source_mix_weights_each_window_by_its_own_source(tok, tmp_path):
     a '+' is still read as a file."""
     mix = load_windows("tasks+kjv", tok, 1024, 0)
     tasks, prose = load_windows("tasks", tok, 1024, 0), load_windows("kjv", tok, 1024, 0)
-    assert isinstance(mix, StepMix) and mix.marks_answers
+    assert isinstance(mix, StepMix) and mix.marks_answers and mix.names == ("tasks", "kjv")
     for step, (src, own) in enumerate([(tasks, 0), (prose, 0), (tasks, 1), (prose, 1)]):
         t, w = mix.example(step, 2)
         t_ref, w_ref = src.example(own, 2)

@@ -307,10 +307,11 @@ class StepMix:
     points at 1K and 4K where the oracle's top-p lost none. Measured since (README, 'Which training data finds the needle?'): on SmolLM2 the mix moved 1K up
     and 4K / 8K down by 3-4 points, within the seed spread — no effect shown, so it is not a default."""
 
-    def __init__(self, sources: list, lengths: tuple[int, ...]):
-        if len(sources) != len(lengths) or not sources:
-            raise ValueError("StepMix needs one window source per length")
+    def __init__(self, sources: list, lengths: tuple[int, ...], names: tuple[str, ...] = ()):
+        if len(sources) != len(lengths) or not sources or (names and len(names) != len(sources)):
+            raise ValueError("StepMix needs one window source per length (and per name, when named)")
         self.sources, self.lengths = list(sources), tuple(lengths)
+        self.names = tuple(names)  # `--data A+B`: each source's spec as given (() for stage 1's length mix)
 
     @property
     def marks_answers(self) -> bool:
@@ -353,7 +354,8 @@ def load_windows(source: str, tokenizer, seq_len: int, seed: int, events: float 
         parts = source.split("+")
         if any(not x or "+" in x for x in parts):
             raise ValueError(f"--data {source!r}: a mix is sources joined by '+', e.g. tasks+kjv")
-        return StepMix([load_windows(x, tokenizer, seq_len, seed, events) for x in parts], (seq_len,) * len(parts))
+        return StepMix([load_windows(x, tokenizer, seq_len, seed, events) for x in parts], (seq_len,) * len(parts),
+                       tuple(parts))
     if source.endswith(".npy"):
         if not os.path.exists(source):
             raise ValueError(f"--data {source} does not exist")

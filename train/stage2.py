@@ -304,7 +304,7 @@ def run(c: Stage2Config) -> dict:
     evaluated: dict = {}  # step -> its evaluation row, on every process (the last one is the summary's "after")
 
     # a mix (--data A+B): its held-out KL per source too, as kl@A / kl_all_rows@A (files by their base name)
-    sources = [os.path.basename(x) or x for x in c.data.split("+")] if isinstance(data, StepMix) else []
+    sources = [os.path.basename(x) or x for x in data.names] if isinstance(data, StepMix) else []
 
     def evaluate(step_no, state):
         rows = [metrics_j(state["params"], ix, *example(micro + j), *teacher(micro + j))
