@@ -38,22 +38,22 @@ indexers() {
     if [ ${#MODES[@]} -eq $n0 ]; then MODES+=(rtpurbo); else MODES+=(rtpurbo@$name); fi
   done
 }
-# suite LENGTH FLAGS...: the accuracy suite (5 NIAH tasks x 20 prompts) on $O/conv at LENGTH in the background,
-# into $O/run/acc_LENGTH.{json,png,log}; the caller waits.
-suite() {
-  local L=$1; shift
-  python -m benchmarks.accuracy --converted $O/conv --lengths $L --prompts 20 "$@" \
+# accuracy_suite CONVERTED OUT LENGTH FLAGS...: the accuracy suite (5 NIAH tasks x 20 prompts) on CONVERTED at
+# LENGTH in the background, into OUT.{json,png,log}; the caller waits ($!).
+accuracy_suite() {
+  local conv=$1 out=$2 L=$3; shift 3
+  python -m benchmarks.accuracy --converted $conv --lengths $L --prompts 20 "$@" \
     --tasks niah_single_noise niah_single_prose niah_multikey niah_multivalue niah_multiquery \
-    --out $O/run/acc_$L > $O/run/acc_$L.log 2>&1 &
+    --out $out > $out.log 2>&1 &
 }
-# stage2_suite CONVERTED NAME LENGTH MEM: the accuracy suite (5 NIAH tasks x 20 prompts, modes full and rtpurbo with
-# $O/run/stage1/indexer) on CONVERTED at LENGTH into $O/run/L<LENGTH>/NAME.{json,png,log} in the background, with
-# XLA_PYTHON_CLIENT_MEM_FRACTION=MEM (it shares the GPU); the caller waits ($!).
+# suite LENGTH FLAGS...: accuracy_suite on $O/conv into $O/run/acc_LENGTH.
+suite() { local L=$1; shift; accuracy_suite $O/conv $O/run/acc_$L $L "$@"; }
+# stage2_suite CONVERTED NAME LENGTH MEM: accuracy_suite with modes full and rtpurbo ($O/run/stage1/indexer) on
+# CONVERTED into $O/run/L<LENGTH>/NAME, with XLA_PYTHON_CLIENT_MEM_FRACTION=MEM (it shares the GPU).
 stage2_suite() {
   mkdir -p $O/run/L$3
-  XLA_PYTHON_CLIENT_MEM_FRACTION=$4 python -m benchmarks.accuracy --converted $1 --indexer $O/run/stage1/indexer \
-    --lengths $3 --prompts 20 --tasks niah_single_noise niah_single_prose niah_multikey niah_multivalue niah_multiquery \
-    --modes full rtpurbo --out $O/run/L$3/$2 > $O/run/L$3/$2.log 2>&1 &
+  XLA_PYTHON_CLIENT_MEM_FRACTION=$4 accuracy_suite $1 $O/run/L$3/$2 $3 --indexer $O/run/stage1/indexer \
+    --modes full rtpurbo
 }
 # stage2_before_after SEQ_LEN DATA: the suite "before" (stage2_suite at 16000 and 32000) beside stage 2 of $O/conv with
 # $O/run/stage1/indexer on SEQ_LEN-token windows of --data DATA (session 21's recipe: global batch 8, 40 steps, lr 3e-6,
