@@ -170,3 +170,21 @@ def logits_at(params: dict, x: jax.Array, cfg: ModelConfig, ids: jax.Array) -> j
         return jnp.einsum("...d,...kd->...k", x, rows, precision=_HI, preferred_element_type=jnp.float32)
     cols = jnp.take(params["lm_head"], ids, axis=1)  # [D, ..., k]
     return jnp.einsum("...d,d...k->...k", x, cols, precision=_HI, preferred_element_type=jnp.float32)
+
+
+def topk_from_hidden(params: dict, x: jax.Array, cfg: ModelConfig, k: int, rows: int = 2048):
+    """(ids int32 [B, T, k], logits fp32 [B, T, k]): the k largest logits, descending, of normed hidden states
+    x [B, T, D], `rows` positions at a time — never the whole fp32 [B, T, V] (at 32K positions of a 152K vocab
+    that is 20 GB before `top_k`'s own workspace). Equal to `jax.lax.top_k(logits_from_hidden(...), k)`."""
+    b, t, d = x.shape
+    rows = min(rows, t)
+    n = -(-t // rows)
+    xs = jnp.pad(x, ((0, 0), (0, n * rows - t), (0, 0))).reshape(b, n, rows, d).swapaxes(0, 1)
+
+    def one(xc):  # [B, rows, D]
+        vals, ids = jax.lax.top_k(logits_from_hidden(params, xc, cfg), k)
+        return ids.astype(jnp.int32), vals
+
+    ids, vals = jax.lax.map(one, xs)  # [n, B, rows, k]
+    unchunk = lambda a: a.swapaxes(0, 1).reshape(b, n * rows, k)[:, :t]
+    return unchunk(ids), unchunk(vals)

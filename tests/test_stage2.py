@@ -86,6 +86,39 @@ def test_dense_model_on_itself_has_zero_loss_and_gradient(tiny):
 
 
 @pytest.mark.parametrize("tie", [True, False])
+def test_chunked_topk_and_metrics_equal_those_of_the_full_logits(tiny, tie):
+    """The teacher's top-k and the held-out metrics from hidden states in row chunks (`topk_from_hidden`: the
+    chunk does not divide T, so the last is padded) equal those of the whole [B, T, V] logits, tied or untied."""
+    from rtpurbo_jax.checkpoint import load_converted
+    from rtpurbo_jax.model import logits_at, logits_from_hidden, topk_from_hidden
+    from train.teacher import top1_within_topk_at, topk_agreement_ids, topk_kl_at
+
+    cfg, conv, _, _, _ = tiny
+    params = load_converted(conv).params
+    if not tie:
+        cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
+        params = {**params, "lm_head": jax.random.normal(jax.random.key(7), params["embed"].T.shape) * 0.2}
+    toks = jnp.asarray(np.random.default_rng(4).integers(0, cfg.vocab_size, (2, 37)), jnp.int32)
+    hidden = apply(params, toks, cfg, return_hidden=True)
+    logits = logits_from_hidden(params, hidden, cfg)
+    ids, vals = teacher_topk(logits, 10)
+    c_ids, c_vals = jax.jit(lambda h: topk_from_hidden(params, h, cfg, 10, rows=8))(hidden)
+    assert c_ids.shape == (2, 37, 10) and c_ids.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(c_ids), np.asarray(ids))
+    np.testing.assert_allclose(np.asarray(c_vals), np.asarray(vals), rtol=1e-6, atol=1e-6)
+    other = jax.tree.map(lambda x: x * 1.1, params)  # a student that differs from the teacher
+    s_hidden = apply(other, toks, cfg, return_hidden=True)
+    s_logits, s_at = logits_from_hidden(other, s_hidden, cfg), logits_at(other, s_hidden, cfg, ids)
+    s_ids, _ = topk_from_hidden(other, s_hidden, cfg, 10, rows=16)
+    w = jnp.asarray(np.random.default_rng(5).random((2, 37)) < 0.5)
+    assert float(topk_agreement(s_logits, ids, w)) < 1.0  # the metrics below are not all trivially 1
+    for full, chunked in ((topk_kl(s_logits, ids, vals, w), topk_kl_at(s_at, vals, w)),
+                          (topk_agreement(s_logits, ids, w), topk_agreement_ids(s_ids, ids, w)),
+                          (top1_within_topk(s_logits, ids, w), top1_within_topk_at(s_at, w))):
+        assert float(chunked) == pytest.approx(float(full), rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("tie", [True, False])
 def test_step_loss_never_builds_vocab_logits_and_equals_the_full_one(tiny, tie):
     """The training step's eq. 7 from the student's logits at the teacher's ids (hidden states x the output
     embedding's k rows) equals it from the full [B, T, V] logits, value and gradient, tied or untied."""

@@ -47,12 +47,12 @@ from pallas_kernels.sparse_attention.api import DIFFERENTIABLE
 from rtpurbo_jax.checkpoint import load_converted, load_indexer, model_name, read_meta, save_converted
 from rtpurbo_jax.cli import run_cli
 from rtpurbo_jax.lm import apply
-from rtpurbo_jax.model import logits_at
+from rtpurbo_jax.model import logits_at, topk_from_hidden
 from rtpurbo_jax.model_config import ModelConfig
 from rtpurbo_jax.params import SHARDING_RULES, param_shardings
 from rtpurbo_jax.sparse_config import SparseConfig
 from train.data import Prefetch, StepMix, load_windows
-from train.teacher import TeacherCache, top1_within_topk, topk_agreement, topk_kl, topk_kl_at
+from train.teacher import TeacherCache, top1_within_topk_at, topk_agreement_ids, topk_kl_at
 from train.trainer import (RunFlags, check_fingerprint, config_from_argv, first_metrics_row,
                            init_distributed, log0, make_mesh, open_checkpoints, plot_curves, read_metrics, run_loop,
                            write_run_config)
@@ -195,8 +195,14 @@ def student_logits(params, tokens, cfg, sparse: SparseConfig, indexer: dict, rem
     kw = dict(mode="rtpurbo", sparse=sparse, indexer=indexer, remat=remat, attn_backend=attn_backend, mesh=mesh)
     if at is None:
         return apply(params, tokens, cfg, **kw)
-    hidden = apply(params, tokens, cfg, return_hidden=True, **kw)
-    return logits_at(params, hidden, cfg, at)
+    return logits_at(params, student_hidden(params, tokens, cfg, sparse, indexer, remat, attn_backend, mesh), cfg, at)
+
+
+def student_hidden(params, tokens, cfg, sparse: SparseConfig, indexer: dict, remat: bool = False,
+                   attn_backend: str = "xla", mesh=None):
+    """The student's final normed hidden states [B, T, D] (model dtype), as `student_logits` runs it."""
+    return apply(params, tokens, cfg, mode="rtpurbo", sparse=sparse, indexer=indexer, remat=remat,
+                 attn_backend=attn_backend, mesh=mesh, return_hidden=True)
 
 
 def build_step(cfg: ModelConfig, sparse: SparseConfig, tx, state_sh, tok_sh, ix_sh, remat: bool = True,
@@ -270,9 +276,10 @@ def run(c: Stage2Config) -> dict:
                           **({"processes": pcount} if pcount > 1 else {})})
     tokenizer = ckpt.tokenizer() if ckpt.has_tokenizer else None
     params = ckpt.params  # the student starts as the teacher: the same (sharded) arrays serve both
-    cache.build(micro + n_eval, lambda i: glob(host(i)[0]),
-                lambda t, p: apply(p, t, cfg, attn_backend=None, mesh=mesh), c.top_k, log=log0, args=(params,),
-                to_local=lambda x: multihost_utils.global_array_to_host_local_array(x, mesh, tok_sh.spec))
+    dense_hidden = lambda t, p: apply(p, t, cfg, attn_backend=None, mesh=mesh, return_hidden=True)
+    cache.build(micro + n_eval, lambda i: glob(host(i)[0]), None, c.top_k, log=log0, args=(params,),
+                to_local=lambda x: multihost_utils.global_array_to_host_local_array(x, mesh, tok_sh.spec),
+                topk_fn=lambda t, p: topk_from_hidden(p, dense_hidden(t, p), cfg, c.top_k))
     teacher = lambda i: tuple(glob(x) for x in cache.get(i))  # this process's rows of step i's teacher top-k
 
     dtypes = jax.tree.map(lambda x: x.dtype, params)  # the model's dtypes: the forward's and the export's
@@ -295,9 +302,11 @@ def run(c: Stage2Config) -> dict:
     step_j = build_step(cfg, sparse, tx, state_sh, tok_sh, rep, c.remat, backend, dtypes, mesh)
 
     def metrics(p, ix, t, w, i, lg):  # on the loss rows (answers, or all), and KL on every row beside it
-        s = student_logits(cast_like(p, dtypes), t, cfg, sparse, ix, attn_backend=backend, mesh=mesh)
-        return {"kl": topk_kl(s, i, lg, w), "topk_agreement": topk_agreement(s, i, w),
-                "top1_within_topk": top1_within_topk(s, i, w), "kl_all_rows": topk_kl(s, i, lg)}
+        p = cast_like(p, dtypes)  # from the hidden states, in row chunks: never the [B, T, V] logits
+        hidden = student_hidden(p, t, cfg, sparse, ix, attn_backend=backend, mesh=mesh)
+        s_at, (s_ids, _) = logits_at(p, hidden, cfg, i), topk_from_hidden(p, hidden, cfg, i.shape[-1])
+        return {"kl": topk_kl_at(s_at, lg, w), "topk_agreement": topk_agreement_ids(s_ids, i, w),
+                "top1_within_topk": top1_within_topk_at(s_at, w), "kl_all_rows": topk_kl_at(s_at, lg)}
 
     metrics_j = jax.jit(metrics)
 

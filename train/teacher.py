@@ -53,8 +53,12 @@ def topk_kl_at(student_at_ids, t_logits, mask=None):
 
 def topk_agreement(student_logits, t_ids, mask=None):
     """Mean fraction of the teacher's top-k ids [B, T, k] that are also in the student's top-k."""
-    k = t_ids.shape[-1]
-    _, s_ids = jax.lax.top_k(student_logits.astype(jnp.float32), k)
+    _, s_ids = jax.lax.top_k(student_logits.astype(jnp.float32), t_ids.shape[-1])
+    return topk_agreement_ids(s_ids, t_ids, mask)
+
+
+def topk_agreement_ids(s_ids, t_ids, mask=None):
+    """`topk_agreement` from the student's own top-k ids int [B, T, k] (`model.topk_from_hidden`)."""
     hit = (s_ids[..., :, None] == t_ids[..., None, :]).any(-2).mean(-1)  # [B, T]
     return _masked_mean(hit, mask)
 
@@ -63,8 +67,12 @@ def top1_within_topk(student_logits, t_ids, mask=None):
     """Mean over positions of: the student's best among the teacher's top-k ids [B, T, k] is the teacher's top-1
     (what eq. 7 constrains; the overlap `topk_agreement` also depends on logits outside the teacher's top-k,
     which the loss leaves free)."""
-    s = jnp.take_along_axis(student_logits.astype(jnp.float32), t_ids, axis=-1)
-    hit = (jnp.argmax(s, -1) == 0).astype(jnp.float32)  # teacher ids are in descending order
+    return top1_within_topk_at(jnp.take_along_axis(student_logits.astype(jnp.float32), t_ids, axis=-1), mask)
+
+
+def top1_within_topk_at(student_at_ids, mask=None):
+    """`top1_within_topk` from the student's logits at the teacher's (descending) top-k ids, [B, T, k]."""
+    hit = (jnp.argmax(student_at_ids, -1) == 0).astype(jnp.float32)
     return _masked_mean(hit, mask)
 
 
@@ -96,15 +104,17 @@ class TeacherCache:
         os.replace(tmp, path)
 
     def build(self, steps: int, batch_fn: Callable[[int], np.ndarray], logits_fn: Callable, k: int,
-              log=print, to_local: Callable = np.asarray, args: tuple = ()) -> int:
+              log=print, to_local: Callable = np.asarray, args: tuple = (), topk_fn: Callable | None = None) -> int:
         """Compute the missing shards. batch_fn(step) -> tokens int [B, T] (the global batch); logits_fn(tokens,
         *args) -> fp32 [B, T, V] (pass arrays such as params in `args`: a jit may not close over arrays spread
-        over several processes); to_local(x) -> this process's rows of a global result (all in one process).
-        Every process runs the teacher on the global batch and writes its own rows. Returns the bytes of this process's shards on disk."""
+        over several processes), or instead topk_fn(tokens, *args) -> (ids int32, logits fp32) [B, T, k] (stage 2:
+        `model.topk_from_hidden`, without the whole [B, T, V]); to_local(x) -> this process's rows of a global
+        result (all in one process). Every process runs the teacher on the global batch and writes its own rows.
+        Returns the bytes of this process's shards on disk."""
         from tqdm import tqdm
 
         self.check_meta()
-        topk = jax.jit(lambda t, *a: teacher_topk(logits_fn(t, *a), k))
+        topk = jax.jit(topk_fn or (lambda t, *a: teacher_topk(logits_fn(t, *a), k)))
         missing = [not os.path.exists(self._path(f)) for f in range(0, steps, self.per)]
         if jax.process_count() > 1:  # every process takes part in every teacher step: agree on what is missing
             from jax.experimental import multihost_utils
