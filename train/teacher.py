@@ -121,7 +121,7 @@ class TeacherCache:
 
             missing = np.asarray(multihost_utils.process_allgather(np.asarray(missing))).any(0).tolist()
         firsts = [f for f, m in zip(range(0, steps, self.per), missing) if m]
-        bar = tqdm(total=len(firsts) * self.per, desc="teacher top-k", disable=jax.process_index() != 0 or not firsts)
+        bar = tqdm(total=sum(min(self.per, steps - f) for f in firsts), desc="teacher top-k", disable=jax.process_index() != 0 or not firsts)
         for first in firsts:
             ids, vals = [], []
             for step in range(first, min(first + self.per, steps)):
