@@ -328,6 +328,61 @@ def test_decode_plan_from_a_layer_of_a_stacked_index_cache(backend):
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(w))
 
 
+@pytest.mark.parametrize("backend", ["triton", "xla", "reference"])
+def test_shared_key_slots_select_as_the_keys_repeated_per_head(backend):
+    """Index keys stored once per KV group (`key_slot`: K slots [B, S, K, I], head r reads slot key_slot[r]; groups
+    of 2, 1 and 3 heads, so the kernel pads a group to 4 queries) give the same decode plan, decode selection and
+    prefill selection as the same keys repeated into one row per head — in place from a stacked cache too."""
+    from pallas_kernels.indexer_topp.api import (decode_plan_select, decode_selection, expand_slots,
+                                                 prefill_selection)
+
+    rng = np.random.default_rng(5)
+    b, n, kh, kb, s = 2, 12, 3, 16, 400
+    retrieval, key_slot = (0, 1, 4, 8, 9, 10), (0, 0, 1, 2, 2, 2)
+    q = jnp.asarray(rng.normal(size=(b, len(retrieval), 16)) * 1.5, jnp.float32)
+    k = jnp.asarray(rng.normal(size=(3, b, s, 3, 16)), jnp.float32)  # 3 layers of 3 slots
+    kvl = jnp.asarray([s, 250])
+    kw = dict(retrieval=retrieval, num_kv_heads=kh, head_sinks=rng.integers(0, 9, n),
+              head_window=rng.integers(20, 200, n), top_p=0.9, kv_block=kb, sinks=4, keep_recent=10,
+              backend=backend, interpret=True)
+    want = decode_plan_select(q, expand_slots(k[1], key_slot), kvl, **kw)
+    for got in (decode_plan_select(q, k[1], kvl, key_slot=key_slot, **kw),
+                jax.jit(lambda q, k, kvl, layer: decode_plan_select(q, k, kvl, layer=layer, key_slot=key_slot, **kw))(
+                    q, k, kvl, jnp.int32(1))):
+        for a, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(w))
+    sk = dict(top_p=0.9, kv_block=kb, sinks=4, keep_recent=10, backend=backend, interpret=True)
+    np.testing.assert_array_equal(np.asarray(decode_selection(q, k[0], kvl, key_slot=key_slot, **sk)),
+                                  np.asarray(decode_selection(q, expand_slots(k[0], key_slot), kvl, **sk)))
+    qp = jnp.asarray(rng.normal(size=(b, 32, len(retrieval), 16)), jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(200, 232), (b, 32))
+    np.testing.assert_array_equal(
+        np.asarray(prefill_selection(qp, k[2], pos, kvl, tile=16, key_slot=key_slot, **sk)),
+        np.asarray(prefill_selection(qp, expand_slots(k[2], key_slot), pos, kvl, tile=16, **sk)))
+    with pytest.raises(ValueError, match="key_slot"):
+        decode_selection(q, k[0], kvl, key_slot=(0, 1, 2, 3, 0, 0), **sk)  # slot 3 of 3
+    with pytest.raises(ValueError, match="pass key_slot"):
+        decode_selection(q, k[0], kvl, **sk)
+
+
+def test_grouped_scoring_kernel_lowers_for_an_h100():
+    """The scoring kernel with grouped queries (one program per key slot scores its 4 heads) lowers through
+    Pallas' Triton lowering for an abstract H100, in place from a stack too."""
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+
+    from pallas_kernels.indexer_topp.triton import block_lse_triton
+
+    dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    for layers in (None, 3):
+        with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=dev)):
+            low = jax.jit(lambda q, k, kvl, layer: block_lse_triton(q, k, kvl, layer=layer, kv_block=64, bpp=8)).trace(
+                jax.ShapeDtypeStruct((2, 3, 4, 16), jnp.float32),
+                jax.ShapeDtypeStruct((layers or 1,) * (layers is not None) + (2, 2048 * 64, 3, 16), jnp.bfloat16),
+                jax.ShapeDtypeStruct((2,), jnp.int32),
+                None if layers is None else jax.ShapeDtypeStruct((), jnp.int32)).lower(lowering_platforms=("cuda",))
+        assert "rtpurbo_index_block_lse" in low.as_text()
+
+
 def test_decode_selection_kernels_lower_for_an_h100():
     """Both decode selection kernels lower through Pallas' Triton lowering for an abstract H100 (catches
     primitives the lowering lacks, which interpret mode does not), for bf16 index keys and float8 ones

@@ -53,12 +53,53 @@ def add_local_bias(lse, forced, local_bias):
     return lse + jnp.where(forced, local_bias[..., None], 0.0)
 
 
-def _block_lse(q_idx, k_idx, kv_len, kv_block: int, bpp: int, interpret: bool, layer=None):
+def check_key_slot(key_slot, num_heads: int, num_slots: int) -> None:
+    """Raise unless key_slot (None, or a static int per retrieval head) maps num_heads heads into num_slots slots."""
+    if key_slot is None:
+        if num_heads != num_slots:
+            raise ValueError(f"{num_heads} index queries but {num_slots} index-key slots: pass key_slot")
+        return
+    if len(key_slot) != num_heads or not all(0 <= j < num_slots for j in key_slot):
+        raise ValueError(f"key_slot must give each of the {num_heads} retrieval heads a slot in [0, {num_slots}), "
+                         f"got {tuple(key_slot)}")
+
+
+def expand_slots(k_idx, key_slot):
+    """Index keys [..., S, K, I] of K shared slots as one row per retrieval head [..., S, R, I] (a gather: a copy;
+    the reference / xla paths and prefill, where the copy is small next to the work). key_slot None: k_idx."""
+    return k_idx if key_slot is None else k_idx[..., jnp.asarray(key_slot, jnp.int32), :]
+
+
+def _grouped_queries(key_slot, num_slots: int):
+    """Static (idx int [K, Gp], slot int [R], rank int [R]): the queries of each key slot, padded to a power of two
+    Gp with index R (a zero query), and where each head's row lands in the [K, Gp] grid."""
+    import numpy as np
+
+    slot = np.asarray(key_slot, np.int64)
+    members = [np.flatnonzero(slot == j) for j in range(num_slots)]
+    gp = 1 << (max(1, max(len(m) for m in members)) - 1).bit_length()
+    idx = np.full((num_slots, gp), len(slot), np.int64)
+    rank = np.zeros(len(slot), np.int64)
+    for j, m in enumerate(members):
+        idx[j, :len(m)] = m
+        rank[m] = np.arange(len(m))
+    return idx, slot, rank
+
+
+def _block_lse(q_idx, k_idx, kv_len, kv_block: int, bpp: int, interpret: bool, layer=None, key_slot=None):
     """fp32 [B, R, Sb]: the fused scoring kernel's block log-sum-exps over the index keys k_idx [B, S, R, I]
     (or layer `layer` of a stack [L, B, S, R, I]), read in place. Blocks per program = the largest power of two
     <= bpp that divides Sb, so the keys need no padded copy (a copy of the whole index cache per decode step,
-    measured at 0.4 ms per 4 layers at 512K B=1 on an H200); only S not a multiple of kv_block pads."""
+    measured at 0.4 ms per 4 layers at 512K B=1 on an H200); only S not a multiple of kv_block pads. key_slot:
+    k_idx holds K shared slots [.., S, K, I] and head r reads slot key_slot[r]; the kernel then scores each slot's
+    heads together (grouped queries), reading each key once per slot."""
     from pallas_kernels.indexer_topp.triton import block_lse_triton
+
+    if key_slot is not None:
+        idx, slot, rank = _grouped_queries(key_slot, k_idx.shape[-2])
+        q_pad = jnp.concatenate([q_idx, jnp.zeros_like(q_idx[:, :1])], axis=1)  # row R: the padding query
+        lse = _block_lse(q_pad[:, jnp.asarray(idx)], k_idx, kv_len, kv_block, bpp, interpret, layer)
+        return lse[:, jnp.asarray(slot), jnp.asarray(rank)]  # [B, K, Gp, Sb] -> [B, R, Sb]
 
     s = k_idx.shape[-3]
     sb = cdiv(s, kv_block)
@@ -78,18 +119,22 @@ def _layer_of(k_idx, layer):
 
 def decode_selection(q_idx, k_idx, kv_len, *, top_p: float, kv_block: int, sinks: int = 0, keep_recent: int = 64,
                      max_blocks: int | None = None, backend: str | None = None, interpret: bool = False,
-                     bpp: int = 8, local_bias=None, layer=None):
+                     bpp: int = 8, local_bias=None, layer=None, key_slot=None):
     """bool [B, R, Sb]: each decode token's top-p blocks.
 
     q_idx fp32 [B, R, I] (the token at position kv_len - 1), k_idx [B, S, R, I], kv_len int [B]. local_bias fp32
     [B, R] or None: the local prior added to the forced blocks' log-mass (`reference` module docstring).
     layer: None, or int32 [] (may be traced): k_idx is a stacked index cache [L, B, S, R, I] scored at that
-    layer — in place by the triton kernel, through a slice (a copy) by the others.
+    layer — in place by the triton kernel, through a slice (a copy) by the others. key_slot: None, or a static
+    int per head: k_idx holds K shared slots [B, S, K, I] (`--share-index-keys`) and head r scores against slot
+    key_slot[r] (triton reads them in place; the others gather one row per head).
     """
     backend = _pick_backend(backend, top_p, interpret, "decode_selection")
+    check_key_slot(key_slot, q_idx.shape[1], k_idx.shape[-2])
     kv_len = jnp.asarray(kv_len, jnp.int32)
     if backend != "triton":
         k_idx, layer = _layer_of(k_idx, layer), None
+        k_idx, key_slot = expand_slots(k_idx, key_slot), None
     s = k_idx.shape[-3]
     if backend == "reference":
         return topp_selection_at(q_idx[:, None], k_idx, (kv_len - 1)[:, None], kv_len, top_p=top_p, tile=1,
@@ -101,7 +146,7 @@ def decode_selection(q_idx, k_idx, kv_len, *, top_p: float, kv_block: int, sinks
 
         lse = block_lse_xla(q_idx, k_idx, kv_len, kv_block)
     else:
-        lse = _block_lse(q_idx, k_idx, kv_len, kv_block, bpp, interpret, layer)
+        lse = _block_lse(q_idx, k_idx, kv_len, kv_block, bpp, interpret, layer, key_slot)
     forced = forced_blocks(kv_len - 1, kv_len - 1, sb, kv_block, sinks, keep_recent)[:, None]  # [B, 1, Sb]
     lse = add_local_bias(lse, forced, local_bias)
     tot = jax.nn.logsumexp(lse, axis=-1, keepdims=True)
@@ -115,8 +160,9 @@ def decode_selection(q_idx, k_idx, kv_len, *, top_p: float, kv_block: int, sinks
 
 def prefill_selection(q_idx, k_idx, q_pos, kv_len, *, tile: int, top_p: float, kv_block: int, sinks: int = 0,
                       keep_recent: int = 64, max_blocks: int | None = None, local_bias=None,
-                      backend: str | None = None, interpret: bool = False):
+                      backend: str | None = None, interpret: bool = False, key_slot=None):
     """bool [B, R, C / tile, Sb]: the top-p key blocks of each tile of `tile` query rows (indexer-mode prefill).
+    key_slot: as in `decode_selection` (here every backend gathers one row of keys per head first).
 
     q_idx fp32 [B, C, R, I] (C a multiple of tile), k_idx [B, S, R, I], q_pos int [B, C] (-1: padding row),
     kv_len int [B], local_bias fp32 [B, C, R] or None. backend "reference": `reference.topp_selection_at` (token
@@ -125,6 +171,8 @@ def prefill_selection(q_idx, k_idx, q_pos, kv_len, *, tile: int, top_p: float, k
     registers), then the sort-free top-p. With `max_blocks` the sort-based selection runs on the masses.
     """
     backend = _pick_backend(backend, top_p, interpret, "prefill_selection")
+    check_key_slot(key_slot, q_idx.shape[2], k_idx.shape[-2])
+    k_idx = expand_slots(k_idx, key_slot)
     kv_len = jnp.asarray(kv_len, jnp.int32)
     opts = dict(tile=tile, kv_block=kv_block, sinks=sinks, keep_recent=keep_recent)
     if backend == "reference":  # the XLA paths score in fp32; the kernel reads the keys as stored
@@ -157,7 +205,8 @@ def prefill_selection(q_idx, k_idx, q_pos, kv_len, *, tile: int, top_p: float, k
 def decode_plan_select(q_idx, k_idx, kv_len, *, retrieval: tuple[int, ...], num_kv_heads: int, head_sinks,
                        head_window, top_p: float, kv_block: int, sinks: int = 0, keep_recent: int = 64,
                        dense=None, max_blocks: int | None = None, backend: str | None = None,
-                       interpret: bool = False, bpp: int = 8, local_bias=None, active=None, layer=None):
+                       interpret: bool = False, bpp: int = 8, local_bias=None, active=None, layer=None,
+                       key_slot=None):
     """The DecodePlan of one decode step for N query heads (G = N / num_kv_heads per group), from index keys.
 
     q_idx fp32 [B, R, I] and k_idx [B, S, R, I]: the R retrieval heads, which sit at rows `retrieval` (static)
@@ -170,6 +219,7 @@ def decode_plan_select(q_idx, k_idx, kv_len, *, retrieval: tuple[int, ...], num_
     the sort-free top-p and packing kernels (`plan_triton.py`) — three launches from index keys to the plan. With
     `max_blocks` (a per-head cap the kernel does not implement) triton scores and XLA selects and packs.
     layer: None, or int32 [] (may be traced): k_idx is a stacked index cache [L, B, S, R, I] (`decode_selection`).
+    key_slot: None, or a static int per retrieval head — k_idx holds shared key slots (`decode_selection`).
     """
     from pallas_kernels.sparse_decode.plan import DecodePlan, decode_plan
 
@@ -186,7 +236,7 @@ def decode_plan_select(q_idx, k_idx, kv_len, *, retrieval: tuple[int, ...], num_
         sel_r = decode_selection(q_idx, k_idx, kv_len, top_p=top_p, kv_block=kv_block, sinks=sinks,
                                  keep_recent=keep_recent, max_blocks=max_blocks, backend=backend,
                                  interpret=interpret, bpp=bpp, local_bias=local_bias,
-                                 layer=layer) | dense[:, None, None]
+                                 layer=layer, key_slot=key_slot) | dense[:, None, None]
         q_pos = (kv_len - 1)[:, None]
         causal = band_blocks(q_pos, q_pos, sb, kv_block, 0, FULL_WINDOW)  # [B, 1, Sb]
         band = band_blocks(q_pos, q_pos, sb, kv_block, plan_sinks, plan_window)  # [B, N, Sb]
@@ -197,7 +247,8 @@ def decode_plan_select(q_idx, k_idx, kv_len, *, retrieval: tuple[int, ...], num_
     from pallas_kernels.indexer_topp.plan_triton import decode_plan_triton
 
     sbp = 1 << (sb - 1).bit_length()
-    lse = _block_lse(q_idx, k_idx, kv_len, kv_block, bpp, interpret, layer)
+    check_key_slot(key_slot, q_idx.shape[1], k_idx.shape[-2])
+    lse = _block_lse(q_idx, k_idx, kv_len, kv_block, bpp, interpret, layer, key_slot)
     lse = jnp.pad(lse, ((0, 0), (0, 0), (0, sbp - sb)), constant_values=-jnp.inf)  # [B, R, Sbp]
     lse = add_local_bias(lse, forced_blocks(kv_len - 1, kv_len - 1, sbp, kv_block, sinks, keep_recent)[:, None],
                          local_bias)

@@ -9,6 +9,9 @@ positions at or past kv_len, and writes each block's log-sum-exp. Only [B, R, Sb
 Layout: k_idx [B, S, R, I] used in place through a free reshape to [B, Sb, kv_block, R, I]; S a multiple of
 kv_block · bpp (the api pads with positions past kv_len). With `layer` (a stacked index cache [L, B, S, R, I],
 int32 [] traced) the programs read layer `layer` of the stack in place (no copy of a scanned layer's slice).
+Grouped queries, q_idx [B, K, G, I] against K key slots k_idx [B, S, K, I] (index keys shared by the G retrieval
+heads of a KV group, `--share-index-keys`): one program per (sequence, slot, span) scores all G queries against
+the span's keys, so each key is read once per slot instead of once per head.
 """
 
 from __future__ import annotations
@@ -30,15 +33,18 @@ def _kernel(*refs, kv_block, bpp, stacked):
     else:
         kvlen_ref, q_ref, k_ref, lse_ref = refs
         k = k_ref[...]
-    q = q_ref[...].astype(jnp.float32)  # [I]
+    q = q_ref[...].astype(jnp.float32)  # [I], or [G, I] grouped
     k = k.astype(jnp.float32)  # [bpp, bk, I]
-    s = (k * q[None, None, :]).sum(axis=-1)  # [bpp, bk]
     pos = (p * bpp + lax.broadcasted_iota(jnp.int32, (bpp, kv_block), 0)) * kv_block + \
         lax.broadcasted_iota(jnp.int32, (bpp, kv_block), 1)
     vis = pos < kvlen_ref[b]
+    if q.ndim == 2:  # the G queries of one key slot: [G, bpp, bk]
+        s, vis = (k[None] * q[:, None, None, :]).sum(axis=-1), vis[None]
+    else:
+        s = (k * q[None, None, :]).sum(axis=-1)  # [bpp, bk]
     s = jnp.where(vis, s, -1e30)
     m = s.max(axis=-1)
-    l = jnp.where(vis, jnp.exp(s - m[:, None]), 0.0).sum(axis=-1)
+    l = jnp.where(vis, jnp.exp(s - m[..., None]), 0.0).sum(axis=-1)
     lse_ref[...] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
 
 
@@ -46,9 +52,12 @@ def _kernel(*refs, kv_block, bpp, stacked):
 def block_lse_triton(q_idx, k_idx, kv_len, *, layer=None, kv_block: int, bpp: int = 8, num_warps: int = 4,
                      interpret: bool = False):
     """q_idx [B, R, I], k_idx [B, S, R, I] (S a multiple of kv_block · bpp), kv_len int [B] ->
-    block log-sum-exp fp32 [B, R, Sb] (-inf for blocks with no visible key). layer: None, or int32 [] — then
-    k_idx is a stack [L, B, S, R, I] read at that layer in place."""
-    b, r, i = q_idx.shape
+    block log-sum-exp fp32 [B, R, Sb] (-inf for blocks with no visible key). Grouped: q_idx [B, K, G, I] (G a power
+    of two) against k_idx [B, S, K, I] -> [B, K, G, Sb]. layer: None, or int32 [] — then k_idx is a stack
+    [L, B, S, K, I] read at that layer in place."""
+    grouped = q_idx.ndim == 4
+    b, r, i = q_idx.shape[0], q_idx.shape[1], q_idx.shape[-1]
+    gq = q_idx.shape[2] if grouped else None
     s = k_idx.shape[-3]
     if s % (kv_block * bpp):
         raise ValueError(f"S={s} must be a multiple of kv_block * bpp = {kv_block * bpp} (the api pads)")
@@ -64,9 +73,11 @@ def block_lse_triton(q_idx, k_idx, kv_len, *, layer=None, kv_block: int, bpp: in
     return pl.pallas_call(
         functools.partial(_kernel, kv_block=kv_block, bpp=bpp, stacked=layer is not None), grid=(b, r, sb // bpp),
         in_specs=[pl.BlockSpec(x.shape, lambda *_: (0,)) for x in args[:-2]] + [
+                  pl.BlockSpec((None, None, gq, i), lambda bi, ri, pi: (bi, ri, 0, 0)) if grouped else
                   pl.BlockSpec((None, None, i), lambda bi, ri, pi: (bi, ri, 0)), k_spec],
-        out_specs=pl.BlockSpec((None, None, bpp), lambda bi, ri, pi: (bi, ri, pi)),
-        out_shape=jax.ShapeDtypeStruct((b, r, sb), jnp.float32),
+        out_specs=pl.BlockSpec((None, None, gq, bpp), lambda bi, ri, pi: (bi, ri, 0, pi)) if grouped else
+        pl.BlockSpec((None, None, bpp), lambda bi, ri, pi: (bi, ri, pi)),
+        out_shape=jax.ShapeDtypeStruct((b, r, gq, sb) if grouped else (b, r, sb), jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=2),
         interpret=interpret, name="rtpurbo_index_block_lse",
     )(*args)
