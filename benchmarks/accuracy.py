@@ -48,6 +48,7 @@ import numpy as np
 from benchmarks.output import write_json
 from rtpurbo_jax.evals.decoding import run_batch
 from rtpurbo_jax.evals.tasks import NIAH_TASKS, TASKS, Builder, make_prompt, max_new_tokens, score
+from rtpurbo_jax.indexer import unshared_key_groups
 from rtpurbo_jax.serving import check_indexer
 from rtpurbo_jax.sparse_config import SparseConfig
 
@@ -91,6 +92,19 @@ def build_modes(shipped: SparseConfig, indexers: list[str] | dict[str, int], win
     modes = [dataclasses.replace(m, sparse=dataclasses.replace(m.sparse, index_dim=dims[m.indexer]))
              if m.sparse is not None and m.indexer in dims else m for m in modes]
     return [m for m in modes if only is None or m.name in only]
+
+
+def with_shared_index_keys(modes: list[Mode], indexers: dict[str, dict], roles: np.ndarray, num_kv_heads: int):
+    """`modes`, those whose indexer shares its key maps per KV group (`train.distill --share-index-keys`) and that
+    select with it serving from a cache of one index key per group (`SparseConfig.shared_index_keys`): the suite
+    measures what serving such an indexer costs, and the cache holds its real bytes."""
+    g = roles.shape[1] // num_kv_heads
+    grouped = (roles.reshape(roles.shape[0], num_kv_heads, g).sum(-1) > 1).any()
+    shared = {n for n, ix in indexers.items() if grouped and not unshared_key_groups(ix, roles, num_kv_heads)}
+    for n in sorted(shared):
+        print(f"[accuracy] indexer {n!r} shares its key maps per KV group: its modes store one index key per group")
+    return [dataclasses.replace(m, sparse=dataclasses.replace(m.sparse, shared_index_keys=True))
+            if m.indexer in shared and m.sparse is not None and m.sparse.selector == "indexer" else m for m in modes]
 
 
 def index_dims(indexers: dict[str, dict]) -> dict[str, int]:
@@ -412,7 +426,8 @@ def main(argv=None) -> int:
     for length in args.lengths:
         if length + 64 > cfg.max_position_embeddings:
             raise ValueError(f"--lengths {length} + generated tokens exceed the model's {cfg.max_position_embeddings}")
-    modes = build_modes(shipped, index_dims(indexers), args.windows, args.seed, args.modes)
+    modes = with_shared_index_keys(build_modes(shipped, index_dims(indexers), args.windows, args.seed, args.modes),
+                                   indexers, shipped.roles_array, cfg.num_kv_heads)
     device = jax.devices()[0].device_kind
     model = model_name(ckpt.meta, args.converted)
     print(f"[accuracy] {model} on {device}: {len(modes)} modes x {len(args.tasks)} tasks x {args.lengths}, "

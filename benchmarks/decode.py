@@ -64,6 +64,9 @@ def main(argv=None):
                    help="only the whole-layer rows (cuDNN dense, selection + attention), at these index dims")
     p.add_argument("--index-dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float8_e4m3fn"],
                    help="with --layer-only: the index keys' dtype(s) (SparseConfig.index_dtype)")
+    p.add_argument("--shared-index-keys", action="store_true",
+                   help="with --layer-only: 5 retrieval heads in 2 KV groups (4 + 1), their index keys stored per "
+                        "head and once per group (SparseConfig.shared_index_keys: 2 key slots)")
     p.add_argument("--tokens", type=int, default=0,
                    help="only time C query tokens per sequence in one call vs C one-token calls")
     add_overwrite(p)
@@ -92,7 +95,8 @@ def main(argv=None):
                 res["rows"].append({"S": s, "B": b, "variant": f"{impl} dense", "us": t_cudnn * 1e6})
                 for dim in args.layer_only or [16]:
                     for kdt in args.index_dtypes:
-                        layer_rows(res, q, k, v, s, b, t_cudnn, interp, dim, kdt)
+                        for shared in (False, True) if args.shared_index_keys else (None,):
+                            layer_rows(res, q, k, v, s, b, t_cudnn, interp, dim, kdt, shared)
                 continue
             q = jax.random.normal(kq[0], (b, N, H), jnp.bfloat16)
             k = jax.random.normal(kq[1], (b, s, K, H), jnp.bfloat16)
@@ -185,17 +189,22 @@ def histogram_overselection(qi, ki, s, b, bins: int = 256, span: float = 32.0) -
             "histogram_blocks": hist_n, "overselection": hist_n / exact - 1.0}
 
 
-def layer_rows(res, q, k, v, s, b, t_cudnn, interp, index_dim: int = 16, index_dtype: str = "bfloat16"):
+def layer_rows(res, q, k, v, s, b, t_cudnn, interp, index_dim: int = 16, index_dtype: str = "bfloat16",
+               shared: bool | None = None):
     """One whole layer's decode step: 5 of 32 heads retrieval (indexer top-p), the rest sinks 4 + window 8192 in
     the full cache; plan (both kernels) + sparse decode attention, against cuDNN dense decode. index_dtype: the
-    index keys' dtype (random keys drawn in bf16, then cast)."""
-    retrieval = (0, 7, 13, 22, 29)
+    index keys' dtype (random keys drawn in bf16, then cast). shared: None — the 5 heads on 5 KV heads; False /
+    True — on 2 KV heads (4 + 1), their keys stored per head / once per group (2 slots: `key_slot`)."""
+    retrieval = (0, 7, 13, 22, 29) if shared is None else (0, 1, 2, 3, 13)
+    key_slot = (0, 0, 0, 0, 1) if shared else None
     kq = jax.random.split(jax.random.key(s + 7 * b), 2)
     peak = 2.5 * (16 / index_dim) ** 0.5  # the same score spread (a real top-p choice) at any index_dim
     qi = peak * jax.random.normal(kq[0], (b, len(retrieval), index_dim), jnp.float32)
-    ki = jax.random.normal(kq[1], (b, s, len(retrieval), index_dim), jnp.bfloat16).astype(index_dtype)
+    ki = jax.random.normal(kq[1], (b, s, 2 if shared else len(retrieval), index_dim), jnp.bfloat16).astype(index_dtype)
     kw = dict(retrieval=retrieval, num_kv_heads=K, head_sinks=[4] * N, head_window=[8192] * N, top_p=0.9,
-              kv_block=KB, sinks=4, keep_recent=64, interpret=interp)
+              kv_block=KB, sinks=4, keep_recent=64, interpret=interp, key_slot=key_slot)
+    tag = {None: {}, False: {"index_keys": "per head, 5 heads on 2 KV heads"},
+           True: {"index_keys": "per KV group (2 slots), 5 heads on 2 KV heads"}}[shared]
     for sel_backend in ("reference", "triton"):
         def step(q, k, v, qi, ki, sel_backend=sel_backend):
             plan = decode_plan_select(qi, ki, jnp.full((b,), s), backend=sel_backend, **kw)
@@ -207,7 +216,7 @@ def layer_rows(res, q, k, v, s, b, t_cudnn, interp, index_dim: int = 16, index_d
         ref, _ = sparse_decode_attention(q, k, v, plan, backend="reference")
         err = float(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)).max())
         t = bench(f, q, k, v, qi, ki)
-        row = {"S": s, "B": b, "index_dim": index_dim, "index_dtype": index_dtype,
+        row = {"S": s, "B": b, "index_dim": index_dim, "index_dtype": index_dtype, **tag,
                "variant": f"layer: {sel_backend} selection + sparse decode (5 retrieval heads)",
                "us": t * 1e6, "speedup_vs_cudnn": t_cudnn / t, "union_frac": float(np.asarray(plan.counts).mean()
                                                                                    / cdiv(s, KB)),
@@ -218,7 +227,7 @@ def layer_rows(res, q, k, v, s, b, t_cudnn, interp, index_dim: int = 16, index_d
     t_att = bench(att, q, k, v, plan)
     sel = jax.jit(lambda qi, ki: decode_plan_select(qi, ki, jnp.full((b,), s), backend="triton", **kw))
     t_sel = bench(sel, qi, ki)
-    row = {"S": s, "B": b, "index_dim": index_dim, "index_dtype": index_dtype,
+    row = {"S": s, "B": b, "index_dim": index_dim, "index_dtype": index_dtype, **tag,
            "variant": "layer: sparse decode attention only (same plan)",
            "us": t_att * 1e6,
            "speedup_vs_cudnn": t_cudnn / t_att, "selection_us": t_sel * 1e6, "selection_share": t_sel / t_att}

@@ -115,7 +115,7 @@ def selection_backend(op_backend: str | None, indexer: bool) -> str:
 
 
 def heads_attention(q, k, v, is_r, rows, sel, pos: Positions, sparse: SparseConfig | None, cfg: ModelConfig,
-                    call: AttentionCall, active=None, sel_heads=None, layer=None):
+                    call: AttentionCall, active=None, sel_heads=None, layer=None, key_slot=None):
     """Attention of N' query heads q [B, C, N', H] over keys k, v [B, S, K', H] holding every position, through
     one plan. is_r bool [N'] (static numpy, or traced with rows=None); rows: static positions of the heads whose
     selection inputs `sel` (from `selection_inputs`) holds, or None for all N'; sel None: retrieval heads dense;
@@ -123,6 +123,8 @@ def heads_attention(q, k, v, is_r, rows, sel, pos: Positions, sparse: SparseConf
     sel_heads: None, or int [R] (traced; prefill with rows=None) — the heads `sel` covers (repeats allowed).
     layer: None, or int32 [] (a decode step of a scanned layer): k, v and the index keys in `sel` are stacks
     [L, B, S, ...] read at that layer in place by the kernels (`sparse_decode_attention(layer=)`).
+    key_slot: None, or static int [R] — the index keys in `sel` are stored once per KV group (K slots,
+    `LayerLayout.key_slot`) and retrieval head r reads slot key_slot[r].
     Returns (out fp32 [B, C, N', H], blocks_frac fp32 [B] for a decode step with retrieval heads, else None)."""
     b, c = q.shape[:2]
     s, kh = k.shape[-3], k.shape[-2]
@@ -137,7 +139,8 @@ def heads_attention(q, k, v, is_r, rows, sel, pos: Positions, sparse: SparseConf
         plan = planner.decode_step_plan(np.asarray(is_r), None if q_sel is None else q_sel[:, 0], k_sel,
                                         None if bias is None else bias[:, 0], new_len, sinks, window, sparse,
                                         num_kv_heads=kh, num_keys=s, dense=dense, interpret=call.interpret,
-                                        selection_backend=selection, active=active, layer=layer)
+                                        selection_backend=selection, active=active, layer=layer,
+                                        key_slot=key_slot)
         out, _ = sparse_decode_attention(q[:, 0], k, v, plan, layer=layer, backend=call.decode_backend,
                                          interpret=call.interpret)
         return out[:, None].astype(jnp.float32), planner.visited_fraction(plan, rows or (), new_len, active)
@@ -147,7 +150,7 @@ def heads_attention(q, k, v, is_r, rows, sel, pos: Positions, sparse: SparseConf
     if sel is not None:
         sel_r = planner.retrieval_selection(*sel, pos.q_pos, pos.valid, new_len, sparse, tile=call.tile, dense=dense,
                                             backend=selection_backend(call.prefill_backend, indexer),
-                                            interpret=call.interpret)
+                                            interpret=call.interpret, key_slot=key_slot)
         if sel_heads is not None:  # back to all N' heads (a repeated head writes the same blocks twice)
             sel_r = jnp.zeros((b, q.shape[2]) + sel_r.shape[2:], bool).at[:, sel_heads].set(sel_r)
     plan = planner.chunk_plan(is_r, rows, sel_r, pos.q_pos[:, 0], c, s, new_len, sinks, window,
@@ -341,15 +344,17 @@ def new_rows(qkv: dict, ll: LayerLayout, ix: dict | None) -> dict:
     """The rows a call adds to one layer's cache, per buffer, in layout `ll` — the one definition both writers
     use (`cached_attention` into a layer's buffers, `layer_scan` into a stacked group): k_full, v_full
     [B, C, Kf, H] (the full KV heads), k_local, v_local [B, C, Kl, H] (the local ones; sinks or ring slots by
-    `local_slots`), k_index fp32 [B, C, R, I] (the retrieval heads' index keys, before the cache's dtype) — each
+    `local_slots`), k_index fp32 [B, C, R, I] (the retrieval heads' index keys, before the cache's dtype; [B, C, K, I],
+    one per KV group, when `ll.key_slot` is set) — each
     present when the layout has such heads. qkv: `model.project_qkv` of the new tokens in `ll`'s head order."""
     rows = {}
     for name, heads in (("full", ll.full_kv), ("local", ll.local_kv)):
         if heads:
             idx = jnp.asarray(heads)
             rows[f"k_{name}"], rows[f"v_{name}"] = qkv["k"][:, :, idx], qkv["v"][:, :, idx]
-    if ll.retrieval_q:
-        rows["k_index"] = ixr.project_keys(qkv["k_pre"][:, :, jnp.asarray(ll.retrieval_q) // ll.group], ix["w_k"])
+    if ll.retrieval_q:  # one index key per retrieval head, or per KV group when they share key maps
+        w_k = ix["w_k"] if ll.key_slot is None else ix["w_k"][np.asarray(ll.index_rows)]
+        rows["k_index"] = ixr.project_keys(qkv["k_pre"][:, :, jnp.asarray(ll.index_heads) // ll.group], w_k)
     return rows
 
 
@@ -400,7 +405,8 @@ def cached_attention(qkv: dict, lc: LayerCache, ll: LayerLayout, layout: CacheLa
                 sel = selection_inputs(qkv, k_full, ix, k_index, rq, kv_r, sparse)
         is_r = np.isin(np.asarray(qf), ll.retrieval_q)
         out, frac = heads_attention(qkv["q"][:, :, jnp.asarray(qf)], k_full, v_full, is_r, r_rows, sel, pos, sparse,
-                                    cfg, call, active, layer=layer)
+                                    cfg, call, active, layer=layer,
+                                    key_slot=ll.key_slot if sparse is not None and sparse.selector == "indexer" else None)
         outs.append(out)
         order += list(qf)
         lc = dataclasses.replace(lc, k_full=k_full, v_full=v_full, k_index=k_index)

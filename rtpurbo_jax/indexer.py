@@ -59,6 +59,20 @@ def check_indexer(indexer: dict, cfg: ModelConfig, index_dim: int) -> None:
             raise ValueError(f"indexer {name} is {tuple(indexer[name].shape)}, expected {spec.shape}")
 
 
+def unshared_key_groups(indexer: dict, roles: np.ndarray, num_kv_heads: int) -> list[tuple[int, int]]:
+    """(layer, KV head) pairs whose retrieval heads (roles bool [L, N]) hold different key maps w_k (a host read):
+    empty when the indexer shares its key maps per KV group (`train.distill --share-index-keys`), the condition for
+    `SparseConfig.shared_index_keys`."""
+    w_k = np.asarray(indexer["w_k"])
+    g = roles.shape[1] // num_kv_heads
+    out = []
+    for layer, kv in np.ndindex(roles.shape[0], num_kv_heads):
+        heads = kv * g + np.flatnonzero(roles[layer, kv * g:(kv + 1) * g])
+        if len(heads) > 1 and not all(np.array_equal(w_k[layer, heads[0]], w_k[layer, h]) for h in heads[1:]):
+            out.append((int(layer), int(kv)))
+    return out
+
+
 def rows(indexer: dict, layer, heads) -> dict:
     """One layer's rows for query heads `heads` (int array [R]): w_q, w_k [R, H, I] (+ w_local [R, H],
     b_local [R]). `layer` may be traced."""
@@ -122,4 +136,5 @@ def local_prior(q_pre, ix: dict):
 
 
 __all__ = ["check_indexer", "indexer_specs", "init_indexer", "local_prior", "project_keys", "project_queries",
+           "unshared_key_groups",
            "full_layout", "layer_rows", "rows", "store_keys"]

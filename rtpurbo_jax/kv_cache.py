@@ -53,19 +53,43 @@ class LayerLayout:
     local_kv: tuple[int, ...]  # KV heads with sinks + ring
     retrieval_q: tuple[int, ...]  # retrieval query heads (they keep index keys)
     group: int  # query heads per KV head
+    shared_keys: bool = False  # the retrieval heads of a KV head share one key map: one index key per KV head
+
+    @property
+    def index_heads(self) -> tuple[int, ...]:
+        """The query heads whose index keys the cache stores: every retrieval head, or with `shared_keys` the first
+        retrieval head of each full KV head that has any (its key map is the group's)."""
+        if not self.shared_keys:
+            return self.retrieval_q
+        return tuple(r for i, r in enumerate(self.retrieval_q)
+                     if i == 0 or self.retrieval_q[i - 1] // self.group != r // self.group)
+
+    @property
+    def index_rows(self) -> tuple[int, ...]:
+        """Where each of `index_heads` sits in `retrieval_q` (the indexer rows whose key maps make the keys)."""
+        return tuple(self.retrieval_q.index(h) for h in self.index_heads)
+
+    @property
+    def key_slot(self) -> tuple[int, ...] | None:
+        """None (one index key per retrieval head), or with `shared_keys` the slot of `index_heads` each retrieval
+        head reads (`pallas_kernels.indexer_topp.api`'s key_slot)."""
+        if not self.shared_keys:
+            return None
+        kv = [h // self.group for h in self.index_heads]
+        return tuple(kv.index(r // self.group) for r in self.retrieval_q)
 
     def q_heads(self, kv_heads: tuple[int, ...]) -> tuple[int, ...]:
         """Query heads served by `kv_heads`, in order."""
         return tuple(k * self.group + g for k in kv_heads for g in range(self.group))
 
     @classmethod
-    def from_roles(cls, roles: np.ndarray, num_kv_heads: int) -> "LayerLayout":
+    def from_roles(cls, roles: np.ndarray, num_kv_heads: int, shared_keys: bool = False) -> "LayerLayout":
         """The canonical layout of one layer from its roles bool [N] (see the module docstring)."""
         g = roles.shape[0] // num_kv_heads
         count = roles.reshape(num_kv_heads, g).sum(-1)
         full = sorted(np.flatnonzero(count > 0).tolist(), key=lambda k: (-count[k], k))
         retrieval = tuple(k * g + j for k in full for j in range(g) if roles[k * g + j])
-        return cls(tuple(full), tuple(np.flatnonzero(count == 0).tolist()), retrieval, g)
+        return cls(tuple(full), tuple(np.flatnonzero(count == 0).tolist()), retrieval, g, shared_keys)
 
     @property
     def split(self) -> tuple:
@@ -156,7 +180,12 @@ class CacheLayout:
             layers = tuple(LayerLayout(tuple(range(cfg.num_kv_heads)), (), (), g) for _ in range(cfg.num_layers))
             return cls(layers, max_len, 0, 0, max_len, 0, scan)
         sparse.check_model(cfg.num_layers, cfg.num_heads, cfg.num_kv_heads)
-        layers = tuple(LayerLayout.from_roles(r, cfg.num_kv_heads) for r in sparse.roles_array)
+        if sparse.shared_index_keys and scan:
+            raise ValueError("shared_index_keys (one index key per KV group) is not supported with scanned layers "
+                             "yet: use scan=False, or shared_index_keys=False (the shared key maps then fill one "
+                             "row per head)")
+        layers = tuple(LayerLayout.from_roles(r, cfg.num_kv_heads, sparse.shared_index_keys)
+                       for r in sparse.roles_array)
         sinks = min(sparse.sinks, max_len)
         return cls(layers, max_len, sinks, min(sparse.local_span, max_len - sinks), sparse.window,
                    sparse.index_dim, scan)
@@ -168,7 +197,8 @@ class LayerCache:
     """One layer's arrays (any of them may have a zero-sized head axis).
 
     k_full, v_full: [B, S, Kf, H]; k_sink, v_sink: [B, sinks, Kl, H]; k_ring, v_ring: [B, ring, Kl, H];
-    k_index: [B, S, R, I] (the cache dtype, or `SparseConfig.index_dtype`).
+    k_index: [B, S, R, I] (the cache dtype, or `SparseConfig.index_dtype`); [B, S, K, I] with one slot per KV group
+    when the layout's `shared_keys` (`LayerLayout.key_slot`).
     """
 
     k_full: jax.Array
@@ -217,7 +247,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, sparse: SparseConfig 
             k_full=z(max_len, len(ll.full_kv), h), v_full=z(max_len, len(ll.full_kv), h),
             k_sink=z(layout.sinks, len(ll.local_kv), h), v_sink=z(layout.sinks, len(ll.local_kv), h),
             k_ring=z(layout.ring, len(ll.local_kv), h), v_ring=z(layout.ring, len(ll.local_kv), h),
-            k_index=jnp.zeros(((len(ids),) if scan else ()) + (batch, max_len, len(ll.retrieval_q), layout.index_dim),
+            k_index=jnp.zeros(((len(ids),) if scan else ()) + (batch, max_len, len(ll.index_heads), layout.index_dim),
                               index_dtype or dtype)))
     return HybridCache(tuple(layers), jnp.zeros((batch,), jnp.int32), layout)
 
@@ -244,7 +274,7 @@ def formula_bytes(cfg: ModelConfig, sparse: SparseConfig, max_len: int, batch: i
     ib = None if sparse.index_dtype is None else jnp.dtype(sparse.index_dtype).itemsize
     out = kv_cache_bytes(sparse.roles_array, cfg.num_kv_heads, cfg.head_dim, max_len, sinks=sparse.sinks,
                          window=sparse.local_span, index_dim=sparse.index_dim, bytes_per_elem=bytes_per_elem,
-                         index_bytes_per_elem=ib)
+                         index_bytes_per_elem=ib, shared_index_keys=sparse.shared_index_keys)
     return {k: v * batch if k in ("dense", "rtpurbo", "kv", "index_keys") else v for k, v in out.items()}
 
 

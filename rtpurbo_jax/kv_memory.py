@@ -11,8 +11,10 @@ import numpy as np
 
 
 def kv_cache_bytes(roles, num_kv_heads: int, head_dim: int, seq_len: int, *, sinks: int, window: int,
-                   index_dim: int = 16, bytes_per_elem: int = 2, index_bytes_per_elem: int | None = None) -> dict:
-    """dict(dense, rtpurbo, kv, index_keys, ratio, full_kv_heads) for roles bool [L, N] at seq_len tokens."""
+                   index_dim: int = 16, bytes_per_elem: int = 2, index_bytes_per_elem: int | None = None,
+                   shared_index_keys: bool = False) -> dict:
+    """dict(dense, rtpurbo, kv, index_keys, ratio, full_kv_heads) for roles bool [L, N] at seq_len tokens.
+    shared_index_keys: one index key per full KV head instead of one per retrieval head."""
     roles = np.asarray(roles, bool)
     L, N = roles.shape
     g = N // num_kv_heads
@@ -22,7 +24,7 @@ def kv_cache_bytes(roles, num_kv_heads: int, head_dim: int, seq_len: int, *, sin
     local_len = min(seq_len, sinks + window)
     kv = int(full_kv.sum()) * seq_len * per_token + int((~full_kv).sum()) * local_len * per_token
     ib = bytes_per_elem if index_bytes_per_elem is None else index_bytes_per_elem
-    index = int(roles.sum()) * seq_len * index_dim * ib
+    index = int(full_kv.sum() if shared_index_keys else roles.sum()) * seq_len * index_dim * ib
     total = kv + index
     return {"dense": dense, "rtpurbo": total, "kv": kv, "index_keys": index, "ratio": total / dense,
             "full_kv_heads": int(full_kv.sum()), "kv_heads": L * num_kv_heads}

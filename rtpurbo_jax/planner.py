@@ -54,12 +54,13 @@ def local_band(sparse: SparseConfig | None, cfg: ModelConfig, dense) -> tuple[ja
 
 
 def retrieval_selection(q_sel, k_sel, bias, q_pos, valid, kv_len, sparse: SparseConfig, *, tile: int, dense,
-                        backend: str = "reference", interpret: bool = False):
+                        backend: str = "reference", interpret: bool = False, key_slot=None):
     """bool [B, R, C / tile, Sb]: the key blocks each retrieval head's query tiles visit (top-p, or all when
     `dense`). q_sel fp32 [B, C, R, X], k_sel [B, S, R, X], bias fp32 [B, C, R] or None (`selection_inputs`);
     q_pos int [B, C]; valid bool [B, C]; kv_len int [B] keys written so far. A last partial tile is padded.
     backend: `pallas_kernels.indexer_topp.api.prefill_selection`'s ("triton": every tile's block masses in one
-    kernel; "xla": sort-free top-p; "reference": the definition)."""
+    kernel; "xla": sort-free top-p; "reference": the definition). key_slot: None, or static int [R] — k_sel holds
+    one key slot per KV group [B, S, K, X] (`prefill_selection`)."""
     pad = cdiv(q_pos.shape[1], tile) * tile - q_pos.shape[1]
     if pad:
         rows = lambda x, fill: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
@@ -67,7 +68,8 @@ def retrieval_selection(q_sel, k_sel, bias, q_pos, valid, kv_len, sparse: Sparse
         bias = None if bias is None else rows(bias, 0)
     sel = prefill_selection(q_sel, k_sel, jnp.where(valid, q_pos, -1), kv_len, tile=tile, top_p=sparse.top_p,
                             kv_block=sparse.kv_block, sinks=sparse.sinks, keep_recent=sparse.keep_recent,
-                            max_blocks=sparse.max_blocks, local_bias=bias, backend=backend, interpret=interpret)
+                            max_blocks=sparse.max_blocks, local_bias=bias, backend=backend, interpret=interpret,
+                            key_slot=key_slot)
     return sel | dense
 
 
@@ -125,14 +127,15 @@ def chunk_plan(is_r, rows, sel_r, q_start, num_rows: int, num_keys: int, kv_len,
 
 def decode_step_plan(is_r: np.ndarray, q_sel, k_sel, bias, kv_len, sinks, window, sparse: SparseConfig | None, *,
                      num_kv_heads: int, num_keys: int, dense, selection_backend: str = "reference",
-                     interpret: bool = False, active=None, layer=None) -> DecodePlan:
+                     interpret: bool = False, active=None, layer=None, key_slot=None) -> DecodePlan:
     """The DecodePlan of one decode token per sequence (at kv_len - 1) for N' heads of num_kv_heads groups.
 
     is_r: static bool [N']; q_sel fp32 [B, R, X] / k_sel [B, S, R, X] / bias fp32 [B, R] or None: the retrieval
     heads' selection inputs, or q_sel None when they run dense. selection_backend "triton": the fused scoring +
     sort-free top-p + packing kernels (`decode_plan_select`); "xla": the sort-free top-p in XLA (TPUs);
     "reference": exact sort-based selection. active: None or bool [R] (traced): as `merge_roles`. layer: None,
-    or int32 [] — k_sel is a stacked index cache [L, B, S, R, X] planned at that layer (`decode_plan_select`)."""
+    or int32 [] — k_sel is a stacked index cache [L, B, S, R, X] planned at that layer (`decode_plan_select`).
+    key_slot: None, or static int [R] — k_sel holds one key slot per KV group (`decode_plan_select`)."""
     kv_block = sparse.kv_block if sparse is not None else 64
     rows = tuple(int(i) for i in np.flatnonzero(is_r))
     n = len(is_r)
@@ -142,7 +145,7 @@ def decode_step_plan(is_r: np.ndarray, q_sel, k_sel, bias, kv_len, sinks, window
                                   top_p=sparse.top_p, kv_block=kv_block, sinks=sparse.sinks,
                                   keep_recent=sparse.keep_recent, dense=jnp.broadcast_to(dense, kv_len.shape),
                                   max_blocks=sparse.max_blocks, interpret=interpret, local_bias=bias,
-                                  backend=selection_backend, active=active, layer=layer)
+                                  backend=selection_backend, active=active, layer=layer, key_slot=key_slot)
     q_pos = kv_len - 1
     sb = cdiv(num_keys, kv_block)
     band = band_blocks(q_pos, q_pos, sb, kv_block, sinks, window)[:, None]  # [B, 1, Sb]

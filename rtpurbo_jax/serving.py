@@ -105,6 +105,13 @@ def check_indexer(cfg: ModelConfig, sparse: SparseConfig | None, indexer: dict |
                              "but no indexer weights were given (indexer={'w_q', 'w_k'} from train.distill)")
         return
     ixr.check_indexer(indexer, cfg, sparse.index_dim)
+    if sparse.shared_index_keys:
+        bad = ixr.unshared_key_groups(indexer, sparse.roles_array, cfg.num_kv_heads)
+        if bad:
+            raise ValueError(f"shared_index_keys=True stores one index key per KV group, but the indexer's key maps "
+                             f"differ between retrieval heads of one KV head at (layer, KV head) {bad[:4]}"
+                             f"{' ...' if len(bad) > 4 else ''}: train it with --share-index-keys, or set "
+                             "shared_index_keys=False")
 
 
 def _run_tokens(params, cache: HybridCache, tokens, pos: Positions, indexer, cfg: ModelConfig,

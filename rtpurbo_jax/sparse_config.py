@@ -40,6 +40,10 @@ class SparseConfig:
     # the dtype the cache stores index keys in (None: the cache's dtype). "float8_e4m3fn" halves the bytes decode
     # scoring reads (values saturate at +-448); an option until the accuracy suite has measured it
     index_dtype: str | None = None
+    # the indexer's key maps are shared by the retrieval heads of each KV head (`train.distill --share-index-keys`):
+    # the cache then stores one index key per (layer, KV head) instead of one per retrieval head, and decode scoring
+    # reads each once for the group (`serving.check_indexer` refuses an indexer whose key maps differ in a group)
+    shared_index_keys: bool = False
 
     def __post_init__(self):
         roles = tuple(tuple(int(r) for r in layer) for layer in self.roles)

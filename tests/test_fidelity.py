@@ -322,6 +322,26 @@ def test_each_indexer_runs_at_its_own_width():
     assert modes["full"].sparse is None
 
 
+def test_an_indexer_with_shared_key_maps_is_served_from_one_key_per_group():
+    """The suite's modes that select with an indexer sharing its key maps per KV group store one index key per group
+    (`SparseConfig.shared_index_keys`); an indexer with one map per head, and the oracle, do not."""
+    from benchmarks.accuracy import build_modes, index_dims, with_shared_index_keys
+    from rtpurbo_jax.sparse_config import SparseConfig
+
+    roles = np.zeros((2, 4), int)
+    roles[0, [0, 1]] = roles[1, 3] = 1  # 2 KV heads of 2 query heads: layer 0's group 0 has two retrieval heads
+    rng = np.random.default_rng(0)
+    own = {"w_q": rng.normal(size=(2, 4, 8, 4)), "w_k": rng.normal(size=(2, 4, 8, 4))}
+    shared = {**own, "w_k": own["w_k"].copy()}
+    shared["w_k"][0, 1] = shared["w_k"][0, 0]
+    ixs = {"own": own, "shared": shared}
+    shipped = SparseConfig(roles=roles.tolist(), seqlen_threshold=0, index_dim=4)
+    modes = {m.name: m for m in with_shared_index_keys(build_modes(shipped, index_dims(ixs), [], 0), ixs, roles, 2)}
+    assert modes["rtpurbo@shared"].sparse.shared_index_keys
+    assert not modes["rtpurbo"].sparse.shared_index_keys and not modes["oracle_topp"].sparse.shared_index_keys
+    assert modes["full"].sparse is None
+
+
 def test_paired_comparison_against_full_attention(tmp_path):
     """`paired`: per-prompt differences on the same prompts — mean, standard error, 95% interval, prompts that
     differ — over every task of the set, and the perplexity ratio; a mode lacking a task (or an older row

@@ -229,6 +229,60 @@ def test_float8_index_keys_are_stored_saturated_and_counted(model):
         sparse_cfg(index_dtype="int8")
 
 
+def shared_keys_indexer(ix, roles, num_kv_heads):
+    """`ix` with each KV group's retrieval heads on the key map of its first one (as --share-index-keys trains)."""
+    w_k = np.array(ix["w_k"])
+    g = roles.shape[1] // num_kv_heads
+    for layer, kv in np.ndindex(roles.shape[0], num_kv_heads):
+        heads = kv * g + np.flatnonzero(roles[layer, kv * g:(kv + 1) * g])
+        w_k[layer, heads] = w_k[layer, heads[:1]] if len(heads) else w_k[layer, heads]
+    return {**ix, "w_k": jnp.asarray(w_k)}
+
+
+def test_shared_index_keys_store_one_key_per_group_and_serve_the_same(model):
+    """SparseConfig.shared_index_keys: with an indexer whose key maps are shared per KV group, the cache stores one
+    index key per (layer, full KV head) — 3 -> 1 and 2 -> 1 slots here, bytes as the formula says — and prefill +
+    decode give the same logits as storing one per head; an indexer with different maps in a group, and scanned
+    layers, are refused."""
+    params, ix = model
+    roles = np.zeros((2, 8), int)
+    roles[0, [0, 1, 3]] = roles[1, [4, 5]] = 1  # layer 0: three heads of KV group 0; layer 1: two of group 1
+    shared_ix = shared_keys_indexer(ix, roles, CFG.num_kv_heads)
+    per_head, shared = sparse_cfg(roles=roles.tolist()), sparse_cfg(roles=roles.tolist(), shared_index_keys=True)
+    cache = init_cache(CFG, 2, 40, shared, jnp.float32)
+    assert [lc.k_index.shape[2] for lc in cache.layers] == [1, 1]
+    assert [lc.k_index.shape[2] for lc in init_cache(CFG, 2, 40, per_head, jnp.float32).layers] == [3, 2]
+    assert cache_bytes(cache)["hybrid"] == formula_bytes(CFG, shared, 40, batch=2, bytes_per_elem=4)["rtpurbo"]
+    toks = tokens(2, 36, seed=21)
+    want = run_prefill_decode(params, shared_ix, toks, 30, per_head, max_len=40, chunk=8)
+    got = run_prefill_decode(params, shared_ix, toks, 30, shared, max_len=40, chunk=8)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"key maps differ .*\(0, 0\)"):
+        prefill(params, cache, toks[:, :30], jnp.full((2,), 30), ix, cfg=CFG, sparse=shared, chunk=8)
+    with pytest.raises(ValueError, match="not supported with scanned layers"):
+        init_cache(CFG, 2, 40, shared, jnp.float32, scan=True)
+
+
+def test_shared_index_keys_decode_through_the_triton_selection_kernel(model1):
+    """A decode step's selection on shared index keys through the grouped Triton scoring kernel (interpret mode)
+    gives the logits of the reference path."""
+    params, ix = model1
+    roles = np.asarray(ROLES[1:2])
+    shared_ix = shared_keys_indexer(ix, roles, CFG1.num_kv_heads)
+    sp = sparse_cfg1(q_block=1, window=9, sinks=2, shared_index_keys=True)
+    toks = tokens(2, 34, seed=32)
+    want = run_prefill_decode(params, shared_ix, toks, 30, sp, max_len=48, chunk=8, cfg=CFG1)
+    cache = init_cache(CFG1, 2, 48, sp, jnp.float32)
+    lg, cache = prefill(params, cache, toks[:, :30], jnp.asarray([30, 30]), shared_ix, cfg=CFG1, sparse=sp, chunk=8)
+    got = [lg]
+    for i in range(30, 34):
+        lg, cache = decode_step(params, cache, toks[:, i], shared_ix, cfg=CFG1, sparse=sp, backend="triton",
+                                interpret=True)
+        got.append(lg)
+    assert cache.layers[0].k_index.shape[2] == 1
+    assert_logits_close(np.stack(got), want)
+
+
 def test_sampling_rules():
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 50)) * 3, jnp.float32)
     greedy = np.asarray(jnp.argmax(logits, -1))

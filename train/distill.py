@@ -264,7 +264,8 @@ def run(c: DistillConfig) -> dict:
     train0 = init_rows(c.init, heads, cfg, c.index_dim, jax.random.key(c.seed), calib_x,
                        local_prior=c.local_prior == "query", groups=groups)
     if groups is not None:
-        log0(f"[distill] --share-index-keys: {len(set(groups.tolist()))} key maps for {r} retrieval heads")
+        log0(f"[distill] --share-index-keys: {len(set(groups.tolist()))} key maps for {r} retrieval heads (serve "
+             "with SparseConfig(shared_index_keys=True): the cache then holds one index key per group)")
     opt0 = tx.init(train0)
     state_sh = {"params": train_sh, "opt_state": jax.tree.map(lambda _: rep, opt0)}
     state = jax.device_put({"params": train0, "opt_state": opt0}, state_sh)
