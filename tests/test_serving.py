@@ -349,6 +349,11 @@ def test_cache_bytes_llama8b_1m(granularity):
     print(f"\nLlama-3.1-8B @1M, 15% retrieval heads, {granularity} granularity: hybrid/dense = {got['ratio']:.3f} "
           f"({got['hybrid'] / 2**30:.1f} GiB of {got['dense'] / 2**30:.0f} GiB)")
     assert got["ratio"] < (0.7 if granularity == "query" else 0.2)
+    shared = dataclasses.replace(sp, shared_index_keys=True)  # one index key per full KV head
+    got_s = cache_bytes(jax.eval_shape(lambda: init_cache(cfg, 1, max_len, shared, jnp.bfloat16)))
+    assert got_s["hybrid"] == formula_bytes(cfg, shared, max_len)["rtpurbo"] and got_s["kv"] == got["kv"]
+    if granularity == "kv":  # every retrieval group has all 4 query heads: 4x fewer index-key bytes
+        assert got_s["index_keys"] * 4 == got["index_keys"]
 
 
 def test_sharded_decode_equals_single_device(model):
