@@ -101,7 +101,8 @@ class LayerLayout:
         """The layout every layer of this split shares once its heads are permuted by `perms`."""
         nf, nl, counts = self.split
         return LayerLayout(tuple(range(nf)), tuple(range(nf, nf + nl)),
-                           tuple(j * self.group + i for j, c in enumerate(counts) for i in range(c)), self.group)
+                           tuple(j * self.group + i for j, c in enumerate(counts) for i in range(c)), self.group,
+                           self.shared_keys)
 
     def padded(self) -> "LayerLayout":
         """The layout every layer of this layer's (full, local) KV counts shares with `scan="padded"`: the canonical
@@ -180,10 +181,10 @@ class CacheLayout:
             layers = tuple(LayerLayout(tuple(range(cfg.num_kv_heads)), (), (), g) for _ in range(cfg.num_layers))
             return cls(layers, max_len, 0, 0, max_len, 0, scan)
         sparse.check_model(cfg.num_layers, cfg.num_heads, cfg.num_kv_heads)
-        if sparse.shared_index_keys and scan:
-            raise ValueError("shared_index_keys (one index key per KV group) is not supported with scanned layers "
-                             "yet: use scan=False, or shared_index_keys=False (the shared key maps then fill one "
-                             "row per head)")
+        if sparse.shared_index_keys and scan == "padded":
+            raise ValueError("shared_index_keys (one index key per KV group) is not supported with scan='padded' "
+                             "yet (a padded slot's first head may be a local one): use scan=False or 'split', or "
+                             "shared_index_keys=False (the shared key maps then fill one row per head)")
         layers = tuple(LayerLayout.from_roles(r, cfg.num_kv_heads, sparse.shared_index_keys)
                        for r in sparse.roles_array)
         sinks = min(sparse.sinks, max_len)

@@ -80,6 +80,22 @@ def test_scanned_layers_match_unrolled(model, mode, chunk):
                      ca.layer(i), cb.layer(i))
 
 
+def test_split_scan_serves_shared_index_keys_like_the_unrolled_layers(model):
+    """shared_index_keys with layers scanned by split: one index key per full KV head in each stack (layer 2's group:
+    2 slots for its 3 retrieval heads), and the logits and blocks_frac of the unrolled layers."""
+    from tests.test_serving import shared_keys_indexer
+
+    params, ix = model
+    sp = sparse_cfg(shared_index_keys=True)
+    shared_ix = shared_keys_indexer(ix, ROLES, CFG4.num_kv_heads)
+    toks = jnp.asarray(np.random.default_rng(2).integers(0, CFG4.vocab_size, (2, 40)), jnp.int32)
+    lens = jnp.asarray([33, 30])
+    (a, fa, ca), (b, fb, cb) = (_serve(params, shared_ix, sp, scan, toks, lens, 8) for scan in (False, "split"))
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fb, fa, rtol=1e-6)
+    assert [lc.k_index.shape[-2] for lc in cb.layers] == [1, 2, 0] and cache_bytes(cb) == cache_bytes(ca)
+
+
 def test_generate_scan_layers(model):
     """generate with layers scanned (padded retrieval slots: the scan mode whose layout differs most from the
     unrolled one; split scans are pinned against unrolled prefill / decode above) gives the unrolled tokens."""
