@@ -1,7 +1,8 @@
 """`python -m benchmarks.teacher`: what stage 2's teacher cache costs per window, per full-attention backend.
 
-The teacher is `lm.apply(mode="full")` followed by the top-k of its logits (`train.teacher.teacher_topk`), one
-jitted call per training batch (`TeacherCache.build`). This times that call on a model shape with random bf16
+The teacher is `lm.apply(mode="full")`'s final hidden states followed by the top-k of their logits, 2048 rows at a
+time (`model.topk_from_hidden`: never the whole fp32 [B, T, V]), one jitted call per training batch
+(`TeacherCache.build`; `teacher_smollm2_8k_h200.json` timed the earlier whole-logits version). This times that call on a model shape with random bf16
 weights (speed does not depend on values) for each `--backends` entry of the block-sparse op ("reference": fp32
 scores of every pair; "none": the op's pick for the device — on Hopper the Mosaic GPU kernel, else Triton), and
 compares every backend's top-k with the first one's (fraction of positions whose top-1 id matches, of the k ids
@@ -26,9 +27,9 @@ import numpy as np
 
 from benchmarks.output import add_overwrite, claim, write_json
 from rtpurbo_jax.lm import apply
+from rtpurbo_jax.model import topk_from_hidden
 from rtpurbo_jax.model_config import QWEN25_05B, SMOLLM2_135M
 from rtpurbo_jax.params import init_params
-from train.teacher import teacher_topk
 
 MODELS = {"smollm2": SMOLLM2_135M, "qwen25_05b": QWEN25_05B}
 
@@ -89,7 +90,8 @@ def main(argv=None) -> int:
     rows, first = [], None
     for name in a.backends:
         backend = None if name == "none" else name
-        fn = jax.jit(lambda p_, t: teacher_topk(apply(p_, t, cfg, attn_backend=backend), a.top_k))
+        fn = jax.jit(lambda p_, t: topk_from_hidden(p_, apply(p_, t, cfg, attn_backend=backend, return_hidden=True),
+                                                    cfg, a.top_k))
         compile_s, s, (ids, vals) = time_call(fn, params, tokens, reps=a.reps)
         row = {"backend": name, "compile_and_first_s": round(compile_s, 3), "s_per_call": round(s, 4),
                "windows_per_s": round(a.batch / s, 3), "tokens_per_s": round(a.batch * a.seq_len / s, 1)}
