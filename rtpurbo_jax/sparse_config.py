@@ -42,7 +42,8 @@ class SparseConfig:
     index_dtype: str | None = None
     # the indexer's key maps are shared by the retrieval heads of each KV head (`train.distill --share-index-keys`):
     # the cache then stores one index key per (layer, KV head) instead of one per retrieval head, and decode scoring
-    # reads each once for the group (`serving.check_indexer` refuses an indexer whose key maps differ in a group)
+    # reads each once for the group (`serving.check_indexer` refuses an indexer whose key maps differ in a group);
+    # the full-sequence forward (`lm.apply`, training) projects keys per head as before: the same values
     shared_index_keys: bool = False
 
     def __post_init__(self):

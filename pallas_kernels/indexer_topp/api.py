@@ -15,6 +15,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.block_plan import FULL_WINDOW, band_blocks, cdiv
 from pallas_kernels.indexer_topp.reference import (forced_blocks, tile_bounds, tile_masses, topp_select,
@@ -73,8 +74,6 @@ def expand_slots(k_idx, key_slot):
 def _grouped_queries(key_slot, num_slots: int):
     """Static (idx int [K, Gp], slot int [R], rank int [R]): the queries of each key slot, padded to a power of two
     Gp with index R (a zero query), and where each head's row lands in the [K, Gp] grid."""
-    import numpy as np
-
     slot = np.asarray(key_slot, np.int64)
     members = [np.flatnonzero(slot == j) for j in range(num_slots)]
     gp = 1 << (max(1, max(len(m) for m in members)) - 1).bit_length()
