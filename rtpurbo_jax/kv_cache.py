@@ -110,7 +110,10 @@ class LayerLayout:
         if not self.retrieval_q:  # nothing to pad (a dense cache's layers, or only local KV heads)
             return self.canonical()
         nf, nl, _ = self.split
-        return LayerLayout(tuple(range(nf)), tuple(range(nf, nf + nl)), tuple(range(nf * self.group)), self.group)
+        # with shared_keys one index key per full KV head: its first slot's head, a retrieval head (`perms` puts
+        # them first), so the padded slots add no index keys
+        return LayerLayout(tuple(range(nf)), tuple(range(nf, nf + nl)), tuple(range(nf * self.group)), self.group,
+                           self.shared_keys)
 
     def active(self) -> np.ndarray:
         """bool [Kf * G]: which retrieval slots of `padded()` hold this layer's retrieval heads (the others are
@@ -181,10 +184,6 @@ class CacheLayout:
             layers = tuple(LayerLayout(tuple(range(cfg.num_kv_heads)), (), (), g) for _ in range(cfg.num_layers))
             return cls(layers, max_len, 0, 0, max_len, 0, scan)
         sparse.check_model(cfg.num_layers, cfg.num_heads, cfg.num_kv_heads)
-        if sparse.shared_index_keys and scan == "padded":
-            raise ValueError("shared_index_keys (one index key per KV group) is not supported with scan='padded' "
-                             "yet (a padded slot's first head may be a local one): use scan=False or 'split', or "
-                             "shared_index_keys=False (the shared key maps then fill one row per head)")
         layers = tuple(LayerLayout.from_roles(r, cfg.num_kv_heads, sparse.shared_index_keys)
                        for r in sparse.roles_array)
         sinks = min(sparse.sinks, max_len)
@@ -227,7 +226,7 @@ class HybridCache:
         if not self.layout.scan:
             return self.layers[g]
         lc = jax.tree.map(lambda a: a[j], self.layers[g])
-        if self.layout.padded:  # drop the phantom retrieval slots
+        if self.layout.padded and not self.layout.layers[i].shared_keys:  # drop the phantom retrieval slots
             lc = dataclasses.replace(lc, k_index=lc.k_index[:, :, np.flatnonzero(self.layout.layers[i].active())])
         return lc
 

@@ -242,8 +242,8 @@ def shared_keys_indexer(ix, roles, num_kv_heads):
 def test_shared_index_keys_store_one_key_per_group_and_serve_the_same(model):
     """SparseConfig.shared_index_keys: with an indexer whose key maps are shared per KV group, the cache stores one
     index key per (layer, full KV head) — 3 -> 1 and 2 -> 1 slots here, bytes as the formula says — and prefill +
-    decode give the same logits as storing one per head; an indexer with different maps in a group, and padded
-    scanned layers, are refused (split scans: tests/test_serving_scan.py)."""
+    decode give the same logits as storing one per head; an indexer with different maps in a group is refused
+    (scanned layers: tests/test_serving_scan.py)."""
     params, ix = model
     roles = np.zeros((2, 8), int)
     roles[0, [0, 1, 3]] = roles[1, [4, 5]] = 1  # layer 0: three heads of KV group 0; layer 1: two of group 1
@@ -259,8 +259,6 @@ def test_shared_index_keys_store_one_key_per_group_and_serve_the_same(model):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"key maps differ .*\(0, 0\)"):
         prefill(params, cache, toks[:, :30], jnp.full((2,), 30), ix, cfg=CFG, sparse=shared, chunk=8)
-    with pytest.raises(ValueError, match="not supported with scan='padded'"):
-        init_cache(CFG, 2, 40, shared, jnp.float32, scan="padded")
 
 
 def test_shared_index_keys_decode_through_the_triton_selection_kernel(model1):

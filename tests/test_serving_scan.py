@@ -80,20 +80,26 @@ def test_scanned_layers_match_unrolled(model, mode, chunk):
                      ca.layer(i), cb.layer(i))
 
 
-def test_split_scan_serves_shared_index_keys_like_the_unrolled_layers(model):
-    """shared_index_keys with layers scanned by split: one index key per full KV head in each stack (layer 2's group:
-    2 slots for its 3 retrieval heads), and the logits and blocks_frac of the unrolled layers."""
+@pytest.mark.parametrize("scan,slots", [("split", [1, 2, 0]), ("padded", [1, 2, 0])])
+def test_scans_serve_shared_index_keys_like_the_unrolled_layers(model, scan, slots):
+    """shared_index_keys with layers scanned: one index key per full KV head in each stack (layer 2's group: 2 slots
+    for its 3 retrieval heads; padded groups add no phantom keys), the logits and blocks_frac of the unrolled
+    layers, and every layer's buffers equal."""
     from tests.test_serving import shared_keys_indexer
 
     params, ix = model
-    sp = sparse_cfg(shared_index_keys=True)
-    shared_ix = shared_keys_indexer(ix, ROLES, CFG4.num_kv_heads)
+    roles = ROLES_P if scan == "padded" else ROLES
+    sp = sparse_cfg(roles=roles.tolist(), shared_index_keys=True)
+    shared_ix = shared_keys_indexer(ix, roles, CFG4.num_kv_heads)
     toks = jnp.asarray(np.random.default_rng(2).integers(0, CFG4.vocab_size, (2, 40)), jnp.int32)
     lens = jnp.asarray([33, 30])
-    (a, fa, ca), (b, fb, cb) = (_serve(params, shared_ix, sp, scan, toks, lens, 8) for scan in (False, "split"))
+    (a, fa, ca), (b, fb, cb) = (_serve(params, shared_ix, sp, s, toks, lens, 8) for s in (False, scan))
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(fb, fa, rtol=1e-6)
-    assert [lc.k_index.shape[-2] for lc in cb.layers] == [1, 2, 0] and cache_bytes(cb) == cache_bytes(ca)
+    assert [lc.k_index.shape[-2] for lc in cb.layers] == slots and cache_bytes(cb) == cache_bytes(ca)
+    for i in range(4):
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-5),
+                     ca.layer(i), cb.layer(i))
 
 
 def test_generate_scan_layers(model):
