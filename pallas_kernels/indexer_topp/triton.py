@@ -10,8 +10,8 @@ Layout: k_idx [B, S, R, I] used in place through a free reshape to [B, Sb, kv_bl
 kv_block · bpp (the api pads with positions past kv_len). With `layer` (a stacked index cache [L, B, S, R, I],
 int32 [] traced) the programs read layer `layer` of the stack in place (no copy of a scanned layer's slice).
 Grouped queries, q_idx [B, K, G, I] against K key slots k_idx [B, S, K, I] (index keys shared by the G retrieval
-heads of a KV group, `--share-index-keys`): one program per (sequence, slot, span) scores all G queries against
-the span's keys, so each key is read once per slot instead of once per head.
+heads of a KV group, `--share-index-keys`): one program per (sequence, slot, span) loads the span's keys once and
+scores the G queries against them one after another, so each key is read once per slot instead of once per head.
 """
 
 from __future__ import annotations
@@ -33,19 +33,22 @@ def _kernel(*refs, kv_block, bpp, stacked):
     else:
         kvlen_ref, q_ref, k_ref, lse_ref = refs
         k = k_ref[...]
-    q = q_ref[...].astype(jnp.float32)  # [I], or [G, I] grouped
     k = k.astype(jnp.float32)  # [bpp, bk, I]
     pos = (p * bpp + lax.broadcasted_iota(jnp.int32, (bpp, kv_block), 0)) * kv_block + \
         lax.broadcasted_iota(jnp.int32, (bpp, kv_block), 1)
     vis = pos < kvlen_ref[b]
-    if q.ndim == 2:  # the G queries of one key slot: [G, bpp, bk]
-        s, vis = (k[None] * q[:, None, None, :]).sum(axis=-1), vis[None]
+
+    def block_lse(q):  # q fp32 [I] -> [bpp]
+        s = jnp.where(vis, (k * q[None, None, :]).sum(axis=-1), -1e30)  # [bpp, bk]
+        m = s.max(axis=-1)
+        l = jnp.where(vis, jnp.exp(s - m[:, None]), 0.0).sum(axis=-1)
+        return jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+
+    if len(q_ref.shape) == 2:  # the G queries of one key slot, one after another over the keys loaded once (a
+        for g in range(q_ref.shape[0]):  # [G, bpp, bk, I] product would hold G times the registers)
+            lse_ref[g, :] = block_lse(q_ref[g, :].astype(jnp.float32))
     else:
-        s = (k * q[None, None, :]).sum(axis=-1)  # [bpp, bk]
-    s = jnp.where(vis, s, -1e30)
-    m = s.max(axis=-1)
-    l = jnp.where(vis, jnp.exp(s - m[..., None]), 0.0).sum(axis=-1)
-    lse_ref[...] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+        lse_ref[...] = block_lse(q_ref[...].astype(jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("kv_block", "bpp", "num_warps", "interpret"))
