@@ -126,13 +126,14 @@ def decode_selection(q_idx, k_idx, kv_len, *, top_p: float, kv_block: int, sinks
     layer: None, or int32 [] (may be traced): k_idx is a stacked index cache [L, B, S, R, I] scored at that
     layer — in place by the triton kernel, through a slice (a copy) by the others. key_slot: None, or a static
     int per head: k_idx holds K shared slots [B, S, K, I] (`--share-index-keys`) and head r scores against slot
-    key_slot[r] (triton reads them in place; the others gather one row per head).
+    key_slot[r] (triton and xla read them as stored; the reference gathers one row per head).
     """
     backend = _pick_backend(backend, top_p, interpret, "decode_selection")
     check_key_slot(key_slot, q_idx.shape[1], k_idx.shape[-2])
     kv_len = jnp.asarray(kv_len, jnp.int32)
     if backend != "triton":
         k_idx, layer = _layer_of(k_idx, layer), None
+    if backend == "reference":
         k_idx, key_slot = expand_slots(k_idx, key_slot), None
     s = k_idx.shape[-3]
     if backend == "reference":
@@ -143,7 +144,7 @@ def decode_selection(q_idx, k_idx, kv_len, *, top_p: float, kv_block: int, sinks
     if backend == "xla":
         from pallas_kernels.indexer_topp.xla import block_lse_xla
 
-        lse = block_lse_xla(q_idx, k_idx, kv_len, kv_block)
+        lse = block_lse_xla(q_idx, k_idx, kv_len, kv_block, key_slot)
     else:
         lse = _block_lse(q_idx, k_idx, kv_len, kv_block, bpp, interpret, layer, key_slot)
     forced = forced_blocks(kv_len - 1, kv_len - 1, sb, kv_block, sinks, keep_recent)[:, None]  # [B, 1, Sb]

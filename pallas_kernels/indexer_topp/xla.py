@@ -14,6 +14,7 @@ Scoring stays in XLA too: token scores q_idx · k_idx, per-block log-sum-exp (`r
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from pallas_kernels.indexer_topp.reference import block_stats
@@ -53,10 +54,17 @@ def topp_select_sortfree(mass, visible, forced, top_p: float):
     return forced | keep
 
 
-def block_lse_xla(q_idx, k_idx, kv_len, kv_block: int):
+def block_lse_xla(q_idx, k_idx, kv_len, kv_block: int, key_slot=None):
     """fp32 [B, R, Sb]: per-block log-sum-exp of the decode token's index scores (-inf where no key is visible).
 
-    q_idx fp32 [B, R, I], k_idx [B, S, R, I], kv_len int [B]."""
-    scores = jnp.einsum("bri,bsri->brs", q_idx, k_idx.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    q_idx fp32 [B, R, I], k_idx [B, S, R, I], kv_len int [B]. key_slot: None, or static int [R] — k_idx holds K
+    shared slots [B, S, K, I]; each head's query is placed at its slot (zeros elsewhere) and contracted over slots
+    and I, so the keys are read as stored, with no per-head copy (K x the multiplies, I = 16 of them per key)."""
+    if key_slot is not None:
+        onehot = jnp.asarray(np.eye(k_idx.shape[-2], dtype=np.float32)[np.asarray(key_slot)])  # [R, K]
+        scores = jnp.einsum("brki,bski->brs", q_idx[:, :, None, :] * onehot[None, :, :, None],
+                            k_idx.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    else:
+        scores = jnp.einsum("bri,bsri->brs", q_idx, k_idx.astype(jnp.float32), precision=lax.Precision.HIGHEST)
     visible = jnp.arange(k_idx.shape[1])[None, None] < jnp.asarray(kv_len, jnp.int32)[:, None, None]
     return block_stats(scores, visible, kv_block)[1]
