@@ -12,6 +12,9 @@ is the process's, OOM stays contained):
   heads = 15.6%: layer pattern 2, 1, 1, 1 groups, so 4 layers hold the 32-layer average), 4 sinks + 8192
   window, retrieval heads dense in prefill and on indexer top-p 0.9 at decode.
 - `rtpurbo_indexer_prefill`: the same with `prefill_mode="indexer"` (top-p per 128-row query tile in prefill).
+- `rtpurbo_shared_keys`: `rtpurbo` with an indexer whose key maps are shared per KV group (`--share-index-keys`)
+  served from one index key per group (`SparseConfig.shared_index_keys`: 4x fewer index-key bytes here, each read
+  once for the group's 4 heads).
 
 Decode density: the indexer is random, so its weights are scaled until the retrieval heads' top-p set covers
 a target share of the visible blocks at B=1 (bisection on `blocks_frac` from `decode_step(stats=True)`; the
@@ -51,7 +54,7 @@ import numpy as np
 from benchmarks import baselines
 from benchmarks.output import add_overwrite, claim, write_json
 from benchmarks.serve import rel as rel_err
-from rtpurbo_jax.indexer import init_indexer
+from rtpurbo_jax.indexer import init_indexer, share_key_maps
 from rtpurbo_jax.kv_cache import cache_bytes, init_cache
 from rtpurbo_jax.model import decoder_layer, logits_from_hidden, project_qkv, rms_norm, rope_cos_sin
 from rtpurbo_jax.model_config import LLAMA3_8B
@@ -59,7 +62,7 @@ from rtpurbo_jax.params import init_params
 from rtpurbo_jax.serving import decode_step, prefill
 from rtpurbo_jax.sparse_config import SparseConfig
 
-MODES = ("dense_cudnn", "rtpurbo", "rtpurbo_indexer_prefill")
+MODES = ("dense_cudnn", "rtpurbo", "rtpurbo_indexer_prefill", "rtpurbo_shared_keys")
 PAPER = baselines.PAPER_PREFILL_VS_FA2
 FULL_LAYERS = 32
 GIB = 2 ** 30
@@ -81,7 +84,8 @@ def sparse_config(cfg, mode: str, small: bool) -> SparseConfig:
         roles[li, (np.arange(2 if li % 4 == 0 else 1) + 3 * li) % cfg.num_kv_heads] = 1
     return SparseConfig(roles=np.repeat(roles, g, 1).tolist(), granularity="kv", sinks=4,
                         window=256 if small else 8192, seqlen_threshold=0, top_p=0.9,
-                        prefill_mode="indexer" if mode == "rtpurbo_indexer_prefill" else "dense")
+                        prefill_mode="indexer" if mode == "rtpurbo_indexer_prefill" else "dense",
+                        shared_index_keys=mode == "rtpurbo_shared_keys")
 
 
 def dense_prefill_fn(cfg, max_len: int, mlp_chunk: int):
@@ -275,6 +279,8 @@ def worker(spec: dict) -> list[dict]:
 
     sparse = sparse_config(cfg, mode, small)
     indexer = init_indexer(cfg, sparse.index_dim, jax.random.key(1))
+    if sparse.shared_index_keys:
+        indexer = share_key_maps(indexer, sparse.roles_array, cfg.num_kv_heads)
 
     def run_prefill():
         cache = init_cache(cfg, 1, max_len, sparse, jnp.bfloat16)

@@ -73,6 +73,19 @@ def unshared_key_groups(indexer: dict, roles: np.ndarray, num_kv_heads: int) -> 
     return out
 
 
+def share_key_maps(indexer: dict, roles: np.ndarray, num_kv_heads: int) -> dict:
+    """`indexer` with each KV group's retrieval heads (roles bool [L, N]) on the key map w_k of its first one: the
+    layout `train.distill --share-index-keys` trains, for `SparseConfig.shared_index_keys` (benchmarks with
+    random indexers; tests)."""
+    w_k = np.array(indexer["w_k"])
+    g = roles.shape[1] // num_kv_heads
+    for layer, kv in np.ndindex(roles.shape[0], num_kv_heads):
+        heads = kv * g + np.flatnonzero(roles[layer, kv * g:(kv + 1) * g])
+        if len(heads) > 1:
+            w_k[layer, heads[1:]] = w_k[layer, heads[0]]
+    return {**indexer, "w_k": jnp.asarray(w_k)}
+
+
 def rows(indexer: dict, layer, heads) -> dict:
     """One layer's rows for query heads `heads` (int array [R]): w_q, w_k [R, H, I] (+ w_local [R, H],
     b_local [R]). `layer` may be traced."""
@@ -136,5 +149,5 @@ def local_prior(q_pre, ix: dict):
 
 
 __all__ = ["check_indexer", "indexer_specs", "init_indexer", "local_prior", "project_keys", "project_queries",
-           "unshared_key_groups",
+           "share_key_maps", "unshared_key_groups",
            "full_layout", "layer_rows", "rows", "store_keys"]

@@ -179,3 +179,21 @@ def test_decode_density_from_a_trained_indexer_per_row(tmp_path):
     assert dec and dec[0]["density_target"] == pytest.approx(0.3) and dec[0]["density_source"].startswith("trained")
     assert all(r["density_source"].startswith("trained") for r in out["rows"] if r["phase"] == "decode")
     assert "trained" in out["config"]["density_source"]
+
+
+def test_shared_keys_mode_serves_one_index_key_per_group(tmp_path):
+    """`rtpurbo_shared_keys`: the same model with an indexer sharing its key maps per KV group, served from one
+    index key per group — decode rows at the target density, and a smaller cache than `rtpurbo`'s by 3/4 of its
+    index keys (kv granularity: 4 heads per group). Through main with the small shapes."""
+    import json
+
+    e2e.main(["--small", "--contexts", "640", "--modes", "rtpurbo", "rtpurbo_shared_keys", "--layers", "1",
+              "--batches", "1", "--decode-steps", "2", "--chunk", "256", "--out", str(tmp_path / "r")])
+    with open(tmp_path / "r.json") as f:
+        raw = json.load(f)["raw"]
+    dec = {r["mode"]: r for r in raw if r["phase"] == "decode"}
+    assert set(dec) == {"rtpurbo", "rtpurbo_shared_keys"} and all(r["ms"] > 0 for r in dec.values())
+    sp = e2e.sparse_config(e2e.model_config(1, True), "rtpurbo", True)
+    per_token_index = int(sp.roles_array[0].sum()) * sp.index_dim * 2  # layer 0's retrieval heads' keys, bf16
+    saved = dec["rtpurbo"]["cache_gib"] - dec["rtpurbo_shared_keys"]["cache_gib"]
+    assert saved * 2**30 == pytest.approx(0.75 * per_token_index * (640 + 256))  # the worker's max_len

@@ -14,7 +14,7 @@ from rtpurbo_jax.kv_cache import cache_bytes, cache_shardings, formula_bytes, in
 from rtpurbo_jax.lm import apply
 from rtpurbo_jax.model_config import LLAMA3_8B, ModelConfig
 from rtpurbo_jax.params import init_params, param_shardings
-from rtpurbo_jax.indexer import init_indexer
+from rtpurbo_jax.indexer import init_indexer, share_key_maps, unshared_key_groups
 from rtpurbo_jax.sampling import SamplingConfig, sample
 from rtpurbo_jax.serving import decode_step, generate, prefill
 from rtpurbo_jax.sparse_config import SparseConfig, roles_to_kv_granularity
@@ -229,16 +229,6 @@ def test_float8_index_keys_are_stored_saturated_and_counted(model):
         sparse_cfg(index_dtype="int8")
 
 
-def shared_keys_indexer(ix, roles, num_kv_heads):
-    """`ix` with each KV group's retrieval heads on the key map of its first one (as --share-index-keys trains)."""
-    w_k = np.array(ix["w_k"])
-    g = roles.shape[1] // num_kv_heads
-    for layer, kv in np.ndindex(roles.shape[0], num_kv_heads):
-        heads = kv * g + np.flatnonzero(roles[layer, kv * g:(kv + 1) * g])
-        w_k[layer, heads] = w_k[layer, heads[:1]] if len(heads) else w_k[layer, heads]
-    return {**ix, "w_k": jnp.asarray(w_k)}
-
-
 def test_shared_index_keys_store_one_key_per_group_and_serve_the_same(model):
     """SparseConfig.shared_index_keys: with an indexer whose key maps are shared per KV group, the cache stores one
     index key per (layer, full KV head) — 3 -> 1 and 2 -> 1 slots here, bytes as the formula says — and prefill +
@@ -247,7 +237,8 @@ def test_shared_index_keys_store_one_key_per_group_and_serve_the_same(model):
     params, ix = model
     roles = np.zeros((2, 8), int)
     roles[0, [0, 1, 3]] = roles[1, [4, 5]] = 1  # layer 0: three heads of KV group 0; layer 1: two of group 1
-    shared_ix = shared_keys_indexer(ix, roles, CFG.num_kv_heads)
+    shared_ix = share_key_maps(ix, roles, CFG.num_kv_heads)
+    assert unshared_key_groups(ix, roles, 2) == [(0, 0), (1, 1)] and not unshared_key_groups(shared_ix, roles, 2)
     per_head, shared = sparse_cfg(roles=roles.tolist()), sparse_cfg(roles=roles.tolist(), shared_index_keys=True)
     cache = init_cache(CFG, 2, 40, shared, jnp.float32)
     assert [lc.k_index.shape[2] for lc in cache.layers] == [1, 1]
@@ -266,7 +257,7 @@ def test_shared_index_keys_decode_through_the_triton_selection_kernel(model1):
     gives the logits of the reference path."""
     params, ix = model1
     roles = np.asarray(ROLES[1:2])
-    shared_ix = shared_keys_indexer(ix, roles, CFG1.num_kv_heads)
+    shared_ix = share_key_maps(ix, roles, CFG1.num_kv_heads)
     sp = sparse_cfg1(q_block=1, window=9, sinks=2, shared_index_keys=True)
     toks = tokens(2, 34, seed=32)
     want = run_prefill_decode(params, shared_ix, toks, 30, sp, max_len=48, chunk=8, cfg=CFG1)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rtpurbo_jax.indexer import init_indexer
+from rtpurbo_jax.indexer import init_indexer, share_key_maps
 from rtpurbo_jax.kv_cache import CacheLayout, LayerLayout, cache_bytes, init_cache
 from rtpurbo_jax.params import init_params
 from rtpurbo_jax.serving import decode_step, generate, prefill
@@ -85,12 +85,10 @@ def test_scans_serve_shared_index_keys_like_the_unrolled_layers(model, scan, slo
     """shared_index_keys with layers scanned: one index key per full KV head in each stack (layer 2's group: 2 slots
     for its 3 retrieval heads; padded groups add no phantom keys), the logits and blocks_frac of the unrolled
     layers, and every layer's buffers equal."""
-    from tests.test_serving import shared_keys_indexer
-
     params, ix = model
     roles = ROLES_P if scan == "padded" else ROLES
     sp = sparse_cfg(roles=roles.tolist(), shared_index_keys=True)
-    shared_ix = shared_keys_indexer(ix, roles, CFG4.num_kv_heads)
+    shared_ix = share_key_maps(ix, roles, CFG4.num_kv_heads)
     toks = jnp.asarray(np.random.default_rng(2).integers(0, CFG4.vocab_size, (2, 40)), jnp.int32)
     lens = jnp.asarray([33, 30])
     (a, fa, ca), (b, fb, cb) = (_serve(params, shared_ix, sp, s, toks, lens, 8) for s in (False, scan))
