@@ -23,7 +23,8 @@ before / after on held-out windows) and `model/`, a converted checkpoint of the 
 Data (`--data`, `train.data.load_windows`): prose (with `--events`, retrieval events whose recalled values are
 marked), chat JSON-lines (assistant turns marked), or `tasks` (the accuracy suite's generators over the corpus's
 train split, the answers marked). Where the data marks answers the loss covers those rows only (eq. 7's answer
-span; `--positions all` for every row); held-out metrics are on the same rows, with `kl_all_rows` beside them.
+span; `--positions all` for every row); held-out metrics are on the same rows, with `kl_all_rows` beside them and
+`kl_dense` (the same weights with full attention against the teacher: how far the model drifts when served dense).
 
 Several processes (hosts): each reads its rows of every batch, caches its own rows of the teacher's top-k and
 writes its part of the exported model into the shared run directory (`tests/test_stage2_multiprocess.py`).
@@ -305,8 +306,12 @@ def run(c: Stage2Config) -> dict:
         p = cast_like(p, dtypes)  # from the hidden states, in row chunks: never the [B, T, V] logits
         hidden = student_hidden(p, t, cfg, sparse, ix, attn_backend=backend, mesh=mesh)
         s_at, (s_ids, _) = logits_at(p, hidden, cfg, i), topk_from_hidden(p, hidden, cfg, i.shape[-1])
+        # the same student with full attention: 0 before training (it is the teacher), and how far the weights
+        # drift from the dense model when served dense (Qwen, 32K windows: full attention -6.75 NIAH points)
+        dense_at = logits_at(p, apply(p, t, cfg, attn_backend=None, mesh=mesh, return_hidden=True), cfg, i)
         return {"kl": topk_kl_at(s_at, lg, w), "topk_agreement": topk_agreement_ids(s_ids, i, w),
-                "top1_within_topk": top1_within_topk_at(s_at, w), "kl_all_rows": topk_kl_at(s_at, lg)}
+                "top1_within_topk": top1_within_topk_at(s_at, w), "kl_all_rows": topk_kl_at(s_at, lg),
+                "kl_dense": topk_kl_at(dense_at, lg, w)}
 
     metrics_j = jax.jit(metrics)
 
@@ -349,7 +354,9 @@ def run(c: Stage2Config) -> dict:
         return {"stopped_at": c.stop_at}
     after = evaluated.get(c.steps) or evaluate(c.steps, state)  # run_loop evaluates the last step it runs
     log0(f"[stage2] after {c.steps} steps: KL {after['kl']:.4f}, top-{c.top_k} agreement {after['topk_agreement']:.3f} "
-         f"(top-1 within it {after['top1_within_topk']:.3f})")
+         f"(top-1 within it {after['top1_within_topk']:.3f})"
+         + (f"; served dense, KL {after['kl_dense']:.4f} (before {before['kl_dense']:.4f})"
+            if "kl_dense" in after and "kl_dense" in before else ""))
     evals = {r["step"]: r for r in read_metrics(loop) + [after] if "kl" in r}  # a resumed run's rows: the later win
     step_out, params = c.steps, state["params"]
     if c.export == "best":
