@@ -428,23 +428,24 @@ def main(argv=None) -> int:
             raise ValueError(f"--lengths {length} + generated tokens exceed the model's {cfg.max_position_embeddings}")
     modes = with_shared_index_keys(build_modes(shipped, index_dims(indexers), args.windows, args.seed, args.modes),
                                    indexers, shipped.roles_array, cfg.num_kv_heads)
+    shared = sorted({m.indexer for m in modes if m.sparse is not None and m.sparse.shared_index_keys})
     device = jax.devices()[0].device_kind
     model = model_name(ckpt.meta, args.converted)
     print(f"[accuracy] {model} on {device}: {len(modes)} modes x {len(args.tasks)} tasks x {args.lengths}, "
           f"{args.prompts} prompts per cell", flush=True)
     out = args.out or f"benchmarks/results/accuracy_{model}_{device.lower().replace(' ', '_')}"
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    config = {**_result(model, device, shipped, args, params, [])["config"], "model": model, "device": device}
+    config = {**_result(model, device, shipped, args, params, [], shared)["config"], "model": model, "device": device}
     done = earlier_rows(out + ".json", config, args.resume, args.overwrite)
     rows: list[dict] = []
 
     def save_row(row):  # after every cell, atomically: a cut-off run keeps what it measured and --resume goes on
         rows.append(row)
-        write_json(out + ".json", _result(model, device, shipped, args, params, rows))
+        write_json(out + ".json", _result(model, device, shipped, args, params, rows, shared))
 
     evaluate(params, cfg, tok, modes, indexers, args.lengths, args.tasks, args.prompts, args.seed,
              log=lambda s: print(s, flush=True), done=done, on_row=save_row)
-    res = _result(model, device, shipped, args, params, rows)
+    res = _result(model, device, shipped, args, params, rows, shared)
     for p in res["paired_vs_full"]:
         print(describe_paired(p), flush=True)
     plot(res, out + ".png")
@@ -453,12 +454,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def _result(model, device, shipped, args, params, rows) -> dict:
+def _result(model, device, shipped, args, params, rows, shared=()) -> dict:
+    """The results JSON; shared: the indexers served from one index key per KV group (`with_shared_index_keys`)."""
     return {"model": model, "device": device, "jax": jax.__version__, "date": datetime.date.today().isoformat(),
            "config": {"shipped_sparse": {k: v for k, v in shipped.to_dict().items() if k != "roles"},
                       "retrieval_heads": int(shipped.roles_array.sum()), "total_heads": int(shipped.roles_array.size),
                       "seqlen_threshold_in_benchmark": 0, "indexers": args.indexer, "prompts": args.prompts,
-                      "seed": args.seed, "dtype": str(jnp.dtype(params["embed"].dtype))},
+                      "seed": args.seed, "dtype": str(jnp.dtype(params["embed"].dtype)),
+                      **({"shared_index_keys": list(shared)} if shared else {})},
            "rows": rows, "paired_vs_full": paired(rows)}
 
 

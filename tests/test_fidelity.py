@@ -342,6 +342,32 @@ def test_an_indexer_with_shared_key_maps_is_served_from_one_key_per_group():
     assert modes["full"].sparse is None
 
 
+def test_the_suite_scores_shared_index_keys_as_one_key_per_head(tok):
+    """Through the suite's real path on a tiny model, an indexer with shared key maps scores the same prompts the
+    same (scores, perplexity, blocks_frac) served from one index key per KV group as from one per head."""
+    from rtpurbo_jax.indexer import init_indexer, share_key_maps
+    from rtpurbo_jax.model_config import ModelConfig
+    from rtpurbo_jax.params import init_params
+    from rtpurbo_jax.sparse_config import SparseConfig
+
+    cfg = ModelConfig(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=1024)
+    params = init_params(cfg, jax.random.key(0), scale=0.3)
+    roles = np.zeros((2, 4), int)
+    roles[0, [0, 1]] = roles[1, [2, 3]] = 1  # both heads of one KV group per layer
+    sp = SparseConfig(roles=roles.tolist(), window=64, index_dim=4, seqlen_threshold=0, top_p=0.8, kv_block=16)
+    ix = {"s": share_key_maps(init_indexer(cfg, 4, jax.random.key(1)), roles.astype(bool), 2)}
+    modes = [accuracy.Mode("per_head", sp, "s"), accuracy.Mode("per_group", sp, "s")]
+    modes = [modes[0]] + accuracy.with_shared_index_keys(modes[1:], ix, roles.astype(bool), 2)
+    assert modes[1].sparse.shared_index_keys
+    rows = accuracy.evaluate(params, cfg, tok, modes, ix, [400], ["niah_single_noise"], 2, 0, log=lambda s: None)
+    by = {(r["mode"], r["task"]): r for r in rows}
+    for task in ("niah_single_noise", "ppl"):
+        a, b = by[("per_head", task)], by[("per_group", task)]
+        assert b["score"] == pytest.approx(a["score"], rel=1e-5) and 0 < a["blocks_frac"] < 1
+        assert b["blocks_frac"] == pytest.approx(a["blocks_frac"], rel=1e-6)
+
+
 def test_paired_comparison_against_full_attention(tmp_path):
     """`paired`: per-prompt differences on the same prompts — mean, standard error, 95% interval, prompts that
     differ — over every task of the set, and the perplexity ratio; a mode lacking a task (or an older row
