@@ -59,30 +59,38 @@ def check_indexer(indexer: dict, cfg: ModelConfig, index_dim: int) -> None:
             raise ValueError(f"indexer {name} is {tuple(indexer[name].shape)}, expected {spec.shape}")
 
 
+def key_groups(heads: np.ndarray, group: int) -> np.ndarray:
+    """int [R]: for each retrieval head (heads int [R, 2]: layer, query head) the row of the first retrieval head
+    reading the same KV head of the same layer (query head // group) — the row whose key map the heads of that KV
+    group share under `--share-index-keys` (their index keys are then one array per KV group)."""
+    first: dict = {}
+    return np.asarray([first.setdefault((int(layer), int(head) // group), r) for r, (layer, head) in enumerate(heads)],
+                      np.int32)
+
+
+def _keys_and_groups(indexer: dict, roles: np.ndarray, num_kv_heads: int):
+    """(w_k host copy [L, N, H, I], retrieval heads int [R, 2] (layer, query head), `key_groups` of them)."""
+    heads = np.argwhere(np.asarray(roles, bool))
+    return np.array(indexer["w_k"]), heads, key_groups(heads, roles.shape[1] // num_kv_heads)
+
+
 def unshared_key_groups(indexer: dict, roles: np.ndarray, num_kv_heads: int) -> list[tuple[int, int]]:
     """(layer, KV head) pairs whose retrieval heads (roles bool [L, N]) hold different key maps w_k (a host read):
     empty when the indexer shares its key maps per KV group (`train.distill --share-index-keys`), the condition for
     `SparseConfig.shared_index_keys`."""
-    w_k = np.asarray(indexer["w_k"])
+    w_k, heads, groups = _keys_and_groups(indexer, roles, num_kv_heads)
+    rows = w_k[heads[:, 0], heads[:, 1]]  # [R, H, I]
+    differ = ~(rows == rows[groups]).reshape(len(heads), -1).all(-1)
     g = roles.shape[1] // num_kv_heads
-    out = []
-    for layer, kv in np.ndindex(roles.shape[0], num_kv_heads):
-        heads = kv * g + np.flatnonzero(roles[layer, kv * g:(kv + 1) * g])
-        if len(heads) > 1 and not all(np.array_equal(w_k[layer, heads[0]], w_k[layer, h]) for h in heads[1:]):
-            out.append((int(layer), int(kv)))
-    return out
+    return sorted({(int(layer), int(head) // g) for layer, head in heads[differ]})
 
 
 def share_key_maps(indexer: dict, roles: np.ndarray, num_kv_heads: int) -> dict:
-    """`indexer` with each KV group's retrieval heads (roles bool [L, N]) on the key map w_k of its first one: the
-    layout `train.distill --share-index-keys` trains, for `SparseConfig.shared_index_keys` (benchmarks with
-    random indexers; tests)."""
-    w_k = np.array(indexer["w_k"])
-    g = roles.shape[1] // num_kv_heads
-    for layer, kv in np.ndindex(roles.shape[0], num_kv_heads):
-        heads = kv * g + np.flatnonzero(roles[layer, kv * g:(kv + 1) * g])
-        if len(heads) > 1:
-            w_k[layer, heads[1:]] = w_k[layer, heads[0]]
+    """`indexer` with each KV group's retrieval heads (roles bool [L, N]) on the key map w_k of its first one
+    (`key_groups`): the layout `train.distill --share-index-keys` trains, for `SparseConfig.shared_index_keys`
+    (benchmarks with random indexers; tests)."""
+    w_k, heads, groups = _keys_and_groups(indexer, roles, num_kv_heads)
+    w_k[heads[:, 0], heads[:, 1]] = w_k[heads[groups, 0], heads[groups, 1]]
     return {**indexer, "w_k": jnp.asarray(w_k)}
 
 
@@ -149,5 +157,5 @@ def local_prior(q_pre, ix: dict):
 
 
 __all__ = ["check_indexer", "indexer_specs", "init_indexer", "local_prior", "project_keys", "project_queries",
-           "share_key_maps", "unshared_key_groups",
+           "key_groups", "share_key_maps", "unshared_key_groups",
            "full_layout", "layer_rows", "rows", "store_keys"]

@@ -134,7 +134,7 @@ def test_shared_index_keys_train_one_key_map_per_kv_group(tiny, tmp_path, capsys
     from rtpurbo_jax.checkpoint import load_indexer, save_converted
     from rtpurbo_jax.sparse_config import SparseConfig
     from tests.test_calibrate import CFG, planted_params
-    from train.objective import key_groups
+    from rtpurbo_jax.indexer import key_groups
 
     heads = np.asarray([[1, 2], [1, 3], [2, 0], [2, 1], [2, 3]])
     assert key_groups(heads, 2).tolist() == [0, 0, 2, 2, 4]  # (layer, query head // 2)
@@ -181,7 +181,8 @@ def test_shared_keys_pca_init_fits_one_basis_per_group():
     alone in its group gets the per-head init's subspace, and every head of a group starts on the same map."""
     import jax
     from tests.test_calibrate import CFG
-    from train.objective import init_rows, key_groups
+    from rtpurbo_jax.indexer import key_groups
+    from train.objective import init_rows
 
     heads = np.asarray([[0, 0], [0, 1], [0, 2], [1, 3]])  # layer 0: heads 0, 1 share KV head 0
     rng = np.random.default_rng(3)

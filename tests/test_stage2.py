@@ -372,13 +372,13 @@ def test_loss_covers_only_the_marked_answer_rows(tiny, tmp_path, monkeypatch):
 def test_teacher_cache_resumes_and_refuses_other_settings(tmp_path):
     rng = np.random.default_rng(2)
     batches = {i: rng.integers(0, 30, (2, 8)).astype(np.int32) for i in range(5)}
-    logits_fn = lambda t: jax.nn.one_hot(t, 30) * 5.0 + 0.1 * jnp.arange(30)
+    topk_fn = lambda t: teacher_topk(jax.nn.one_hot(t, 30) * 5.0 + 0.1 * jnp.arange(30), 3)
     cache = TeacherCache(str(tmp_path / "t"), {"data": "x"}, steps_per_shard=2)
-    cache.build(5, batches.__getitem__, logits_fn, 3, log=lambda *_: None)
+    cache.build(5, batches.__getitem__, topk_fn, log=lambda *_: None)
     want = [cache.get(i) for i in range(5)]
     os.remove(str(tmp_path / "t" / "shard_00000002.npz"))  # a build killed after its first shard
     again = TeacherCache(str(tmp_path / "t"), {"data": "x"}, steps_per_shard=2)
-    again.build(5, batches.__getitem__, logits_fn, 3, log=lambda *_: None)
+    again.build(5, batches.__getitem__, topk_fn, log=lambda *_: None)
     for i in range(5):
         for x, y in zip(again.get(i), want[i]):
             np.testing.assert_array_equal(x, y)
@@ -399,7 +399,8 @@ def test_teacher_cache_ignores_other_processes_files_in_flight(tmp_path, monkeyp
     rng = np.random.default_rng(3)
     batches = {i: rng.integers(0, 30, (2, 8)).astype(np.int32) for i in range(3)}
     cache = TeacherCache(str(root), {"data": "x"}, steps_per_shard=2)
-    size = cache.build(3, batches.__getitem__, lambda t: jax.nn.one_hot(t, 30), 3, log=lambda *_: None)
+    size = cache.build(3, batches.__getitem__, lambda t: teacher_topk(jax.nn.one_hot(t, 30), 3),
+                       log=lambda *_: None)
     shards = sorted(f for f in os.listdir(root) if f.startswith("shard_") and ".tmp" not in f)
     assert shards == ["shard_00000000.npz", "shard_00000002.npz"]
     assert size == sum(real(root / f) for f in shards)

@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from rtpurbo_jax.checkpoint import CheckpointError, load_converted, write_params
 from rtpurbo_jax.cli import run_cli
 from rtpurbo_jax.evals.decoding import needle_accuracy
-from rtpurbo_jax.indexer import full_layout
+from rtpurbo_jax.indexer import full_layout, key_groups
 from rtpurbo_jax.model import forward, full_attention
 from rtpurbo_jax.params import param_shardings
 from rtpurbo_jax.sparse_config import SparseConfig
@@ -42,7 +42,7 @@ from train.trainer import (RunFlags, check_fingerprint, config_from_argv, first_
                            read_metrics, run_loop, sync, write_run_config)
 from train.data import (MIN_TASK_LEN, Prefetch, StepMix, held_out_retrieval, held_out_tasks, load_windows,
                         parse_lengths)
-from train.objective import (INITS, LOSS_LEVELS, LOSS_WEIGHTS, gather_heads, init_rows, key_groups, kl_loss,
+from train.objective import (INITS, LOSS_LEVELS, LOSS_WEIGHTS, gather_heads, init_rows, kl_loss,
                              recall_metrics, share_keys)
 
 
@@ -172,7 +172,7 @@ def build_step(cfg, heads, tx, chunk, shardings, loss_kw=None, teacher_backend: 
                shared_keys=None):
     """(jitted train step with NamedSharding in/out and donated state, jitted evaluation). loss_kw: kl_loss's
     level / weight / kv_block / sinks / recent; teacher_backend, mesh: `make_teacher`'s; shared_keys (int [R],
-    `objective.key_groups`): w_k shared per KV group — its gradient summed over the group, so rows that start
+    `indexer.key_groups`): w_k shared per KV group — its gradient summed over the group, so rows that start
     equal stay equal (AdamW and clipping act elementwise / uniformly)."""
     teacher = make_teacher(cfg, heads, teacher_backend, mesh)
     loss_kw = loss_kw or {}

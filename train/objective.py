@@ -41,15 +41,6 @@ def gather_heads(collected: dict, heads: np.ndarray, group: int) -> dict:
     return out
 
 
-def key_groups(heads: np.ndarray, group: int) -> np.ndarray:
-    """int [R]: for each retrieval head (heads int [R, 2]: layer, query head) the row of the first retrieval head
-    reading the same KV head of the same layer (query head // group) — the row whose key map the heads of that KV
-    group share under `--share-index-keys` (their index keys are then one array per KV group)."""
-    first: dict = {}
-    return np.asarray([first.setdefault((int(layer), int(head) // group), r) for r, (layer, head) in enumerate(heads)],
-                      np.int32)
-
-
 def share_keys(tree: dict, groups: np.ndarray, reduce: bool) -> dict:
     """`tree` (indexer rows or their gradient, leaves [R, ...]) with w_k tied across each KV group (`key_groups`):
     reduce=True sums the group's rows (the gradient of one shared map) and gives the sum to every row, False copies

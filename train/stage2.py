@@ -278,9 +278,9 @@ def run(c: Stage2Config) -> dict:
     tokenizer = ckpt.tokenizer() if ckpt.has_tokenizer else None
     params = ckpt.params  # the student starts as the teacher: the same (sharded) arrays serve both
     dense_hidden = lambda t, p: apply(p, t, cfg, attn_backend=None, mesh=mesh, return_hidden=True)
-    cache.build(micro + n_eval, lambda i: glob(host(i)[0]), None, c.top_k, log=log0, args=(params,),
-                to_local=lambda x: multihost_utils.global_array_to_host_local_array(x, mesh, tok_sh.spec),
-                topk_fn=lambda t, p: topk_from_hidden(p, dense_hidden(t, p), cfg, c.top_k))
+    cache.build(micro + n_eval, lambda i: glob(host(i)[0]),
+                lambda t, p: topk_from_hidden(p, dense_hidden(t, p), cfg, c.top_k), log=log0, args=(params,),
+                to_local=lambda x: multihost_utils.global_array_to_host_local_array(x, mesh, tok_sh.spec))
     teacher = lambda i: tuple(glob(x) for x in cache.get(i))  # this process's rows of step i's teacher top-k
 
     dtypes = jax.tree.map(lambda x: x.dtype, params)  # the model's dtypes: the forward's and the export's
@@ -308,7 +308,7 @@ def run(c: Stage2Config) -> dict:
         s_at, (s_ids, _) = logits_at(p, hidden, cfg, i), topk_from_hidden(p, hidden, cfg, i.shape[-1])
         # the same student with full attention: 0 before training (it is the teacher), and how far the weights
         # drift from the dense model when served dense (Qwen, 32K windows: full attention -6.75 NIAH points)
-        dense_at = logits_at(p, apply(p, t, cfg, attn_backend=None, mesh=mesh, return_hidden=True), cfg, i)
+        dense_at = logits_at(p, dense_hidden(t, p), cfg, i)
         return {"kl": topk_kl_at(s_at, lg, w), "topk_agreement": topk_agreement_ids(s_ids, i, w),
                 "top1_within_topk": top1_within_topk_at(s_at, w), "kl_all_rows": topk_kl_at(s_at, lg),
                 "kl_dense": topk_kl_at(dense_at, lg, w)}

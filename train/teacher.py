@@ -103,25 +103,26 @@ class TeacherCache:
             json.dump(self.meta, f, indent=1)
         os.replace(tmp, path)
 
-    def build(self, steps: int, batch_fn: Callable[[int], np.ndarray], logits_fn: Callable, k: int,
-              log=print, to_local: Callable = np.asarray, args: tuple = (), topk_fn: Callable | None = None) -> int:
-        """Compute the missing shards. batch_fn(step) -> tokens int [B, T] (the global batch); logits_fn(tokens,
-        *args) -> fp32 [B, T, V] (pass arrays such as params in `args`: a jit may not close over arrays spread
-        over several processes), or instead topk_fn(tokens, *args) -> (ids int32, logits fp32) [B, T, k] (stage 2:
-        `model.topk_from_hidden`, without the whole [B, T, V]); to_local(x) -> this process's rows of a global
+    def build(self, steps: int, batch_fn: Callable[[int], np.ndarray], topk_fn: Callable,
+              log=print, to_local: Callable = np.asarray, args: tuple = ()) -> int:
+        """Compute the missing shards. batch_fn(step) -> tokens int [B, T] (the global batch); topk_fn(tokens,
+        *args) -> the teacher's (ids int32, logits fp32) [B, T, k], descending (stage 2: `model.topk_from_hidden`,
+        without the whole [B, T, V]; or `teacher_topk` of logits; pass arrays such as params in `args`: a jit may
+        not close over arrays spread over several processes); to_local(x) -> this process's rows of a global
         result (all in one process). Every process runs the teacher on the global batch and writes its own rows.
         Returns the bytes of this process's shards on disk."""
         from tqdm import tqdm
 
         self.check_meta()
-        topk = jax.jit(topk_fn or (lambda t, *a: teacher_topk(logits_fn(t, *a), k)))
+        topk = jax.jit(topk_fn)
         missing = [not os.path.exists(self._path(f)) for f in range(0, steps, self.per)]
         if jax.process_count() > 1:  # every process takes part in every teacher step: agree on what is missing
             from jax.experimental import multihost_utils
 
             missing = np.asarray(multihost_utils.process_allgather(np.asarray(missing))).any(0).tolist()
         firsts = [f for f, m in zip(range(0, steps, self.per), missing) if m]
-        bar = tqdm(total=sum(min(self.per, steps - f) for f in firsts), desc="teacher top-k", disable=jax.process_index() != 0 or not firsts)
+        bar = tqdm(total=sum(min(self.per, steps - f) for f in firsts), desc="teacher top-k",
+                   disable=jax.process_index() != 0 or not firsts)
         for first in firsts:
             ids, vals = [], []
             for step in range(first, min(first + self.per, steps)):
@@ -137,7 +138,7 @@ class TeacherCache:
         bar.close()
         size = sum(os.path.getsize(self._path(f)) for f in range(0, steps, self.per))  # this process's shards only
         procs = jax.process_count()
-        log(f"[stage2] teacher top-{k} logits for {steps} steps: {size / 2**20:.1f} MiB in {self.root}"
+        log(f"[stage2] teacher top-{self.meta.get('top_k', 'k')} logits for {steps} steps: {size / 2**20:.1f} MiB in {self.root}"
             + (f" (this process's rows; {procs} processes)" if procs > 1 else "") + ("" if firsts else " (cached)"))
         return size
 
