@@ -23,6 +23,12 @@ every query head of a full KV head a **retrieval slot**: index keys are stored f
 head is local in that layer (`LayerLayout.active`, traced per layer) plans as a local head (its band; the
 planner's `active` argument). Same results, fewer compiled bodies; the cost is the phantom slots' index keys
 (`cache_bytes` counts them; `HybridCache.layer(i)` returns the layer's real slots only).
+`scan="uniform"` stacks **all** layers in one buffer and compiles one attention body: each layer's full KV heads
+are padded to the widest layer's count by keeping some of its local KV heads whole (`LayerLayout.promote`: all
+their query heads local, planned with their band over the full buffer), then padded as above. The cost is
+memory: those heads keep every position instead of sinks + ring, and every query head of a full KV head keeps
+index keys (SmolLM2 with its calibrated roles: every KV head full in some layer, so a dense cache plus index
+keys). For short contexts and compile-bound use (`serving` docstring).
 
 Axes: B batch, S = max_len, Kf / Kl full / local KV heads of a layer, R retrieval query heads, H head_dim,
 I index_dim; ring slots are spelled `ring` (R is the retrieval heads' letter).
@@ -42,7 +48,7 @@ from rtpurbo_jax.model_config import ModelConfig
 from rtpurbo_jax.sparse_config import SparseConfig
 
 
-SCAN_MODES = (False, True, "split", "padded")
+SCAN_MODES = (False, True, "split", "padded", "uniform")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,10 +110,17 @@ class LayerLayout:
                            tuple(j * self.group + i for j, c in enumerate(counts) for i in range(c)), self.group,
                            self.shared_keys)
 
-    def padded(self) -> "LayerLayout":
+    def promote(self, num_full: int) -> "LayerLayout":
+        """This layer with its first local KV heads (ascending) kept whole until it has `num_full` full KV heads
+        (`scan="uniform"`); their query heads stay local. Canonical order holds: they have no retrieval head."""
+        extra = max(num_full - len(self.full_kv), 0)
+        return dataclasses.replace(self, full_kv=self.full_kv + self.local_kv[:extra], local_kv=self.local_kv[extra:])
+
+    def padded(self, always: bool = False) -> "LayerLayout":
         """The layout every layer of this layer's (full, local) KV counts shares with `scan="padded"`: the canonical
-        KV heads, every query head of a full KV head in a retrieval slot (in `perms` order)."""
-        if not self.retrieval_q:  # nothing to pad (a dense cache's layers, or only local KV heads)
+        KV heads, every query head of a full KV head in a retrieval slot (in `perms` order). A layer with no
+        retrieval head keeps its canonical layout unless `always` (`scan="uniform"`: one layout for all layers)."""
+        if not self.retrieval_q and not always:  # nothing to pad (a dense cache's layers, or only local KV heads)
             return self.canonical()
         nf, nl, _ = self.split
         # with shared_keys one index key per full KV head: its first slot's head, a retrieval head (`perms` puts
@@ -119,9 +132,7 @@ class LayerLayout:
         """bool [Kf * G]: which retrieval slots of `padded()` hold this layer's retrieval heads (the others are
         local heads planned with their band)."""
         counts = self.split[2]
-        if not self.retrieval_q:
-            return np.zeros((0,), bool)
-        return np.asarray([j < c for c in counts for j in range(self.group)], bool)
+        return np.asarray([j < c for c in counts for j in range(self.group)] if self.retrieval_q else [], bool)
 
     def perms(self) -> tuple[np.ndarray, np.ndarray]:
         """(q_perm int [N], kv_perm int [K]): head i of the canonical layout is head q_perm[i] (KV: kv_perm[i])
@@ -142,19 +153,19 @@ class CacheLayout:
     ring: int  # ring slots: min(local_span, max_len - sinks)
     window: int
     index_dim: int
-    scan: bool | str = False  # False, True (= "split") or "padded": layers stacked (see the module docstring)
+    scan: bool | str = False  # False, "split", "padded" or "uniform": layers stacked (see the module docstring)
 
     @property
     def padded(self) -> bool:
-        """Layers grouped by their full / local KV counts with padded retrieval slots (`scan="padded"`)."""
-        return self.scan == "padded"
+        """Retrieval slots padded to every query head of a full KV head (`scan="padded"` or `"uniform"`)."""
+        return self.scan in ("padded", "uniform")
 
     def stacked(self, layer: int) -> LayerLayout:
         """The layout layer `layer` runs in (its group's shared layout when stacked; its own otherwise)."""
         ll = self.layers[layer]
         if not self.scan:
             return ll
-        return ll.padded() if self.padded else ll.canonical()
+        return ll.padded(always=self.scan == "uniform") if self.padded else ll.canonical()
 
     @property
     def groups(self) -> tuple[tuple[int, ...], ...]:
@@ -173,19 +184,23 @@ class CacheLayout:
     @classmethod
     def build(cls, cfg: ModelConfig, sparse: SparseConfig | None, max_len: int, scan: bool | str = False) -> "CacheLayout":
         """Layout for a model; `sparse=None` gives a dense cache (every KV head full, no index keys); `scan`:
-        False, True / "split" (stack layers of equal head split) or "padded" (of equal full / local KV counts)."""
+        False, True / "split" (stack layers of equal head split), "padded" (of equal full / local KV counts) or
+        "uniform" (all layers, their full KV heads promoted to the widest layer's count: `LayerLayout.promote`)."""
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
         if scan not in SCAN_MODES:
             raise ValueError(f"scan must be one of {SCAN_MODES}, got {scan!r}")
         scan = "split" if scan is True else scan
         g = cfg.num_heads // cfg.num_kv_heads
-        if sparse is None:
+        if sparse is None:  # every layer alike: any stacking is one buffer of the same layout
+            scan = "split" if scan else False
             layers = tuple(LayerLayout(tuple(range(cfg.num_kv_heads)), (), (), g) for _ in range(cfg.num_layers))
             return cls(layers, max_len, 0, 0, max_len, 0, scan)
         sparse.check_model(cfg.num_layers, cfg.num_heads, cfg.num_kv_heads)
         layers = tuple(LayerLayout.from_roles(r, cfg.num_kv_heads, sparse.shared_index_keys)
                        for r in sparse.roles_array)
+        if scan == "uniform":
+            layers = tuple(ll.promote(max(len(m.full_kv) for m in layers)) for ll in layers)
         sinks = min(sparse.sinks, max_len)
         return cls(layers, max_len, sinks, min(sparse.local_span, max_len - sinks), sparse.window,
                    sparse.index_dim, scan)
@@ -226,8 +241,11 @@ class HybridCache:
         if not self.layout.scan:
             return self.layers[g]
         lc = jax.tree.map(lambda a: a[j], self.layers[g])
-        if self.layout.padded and not self.layout.layers[i].shared_keys:  # drop the phantom retrieval slots
-            lc = dataclasses.replace(lc, k_index=lc.k_index[:, :, np.flatnonzero(self.layout.layers[i].active())])
+        if self.layout.padded:  # drop the phantom index-key slots (those of heads local in this layer)
+            st, act = self.layout.stacked(i), self.layout.layers[i].active()
+            act = np.pad(act, (0, len(st.retrieval_q) - len(act)))  # a layer with no retrieval head: none active
+            keep = [j for j, h in enumerate(st.index_heads) if act[st.retrieval_q.index(h)]]
+            lc = dataclasses.replace(lc, k_index=lc.k_index[:, :, np.asarray(keep, np.int32)])
         return lc
 
 
@@ -235,7 +253,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, sparse: SparseConfig 
                dtype=jnp.bfloat16, scan: bool | str = False) -> HybridCache:
     """An empty cache for `batch` sequences of up to `max_len` positions (sparse=None: a dense cache). scan:
     stack layers (serving then scans over layers): True / "split" those of equal head split, "padded" those of
-    equal full / local KV counts (see the module docstring)."""
+    equal full / local KV counts, "uniform" all of them (see the module docstring)."""
     layout = CacheLayout.build(cfg, sparse, max_len, scan)
     index_dtype = sparse.index_dtype if sparse is not None else None
     h = cfg.head_dim

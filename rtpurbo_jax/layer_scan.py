@@ -1,4 +1,4 @@
-"""Serving's layers scanned over a stacked hybrid cache (`init_cache(..., scan=True | "split" | "padded")`).
+"""Serving's layers scanned over a stacked hybrid cache (`init_cache(..., scan=True | "split" | "padded" | "uniform")`).
 
 `serving` runs the layers of an unstacked cache as an unrolled loop; for a stacked cache it calls `scan_layers`:
 one `lax.scan` over layers whose attention switches over the cache's groups of layers (`CacheLayout.groups`),
@@ -31,7 +31,7 @@ def scan_layers(params, caches, x, cos, sin, pos: Positions, indexer, cfg: Model
     stack, even unchanged, makes XLA copy it); the layer's new K / V / index-key rows are then scattered into its
     stack in place (`_write_rows`; the other groups' stacks get an out-of-range slot: nothing written); the rows
     (`attention.new_rows`) are computed once, outside the switch, and handed to `cached_attention`. With
-    `scan="padded"` the layer's active retrieval slots (`LayerLayout.active`) ride along as data.
+    `scan="padded"` / `"uniform"` the layer's active retrieval slots (`LayerLayout.active`) ride along as data.
 
     Decode steps (`attention.in_place_ok`) read the layer's full-KV and index buffers in place: their new rows
     are written into the stacks *before* the switch and the kernels read layer `si` of the stack
@@ -65,7 +65,8 @@ def scan_layers(params, caches, x, cos, sin, pos: Positions, indexer, cfg: Model
             act = act[:len(cl.retrieval_q)] if layout.padded else None
             out, _, frac = cached_attention(qkv, lc, cl, layout, cfg, sparse, ixs[g], pos, call, act, rows[g],
                                             layer=si if in_place else None)
-            has = jnp.float32(frac is not None)
+            # a layer that reports none: no retrieval slot, or (scan="uniform") none of its slots active
+            has = jnp.float32(frac is not None) * (jnp.any(act) if act is not None else True)
             return out, jnp.zeros((b,), jnp.float32) if frac is None else frac.astype(jnp.float32), has
         return run
 
