@@ -3,7 +3,7 @@
 Runs the same prompt in `full` mode (dense cache) and `rtpurbo` mode (hybrid cache; retrieval heads on the
 indexer's top-p blocks when `--indexer` is given, else dense retrieval heads), prints both texts, the decode
 tokens per second (compile excluded: a warm-up call runs first, its seconds reported as `first_call_s`) and the
-cache bytes of each; `--scan-layers [split|padded]` runs serving with layers scanned over a stacked cache. Defaults use the
+cache bytes of each; `--scan-layers [split|padded|uniform]` runs serving with layers scanned over a stacked cache. Defaults use the
 outputs of the README's main job (`python -m train.distill`).
 """
 
@@ -42,10 +42,10 @@ def parse_args(argv=None):
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk (tokens)")
     p.add_argument("--modes", default="full,rtpurbo")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--scan-layers", nargs="?", const="split", default=False, choices=["split", "padded"],
+    p.add_argument("--scan-layers", nargs="?", const="split", default=False, choices=["split", "padded", "uniform"],
                    help="stack layers and scan over them (less compile time, see serving): 'split' (the default "
                         "when given alone) groups layers of equal head split, 'padded' of equal full / local KV "
-                        "counts")
+                        "counts, 'uniform' all layers in one stack (one compiled body)")
     p.add_argument("--out", default="", help="optional JSON file for the figures")
     add_overwrite(p)
     args = p.parse_args(argv)

@@ -5,7 +5,7 @@ per-layer buffers (today's serving) and `lax.scan` over a stacked [L, B, S, K, H
 one token written per layer (as serving does); counts the copies in the optimised HLO. Also compiles
 `serving.generate` for a SmolLM2-shaped model (random weights, the roles of a converted checkpoint) and reports
 lower / compile seconds (`serving.compile_generate`: both programs compiled at once) and the call's time per
-variant (layers unrolled; scanned by head split; scanned with padded retrieval slots); `--switch-probe` times
+variant (layers unrolled; scanned by head split; scanned with padded retrieval slots; all in one stack); `--switch-probe` times
 a `lax.switch` per layer by itself. Writes JSON to --out.
 
     python -m benchmarks.scan_probe --roles converted/mymodel/rtpurbo.json --out DIR
@@ -133,7 +133,7 @@ OPTION_SETS = {"default": {}, "autotune_0": {"xla_gpu_autotune_level": 0},
 
 
 VARIANTS = {"full": False, "rtpurbo": False, "full_scan": "split", "rtpurbo_scan": "split",
-            "rtpurbo_scan_padded": "padded"}  # name -> generate's scan_layers
+            "rtpurbo_scan_padded": "padded", "rtpurbo_scan_uniform": "uniform"}  # name -> generate's scan_layers
 
 
 def compile_probe(roles_path, option_sets=("default",), variants=VARIANTS, backend=None, prompt_len=2048,
