@@ -231,22 +231,35 @@ def test_padded_layouts():
     assert lay.layers[1].active().tolist() == [True, True, False, False]
     assert lay.layers[2].active().tolist() == [True, True, False, False, True, False, False, False]
     assert lay.stacked(3).retrieval_q == () and lay.layers[3].active().shape == (0,)
+    # uniform: one group; every layer keeps 2 KV heads whole (layer 0's local KV head 1, layer 3's both promoted)
+    uni = CacheLayout.build(CFG4, sp, 64, scan="uniform")
+    assert uni.groups == ((0, 1, 2, 3),) and uni.padded
+    assert [ll.full_kv for ll in uni.layers] == [(0, 1), (1, 0), (0, 1), (0, 1)]
+    assert uni.layers[0].active().tolist() == [True, False, False, False, False, False, False, False]
+    assert uni.layers[3].active().tolist() == [] and uni.stacked(3).retrieval_q == tuple(range(8))
+    assert CacheLayout.build(CFG4, None, 64, scan="uniform").groups == ((0, 1, 2, 3),)  # dense: one stack anyway
     with pytest.raises(ValueError, match="scan must be one of"):
         CacheLayout.build(CFG4, sp, 64, scan="layers")
 
 
-def test_padded_scan_matches_unrolled(model):
+@pytest.mark.parametrize("scan", ["padded", "uniform"])
+def test_padded_scan_matches_unrolled(model, scan):
     """scan="padded": a slot whose head is local plans as that local head (two layers of one group with different
     active slots; indexer prefill — dense prefill's role merge is pinned in tests/test_planner.py); logits,
     blocks_frac and every layer's buffers (the real slots) equal the unrolled layers'; the bytes grow by the
-    phantom index keys."""
+    phantom index keys. scan="uniform" (one stack; promoted KV heads, all their query heads local, and a layer
+    with no retrieval head, which must not count in blocks_frac): the same logits and blocks_frac."""
     params, ix = model
     sp, chunk = sparse_cfg(roles=ROLES_P.tolist(), prefill_mode="indexer"), 8
     toks = jnp.asarray(np.random.default_rng(4).integers(0, CFG4.vocab_size, (2, 40)), jnp.int32)
     lens = jnp.asarray([31, 33])
-    (a, fa, ca), (b, fb, cb) = (_serve(params, ix, sp, scan, toks, lens, chunk) for scan in (False, "padded"))
+    (a, fa, ca), (b, fb, cb) = (_serve(params, ix, sp, s, toks, lens, chunk) for s in (False, scan))
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(fb, fa, rtol=1e-6)
+    if scan == "uniform":  # 2 full KV heads x 8 index-key slots in every layer
+        assert len(cb.layers) == 1 and cb.layers[0].k_full.shape[3] == 2 and cb.layers[0].k_ring.shape[3] == 0
+        assert cache_bytes(cb)["index_keys"] == 4 * 8 * 2 * 48 * 4 * 4
+        return
     assert len(cb.layers) == 3
     assert cache_bytes(cb)["index_keys"] == cache_bytes(ca)["index_keys"] + PHANTOM * 2 * 48 * 4 * 4
     assert cache_bytes(cb)["kv"] == cache_bytes(ca)["kv"]
