@@ -14,7 +14,8 @@ positions, so one compilation serves every chunk and every decode step. A cache 
 serving scans over layers instead, compiling one attention per split (SmolLM2's 30 layers have 9): the same
 results, less compile time; `scan="padded"` stacks layers of equal full / local KV counts (SmolLM2: 4 groups),
 each full KV head's query heads all in retrieval slots and the layer's real ones marked as data (more index-key
-bytes; see `kv_cache`). A decode step reads each layer of the stacked full-KV and index buffers in place (the
+bytes; see `kv_cache`); `scan="uniform"` puts every layer in one stack (local KV heads kept whole up to the
+widest layer's full count: more cache bytes, one compiled attention body, no switch). A decode step reads each layer of the stacked full-KV and index buffers in place (the
 Triton decode and scoring kernels take the stack and the layer; `layer_scan`); a prefill chunk still copies the
 layer's slice before its kernels (XLA does not alias a dynamic slice into a custom call), and every layer's new
 rows are scattered into every group's stack. Scanned calls still run slower on GPUs (H100, SmolLM2: 86 vs 48 ms
@@ -456,8 +457,8 @@ def generate(params, prompts, lengths, *, cfg: ModelConfig, max_new_tokens: int,
     [B] (generated tokens up to and including a stop), cache (the final HybridCache). backend / interpret: the
     attention backend of prefill and decode (see the module docstring). scan_layers: stack the cache's layers
     and scan over them — True / "split": layers of equal head split (one compiled layer per split instead of one
-    per layer), "padded": of equal full / local KV counts (fewer; padded retrieval slots) — see the module
-    docstring for what it costs on GPUs.
+    per layer), "padded": of equal full / local KV counts (fewer; padded retrieval slots), "uniform": all layers
+    in one stack (one compiled layer; more cache bytes) — see the module docstring for what it costs on GPUs.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
