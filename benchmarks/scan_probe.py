@@ -178,6 +178,13 @@ def compile_probe(roles_path, option_sets=("default",), variants=VARIANTS, backe
                 jax.block_until_ready(call())
                 runs.append(time.perf_counter() - t0)
             row["generate_ms_median"] = float(np.median(runs)) * 1e3
+            runs = []
+            for _ in range(3):  # the decode program alone (15 steps after the prefill's first token; it takes the
+                first, done, key, cache = jax.block_until_ready(exe.prefill(*args))  # cache: a fresh one each run)
+                t0 = time.perf_counter()
+                jax.block_until_ready(exe.decode(p, cache, first, done, key, ix))
+                runs.append(time.perf_counter() - t0)
+            row["decode_tokens_per_s"] = 15 / float(np.median(runs))
             if profile:
                 row["profile"] = _profile(call)
             key = name if opts == "default" else f"{name}/{opts}"
