@@ -112,11 +112,14 @@ def test_generate_scan_layers(model):
     c = generate(params, prompts, jnp.asarray([24, 17]), scan_layers="padded", **kw)
     np.testing.assert_array_equal(np.asarray(c["tokens"]), np.asarray(a["tokens"]))
     assert c["cache"].layout.scan == "padded" and c["cache"].layers[0].k_index.shape[3] == CFG4.num_heads // CFG4.num_kv_heads
+    u = generate(params, prompts, jnp.asarray([24, 17]), scan_layers="uniform", **kw)
+    np.testing.assert_array_equal(np.asarray(u["tokens"]), np.asarray(a["tokens"]))
+    assert len(u["cache"].layers) == 1
     with pytest.raises(ValueError, match="scan_layers must be one of"):
         generate(params, prompts, jnp.asarray([24, 17]), scan_layers="yes", **kw)
 
 
-@pytest.mark.parametrize("scan", [False, "split", "padded"])
+@pytest.mark.parametrize("scan", [False, "split", "padded", "uniform"])
 @pytest.mark.parametrize("dense", [False, True])
 def test_decode_loop_compiles_for_the_prefill_outputs(model, scan, dense):
     """compile_generate lowers the decode loop before tracing the prefill, from `_prefill_outputs`: those shapes
