@@ -18,9 +18,10 @@ bytes; see `kv_cache`); `scan="uniform"` puts every layer in one stack (local KV
 widest layer's full count: more cache bytes, one compiled attention body, no switch). A decode step reads each layer of the stacked full-KV and index buffers in place (the
 Triton decode and scoring kernels take the stack and the layer; `layer_scan`); a prefill chunk still copies the
 layer's slice before its kernels (XLA does not alias a dynamic slice into a custom call), and every layer's new
-rows are scattered into every group's stack. Scanned calls still run slower on GPUs (H100, SmolLM2: 86 vs 48 ms
-per 2K-prompt call with the in-place decode too; compile 11-17 vs ~20 s; `benchmarks/results/scan_probe_h100/`),
-so scanning is not the default.
+rows are scattered into every group's stack. Padded / split scans run slower on GPUs (H100, SmolLM2: 86 vs 48 ms
+per 2K-prompt call; `benchmarks/results/scan_probe_h100/`); the uniform stack has one group, so no switch and no
+scatter into other stacks, and runs faster than the unrolled layers (44 vs 49.5 ms; compile 5.4-5.9 vs 27-29 s;
+`benchmarks/results/scan_probe_h100_uniform/`) but holds more cache bytes, so the default stays unrolled.
 
 Backends (`backend`): None lets each op pick for the device and log it — a prefill chunk runs the block-sparse
 prefill op (`pallas_kernels.sparse_attention`: Mosaic GPU on Hopper when the plan fits it, else Triton; Mosaic
