@@ -124,7 +124,7 @@ class LayerLayout:
             return self.canonical()
         nf, nl, _ = self.split
         # with shared_keys one index key per full KV head: its first slot's head, a retrieval head (`perms` puts
-        # them first), so the padded slots add no index keys
+        # them first), so the padded slots add no index keys — except a KV head `promote` kept whole (uniform)
         return LayerLayout(tuple(range(nf)), tuple(range(nf, nf + nl)), tuple(range(nf * self.group)), self.group,
                            self.shared_keys)
 
@@ -236,7 +236,8 @@ class HybridCache:
     layout: CacheLayout = dataclasses.field(metadata=dict(static=True))
 
     def layer(self, i: int) -> LayerCache:
-        """Layer i's arrays (a slice of its group's buffer when stacked)."""
+        """Layer i's arrays (a slice of its group's buffer when stacked; padded slots' index keys dropped). With
+        `scan="uniform"` K / V are in the promoted layout (`layout.layers[i]`: some local KV heads kept whole)."""
         g, j = self.layout.slot(i)
         if not self.layout.scan:
             return self.layers[g]

@@ -80,11 +80,12 @@ def test_scanned_layers_match_unrolled(model, mode, chunk):
                      ca.layer(i), cb.layer(i))
 
 
-@pytest.mark.parametrize("scan,slots", [("split", [1, 2, 0]), ("padded", [1, 2, 0])])
+@pytest.mark.parametrize("scan,slots", [("split", [1, 2, 0]), ("padded", [1, 2, 0]), ("uniform", [2])])
 def test_scans_serve_shared_index_keys_like_the_unrolled_layers(model, scan, slots):
     """shared_index_keys with layers scanned: one index key per full KV head in each stack (layer 2's group: 2 slots
-    for its 3 retrieval heads; padded groups add no phantom keys), the logits and blocks_frac of the unrolled
-    layers, and every layer's buffers equal."""
+    for its 3 retrieval heads; padded groups add no phantom keys; the uniform stack has 2 full KV heads in every
+    layer, a promoted one's key unused), the logits and blocks_frac of the unrolled layers, and every layer's
+    buffers equal (uniform: its real index keys; its K / V sit in the promoted layout)."""
     params, ix = model
     roles = ROLES_P if scan == "padded" else ROLES
     sp = sparse_cfg(roles=roles.tolist(), shared_index_keys=True)
@@ -94,7 +95,13 @@ def test_scans_serve_shared_index_keys_like_the_unrolled_layers(model, scan, slo
     (a, fa, ca), (b, fb, cb) = (_serve(params, shared_ix, sp, s, toks, lens, 8) for s in (False, scan))
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(fb, fa, rtol=1e-6)
-    assert [lc.k_index.shape[-2] for lc in cb.layers] == slots and cache_bytes(cb) == cache_bytes(ca)
+    assert [lc.k_index.shape[-2] for lc in cb.layers] == slots
+    if scan == "uniform":
+        for i in range(4):
+            np.testing.assert_allclose(np.asarray(cb.layer(i).k_index), np.asarray(ca.layer(i).k_index), rtol=1e-5,
+                                       atol=1e-5)
+        return
+    assert cache_bytes(cb) == cache_bytes(ca)
     for i in range(4):
         jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-5),
                      ca.layer(i), cb.layer(i))
