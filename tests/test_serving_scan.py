@@ -269,6 +269,9 @@ def test_padded_scan_matches_unrolled(model, scan):
     if scan == "uniform":  # 2 full KV heads x 8 index-key slots in every layer
         assert len(cb.layers) == 1 and cb.layers[0].k_full.shape[3] == 2 and cb.layers[0].k_ring.shape[3] == 0
         assert cache_bytes(cb)["index_keys"] == 4 * 8 * 2 * 48 * 4 * 4
+        for i in range(4):  # each layer's real index keys (the promoted layout's K / V differ in shape)
+            np.testing.assert_allclose(np.asarray(cb.layer(i).k_index), np.asarray(ca.layer(i).k_index), rtol=1e-5,
+                                       atol=1e-5)
         return
     assert len(cb.layers) == 3
     assert cache_bytes(cb)["index_keys"] == cache_bytes(ca)["index_keys"] + PHANTOM * 2 * 48 * 4 * 4
