@@ -179,8 +179,10 @@ def compile_probe(roles_path, option_sets=("default",), variants=VARIANTS, backe
                 runs.append(time.perf_counter() - t0)
             row["generate_ms_median"] = float(np.median(runs)) * 1e3
             runs = []
-            for _ in range(3):  # the decode program alone (15 steps after the prefill's first token; it takes the
-                first, done, key, cache = jax.block_until_ready(exe.prefill(*args))  # cache: a fresh one each run)
+            # the decode program alone: 15 steps after the prefill's first token; it takes (donates) the cache, so
+            # each run decodes from a fresh prefill
+            for _ in range(3):
+                first, done, key, cache = jax.block_until_ready(exe.prefill(*args))
                 t0 = time.perf_counter()
                 jax.block_until_ready(exe.decode(p, cache, first, done, key, ix))
                 runs.append(time.perf_counter() - t0)
