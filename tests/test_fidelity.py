@@ -113,6 +113,21 @@ def test_suite_scores_right_model_100_wrong_model_0(tok, monkeypatch, right):
     assert {r["kind"] for r in rows} == {"retrieval", "aggregation", "ppl"}
 
 
+def test_perplexity_text_of_another_domain(tok):
+    """--ppl-text stdlib: Python standard-library source, deterministic per seed, of the asked length, unlike the
+    KJV rows, and decodable to code; an unknown text is refused by name."""
+    from convert.corpus import code_tokens, stdlib_sources
+
+    code, lens = accuracy.ppl_prompts(tok, 300, 3, seed=1, text="stdlib")
+    kjv, _ = accuracy.ppl_prompts(tok, 300, 3, seed=1)
+    assert code.shape == kjv.shape == (3, 300) and code.dtype == np.int32 and lens.tolist() == [300 - 64] * 3
+    np.testing.assert_array_equal(code, accuracy.ppl_prompts(tok, 300, 3, seed=1, text="stdlib")[0])
+    assert len({tuple(r) for r in code}) == 3 and not np.array_equal(code, kjv)
+    assert len(stdlib_sources()) > 50 and "def " in tok.decode(list(code_tokens(tok, 2000, 0)))
+    with pytest.raises(ValueError, match="ppl text must be one of"):
+        accuracy.ppl_prompts(tok, 300, 1, seed=0, text="wiki")
+
+
 def test_suite_end_to_end_tiny_model(tok, tmp_path, monkeypatch):
     """The real path (serving prefill + decode_step over the hybrid cache) on a tiny random model: the schema,
     blocks_frac bounds, and full == dense_retrieval == oracle at p=1 when the window covers the prompt. A resumed
