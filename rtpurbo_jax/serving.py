@@ -441,6 +441,15 @@ def _on_default_device(tree) -> bool:
     return True
 
 
+def prompt_bucket(t: int, chunk: int) -> int:
+    """The prompt width `generate` compiles for: the next power of two (at least 16) up to one prefill chunk, then
+    whole chunks — so prompts of many lengths share a few compiled programs. Past one chunk this adds no prefill
+    work (the prefill pads its last chunk anyway); below it, at most 2x a short prompt's."""
+    if t > chunk:
+        return -(-t // chunk) * chunk
+    return min(max(16, 1 << (t - 1).bit_length()), chunk)
+
+
 def generate(params, prompts, lengths, *, cfg: ModelConfig, max_new_tokens: int, sparse: SparseConfig | None = None,
              indexer: dict | None = None, sampling: SamplingConfig = SamplingConfig(), stop_tokens=(),
              key=None, chunk: int = 512, max_len: int | None = None, cache_dtype=None, backend: str | None = None,
@@ -453,7 +462,9 @@ def generate(params, prompts, lengths, *, cfg: ModelConfig, max_new_tokens: int,
     split over a mesh's "data" axis alone: the cache is split the same way and each layer's attention runs per
     shard).
 
-    prompts int [B, T] right-padded, lengths int [B]. stop_tokens: ids that end a row (the stop token is kept;
+    prompts int [B, T] right-padded, lengths int [B]; on the default device they are padded on to
+    `prompt_bucket(T, chunk)` columns (and the default max_len follows), so that prompts of many lengths share a few
+    compiled programs (sharded prompts run as given). stop_tokens: ids that end a row (the stop token is kept;
     later positions repeat the first stop id). Returns dict tokens int32 [B, max_new_tokens], num_tokens int32
     [B] (generated tokens up to and including a stop), cache (the final HybridCache). backend / interpret: the
     attention backend of prefill and decode (see the module docstring). scan_layers: stack the cache's layers
@@ -470,6 +481,7 @@ def generate(params, prompts, lengths, *, cfg: ModelConfig, max_new_tokens: int,
     if lengths.shape != prompts.shape[:1] or bool((lengths < 1).any()) or bool((lengths > prompts.shape[1]).any()):
         raise ValueError(f"lengths {lengths.tolist()} must be one value in 1..{prompts.shape[1]} per prompt row")
     need = prompts.shape[1] + max_new_tokens
+    user_max_len = max_len is not None
     max_len = need if max_len is None else max_len
     if max_len < need:
         raise ValueError(f"max_len={max_len} is too small for prompts of {prompts.shape[1]} + {max_new_tokens} new tokens")
@@ -485,6 +497,11 @@ def generate(params, prompts, lengths, *, cfg: ModelConfig, max_new_tokens: int,
     if scan_layers not in SCAN_MODES:
         raise ValueError(f"scan_layers must be one of {SCAN_MODES}, got {scan_layers!r}")
     key = jax.random.key(0) if key is None else key
+    if _on_default_device((params, prompts, lengths, indexer, key)):  # one compile per prompt-length bucket
+        t = prompts.shape[1]
+        tb = min(prompt_bucket(t, chunk), max_len - max_new_tokens) if user_max_len else prompt_bucket(t, chunk)
+        prompts = jnp.pad(prompts, ((0, 0), (0, tb - t)))  # right padding: `lengths` keeps the rows as they were
+        max_len = max_len if user_max_len else tb + max_new_tokens
     static = dict(cfg=cfg, sparse=sparse, sampling=sampling, stop_tokens=tuple(int(t) for t in stop_tokens),
                   chunk=chunk, max_len=max_len, cache_dtype=jnp.dtype(cache_dtype or params["embed"].dtype).name,
                   backend=op_backends(backend), interpret=interpret,
@@ -508,4 +525,4 @@ def generate(params, prompts, lengths, *, cfg: ModelConfig, max_new_tokens: int,
 
 
 __all__ = ["GenerateExecutables", "check_call", "check_indexer", "compile_generate", "data_parallel_mesh", "decode_step",
-           "generate", "prefill"]
+           "generate", "prefill", "prompt_bucket"]

@@ -166,7 +166,9 @@ def test_generate_stop_tokens_and_padding(model):
 
 def test_generate_compiles_both_programs_once_and_sharded_inputs_follow_jit(model):
     """A first generate call compiles its two programs at once and keeps them (a second call of the same
-    signature builds nothing); inputs sharded over a mesh take the jit path and give the same tokens."""
+    signature builds nothing, nor does one whose prompts fall in the same `prompt_bucket`: 17 and 20 columns are
+    both padded to 24 with chunk 8); inputs sharded over a mesh take the jit path, unpadded, and give the same
+    tokens (the padding changes nothing)."""
     from rtpurbo_jax import serving
 
     params, ix = model
@@ -180,6 +182,9 @@ def test_generate_compiles_both_programs_once_and_sharded_inputs_follow_jit(mode
     b = generate(params, prompt, [17, 11], **kw)
     assert len(serving._EXECUTABLES) == 1 and next(iter(serving._EXECUTABLES.values())) is exe
     np.testing.assert_array_equal(np.asarray(b["tokens"]), np.asarray(a["tokens"]))
+    assert a["cache"].layout.max_len == 24 + 5
+    generate(params, tokens(2, 20, seed=14), [20, 3], **kw)
+    assert len(serving._EXECUTABLES) == 1
     mesh = Mesh(np.asarray(jax.devices()[:2]).reshape(2, 1), ("data", "model"))
     sharded = jax.device_put(params, param_shardings(CFG, mesh))
     c = generate(sharded, prompt, [17, 11], **kw)
