@@ -17,14 +17,15 @@ Modes (every sparse mode runs the split at every length: `seqlen_threshold` is s
 - oracle_topp: top-p over the head's exact attention block masses, same p (the ceiling of any indexer);
 - topk_same_budget: a fixed number of blocks per retrieval head, equal to rtpurbo's mean at that length.
 Rows: {mode, task, kind, length, n, score, scores, blocks_frac}; score is 0-100 (mean of the per-prompt `scores`),
-for kind "ppl" it is the perplexity of the last 64 tokens of held-out text (KJV's eval split, or with
-`--ppl-text stdlib` Python standard-library source; decoded token by token, teacher-forced; per-prompt mean NLL per token in `nll_per_token`). blocks_frac: mean over decode steps and
-retrieval heads of the fraction of visible key blocks visited. `paired_vs_full`: every mode against full
-attention on the same prompts (`paired`): the mean per-prompt score difference over the five NIAH tasks with its
-standard error and 95% interval, and the perplexity ratio with its interval — prompts shared by both modes
-cancel out, so these intervals are much narrower than two separate means' would be. `--compare A.json B.json`
-runs nothing: it compares two result files of the same prompts (same model, --prompts and --seed) mode by
-mode, B minus A, the same way (e.g. two indexers, or before and after stage 2, from separate runs).
+for kind "ppl" it is the perplexity of the last 64 tokens of held-out text (KJV's eval split, or with `--ppl-text
+stdlib` Python standard-library source; decoded token by token, teacher-forced; per-prompt mean NLL per token in
+`nll_per_token`). blocks_frac: mean over decode steps and retrieval heads of the fraction of visible key blocks
+visited. `paired_vs_full`: every mode against full attention on the same prompts (`paired`): the mean per-prompt
+score difference over the five NIAH tasks with its standard error and 95% interval, and the perplexity ratio with
+its interval — prompts shared by both modes cancel out, so these intervals are much narrower than two separate
+means' would be. `--compare A.json B.json` runs nothing: it compares two result files of the same prompts (same
+model, --prompts and --seed) mode by mode, B minus A, the same way (e.g. two indexers, or before and after stage 2,
+from separate runs).
 OUT_paired.png draws `paired_vs_full` (each mode's difference with its interval, per length).
 The JSON is rewritten atomically after every cell; an existing one is never replaced without `--overwrite`,
 and `--resume` keeps the cells an interrupted run of the same configuration (model, device, roles, prompts,
@@ -474,7 +475,7 @@ def _result(model, device, shipped, args, params, rows, shared=()) -> dict:
                       "seqlen_threshold_in_benchmark": 0, "indexers": args.indexer, "prompts": args.prompts,
                       "seed": args.seed, "dtype": str(jnp.dtype(params["embed"].dtype)),
                       **({"shared_index_keys": list(shared)} if shared else {}),
-                      **({"ppl_text": args.ppl_text} if getattr(args, "ppl_text", "kjv") != "kjv" else {})},
+                      **({"ppl_text": args.ppl_text} if args.ppl_text != "kjv" else {})},
            "rows": rows, "paired_vs_full": paired(rows)}
 
 

@@ -41,13 +41,15 @@ def split_verses(split: str) -> tuple[str, ...]:
 
 def text_tokens(tokenizer, n_tokens: int, seed: int, split: str) -> np.ndarray:
     """int32 [n_tokens]: a contiguous run of verses from `split`, starting at a seeded verse, tokenized."""
-    v = split_verses(split)
-    rng = np.random.default_rng(seed)
-    start = int(rng.integers(0, len(v)))
+    return _pieces_tokens(tokenizer, split_verses(split), n_tokens, seed, prefix=" ")
+
+
+def _pieces_tokens(tokenizer, pieces: tuple[str, ...], n_tokens: int, seed: int, prefix: str = "") -> np.ndarray:
+    """int32 [n_tokens]: `pieces` in order (wrapping round) from a seeded one, each tokenized after `prefix`."""
+    i = int(np.random.default_rng(seed).integers(0, len(pieces)))
     ids: list[int] = []
-    i = start
     while len(ids) < n_tokens:
-        ids.extend(tokenizer.encode(" " + v[i % len(v)], add_special_tokens=False))
+        ids.extend(tokenizer.encode(prefix + pieces[i % len(pieces)], add_special_tokens=False))
         i += 1
     return np.asarray(ids[:n_tokens], np.int32)
 
@@ -73,10 +75,4 @@ def stdlib_sources() -> tuple[str, ...]:
 
 def code_tokens(tokenizer, n_tokens: int, seed: int) -> np.ndarray:
     """int32 [n_tokens]: standard-library modules in order from a seeded one (`stdlib_sources`), tokenized."""
-    src = stdlib_sources()
-    i = int(np.random.default_rng(seed).integers(0, len(src)))
-    ids: list[int] = []
-    while len(ids) < n_tokens:
-        ids.extend(tokenizer.encode(src[i % len(src)], add_special_tokens=False))
-        i += 1
-    return np.asarray(ids[:n_tokens], np.int32)
+    return _pieces_tokens(tokenizer, stdlib_sources(), n_tokens, seed)

@@ -200,7 +200,8 @@ class CacheLayout:
         layers = tuple(LayerLayout.from_roles(r, cfg.num_kv_heads, sparse.shared_index_keys)
                        for r in sparse.roles_array)
         if scan == "uniform":
-            layers = tuple(ll.promote(max(len(m.full_kv) for m in layers)) for ll in layers)
+            widest = max(len(ll.full_kv) for ll in layers)
+            layers = tuple(ll.promote(widest) for ll in layers)
         sinks = min(sparse.sinks, max_len)
         return cls(layers, max_len, sinks, min(sparse.local_span, max_len - sinks), sparse.window,
                    sparse.index_dim, scan)

@@ -9,19 +9,20 @@ planner and ops as the full-sequence forward (`lm.apply`), whose semantics are d
 `rtpurbo_jax.planner`; with `sparse=None` the cache is dense and the model runs plain causal attention.
 
 Layers run as an unrolled Python loop (each layer's cache has its own head split), tokens of a chunk at traced
-positions, so one compilation serves every chunk and every decode step. A cache made with
-`init_cache(..., scan=True)` (or `generate(..., scan_layers=True)`) stacks the layers of equal head split and
-serving scans over layers instead, compiling one attention per split (SmolLM2's 30 layers have 9): the same
-results, less compile time; `scan="padded"` stacks layers of equal full / local KV counts (SmolLM2: 4 groups),
-each full KV head's query heads all in retrieval slots and the layer's real ones marked as data (more index-key
-bytes; see `kv_cache`); `scan="uniform"` puts every layer in one stack (local KV heads kept whole up to the
-widest layer's full count: more cache bytes, one compiled attention body, no switch). A decode step reads each layer of the stacked full-KV and index buffers in place (the
-Triton decode and scoring kernels take the stack and the layer; `layer_scan`); a prefill chunk still copies the
-layer's slice before its kernels (XLA does not alias a dynamic slice into a custom call), and every layer's new
-rows are scattered into every group's stack. Padded / split scans run slower on GPUs (H100, SmolLM2: 86 vs 48 ms
-per 2K-prompt call; `benchmarks/results/scan_probe_h100/`); the uniform stack has one group, so no switch and no
-scatter into other stacks, and runs faster than the unrolled layers (44 vs 49.5 ms; compile 5.4-5.9 vs 27-29 s;
-`benchmarks/results/scan_probe_h100_uniform/`) but holds more cache bytes, so the default stays unrolled.
+positions, so one compilation serves every chunk and every decode step. A cache made with `init_cache(...,
+scan=True)` (or `generate(..., scan_layers=True)`) stacks the layers of equal head split and serving scans over
+layers instead, compiling one attention per split (SmolLM2's 30 layers have 9): the same results, less compile time;
+`scan="padded"` stacks layers of equal full / local KV counts (SmolLM2: 4 groups), each full KV head's query heads
+all in retrieval slots and the layer's real ones marked as data (more index-key bytes; see `kv_cache`);
+`scan="uniform"` puts every layer in one stack (local KV heads kept whole up to the widest layer's full count: more
+cache bytes, one compiled attention body, no switch). A decode step reads each layer of the stacked full-KV and
+index buffers in place (the Triton decode and scoring kernels take the stack and the layer; `layer_scan`); a prefill
+chunk still copies the layer's slice before its kernels (XLA does not alias a dynamic slice into a custom call), and
+every layer's new rows are scattered into every group's stack. Padded / split scans run slower on GPUs (H100,
+SmolLM2: 86 vs 48 ms per 2K-prompt call; `benchmarks/results/scan_probe_h100/`); the uniform stack has one group, so
+no switch and no scatter into other stacks, and runs faster than the unrolled layers (44 vs 49.5 ms; compile 5.4-5.9
+vs 27-29 s; `benchmarks/results/scan_probe_h100_uniform/`) but holds more cache bytes, so the default stays
+unrolled.
 
 Backends (`backend`): None lets each op pick for the device and log it — a prefill chunk runs the block-sparse
 prefill op (`pallas_kernels.sparse_attention`: Mosaic GPU on Hopper when the plan fits it, else Triton; Mosaic
@@ -481,12 +482,11 @@ def generate(params, prompts, lengths, *, cfg: ModelConfig, max_new_tokens: int,
     if lengths.shape != prompts.shape[:1] or bool((lengths < 1).any()) or bool((lengths > prompts.shape[1]).any()):
         raise ValueError(f"lengths {lengths.tolist()} must be one value in 1..{prompts.shape[1]} per prompt row")
     need = prompts.shape[1] + max_new_tokens
-    user_max_len = max_len is not None
-    max_len = need if max_len is None else max_len
-    if max_len < need:
+    if max_len is not None and max_len < need:
         raise ValueError(f"max_len={max_len} is too small for prompts of {prompts.shape[1]} + {max_new_tokens} new tokens")
-    if max_len > cfg.max_position_embeddings:
-        log.warning("max_len %d exceeds the model's max_position_embeddings %d", max_len, cfg.max_position_embeddings)
+    if (max_len or need) > cfg.max_position_embeddings:
+        log.warning("max_len %d exceeds the model's max_position_embeddings %d", max_len or need,
+                    cfg.max_position_embeddings)
     check_indexer(cfg, sparse, indexer)
     if is_concrete(prompts):
         lo, hi = (int(v) for v in jax.device_get(jnp.stack([prompts.min(), prompts.max()])))
@@ -497,17 +497,18 @@ def generate(params, prompts, lengths, *, cfg: ModelConfig, max_new_tokens: int,
     if scan_layers not in SCAN_MODES:
         raise ValueError(f"scan_layers must be one of {SCAN_MODES}, got {scan_layers!r}")
     key = jax.random.key(0) if key is None else key
-    if _on_default_device((params, prompts, lengths, indexer, key)):  # one compile per prompt-length bucket
+    on_default = _on_default_device((params, prompts, lengths, indexer, key))
+    if on_default:  # one compile per prompt-length bucket
         t = prompts.shape[1]
-        tb = min(prompt_bucket(t, chunk), max_len - max_new_tokens) if user_max_len else prompt_bucket(t, chunk)
+        tb = prompt_bucket(t, chunk) if max_len is None else min(prompt_bucket(t, chunk), max_len - max_new_tokens)
         prompts = jnp.pad(prompts, ((0, 0), (0, tb - t)))  # right padding: `lengths` keeps the rows as they were
-        max_len = max_len if user_max_len else tb + max_new_tokens
+    max_len = prompts.shape[1] + max_new_tokens if max_len is None else max_len
     static = dict(cfg=cfg, sparse=sparse, sampling=sampling, stop_tokens=tuple(int(t) for t in stop_tokens),
                   chunk=chunk, max_len=max_len, cache_dtype=jnp.dtype(cache_dtype or params["embed"].dtype).name,
                   backend=op_backends(backend), interpret=interpret,
                   scan_layers="split" if scan_layers is True else scan_layers)
     args = (params, prompts, lengths, indexer, key)
-    if _on_default_device(args):  # both programs compiled overlapped on a first call, then reused
+    if on_default:  # both programs compiled overlapped on a first call, then reused
         sig = _signature(args, {**static, "max_new_tokens": max_new_tokens})
         exe = _EXECUTABLES.pop(sig, None) or compile_generate(*args, max_new_tokens=max_new_tokens, **static)
         _EXECUTABLES[sig] = exe
