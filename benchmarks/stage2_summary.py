@@ -1,8 +1,9 @@
 """`python -m benchmarks.stage2_summary OUTDIR`: merge run_stage2.sh's two accuracy files (the model before and
 after stage 2, same prompts) into OUTDIR/accuracy_stage2.json (modes of the second get "_stage2"), print the
 retrieval mean / perplexity / blocks_frac per mode and length, and draw them as OUTDIR/accuracy_stage2.png.
-`runs_table` / `plot_runs` / `summarize_runs`: several runs' suites side by side, each cell paired against full
-attention of the same model and against the same mode before stage 2 (the results folders' summarize.py scripts)."""
+`python -m benchmarks.stage2_summary --runs FOLDER`: several runs' suites side by side, as FOLDER/runs.json lists
+them (`summarize_folder`), each cell paired against full attention of the same model and against the same mode before
+stage 2 (`runs_table` / `plot_runs` / `summarize_runs`), into FOLDER/summary.{json,png}."""
 
 from __future__ import annotations
 
@@ -67,22 +68,32 @@ def runs_table(runs: dict, base: str = "before") -> list[dict]:
     """runs: {run name: {length: accuracy result JSON (dict)}}, one run named `base` (the model before stage 2,
     the same prompts). Rows per run, length and mode: NIAH mean, perplexity, blocks_frac; the paired difference
     from full attention of the same run (points, 95% interval, perplexity ratio) and from the same mode of
-    `base` (`benchmarks.accuracy.compare_runs`)."""
+    `base` (`benchmarks.accuracy.compare_runs`), and from full attention of `base` (the dense model before stage 2:
+    the model a sparse one replaces)."""
     from benchmarks.accuracy import compare_runs
+
+    def as_full(res: dict, mode: str) -> dict:  # res's full-attention rows, renamed to `mode` for pairing
+        return {**res, "rows": [{**r, "mode": mode} for r in res["rows"] if r["mode"] == "full"]}
 
     rows = []
     for run, by_length in runs.items():
         for length, res in by_length.items():
             vs_full = {p["mode"]: p for p in res["paired_vs_full"]}
             vs_base = {} if run == base else {p["mode"]: p for p in compare_runs(runs[base][length], res)}
+            vs_dense = {}
+            for m in {r["mode"] for r in res["rows"]} - ({"full"} if run == base else set()):
+                vs_dense.update({p["mode"]: p for p in compare_runs(as_full(runs[base][length], m), res)
+                                 if p["mode"] == m})
             for (mode, n), cell in table(res["rows"]).items():
-                pf, pb = vs_full.get(mode, {}), vs_base.get(mode, {})
+                pf, pb, pd = vs_full.get(mode, {}), vs_base.get(mode, {}), vs_dense.get(mode, {})
                 rows.append({"run": run, "length": n, "mode": mode, "niah_mean": round(cell["retrieval"], 2),
                              "ppl": round(cell["ppl"], 3),
                              "blocks_frac": cell["blocks_frac"] and round(cell["blocks_frac"], 4),
                              "vs_full_points": pf.get("score_diff"), "vs_full_ci95": pf.get("ci95"),
                              "vs_full_ppl_ratio": pf.get("ppl_ratio"), "vs_before_points": pb.get("score_diff"),
-                             "vs_before_ci95": pb.get("ci95"), "vs_before_ppl_ratio": pb.get("ppl_ratio")})
+                             "vs_before_ci95": pb.get("ci95"), "vs_before_ppl_ratio": pb.get("ppl_ratio"),
+                             "vs_dense_before_points": pd.get("score_diff"), "vs_dense_before_ci95": pd.get("ci95"),
+                             "vs_dense_before_ppl_ratio": pd.get("ppl_ratio")})
     return rows
 
 
@@ -113,7 +124,8 @@ def plot_runs(rows: list[dict], modes: tuple[str, ...], title: str, path: str, y
 
 
 def summarize_runs(folder: str, runs: dict, lengths, stage2: dict, modes: tuple[str, ...], title: str,
-                   model: str = "qwen2.5-coder-0.5b-instruct", device: str = "NVIDIA H100 80GB HBM3") -> list[dict]:
+                   model: str = "qwen2.5-coder-0.5b-instruct", device: str = "NVIDIA H100 80GB HBM3",
+                   ylim=(60, 95)) -> list[dict]:
     """A results folder's summary: runs {name: path of its accuracy JSON relative to `folder`, with {L} for the
     length} read at each of `lengths`, `runs_table` over them (the first run is the "before" every other run is
     paired with) -> folder/summary.json (with `stage2`: the training summaries) and folder/summary.png
@@ -123,16 +135,32 @@ def summarize_runs(folder: str, runs: dict, lengths, stage2: dict, modes: tuple[
     rows = runs_table(loaded, base=next(iter(runs)))
     with open(os.path.join(folder, "summary.json"), "w") as f:
         json.dump({"model": model, "device": device, "rows": rows, "stage2": stage2}, f, indent=1)
-    plot_runs(rows, modes, title, os.path.join(folder, "summary.png"))
+    plot_runs(rows, modes, title, os.path.join(folder, "summary.png"), ylim)
     for r in rows:
         print(r["run"], r["length"], r["mode"], r["niah_mean"], r["ppl"], r["blocks_frac"], r["vs_full_points"],
               r["vs_full_ci95"], r["vs_full_ppl_ratio"], r["vs_before_points"], r["vs_before_ci95"],
-              r["vs_before_ppl_ratio"])
+              r["vs_before_ppl_ratio"], r["vs_dense_before_points"], r["vs_dense_before_ci95"])
     return rows
 
 
+def summarize_folder(folder: str) -> list[dict]:
+    """`summarize_runs` as folder/runs.json describes it: {"runs": {name: accuracy JSON path with {L}}, "lengths": [...],
+    "modes": [...], "title": str, "stage2": the training summary's path, or {name: path}, optional "ylim": [lo, hi]}
+    (paths relative to `folder`; the first run is the "before"). The rows."""
+    spec = json.load(open(os.path.join(folder, "runs.json")))
+    s2 = spec["stage2"]
+    load = lambda p: json.load(open(os.path.join(folder, p)))  # noqa: E731
+    stage2 = load(s2) if isinstance(s2, str) else {k: load(p) for k, p in s2.items()}
+    return summarize_runs(folder, spec["runs"], tuple(spec["lengths"]), stage2, tuple(spec["modes"]), spec["title"],
+                          ylim=tuple(spec.get("ylim", (60, 95))))
+
+
 def main(argv=None) -> int:
-    out = (argv or sys.argv[1:])[0]
+    argv = argv or sys.argv[1:]
+    if argv[0] == "--runs":
+        summarize_folder(argv[1])
+        return 0
+    out = argv[0]
     merged = merge(out)
     with open(os.path.join(out, "accuracy_stage2.json"), "w") as f:
         json.dump(merged, f, indent=1)

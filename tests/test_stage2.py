@@ -487,3 +487,23 @@ def test_teacher_benchmark_writes_rows_and_plot(tmp_path):
     xla = res["rows"][1]
     assert xla["windows_per_s"] > 0 and 0.5 < xla["topk_overlap_with_first"] <= 1.0
     assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_stage2_summary_runs_json_reproduces_committed_summaries(tmp_path):
+    """`python -m benchmarks.stage2_summary --runs FOLDER` rebuilds each committed Qwen stage-2 folder's
+    summary.json from its runs.json (the folders read each other's suites, so all are copied)."""
+    import shutil
+
+    from benchmarks import stage2_summary
+
+    results = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results")
+    folders = sorted(d for d in os.listdir(results) if os.path.exists(os.path.join(results, d, "runs.json")))
+    assert len(folders) >= 4
+    for d in folders:
+        shutil.copytree(os.path.join(results, d), tmp_path / d, ignore=shutil.ignore_patterns("*.png", "*.tgz"))
+    for d in folders:
+        committed = json.load(open(tmp_path / d / "summary.json"))
+        (tmp_path / d / "summary.json").unlink()
+        assert stage2_summary.main(["--runs", str(tmp_path / d)]) == 0
+        assert json.load(open(tmp_path / d / "summary.json")) == committed, d
+        assert (tmp_path / d / "summary.png").stat().st_size > 0

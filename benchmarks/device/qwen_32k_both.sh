@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Device pipeline (issue 16; ready, not run): both stages of Qwen2.5-Coder-0.5B-Instruct on 32K windows — stage 1's
+# Device pipeline (issue 16; ran in session 25: benchmarks/results/stage2_qwen25coder05b_32k_both/): both stages of
+# Qwen2.5-Coder-0.5B-Instruct on 32K windows — stage 1's
 # indexer trained on 32K windows (60 steps, lr 3e-3: accuracy_qwen25coder05b_h200_stage1_32k.json, 66.75 at 32K against
 # 63.0 from 8K windows) and stage 2 on 32K windows of --data tasks+kjv from it (session 23's recipe:
 # stage2_qwen25coder05b_32k_mix/, +4.5 points for rtpurbo at 32K from the 8K indexer). Too long for one device
