@@ -464,8 +464,9 @@ def generate(params, prompts, lengths, *, cfg: ModelConfig, max_new_tokens: int,
     shard).
 
     prompts int [B, T] right-padded, lengths int [B]; on the default device they are padded on to
-    `prompt_bucket(T, chunk)` columns (and the default max_len follows), so that prompts of many lengths share a few
-    compiled programs (sharded prompts run as given). stop_tokens: ids that end a row (the stop token is kept;
+    `prompt_bucket(T, chunk)` columns, so that prompts of many lengths share a few compiled programs (sharded
+    prompts run as given); the padded width plus max_new_tokens stays within max_len, and within the model's
+    max_position_embeddings when the call fits in it (the default max_len follows). stop_tokens: ids that end a row (the stop token is kept;
     later positions repeat the first stop id). Returns dict tokens int32 [B, max_new_tokens], num_tokens int32
     [B] (generated tokens up to and including a stop), cache (the final HybridCache). backend / interpret: the
     attention backend of prefill and decode (see the module docstring). scan_layers: stack the cache's layers
@@ -500,7 +501,9 @@ def generate(params, prompts, lengths, *, cfg: ModelConfig, max_new_tokens: int,
     on_default = _on_default_device((params, prompts, lengths, indexer, key))
     if on_default:  # one compile per prompt-length bucket
         t = prompts.shape[1]
-        tb = prompt_bucket(t, chunk) if max_len is None else min(prompt_bucket(t, chunk), max_len - max_new_tokens)
+        # the bucket never widens the cache past max_len, nor past the model's positions unless the call needs it
+        cap = max_len if max_len is not None else max(need, cfg.max_position_embeddings)
+        tb = min(prompt_bucket(t, chunk), cap - max_new_tokens)
         prompts = jnp.pad(prompts, ((0, 0), (0, tb - t)))  # right padding: `lengths` keeps the rows as they were
     max_len = prompts.shape[1] + max_new_tokens if max_len is None else max_len
     static = dict(cfg=cfg, sparse=sparse, sampling=sampling, stop_tokens=tuple(int(t) for t in stop_tokens),

@@ -168,7 +168,8 @@ def test_generate_compiles_both_programs_once_and_sharded_inputs_follow_jit(mode
     """A first generate call compiles its two programs at once and keeps them (a second call of the same
     signature builds nothing, nor does one whose prompts fall in the same `prompt_bucket`: 17 and 20 columns are
     both padded to 24 with chunk 8); inputs sharded over a mesh take the jit path, unpadded, and give the same
-    tokens (the padding changes nothing)."""
+    tokens (the padding changes nothing); the padding never widens the cache past max_position_embeddings when the
+    call fits in it."""
     from rtpurbo_jax import serving
 
     params, ix = model
@@ -190,6 +191,10 @@ def test_generate_compiles_both_programs_once_and_sharded_inputs_follow_jit(mode
     c = generate(sharded, prompt, [17, 11], **kw)
     assert len(serving._EXECUTABLES) == 1  # not the cached single-device programs
     np.testing.assert_array_equal(np.asarray(c["tokens"]), np.asarray(a["tokens"]))
+    # the bucket stops at the model's positions: 17 + 5 fit in 25, so 20 columns (not 24) and a cache of 25
+    d = generate(params, prompt, [17, 11], **{**kw, "cfg": dataclasses.replace(CFG, max_position_embeddings=25)})
+    assert d["cache"].layout.max_len == 25
+    np.testing.assert_array_equal(np.asarray(d["tokens"]), np.asarray(a["tokens"]))
 
 
 def test_generate_with_data_parallel_prompts_runs_attention_per_shard(model, monkeypatch):
