@@ -49,11 +49,12 @@ accuracy_suite() {
 # suite LENGTH FLAGS...: accuracy_suite on $O/conv into $O/run/acc_LENGTH.
 suite() { local L=$1; shift; accuracy_suite $O/conv $O/run/acc_$L $L "$@"; }
 # stage2_suite CONVERTED NAME LENGTH MEM [FLAGS...]: accuracy_suite with $O/run/stage1/indexer and FLAGS (default
-# --modes full rtpurbo) on CONVERTED into $O/run/L<LENGTH>/NAME, with XLA_PYTHON_CLIENT_MEM_FRACTION=MEM (it shares
-# the GPU).
+# --modes $SUITE_MODES, itself by default "full rtpurbo") on CONVERTED into $O/run/L<LENGTH>/NAME, with
+# XLA_PYTHON_CLIENT_MEM_FRACTION=MEM (it shares the GPU).
 stage2_suite() {
   local conv=$1 name=$2 L=$3 mem=$4; shift 4
-  local flags=("$@"); [ ${#flags[@]} -gt 0 ] || flags=(--modes full rtpurbo)
+  # shellcheck disable=SC2206  # SUITE_MODES: modes split on spaces
+  local flags=("$@"); [ ${#flags[@]} -gt 0 ] || flags=(--modes ${SUITE_MODES:-full rtpurbo})
   mkdir -p $O/run/L$L
   XLA_PYTHON_CLIENT_MEM_FRACTION=$mem accuracy_suite $conv $O/run/L$L/$name $L --indexer $O/run/stage1/indexer \
     "${flags[@]}"
@@ -61,16 +62,18 @@ stage2_suite() {
 # stage2_before_after SEQ_LEN DATA [BEFORE_FLAGS...]: the suite "before" (stage2_suite at 16000 and 32000, with
 # BEFORE_FLAGS when given, e.g. a second indexer and its mode) beside stage 2 of $O/conv with
 # $O/run/stage1/indexer on SEQ_LEN-token windows of --data DATA (session 21's recipe: global batch 8, 40 steps, lr 3e-6,
-# 10 warm-up steps, answer rows, 4 held-out windows) into $O/run/stage2, then the suite "after" on its model, and per
+# 10 warm-up steps, answer rows, 4 held-out windows; S2FLAGS, when set, adds flags to it, e.g. "--trainable attention")
+# into $O/run/stage2, then the suite "after" on its model (stage2_suite's default modes), and per
 # length the merged summary and --compare into $O/run/compare_<LENGTH>.log. Stamped; the pipeline stops (DONE) if
 # stage 2 fails.
 stage2_before_after() {
   local b16 b32 a16 a32 L seq=$1 data=$2; shift 2
   stage2_suite $O/conv acc_stage1 16000 0.18 "$@"; b16=$!
   stage2_suite $O/conv acc_stage1 32000 0.22 "$@"; b32=$!
+  # shellcheck disable=SC2086  # S2FLAGS: flags split on spaces
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.55 python -m train.distill --stage 2 --model $O/conv --indexer $O/run/stage1/indexer \
     --run-dir $O/run/stage2 --seq-len $seq --steps 40 --accumulate 8 --lr 3e-6 --warmup 10 --data $data --events 0 \
-    --positions answer --log-every 5 --ckpt-every 1000 --eval-batches 4 > $O/run/stage2.log 2>&1 \
+    --positions answer --log-every 5 --ckpt-every 1000 --eval-batches 4 ${S2FLAGS:-} > $O/run/stage2.log 2>&1 \
     || { stamp "stage2 FAILED"; wait; touch $O/DONE; exit 1; }
   stamp "stage 2 trained"
   wait $b16; wait $b32; stamp "accuracy before done"

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Device pipeline (issue 16; ran in session 25: benchmarks/results/stage2_qwen25coder05b_32k_both/): both stages of
-# Qwen2.5-Coder-0.5B-Instruct on 32K windows — stage 1's
-# indexer trained on 32K windows (60 steps, lr 3e-3: accuracy_qwen25coder05b_h200_stage1_32k.json, 66.75 at 32K against
-# 63.0 from 8K windows) and stage 2 on 32K windows of --data tasks+kjv from it (session 23's recipe:
-# stage2_qwen25coder05b_32k_mix/, +4.5 points for rtpurbo at 32K from the 8K indexer). Too long for one device
-# session (stage 1 ~620 s, stage 2 ~770 s), so in two parts, each after the nine carried Qwen parts:
+# Device pipeline (issue 16): both stages of Qwen2.5-Coder-0.5B-Instruct on 32K windows — stage 1's indexer trained on
+# 32K windows (60 steps, lr 3e-3) and stage 2 on 32K windows of --data tasks+kjv from it (session 23's recipe). Ran in
+# session 25 on one H100 lease, both parts back to back (part 1 358 s, part 2 1062 s):
+# benchmarks/results/stage2_qwen25coder05b_32k_both/. Each part runs after the nine carried Qwen parts:
 #   PART=stage1 bash benchmarks/device/start.sh benchmarks/device/qwen_32k_both.sh ; N=110 bash benchmarks/device/poll.sh /tmp/s2y
-#     convert, stage 1 at 32K (~750 s in all); the indexer comes back as run/stage1_32k.tgz in the poll's res.tgz
-#     (~100 KB): commit it under benchmarks/results/ and copy it into a carry folder (e.g. .carry9/) for part 2;
-#   PART=stage2 ... (with stage1_32k.tgz carried): convert (its roles checked against part 1's), that indexer, stage2_before_after 32768.
+#     convert, stage 1 at 32K; the indexer comes back as run/stage1_32k.tgz in the poll's res.tgz (~400 KB);
+#   PART=stage2 ... with stage1_32k.tgz in /tmp/wh/ (carried in a .carry folder, or copied there from part 1 on a
+#     warm machine, then `mv /tmp/s2y /tmp/s2y_part1`): convert (its roles checked against part 1's), that indexer,
+#     stage2_before_after 32768. Variants of part 2 from the committed indexer
+#     (benchmarks/results/stage2_qwen25coder05b_32k_both/stage1_32k.tgz): S2FLAGS adds stage-2 flags and SUITE_MODES
+#     sets the suites' modes, e.g.
+#     PART=stage2 S2FLAGS="--trainable attention" SUITE_MODES="full dense_retrieval rtpurbo" bash benchmarks/device/start.sh ...
 source benchmarks/device/common.sh /tmp/s2y
 stamp "start ${PART:?PART=stage1 or PART=stage2}"
 convert_model /tmp/qwen.gguf
