@@ -172,19 +172,33 @@ def logits_at(params: dict, x: jax.Array, cfg: ModelConfig, ids: jax.Array) -> j
     return jnp.einsum("...d,d...k->...k", x, cols, precision=_HI, preferred_element_type=jnp.float32)
 
 
-def topk_from_hidden(params: dict, x: jax.Array, cfg: ModelConfig, k: int, rows: int = 2048):
-    """(ids int32 [B, T, k], logits fp32 [B, T, k]): the k largest logits, descending, of normed hidden states
-    x [B, T, D], `rows` positions at a time — never the whole fp32 [B, T, V] (at 32K positions of a 152K vocab
-    that is 20 GB before `top_k`'s own workspace). Equal to `jax.lax.top_k(logits_from_hidden(...), k)`."""
+def _by_rows(x: jax.Array, rows: int, fn):
+    """fn over normed hidden states x [B, T, D], `rows` positions at a time (`lax.map` over the chunks, the last
+    one padded): its outputs, a pytree of [B, rows, ...] arrays, joined back to [B, T, ...]."""
     b, t, d = x.shape
     rows = min(rows, t)
     n = -(-t // rows)
     xs = jnp.pad(x, ((0, 0), (0, n * rows - t), (0, 0))).reshape(b, n, rows, d).swapaxes(0, 1)
+    out = jax.lax.map(fn, xs)  # [n, B, rows, ...]
+    return jax.tree.map(lambda a: a.swapaxes(0, 1).reshape(b, n * rows, *a.shape[3:])[:, :t], out)
+
+
+def topk_from_hidden(params: dict, x: jax.Array, cfg: ModelConfig, k: int, rows: int = 2048, lse: bool = False):
+    """(ids int32 [B, T, k], logits fp32 [B, T, k]): the k largest logits, descending, of normed hidden states
+    x [B, T, D], `rows` positions at a time — never the whole fp32 [B, T, V] (at 32K positions of a 152K vocab
+    that is 20 GB before `top_k`'s own workspace). Equal to `jax.lax.top_k(logits_from_hidden(...), k)`. With
+    lse: a third output, the logsumexp over the whole vocabulary, fp32 [B, T], from the same pass."""
 
     def one(xc):  # [B, rows, D]
-        vals, ids = jax.lax.top_k(logits_from_hidden(params, xc, cfg), k)
-        return ids.astype(jnp.int32), vals
+        logits = logits_from_hidden(params, xc, cfg)
+        vals, ids = jax.lax.top_k(logits, k)
+        return (ids.astype(jnp.int32), vals) + ((jax.nn.logsumexp(logits, -1),) if lse else ())
 
-    ids, vals = jax.lax.map(one, xs)  # [n, B, rows, k]
-    unchunk = lambda a: a.swapaxes(0, 1).reshape(b, n * rows, k)[:, :t]
-    return unchunk(ids), unchunk(vals)
+    return _by_rows(x, rows, one)
+
+
+def lse_from_hidden(params: dict, x: jax.Array, cfg: ModelConfig, rows: int = 2048) -> jax.Array:
+    """The logsumexp over the vocabulary of `logits_from_hidden`, fp32 [B, T], from normed hidden states
+    x [B, T, D], `rows` positions at a time and differentiable: each chunk's logits are recomputed in the
+    backward pass (`jax.checkpoint`), so neither pass holds more than [B, rows, V] of them."""
+    return _by_rows(x, rows, jax.checkpoint(lambda xc: jax.nn.logsumexp(logits_from_hidden(params, xc, cfg), -1)))

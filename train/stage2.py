@@ -23,8 +23,11 @@ before / after on held-out windows) and `model/`, a converted checkpoint of the 
 Data (`--data`, `train.data.load_windows`): prose (with `--events`, retrieval events whose recalled values are
 marked), chat JSON-lines (assistant turns marked), or `tasks` (the accuracy suite's generators over the corpus's
 train split, the answers marked). Where the data marks answers the loss covers those rows only (eq. 7's answer
-span; `--positions all` for every row); held-out metrics are on the same rows, with `kl_all_rows` beside them and
-`kl_dense` (the same weights with full attention against the teacher: how far the model drifts when served dense).
+span; `--positions all` for every row); held-out metrics are on the same rows, with `kl_all_rows` beside them,
+`kl_dense` (the same weights with full attention against the teacher: how far the model drifts when served dense)
+and `rest_mass` (the student's probability off the teacher's top-k, which eq. 7 leaves free). `--loss topk_tail`
+trains eq. 7 with that rest of the vocabulary as an eleventh outcome (`train.teacher.topk_tail_kl_at`; the cache then
+also holds the teacher's logsumexp; held-out `kl_tail`, and `--export best` picks by it).
 
 Several processes (hosts): each reads its rows of every batch, caches its own rows of the teacher's top-k and
 writes its part of the exported model into the shared run directory (`tests/test_stage2_multiprocess.py`).
@@ -48,12 +51,13 @@ from pallas_kernels.sparse_attention.api import DIFFERENTIABLE
 from rtpurbo_jax.checkpoint import load_converted, load_indexer, model_name, read_meta, save_converted
 from rtpurbo_jax.cli import run_cli
 from rtpurbo_jax.lm import apply
-from rtpurbo_jax.model import logits_at, topk_from_hidden
+from rtpurbo_jax.model import logits_at, lse_from_hidden, topk_from_hidden
 from rtpurbo_jax.model_config import ModelConfig
 from rtpurbo_jax.params import SHARDING_RULES, param_shardings
 from rtpurbo_jax.sparse_config import SparseConfig
 from train.data import Prefetch, StepMix, load_windows
-from train.teacher import TeacherCache, top1_within_topk_at, topk_agreement_ids, topk_kl_at
+from train.teacher import (TeacherCache, rest_mass_at, top1_within_topk_at, topk_agreement_ids, topk_kl_at,
+                           topk_tail_kl_at)
 from train.trainer import (RunFlags, check_fingerprint, config_from_argv, first_metrics_row,
                            init_distributed, log0, make_mesh, open_checkpoints, plot_curves, read_metrics, run_loop,
                            write_run_config)
@@ -61,6 +65,8 @@ from train.trainer import (RunFlags, check_fingerprint, config_from_argv, first_
 CURVES = {"kl": "KL (held-out)", "topk_agreement": "top-k overlap", "top1_within_topk": "top-1 within top-k"}
 
 TRAINABLE = ("all", "attention", "no_embeddings")
+
+LOSSES = ("topk", "topk_tail")
 
 
 PAPER_GLOBAL_BATCH = 8  # RTPurbo's stage 2: global batch 8, micro-batch 1
@@ -85,6 +91,8 @@ class Stage2Config(RunFlags):
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     top_k: int = 10
+    loss: str = "topk"  # topk: eq. 7 (the paper; blind to mass the student moves off the teacher's top-k) |
+    # topk_tail: eq. 7 plus the rest of the vocabulary as one outcome (the teacher's logsumexp cached beside its top-k)
     top_p: float = 0.9
     trainable: str = "all"  # all | attention (q, k, v, o projections) | no_embeddings
     fsdp: bool = True  # shard params and optimiser state over the data axis
@@ -118,6 +126,8 @@ class Stage2Config(RunFlags):
             raise ValueError(f"--positions must be 'answer' or 'all', got {self.positions!r}")
         if not 0 <= self.events < float("inf"):
             raise ValueError(f"--events must be a finite number >= 0, got {self.events}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"--loss must be one of {LOSSES}, got {self.loss!r}")
         if self.trainable not in TRAINABLE:
             raise ValueError(f"--trainable must be one of {TRAINABLE}, got {self.trainable!r}")
         if self.attn_backend not in ("auto",) + DIFFERENTIABLE:
@@ -126,7 +136,7 @@ class Stage2Config(RunFlags):
 
 
 FINGERPRINT = ("model", "indexer", "data", "events", "positions", "seq_len", "batch", "accumulate", "steps", "lr", "warmup", "weight_decay",
-               "grad_clip", "top_k", "top_p", "trainable", "seed")
+               "grad_clip", "top_k", "loss", "top_p", "trainable", "seed")
 
 
 def parse_args(argv=None) -> Stage2Config:
@@ -207,26 +217,32 @@ def student_hidden(params, tokens, cfg, sparse: SparseConfig, indexer: dict, rem
 
 
 def build_step(cfg: ModelConfig, sparse: SparseConfig, tx, state_sh, tok_sh, ix_sh, remat: bool = True,
-               attn_backend: str = "xla", dtypes=None, mesh=None):
-    """The jitted stage-2 step (state, indexer, tokens, row weights, teacher top-k ids, teacher top-k logits) ->
-    (state, {loss, grad_norm}): eq. 7 on the student in sparse mode (the frozen indexer selects), gradients, the
-    optimiser; everything in the given shardings, the state donated. state["params"] are fp32 masters when
-    `dtypes` (the model's dtype per leaf) is given: the forward runs on them cast to those dtypes, and the
-    gradients and updates are fp32. mesh: the attention runs per shard of it (`student_logits`). Also lowered for
-    TPU pods in `tests/test_tpu_lowering.py`."""
+               attn_backend: str = "xla", dtypes=None, mesh=None, loss: str = "topk"):
+    """The jitted stage-2 step (state, indexer, tokens, row weights, teacher top-k ids, teacher top-k logits
+    [, teacher logsumexp for loss "topk_tail"]) -> (state, {loss, grad_norm}): eq. 7 (or `topk_tail_kl_at`) on the
+    student in sparse mode (the frozen indexer selects), gradients, the optimiser; everything in the given
+    shardings, the state donated. state["params"] are fp32 masters when `dtypes` (the model's dtype per leaf) is
+    given: the forward runs on them cast to those dtypes, and the gradients and updates are fp32. mesh: the
+    attention runs per shard of it (`student_logits`). Also lowered for TPU pods in `tests/test_tpu_lowering.py`."""
 
-    def loss_fn(p, ix, tokens, weights, t_ids, t_logits):
-        return topk_kl_at(student_logits(cast_like(p, dtypes), tokens, cfg, sparse, ix, remat, at=t_ids, attn_backend=attn_backend,
-                                         mesh=mesh),
-                          t_logits, weights)
+    def loss_fn(p, ix, tokens, weights, t_ids, t_logits, *t_lse):
+        p = cast_like(p, dtypes)
+        if loss == "topk":
+            return topk_kl_at(student_logits(p, tokens, cfg, sparse, ix, remat, at=t_ids, attn_backend=attn_backend,
+                                             mesh=mesh),
+                              t_logits, weights)
+        hidden = student_hidden(p, tokens, cfg, sparse, ix, remat, attn_backend, mesh)
+        return topk_tail_kl_at(logits_at(p, hidden, cfg, t_ids), lse_from_hidden(p, hidden, cfg), t_logits, *t_lse,
+                               weights)
 
-    def step(state, ix, tokens, weights, t_ids, t_logits):
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"], ix, tokens, weights, t_ids, t_logits)
+    def step(state, ix, tokens, weights, *teacher):
+        value, grads = jax.value_and_grad(loss_fn)(state["params"], ix, tokens, weights, *teacher)
         updates, opt = tx.update(grads, state["opt_state"], state["params"])
         return ({"params": optax.apply_updates(state["params"], updates), "opt_state": opt},
-                {"loss": loss, "grad_norm": optax.tree.norm(grads)})
+                {"loss": value, "grad_norm": optax.tree.norm(grads)})
 
-    return jax.jit(step, in_shardings=(state_sh, ix_sh, tok_sh, tok_sh, tok_sh, tok_sh),
+    n_teacher = 3 if loss == "topk_tail" else 2
+    return jax.jit(step, in_shardings=(state_sh, ix_sh) + (tok_sh,) * (2 + n_teacher),
                    out_shardings=(state_sh, None), donate_argnums=(0,))
 
 
@@ -273,13 +289,15 @@ def run(c: Stage2Config) -> dict:
     cache = TeacherCache(os.path.join(c.run_dir, "teacher"),
                          {"model": os.path.abspath(c.model), "data": c.data, "events": c.events, "seq_len": c.seq_len,
                           "batch": c.batch, "seed": c.seed, "top_k": c.top_k, "windows": micro + n_eval,
+                          **({"tail": True} if c.loss == "topk_tail" else {}),
                           "teacher_attention": f"backend None per shard on {jax.default_backend()}",
                           **({"processes": pcount} if pcount > 1 else {})})
     tokenizer = ckpt.tokenizer() if ckpt.has_tokenizer else None
     params = ckpt.params  # the student starts as the teacher: the same (sharded) arrays serve both
     dense_hidden = lambda t, p: apply(p, t, cfg, attn_backend=None, mesh=mesh, return_hidden=True)
     cache.build(micro + n_eval, lambda i: glob(host(i)[0]),
-                lambda t, p: topk_from_hidden(p, dense_hidden(t, p), cfg, c.top_k), log=log0, args=(params,),
+                lambda t, p: topk_from_hidden(p, dense_hidden(t, p), cfg, c.top_k, lse=c.loss == "topk_tail"), log=log0,
+                args=(params,),
                 to_local=lambda x: multihost_utils.global_array_to_host_local_array(x, mesh, tok_sh.spec))
     teacher = lambda i: tuple(glob(x) for x in cache.get(i))  # this process's rows of step i's teacher top-k
 
@@ -300,18 +318,20 @@ def run(c: Stage2Config) -> dict:
     if low:
         log0(f"[stage2] fp32 master weights: the model's {'/'.join(low)} weights are cast from them for every "
              "forward and for the export")
-    step_j = build_step(cfg, sparse, tx, state_sh, tok_sh, rep, c.remat, backend, dtypes, mesh)
+    step_j = build_step(cfg, sparse, tx, state_sh, tok_sh, rep, c.remat, backend, dtypes, mesh, c.loss)
 
-    def metrics(p, ix, t, w, i, lg):  # on the loss rows (answers, or all), and KL on every row beside it
+    def metrics(p, ix, t, w, i, lg, *t_lse):  # on the loss rows (answers, or all), and KL on every row beside it
         p = cast_like(p, dtypes)  # from the hidden states, in row chunks: never the [B, T, V] logits
         hidden = student_hidden(p, t, cfg, sparse, ix, attn_backend=backend, mesh=mesh)
-        s_at, (s_ids, _) = logits_at(p, hidden, cfg, i), topk_from_hidden(p, hidden, cfg, i.shape[-1])
+        s_at, (s_ids, _, s_lse) = logits_at(p, hidden, cfg, i), topk_from_hidden(p, hidden, cfg, i.shape[-1], lse=True)
         # the same student with full attention: 0 before training (it is the teacher), and how far the weights
         # drift from the dense model when served dense (Qwen, 32K windows: full attention -6.75 NIAH points)
         dense_at = logits_at(p, dense_hidden(t, p), cfg, i)
+        # rest_mass: the student's probability off the teacher's top-k, which eq. 7 leaves free
         return {"kl": topk_kl_at(s_at, lg, w), "topk_agreement": topk_agreement_ids(s_ids, i, w),
                 "top1_within_topk": top1_within_topk_at(s_at, w), "kl_all_rows": topk_kl_at(s_at, lg),
-                "kl_dense": topk_kl_at(dense_at, lg, w)}
+                "kl_dense": topk_kl_at(dense_at, lg, w), "rest_mass": rest_mass_at(s_at, s_lse, w),
+                **({"kl_tail": topk_tail_kl_at(s_at, s_lse, lg, *t_lse, w)} if t_lse else {})}
 
     metrics_j = jax.jit(metrics)
 
@@ -354,13 +374,17 @@ def run(c: Stage2Config) -> dict:
         return {"stopped_at": c.stop_at}
     after = evaluated.get(c.steps) or evaluate(c.steps, state)  # run_loop evaluates the last step it runs
     log0(f"[stage2] after {c.steps} steps: KL {after['kl']:.4f}, top-{c.top_k} agreement {after['topk_agreement']:.3f} "
-         f"(top-1 within it {after['top1_within_topk']:.3f})"
+         f"(top-1 within it {after['top1_within_topk']:.3f}), probability off the teacher's top-{c.top_k} "
+         f"{before.get('rest_mass', float('nan')):.4f} -> {after['rest_mass']:.4f}"
+         + (f", KL with that tail {before.get('kl_tail', float('nan')):.4f} -> {after['kl_tail']:.4f}"
+            if "kl_tail" in after else "")
          + (f"; served dense, KL {after['kl_dense']:.4f} (before {before['kl_dense']:.4f})"
             if "kl_dense" in after and "kl_dense" in before else ""))
-    evals = {r["step"]: r for r in read_metrics(loop) + [after] if "kl" in r}  # a resumed run's rows: the later win
+    objective = "kl_tail" if c.loss == "topk_tail" else "kl"  # the held-out figure of the loss trained
+    evals = {r["step"]: r for r in read_metrics(loop) + [after] if objective in r}  # a resumed run's rows: the later win
     step_out, params = c.steps, state["params"]
     if c.export == "best":
-        step_out = best_export_step(list(evals.values()), {0, c.steps, *mngr.all_steps()})
+        step_out = best_export_step(list(evals.values()), {0, c.steps, *mngr.all_steps()}, objective)
         if step_out == 0:  # the model as it came
             params = load_converted(c.model, shardings=params_sh).params
         elif step_out != c.steps:
@@ -368,14 +392,15 @@ def run(c: Stage2Config) -> dict:
 
             abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
             params = mngr.restore(step_out, args=ocp.args.StandardRestore(abstract))["params"]
-        log0(f"[stage2] --export best: step {step_out} (held-out KL {evals[step_out]['kl']:.4f})")
+        log0(f"[stage2] --export best: step {step_out} (held-out {objective} {evals[step_out][objective]:.4f})")
     out = os.path.join(c.run_dir, "model")
     save_converted(out, cast_like(params, dtypes), cfg, sparse_config=shipped.to_dict(), source=c.model,
                    tokenizer=tokenizer, overwrite=os.path.exists(out),
                    extra={"model_name": name, "stage2": {"from": os.path.abspath(c.model),
                                                          "indexer": os.path.abspath(c.indexer), "steps": c.steps,
                                                          "exported_step": step_out}})
-    summary = {"before": before, "after": after, "exported": {"step": step_out, "kl": evals[step_out]["kl"]}}
+    summary = {"before": before, "after": after, "exported": {"step": step_out, "kl": evals[step_out]["kl"],
+                                                              objective: evals[step_out][objective]}}
     note = regression_note(before, after)
     if note and c.export == "last":
         log0(f"[stage2] warning: {note}")
@@ -390,10 +415,11 @@ def run(c: Stage2Config) -> dict:
     return summary
 
 
-def best_export_step(evals: list[dict], available: set[int]) -> int:
-    """The step whose held-out KL is lowest among evaluation rows {"step", "kl", ...} whose weights are at hand
-    (`available`: the start, the kept checkpoints, the last step); the earliest on a tie."""
-    return min((r for r in evals if r["step"] in available), key=lambda r: (r["kl"], r["step"]))["step"]
+def best_export_step(evals: list[dict], available: set[int], key: str = "kl") -> int:
+    """The step whose held-out `key` (the loss trained: "kl", or "kl_tail") is lowest among evaluation rows
+    {"step", key, ...} whose weights are at hand (`available`: the start, the kept checkpoints, the last step); the
+    earliest on a tie."""
+    return min((r for r in evals if r["step"] in available), key=lambda r: (r[key], r["step"]))["step"]
 
 
 def regression_note(before: dict, after: dict) -> str | None:

@@ -10,6 +10,9 @@ made for other settings.
 
 Loss (eq. 7): per position, forward KL between softmax of the teacher's top-k logits and the softmax of the
 student's logits at the same k ids (both renormalised over the k ids), averaged over the positions of `mask`.
+It leaves the student free to move probability off the teacher's top-k. `topk_tail_kl_at` (stage 2's
+`--loss topk_tail`) adds the rest of the vocabulary as one more outcome; its cache also holds the teacher's
+logsumexp over the vocabulary, `lse` float32 [steps, B, T], and its meta.json says `"tail": true`.
 """
 
 from __future__ import annotations
@@ -49,6 +52,30 @@ def topk_kl_at(student_at_ids, t_logits, mask=None):
     log_p = jax.nn.log_softmax(t_logits.astype(jnp.float32), -1)
     kl = (jnp.exp(log_p) * (log_p - jax.nn.log_softmax(student_at_ids.astype(jnp.float32), -1))).sum(-1)  # [B, T]
     return _masked_mean(kl, mask)
+
+
+def topk_tail_kl_at(student_at_ids, student_lse, t_logits, t_lse, mask=None):
+    """Eq. 7 with one more outcome, "any token outside the teacher's top k": mean over positions (where mask
+    [B, T] is True) of the forward KL over k + 1 outcomes between the teacher's probabilities — its top-k
+    logits fp32 [B, T, k] against its logsumexp over the whole vocabulary [B, T] — and the student's (its logits
+    at those ids [B, T, k], its logsumexp [B, T]: `model.lse_from_hidden`). Zero when the student's
+    distribution is the teacher's; unlike `topk_kl_at`, positive when the student moves mass off the top k."""
+    log_p = t_logits.astype(jnp.float32) - t_lse.astype(jnp.float32)[..., None]
+    log_q = student_at_ids.astype(jnp.float32) - student_lse.astype(jnp.float32)[..., None]
+
+    def log_rest(lp):  # log(1 - sum_k exp(lp)): the mass outside the k ids (floored: cached fp16 logits round)
+        return jnp.log(jnp.maximum(-jnp.expm1(jnp.minimum(jax.nn.logsumexp(lp, -1), 0.0)), 1e-12))
+
+    lr_p, lr_q = log_rest(log_p), log_rest(log_q)
+    kl = (jnp.exp(log_p) * (log_p - log_q)).sum(-1) + jnp.exp(lr_p) * (lr_p - lr_q)  # [B, T]
+    return _masked_mean(kl, mask)
+
+
+def rest_mass_at(student_at_ids, student_lse, mask=None):
+    """Mean over positions of the student's probability outside the teacher's top-k ids: 1 - sum of
+    softmax over the vocabulary at those ids (logits at them fp32 [B, T, k], logsumexp [B, T])."""
+    inside = jnp.exp(jax.nn.logsumexp(student_at_ids.astype(jnp.float32), -1) - student_lse.astype(jnp.float32))
+    return _masked_mean(1.0 - inside, mask)
 
 
 def topk_agreement(student_logits, t_ids, mask=None):
@@ -124,16 +151,20 @@ class TeacherCache:
         bar = tqdm(total=sum(min(self.per, steps - f) for f in firsts), desc="teacher top-k",
                    disable=jax.process_index() != 0 or not firsts)
         for first in firsts:
-            ids, vals = [], []
+            ids, vals, lse = [], [], []
             for step in range(first, min(first + self.per, steps)):
-                i, v = topk(batch_fn(step), *args)
+                i, v, *rest = topk(batch_fn(step), *args)
                 ids.append(np.asarray(to_local(i), np.int32))
                 vals.append(np.asarray(to_local(v), np.float16))
+                lse += [np.asarray(to_local(r), np.float32) for r in rest]
                 bar.update(1)
+            if bool(lse) != bool(self.meta.get("tail")):
+                raise ValueError("topk_fn must return the teacher's logsumexp as a third output exactly when the "
+                                 "cache's meta says tail")
             # the tmp name must not end in .npz: other processes list the folder while this one writes
             tmp = self._path(first) + ".tmp"
             with open(tmp, "wb") as f:
-                np.savez(f, ids=np.stack(ids), logits=np.stack(vals))
+                np.savez(f, ids=np.stack(ids), logits=np.stack(vals), **({"lse": np.stack(lse)} if lse else {}))
             os.replace(tmp, self._path(first))
         bar.close()
         size = sum(os.path.getsize(self._path(f)) for f in range(0, steps, self.per))  # this process's shards only
@@ -142,11 +173,12 @@ class TeacherCache:
             + (f" (this process's rows; {procs} processes)" if procs > 1 else "") + ("" if firsts else " (cached)"))
         return size
 
-    def get(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """(ids int32 [b, T, k], logits fp32 [b, T, k]) of training step `step`: this process's b rows."""
+    def get(self, step: int) -> tuple[np.ndarray, ...]:
+        """(ids int32 [b, T, k], logits fp32 [b, T, k]) of training step `step`: this process's b rows; with a
+        tail cache also (lse fp32 [b, T])."""
         first = step - step % self.per
         if self._loaded is None or self._loaded[0] != first:
             with np.load(self._path(first)) as z:
-                self._loaded = (first, {"ids": z["ids"], "logits": z["logits"]})
-        d = self._loaded[1]
-        return d["ids"][step - first], d["logits"][step - first].astype(np.float32)
+                self._loaded = (first, {k: z[k] for k in z.files})
+        d, j = self._loaded[1], step - first
+        return (d["ids"][j], d["logits"][j].astype(np.float32)) + ((d["lse"][j],) if "lse" in d else ())
