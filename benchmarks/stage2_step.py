@@ -10,7 +10,8 @@ Three parts, one JSON (+ PNG) under --out:
 - **step rows**: the stage-2 training step (`train.stage2.student_logits` at the teacher's top-10 ids, eq. 7,
   `jax.value_and_grad`, remat) of a model shape with random bf16 weights, 15% random retrieval heads and a
   random indexer (speed does not depend on values; the top-p density of a random indexer differs from a trained
-  one's, stated in the row), per backend; tokens/s.
+  one's, stated in the row), per backend; tokens/s. Beside it per fast backend: `step_dense_retrieval` (no
+  selection) and `step_tail` (`--loss topk_tail`: the student's logsumexp over the vocabulary on top).
 
     python -m benchmarks.stage2_step --steps smollm2:8192 qwen25_05b:16384 qwen25_05b:32768 \
         --ops 8192 32768 --out benchmarks/results/stage2_step_h200
@@ -101,8 +102,9 @@ def op_rows(t: int, cfg, window: int, reps: int, backends=BACKENDS) -> list[dict
 
 def step_rows(model: str, t: int, reps: int, small: bool, backends=BACKENDS, profile: bool = False) -> list[dict]:
     """The stage-2 value-and-grad (remat) and the student forward per backend, on random weights."""
-    from train.stage2 import student_logits
-    from train.teacher import topk_kl_at
+    from rtpurbo_jax.model import logits_at, lse_from_hidden
+    from train.stage2 import student_hidden, student_logits
+    from train.teacher import topk_kl_at, topk_tail_kl_at
 
     cfg, window = MODELS[model]
     if small:
@@ -118,17 +120,25 @@ def step_rows(model: str, t: int, reps: int, small: bool, backends=BACKENDS, pro
     toks = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, t)), jnp.int32)
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, t, 10)), jnp.int32)
     vals = jnp.asarray(rng.normal(size=(1, t, 10)), jnp.float32)
+    t_lse = jax.nn.logsumexp(vals, -1) + 2.0  # a teacher with mass off its top-10
     w = jnp.ones((1, t), jnp.float32)
     rows = []
     dense_ret = dataclasses.replace(sparse, prefill_mode="dense")
     for backend in backends:
         # step_dense_retrieval: the same step with retrieval heads dense in prefill (no selection): what the
         # indexer's top-p costs, by difference
-        for phase in ("fwd", "step") + (("step_dense_retrieval",) if backend != "reference" else ()):
+        # step_tail: the step with --loss topk_tail (the student's logsumexp over the vocabulary, chunked, on top)
+        for phase in ("fwd", "step") + (("step_dense_retrieval", "step_tail") if backend != "reference" else ()):
             sp = dense_ret if phase == "step_dense_retrieval" else sparse
             logits = lambda p, tk, b=backend, r=phase != "fwd", sp=sp: student_logits(p, tk, cfg, sp, ix, r, at=ids,
                                                                                      attn_backend=b)
-            f = jax.jit(logits if phase == "fwd" else jax.value_and_grad(lambda p, tk, lg=logits: topk_kl_at(lg(p, tk), vals, w)))
+
+            def tail(p, tk, b=backend):
+                h = student_hidden(p, tk, cfg, sparse, ix, True, b)
+                return topk_tail_kl_at(logits_at(p, h, cfg, ids), lse_from_hidden(p, h, cfg), vals, t_lse, w)
+
+            f = jax.jit(logits if phase == "fwd" else jax.value_and_grad(
+                tail if phase == "step_tail" else lambda p, tk, lg=logits: topk_kl_at(lg(p, tk), vals, w)))
             row = {"scope": "step", "model": model, "length": t, "backend": backend, "phase": phase,
                    "weights": "random bf16", "retrieval_heads": int(roles.sum()), "total_heads": int(roles.size)}
             try:

@@ -590,3 +590,13 @@ def test_stage2_summary_runs_json_reproduces_committed_summaries(tmp_path):
         assert stage2_summary.main(["--runs", str(tmp_path / d)]) == 0
         assert json.load(open(tmp_path / d / "summary.json")) == committed, d
         assert (tmp_path / d / "summary.png").stat().st_size > 0
+
+
+def test_step_benchmark_times_eq7_and_the_tail_step(tmp_path):
+    """`benchmarks.stage2_step --small` on the CPU: per backend the forward, the eq. 7 step, the step with dense
+    retrieval heads and the `--loss topk_tail` step, each timed (no error row)."""
+    from benchmarks.stage2_step import step_rows
+
+    rows = step_rows("smollm2", 128, reps=1, small=True, backends=("xla",))
+    assert [r["phase"] for r in rows] == ["fwd", "step", "step_dense_retrieval", "step_tail"]
+    assert all("error" not in r and r["ms"] > 0 for r in rows), rows
