@@ -144,9 +144,9 @@ def summarize_runs(folder: str, runs: dict, lengths, stage2: dict, modes: tuple[
 
 
 def summarize_folder(folder: str) -> list[dict]:
-    """`summarize_runs` as folder/runs.json describes it: {"runs": {name: accuracy JSON path with {L}}, "lengths": [...],
-    "modes": [...], "title": str, "stage2": the training summary's path, or {name: path}, optional "ylim": [lo, hi]}
-    (paths relative to `folder`; the first run is the "before"). The rows."""
+    """`summarize_runs` as folder/runs.json describes it: {"runs": {name: accuracy JSON path with {L}},
+    "lengths": [...], "modes": [...], "title": str, "stage2": the training summary's path, or {name: path},
+    optional "ylim": [lo, hi]} (paths relative to `folder`; the first run is the "before"). The rows."""
     spec = json.load(open(os.path.join(folder, "runs.json")))
     s2 = spec["stage2"]
     load = lambda p: json.load(open(os.path.join(folder, p)))  # noqa: E731

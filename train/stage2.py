@@ -381,7 +381,8 @@ def run(c: Stage2Config) -> dict:
          + (f"; served dense, KL {after['kl_dense']:.4f} (before {before['kl_dense']:.4f})"
             if "kl_dense" in after and "kl_dense" in before else ""))
     objective = "kl_tail" if c.loss == "topk_tail" else "kl"  # the held-out figure of the loss trained
-    evals = {r["step"]: r for r in read_metrics(loop) + [after] if objective in r}  # a resumed run's rows: the later win
+    # a resumed run's rows: the later win
+    evals = {r["step"]: r for r in read_metrics(loop) + [after] if objective in r}
     step_out, params = c.steps, state["params"]
     if c.export == "best":
         step_out = best_export_step(list(evals.values()), {0, c.steps, *mngr.all_steps()}, objective)

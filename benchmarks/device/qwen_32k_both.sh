@@ -9,8 +9,8 @@
 #     warm machine, then `mv /tmp/s2y /tmp/s2y_part1`): convert (its roles checked against part 1's), that indexer,
 #     stage2_before_after 32768. Variants of part 2 from the committed indexer
 #     (benchmarks/results/stage2_qwen25coder05b_32k_both/stage1_32k.tgz): S2FLAGS adds stage-2 flags and SUITE_MODES
-#     sets the suites' modes, e.g.
-#     PART=stage2 S2FLAGS="--trainable attention" SUITE_MODES="full dense_retrieval rtpurbo" bash benchmarks/device/start.sh ...
+#     sets the suites' modes, e.g. PART=stage2 S2FLAGS="--trainable attention"
+#     SUITE_MODES="full dense_retrieval rtpurbo" bash benchmarks/device/start.sh benchmarks/device/qwen_32k_both.sh
 source benchmarks/device/common.sh /tmp/s2y
 stamp "start ${PART:?PART=stage1 or PART=stage2}"
 convert_model /tmp/qwen.gguf
