@@ -300,6 +300,47 @@ def test_topk_tail_loss_holds_the_mass_off_the_top_k_and_caches_the_teacher_logs
         run(parse_args(flags(tiny, tmp_path / "e", *kw, "--loss", "topk_tail")))
 
 
+def test_dense_weight_adds_the_dense_students_loss_and_keeps_the_dense_path(tiny, tmp_path):
+    """`stage2_loss` with dense_weight W is the sparse student's loss plus W x the same loss of the student served
+    dense (for eq. 7 and the tail loss), and a small step down it brings the dense path nearer the teacher than a
+    step down the sparse loss alone. (Held-out kl_dense over whole runs is not asserted: on this tiny model over
+    random tokens it drifts erratically either way.)"""
+    from rtpurbo_jax.checkpoint import load_converted, load_indexer
+    from rtpurbo_jax.model import logits_at, logits_from_hidden
+    from train.stage2 import stage2_loss
+    from train.teacher import topk_tail_kl_at
+
+    cfg, conv, ix_dir, _, sparse = tiny
+    params = load_converted(conv).params
+    ix = load_indexer(ix_dir, cfg, sparse.index_dim)
+    sp = dataclasses.replace(sparse, prefill_mode="indexer", seqlen_threshold=0)
+    toks = jnp.asarray(np.random.default_rng(8).integers(0, cfg.vocab_size, (2, 64)), jnp.int32)
+    teacher_params = jax.tree.map(lambda x: x * 1.05, params)  # a teacher the dense student differs from
+    t_logits_full = apply(teacher_params, toks, cfg)
+    ids, vals = teacher_topk(t_logits_full, 10)
+    t_lse = jax.nn.logsumexp(t_logits_full, -1)
+    w = jnp.ones((2, 64), jnp.float32)
+    dense_h = apply(params, toks, cfg, attn_backend="xla", return_hidden=True)
+    kw = dict(cfg=cfg, sparse=sp, attn_backend="xla")
+    for loss, teacher, dense_term in (
+            ("topk", (ids, vals), topk_kl(logits_from_hidden(params, dense_h, cfg), ids, vals, w)),
+            ("topk_tail", (ids, vals, t_lse), topk_tail_kl_at(logits_at(params, dense_h, cfg, ids),
+                                                              jax.nn.logsumexp(logits_from_hidden(params, dense_h, cfg), -1),
+                                                              vals, t_lse, w))):
+        alone = stage2_loss(params, ix, toks, w, teacher, loss=loss, **kw)
+        both = stage2_loss(params, ix, toks, w, teacher, loss=loss, dense_weight=0.5, **kw)
+        assert float(dense_term) > 1e-3
+        assert float(both) == pytest.approx(float(alone) + 0.5 * float(dense_term), rel=1e-4)
+    # a small step down the combined loss lowers the dense student's loss more than a step down the sparse one
+    dense_kl = lambda q: float(topk_kl(apply(q, toks, cfg, attn_backend="xla"), ids, vals, w))
+    step = lambda g: jax.tree.map(lambda x, d: x - 1e-2 * d, params, g)
+    grad = lambda dw: jax.grad(lambda q: stage2_loss(q, ix, toks, w, (ids, vals), dense_weight=dw, **kw))(params)
+    assert dense_kl(step(grad(1.0))) < dense_kl(step(grad(0.0))) - 1e-3 < dense_kl(params)
+    # the run takes the flag and the config records it
+    run(parse_args(flags(tiny, tmp_path / "a", "--steps", "1", "--dense-weight", "1")))
+    assert json.load(open(tmp_path / "a" / "config.json"))["dense_weight"] == 1.0
+
+
 def test_the_last_step_is_evaluated_once(tiny, tmp_path, monkeypatch):
     """The summary's "after" is the row run_loop evaluated at the last step (not a second pass over the held-out
     windows); a resumed run that has nothing left to train evaluates it itself."""

@@ -62,8 +62,8 @@ def test_stage1_step_lowers_for_tpu_on_a_mesh(sparse):
     assert "tpu_custom_call" in exp.mlir_module()  # the kernel, not the jnp reference
 
 
-@pytest.mark.parametrize("loss", ["topk", "topk_tail"])
-def test_stage2_step_lowers_for_tpu_on_a_mesh(sparse, loss):
+@pytest.mark.parametrize("loss,dense_weight", [("topk", 0.0), ("topk_tail", 1.0)])
+def test_stage2_step_lowers_for_tpu_on_a_mesh(sparse, loss, dense_weight):
     from train.stage2 import Stage2Config, build_step, make_optimizer, state_rules
 
     c = Stage2Config(model="x", indexer="x", seq_len=4096, batch=4)
@@ -78,7 +78,7 @@ def test_stage2_step_lowers_for_tpu_on_a_mesh(sparse, loss):
     ix = jax.eval_shape(lambda: init_indexer(CFG, sparse.index_dim, jax.random.key(0)))
     tok_sh = NamedSharding(MESH, P("data"))
     step_j = build_step(CFG, dataclasses.replace(sparse, prefill_mode="indexer"), tx, state_sh, tok_sh, rep,
-                        mesh=MESH, loss=loss)  # the attention per shard (sequences over "data")
+                        mesh=MESH, loss=loss, dense_weight=dense_weight)  # attention per shard (sequences over "data")
     rows = jax.ShapeDtypeStruct((4, 4096), jnp.int32)
     topk = jax.ShapeDtypeStruct((4, 4096, 10), jnp.int32)
     lse = (jax.ShapeDtypeStruct((4, 4096), jnp.float32),) if loss == "topk_tail" else ()  # the teacher's logsumexp

@@ -27,7 +27,9 @@ span; `--positions all` for every row); held-out metrics are on the same rows, w
 `kl_dense` (the same weights with full attention against the teacher: how far the model drifts when served dense)
 and `rest_mass` (the student's probability off the teacher's top-k, which eq. 7 leaves free). `--loss topk_tail`
 trains eq. 7 with that rest of the vocabulary as an eleventh outcome (`train.teacher.topk_tail_kl_at`; the cache then
-also holds the teacher's logsumexp; held-out `kl_tail`, and `--export best` picks by it).
+also holds the teacher's logsumexp; held-out `kl_tail`, and `--export best` picks by it). `--dense-weight W` adds W x
+the same loss of the student served dense (`stage2_loss`), so that the dense path — what serving runs below
+`seqlen_threshold` — stays near the teacher (`kl_dense`); it costs a second forward and backward per micro-step.
 
 Several processes (hosts): each reads its rows of every batch, caches its own rows of the teacher's top-k and
 writes its part of the exported model into the shared run directory (`tests/test_stage2_multiprocess.py`).
@@ -93,6 +95,8 @@ class Stage2Config(RunFlags):
     top_k: int = 10
     loss: str = "topk"  # topk: eq. 7 (the paper; blind to mass the student moves off the teacher's top-k) |
     # topk_tail: eq. 7 plus the rest of the vocabulary as one outcome (the teacher's logsumexp cached beside its top-k)
+    dense_weight: float = 0.0  # > 0: add this times the same loss of the student served dense (full attention), so
+    # the weights keep the dense path too — what serving runs below seqlen_threshold. 0: the paper (sparse only)
     top_p: float = 0.9
     trainable: str = "all"  # all | attention (q, k, v, o projections) | no_embeddings
     fsdp: bool = True  # shard params and optimiser state over the data axis
@@ -126,6 +130,8 @@ class Stage2Config(RunFlags):
             raise ValueError(f"--positions must be 'answer' or 'all', got {self.positions!r}")
         if not 0 <= self.events < float("inf"):
             raise ValueError(f"--events must be a finite number >= 0, got {self.events}")
+        if not 0 <= self.dense_weight < float("inf"):
+            raise ValueError(f"--dense-weight must be a finite number >= 0, got {self.dense_weight}")
         if self.loss not in LOSSES:
             raise ValueError(f"--loss must be one of {LOSSES}, got {self.loss!r}")
         if self.trainable not in TRAINABLE:
@@ -136,7 +142,7 @@ class Stage2Config(RunFlags):
 
 
 FINGERPRINT = ("model", "indexer", "data", "events", "positions", "seq_len", "batch", "accumulate", "steps", "lr", "warmup", "weight_decay",
-               "grad_clip", "top_k", "loss", "top_p", "trainable", "seed")
+               "grad_clip", "top_k", "loss", "dense_weight", "top_p", "trainable", "seed")
 
 
 def parse_args(argv=None) -> Stage2Config:
@@ -216,24 +222,41 @@ def student_hidden(params, tokens, cfg, sparse: SparseConfig, indexer: dict, rem
                  attn_backend=attn_backend, mesh=mesh, return_hidden=True)
 
 
-def build_step(cfg: ModelConfig, sparse: SparseConfig, tx, state_sh, tok_sh, ix_sh, remat: bool = True,
-               attn_backend: str = "xla", dtypes=None, mesh=None, loss: str = "topk"):
-    """The jitted stage-2 step (state, indexer, tokens, row weights, teacher top-k ids, teacher top-k logits
-    [, teacher logsumexp for loss "topk_tail"]) -> (state, {loss, grad_norm}): eq. 7 (or `topk_tail_kl_at`) on the
-    student in sparse mode (the frozen indexer selects), gradients, the optimiser; everything in the given
-    shardings, the state donated. state["params"] are fp32 masters when `dtypes` (the model's dtype per leaf) is
-    given: the forward runs on them cast to those dtypes, and the gradients and updates are fp32. mesh: the
-    attention runs per shard of it (`student_logits`). Also lowered for TPU pods in `tests/test_tpu_lowering.py`."""
+def stage2_loss(p, ix, tokens, weights, teacher, *, cfg: ModelConfig, sparse: SparseConfig, remat: bool = False,
+                attn_backend: str = "xla", mesh=None, loss: str = "topk", dense_weight: float = 0.0):
+    """The stage-2 objective of params `p` (model dtypes): eq. 7 (`loss` "topk") or `topk_tail_kl_at` of the student
+    in sparse mode against `teacher` = (top-k ids int [B, T, k], top-k logits fp32 [B, T, k][, logsumexp fp32
+    [B, T] for "topk_tail"]) on the rows weighted by `weights` [B, T]; plus `dense_weight` x the same of the student
+    served dense (full attention through the same differentiable `attn_backend`). Scalar fp32; never the [B, T, V]
+    logits (the tail's logsumexp is taken in row chunks)."""
+    t_ids, t_logits, *t_lse = teacher
 
-    def loss_fn(p, ix, tokens, weights, t_ids, t_logits, *t_lse):
-        p = cast_like(p, dtypes)
+    def of(hidden):  # the loss of one pass's normed hidden states
+        at = logits_at(p, hidden, cfg, t_ids)
         if loss == "topk":
-            return topk_kl_at(student_logits(p, tokens, cfg, sparse, ix, remat, at=t_ids, attn_backend=attn_backend,
-                                             mesh=mesh),
-                              t_logits, weights)
-        hidden = student_hidden(p, tokens, cfg, sparse, ix, remat, attn_backend, mesh)
-        return topk_tail_kl_at(logits_at(p, hidden, cfg, t_ids), lse_from_hidden(p, hidden, cfg), t_logits, *t_lse,
-                               weights)
+            return topk_kl_at(at, t_logits, weights)
+        return topk_tail_kl_at(at, lse_from_hidden(p, hidden, cfg), t_logits, *t_lse, weights)
+
+    value = of(student_hidden(p, tokens, cfg, sparse, ix, remat, attn_backend, mesh))
+    if dense_weight:
+        dense = apply(p, tokens, cfg, remat=remat, attn_backend=attn_backend, mesh=mesh, return_hidden=True)
+        value = value + dense_weight * of(dense)
+    return value
+
+
+def build_step(cfg: ModelConfig, sparse: SparseConfig, tx, state_sh, tok_sh, ix_sh, remat: bool = True,
+               attn_backend: str = "xla", dtypes=None, mesh=None, loss: str = "topk", dense_weight: float = 0.0):
+    """The jitted stage-2 step (state, indexer, tokens, row weights, teacher top-k ids, teacher top-k logits
+    [, teacher logsumexp for loss "topk_tail"]) -> (state, {loss, grad_norm}): `stage2_loss` (eq. 7 or the tail
+    loss on the student in sparse mode — the frozen indexer selects — plus `dense_weight` x its dense twin),
+    gradients, the optimiser; everything in the given shardings, the state donated. state["params"] are fp32
+    masters when `dtypes` (the model's dtype per leaf) is given: the forward runs on them cast to those dtypes, and
+    the gradients and updates are fp32. mesh: the attention runs per shard of it (`student_logits`). Also lowered
+    for TPU pods in `tests/test_tpu_lowering.py`."""
+
+    def loss_fn(p, ix, tokens, weights, *teacher):
+        return stage2_loss(cast_like(p, dtypes), ix, tokens, weights, teacher, cfg=cfg, sparse=sparse, remat=remat,
+                           attn_backend=attn_backend, mesh=mesh, loss=loss, dense_weight=dense_weight)
 
     def step(state, ix, tokens, weights, *teacher):
         value, grads = jax.value_and_grad(loss_fn)(state["params"], ix, tokens, weights, *teacher)
@@ -318,7 +341,7 @@ def run(c: Stage2Config) -> dict:
     if low:
         log0(f"[stage2] fp32 master weights: the model's {'/'.join(low)} weights are cast from them for every "
              "forward and for the export")
-    step_j = build_step(cfg, sparse, tx, state_sh, tok_sh, rep, c.remat, backend, dtypes, mesh, c.loss)
+    step_j = build_step(cfg, sparse, tx, state_sh, tok_sh, rep, c.remat, backend, dtypes, mesh, c.loss, c.dense_weight)
 
     def metrics(p, ix, t, w, i, lg, *t_lse):  # on the loss rows (answers, or all), and KL on every row beside it
         p = cast_like(p, dtypes)  # from the hidden states, in row chunks: never the [B, T, V] logits
@@ -365,7 +388,8 @@ def run(c: Stage2Config) -> dict:
     first = first_metrics_row(loop, start)
     before = first if first is not None and "kl" in first else evaluate(start, state)
     log0(f"[stage2] {cfg.model_type} {cfg.num_layers} layers, {int(sparse.roles_array.sum())} retrieval heads, "
-         f"trainable {c.trainable}, loss on {'answer rows' if answers else 'all rows'}, mesh {dict(mesh.shape)}; before: KL {before['kl']:.4f}, top-{c.top_k} agreement "
+         f"trainable {c.trainable}, loss {c.loss}" + (f" + {c.dense_weight:g} x the dense student's" if c.dense_weight else "")
+         + f" on {'answer rows' if answers else 'all rows'}, mesh {dict(mesh.shape)}; before: KL {before['kl']:.4f}, top-{c.top_k} agreement "
          f"{before['topk_agreement']:.3f} (top-1 within it {before['top1_within_topk']:.3f})")
     state, stopped = run_loop(loop, state, mngr, start, train_step, evaluate,
                               c.batch * c.accumulate * c.seq_len, rows=[before] if start == 0 else [])
