@@ -7,10 +7,10 @@ Three parts, one JSON (+ PNG) under --out:
 - **op rows**: one layer's block-sparse attention (15% retrieval heads at a top-p-like density, the rest sinks +
   window) forward and forward + backward, "xla" vs "reference", and cuDNN dense causal attention forward +
   backward (`jax.nn.dot_product_attention`) from the same run;
-- **step rows**: the stage-2 training step (`train.stage2.student_logits` at the teacher's top-10 ids, eq. 7,
-  `jax.value_and_grad`, remat) of a model shape with random bf16 weights, 15% random retrieval heads and a
-  random indexer (speed does not depend on values; the top-p density of a random indexer differs from a trained
-  one's, stated in the row), per backend; tokens/s. Beside it per fast backend: `step_dense_retrieval` (no
+- **step rows**: the stage-2 training step (`train.stage2.stage2_loss`: the student's logits at the teacher's
+  top-10 ids, eq. 7, `jax.value_and_grad`, remat) of a model shape with random bf16 weights, 15% random retrieval
+  heads and a random indexer (speed does not depend on values; the top-p density of a random indexer differs from
+  a trained one's, stated in the row), per backend; tokens/s. Beside it per fast backend: `step_dense_retrieval` (no
   selection) and `step_tail` (`--loss topk_tail`: the student's logsumexp over the vocabulary on top).
 
     python -m benchmarks.stage2_step --steps smollm2:8192 qwen25_05b:16384 qwen25_05b:32768 \
@@ -102,9 +102,7 @@ def op_rows(t: int, cfg, window: int, reps: int, backends=BACKENDS) -> list[dict
 
 def step_rows(model: str, t: int, reps: int, small: bool, backends=BACKENDS, profile: bool = False) -> list[dict]:
     """The stage-2 value-and-grad (remat) and the student forward per backend, on random weights."""
-    from rtpurbo_jax.model import logits_at, lse_from_hidden
-    from train.stage2 import student_hidden, student_logits
-    from train.teacher import topk_kl_at, topk_tail_kl_at
+    from train.stage2 import stage2_loss, student_logits
 
     cfg, window = MODELS[model]
     if small:
@@ -130,15 +128,13 @@ def step_rows(model: str, t: int, reps: int, small: bool, backends=BACKENDS, pro
         # step_tail: the step with --loss topk_tail (the student's logsumexp over the vocabulary, chunked, on top)
         for phase in ("fwd", "step") + (("step_dense_retrieval", "step_tail") if backend != "reference" else ()):
             sp = dense_ret if phase == "step_dense_retrieval" else sparse
-            logits = lambda p, tk, b=backend, r=phase != "fwd", sp=sp: student_logits(p, tk, cfg, sp, ix, r, at=ids,
-                                                                                     attn_backend=b)
-
-            def tail(p, tk, b=backend):
-                h = student_hidden(p, tk, cfg, sparse, ix, True, b)
-                return topk_tail_kl_at(logits_at(p, h, cfg, ids), lse_from_hidden(p, h, cfg), vals, t_lse, w)
-
-            f = jax.jit(logits if phase == "fwd" else jax.value_and_grad(
-                tail if phase == "step_tail" else lambda p, tk, lg=logits: topk_kl_at(lg(p, tk), vals, w)))
+            tail = phase == "step_tail"
+            if phase == "fwd":
+                f = jax.jit(lambda p, tk, b=backend: student_logits(p, tk, cfg, sp, ix, at=ids, attn_backend=b))
+            else:  # what the training step differentiates (`train.stage2.stage2_loss`)
+                f = jax.jit(jax.value_and_grad(lambda p, tk, b=backend, sp=sp, tail=tail: stage2_loss(
+                    p, ix, tk, w, (ids, vals, t_lse) if tail else (ids, vals), cfg=cfg, sparse=sp, remat=True,
+                    attn_backend=b, loss="topk_tail" if tail else "topk")))
             row = {"scope": "step", "model": model, "length": t, "backend": backend, "phase": phase,
                    "weights": "random bf16", "retrieval_heads": int(roles.sum()), "total_heads": int(roles.size)}
             try:
