@@ -157,7 +157,14 @@ def summarize_folder(folder: str) -> list[dict]:
 
 def main(argv=None) -> int:
     argv = argv or sys.argv[1:]
+    usage = "usage: python -m benchmarks.stage2_summary OUTDIR | --runs FOLDER"
+    if len(argv) != (2 if argv[:1] == ["--runs"] else 1):
+        print(usage, file=sys.stderr)
+        return 2
     if argv[0] == "--runs":
+        if not os.path.exists(os.path.join(argv[1], "runs.json")):
+            print(f"{argv[1]} has no runs.json (the runs to summarize); {usage}", file=sys.stderr)
+            return 2
         summarize_folder(argv[1])
         return 0
     out = argv[0]

@@ -635,6 +635,9 @@ def test_stage2_summary_runs_json_reproduces_committed_summaries(tmp_path):
         assert stage2_summary.main(["--runs", str(tmp_path / d)]) == 0
         assert json.load(open(tmp_path / d / "summary.json")) == committed, d
         assert (tmp_path / d / "summary.png").stat().st_size > 0
+    assert stage2_summary.main(["--runs", str(tmp_path)]) == 2  # no runs.json there: refused, nothing written
+    assert not (tmp_path / "summary.json").exists()
+    assert stage2_summary.main(["--runs"]) == 2
 
 
 def test_step_benchmark_times_eq7_and_the_tail_step(tmp_path):
