@@ -63,20 +63,27 @@ stage2_suite() {
 # BEFORE_FLAGS when given, e.g. a second indexer and its mode) beside stage 2 of $O/conv with
 # $O/run/stage1/indexer on SEQ_LEN-token windows of --data DATA (session 21's recipe: global batch 8, 40 steps, lr 3e-6,
 # 10 warm-up steps, answer rows, 4 held-out windows; S2FLAGS, when set, adds flags to it, e.g. "--trainable attention")
+# (BEFORE_FROM=a committed results folder of the same model and indexer: its L*/acc_stage1.* stand for "before")
 # into $O/run/stage2, then the suite "after" on its model (stage2_suite's default modes), and per
 # length the merged summary and --compare into $O/run/compare_<LENGTH>.log. Stamped; the pipeline stops (DONE) if
 # stage 2 fails.
 stage2_before_after() {
   local b16 b32 a16 a32 L seq=$1 data=$2; shift 2
-  stage2_suite $O/conv acc_stage1 16000 0.18 "$@"; b16=$!
-  stage2_suite $O/conv acc_stage1 32000 0.22 "$@"; b32=$!
+  if [ -n "${BEFORE_FROM:-}" ]; then  # a committed run's "before" suites (same model, indexer and prompts) reused
+    for L in 16000 32000; do mkdir -p $O/run/L$L && cp $BEFORE_FROM/L$L/acc_stage1.* $O/run/L$L/ \
+      || { stamp "no before in $BEFORE_FROM"; touch $O/DONE; exit 1; }; done
+    b16=; b32=; stamp "accuracy before copied from $BEFORE_FROM"
+  else
+    stage2_suite $O/conv acc_stage1 16000 0.18 "$@"; b16=$!
+    stage2_suite $O/conv acc_stage1 32000 0.22 "$@"; b32=$!
+  fi
   # shellcheck disable=SC2086  # S2FLAGS: flags split on spaces
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.55 python -m train.distill --stage 2 --model $O/conv --indexer $O/run/stage1/indexer \
     --run-dir $O/run/stage2 --seq-len $seq --steps 40 --accumulate 8 --lr 3e-6 --warmup 10 --data $data --events 0 \
     --positions answer --log-every 5 --ckpt-every 1000 --eval-batches 4 ${S2FLAGS:-} > $O/run/stage2.log 2>&1 \
     || { stamp "stage2 FAILED"; wait; touch $O/DONE; exit 1; }
   stamp "stage 2 trained"
-  wait $b16; wait $b32; stamp "accuracy before done"
+  [ -z "$b16" ] || { wait $b16; wait $b32; stamp "accuracy before done"; }
   stage2_suite $O/run/stage2/model acc_stage2 16000 0.3; a16=$!
   stage2_suite $O/run/stage2/model acc_stage2 32000 0.4; a32=$!
   wait $a16; wait $a32; stamp "accuracy after done"
