@@ -278,6 +278,8 @@ def test_loss_falls_and_agreement_rises(tiny, tmp_path):
     assert os.path.exists(tmp_path / "r" / "model" / "rtpurbo.json")
     meta = json.load(open(tmp_path / "r" / "model" / "rtpurbo.json"))
     assert meta["sparse_config"]["roles"] == tiny[4].to_dict()["roles"]
+    # the trained weights are served as they were trained, sparse at every length (the converted model: 16384)
+    assert tiny[4].seqlen_threshold == 16384 and meta["sparse_config"]["seqlen_threshold"] == 0
 
 
 def test_topk_tail_loss_holds_the_mass_off_the_top_k_and_caches_the_teacher_logsumexp(tiny, tmp_path):
@@ -336,6 +338,13 @@ def test_dense_weight_adds_the_dense_students_loss_and_keeps_the_dense_path(tiny
     step = lambda g: jax.tree.map(lambda x, d: x - 1e-2 * d, params, g)
     grad = lambda dw: jax.grad(lambda q: stage2_loss(q, ix, toks, w, (ids, vals), dense_weight=dw, **kw))(params)
     assert dense_kl(step(grad(1.0))) < dense_kl(step(grad(0.0))) - 1e-3 < dense_kl(params)
+    # the export: a run that kept the dense path in its objective keeps the converted model's threshold (short calls
+    # served dense); one that did not serves sparse at every length; --serve-threshold overrides both
+    from train.stage2 import Stage2Config, export_threshold
+    c = Stage2Config(model="m", indexer="i")
+    assert export_threshold(c, 16384) == 0
+    assert export_threshold(dataclasses.replace(c, dense_weight=1.0), 16384) == 16384
+    assert export_threshold(dataclasses.replace(c, dense_weight=1.0, serve_threshold=4096), 16384) == 4096
 
 
 def test_the_last_step_is_evaluated_once(tiny, tmp_path, monkeypatch):
@@ -463,12 +472,14 @@ def test_attention_only_keeps_the_rest_frozen(tiny, tmp_path):
     `--compare` matches on), not the name of the directory it came from."""
     from rtpurbo_jax.checkpoint import load_converted, model_name, read_meta
 
-    run(parse_args(flags(tiny, tmp_path / "att", "--steps", "2", "--trainable", "attention")))
+    run(parse_args(flags(tiny, tmp_path / "att", "--steps", "2", "--trainable", "attention", "--serve-threshold",
+                         "48")))
     old, new = load_converted(tiny[1]).params, load_converted(str(tmp_path / "att" / "model")).params
     np.testing.assert_array_equal(np.asarray(old["embed"]), np.asarray(new["embed"]))
     np.testing.assert_array_equal(np.asarray(old["layers"]["w_up"]), np.asarray(new["layers"]["w_up"]))
     assert np.abs(np.asarray(old["layers"]["wq"]) - np.asarray(new["layers"]["wq"])).max() > 0
     assert model_name(read_meta(str(tmp_path / "att" / "model"))) == model_name(read_meta(tiny[1])) == "tinybase-1m"
+    assert read_meta(str(tmp_path / "att" / "model"))["sparse_config"]["seqlen_threshold"] == 48  # --serve-threshold
 
 
 def test_loss_covers_only_the_marked_answer_rows(tiny, tmp_path, monkeypatch):
@@ -541,6 +552,8 @@ def test_stage_flag_and_bad_input(tiny, tmp_path, capsys):
     assert "--positions must be" in capsys.readouterr().err
     assert distill_main(["--stage", "2", *flags(tiny, tmp_path / "y", "--dense-weight", "-1")]) == 2
     assert "--dense-weight must be" in capsys.readouterr().err
+    assert distill_main(["--stage", "2", *flags(tiny, tmp_path / "z", "--serve-threshold", "-5")]) == 2
+    assert "--serve-threshold must be >= 0" in capsys.readouterr().err
     assert distill_main(["--stage", "2", *flags(tiny, tmp_path / "y", "--loss", "kl")]) == 2
     assert "--loss must be one of" in capsys.readouterr().err
     assert distill_main(["--stage", "2", *flags(tiny, tmp_path / "z", "--data", "tasks")]) == 2
