@@ -404,6 +404,10 @@ def test_warnings_for_short_windows_and_a_worse_student(tiny, tmp_path, capsys):
     rows = lambda kl, all_rows: {"kl": kl, "kl_all_rows": all_rows}
     assert drift_note(rows(0.0073, 0.0216), rows(0.0032, 0.0200)) is None
     assert "all rows rose from 0.0216 to 0.0241" in drift_note(rows(0.0073, 0.0216), rows(0.0032, 0.0241))
+    assert "--data tasks+kjv" in drift_note(rows(0.0073, 0.0216), rows(0.0032, 0.0241))
+    # a mix that already trains prose on every row (session 26's Qwen run drifted anyway) gets other advice
+    mixed = drift_note(rows(0.0189, 0.0224), rows(0.0103, 0.0229), mixed=True)
+    assert "0.0224 to 0.0229" in mixed and "--dense-weight 1" in mixed and "--data tasks+kjv" not in mixed
 
 
 def test_export_best_picks_the_lowest_held_out_kl(tiny, tmp_path):
