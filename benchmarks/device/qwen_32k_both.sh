@@ -8,9 +8,14 @@
 #   PART=stage2 ... with stage1_32k.tgz in /tmp/wh/ (carried in a .carry folder, or copied there from part 1 on a
 #     warm machine, then `mv /tmp/s2y /tmp/s2y_part1`): convert (its roles checked against part 1's), that indexer,
 #     stage2_before_after 32768. Variants of part 2 from the committed indexer
-#     (benchmarks/results/stage2_qwen25coder05b_32k_both/stage1_32k.tgz): S2FLAGS adds stage-2 flags and SUITE_MODES
-#     sets the suites' modes, e.g. PART=stage2 S2FLAGS="--trainable attention"
-#     SUITE_MODES="full dense_retrieval rtpurbo" bash benchmarks/device/start.sh benchmarks/device/qwen_32k_both.sh
+#     (benchmarks/results/stage2_qwen25coder05b_32k_both/stage1_32k.tgz): S2FLAGS adds stage-2 flags, SUITE_MODES
+#     sets the suites' modes and BEFORE_FROM reuses a committed run's "before" suites (stage 2 then has the GPU
+#     alone), e.g. PART=stage2 S2FLAGS="--loss topk_tail" SUITE_MODES="full dense_retrieval rtpurbo"
+#     BEFORE_FROM=benchmarks/results/stage2_qwen25coder05b_32k_both bash benchmarks/device/start.sh
+#     benchmarks/device/qwen_32k_both.sh — session 26, 1198 s on the H100 (stage 2 with the tail loss 17 s a step;
+#     benchmarks/results/stage2_qwen25coder05b_32k_tail/). With the tracked tree at ~10 MB a carry call holds one
+#     Qwen part (.carry1-9) and a tenth the wheels + stage1_32k.tgz; --dense-weight doubles the step, so within one
+#     30-minute lease it needs S2FLAGS="... --steps 20".
 source benchmarks/device/common.sh /tmp/s2y
 stamp "start ${PART:?PART=stage1 or PART=stage2}"
 convert_model /tmp/qwen.gguf
