@@ -427,10 +427,10 @@ def run(c: Stage2Config) -> dict:
     out = os.path.join(c.run_dir, "model")
     served = dataclasses.replace(shipped, seqlen_threshold=export_threshold(c, shipped.seqlen_threshold))
     if served.seqlen_threshold != shipped.seqlen_threshold:
-        log0(f"[stage2] the exported model's seqlen_threshold is {served.seqlen_threshold} ({shipped.seqlen_threshold} "
-             f"before): {'calls of every length' if served.seqlen_threshold == 0 else f'calls of {served.seqlen_threshold} tokens or more'} are "
-             "served sparse, "
-             "the path its weights were trained on (--serve-threshold sets it)")
+        n = served.seqlen_threshold
+        log0(f"[stage2] the exported model's seqlen_threshold is {n} ({shipped.seqlen_threshold} before): "
+             f"{'calls of every length' if n == 0 else f'calls of {n} tokens or more'} are served sparse, the path "
+             "its weights were trained on (--serve-threshold sets it)")
     save_converted(out, cast_like(params, dtypes), cfg, sparse_config=served.to_dict(), source=c.model,
                    tokenizer=tokenizer, overwrite=os.path.exists(out),
                    extra={"model_name": name, "stage2": {"from": os.path.abspath(c.model),
