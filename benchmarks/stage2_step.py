@@ -11,7 +11,8 @@ Three parts, one JSON (+ PNG) under --out:
   top-10 ids, eq. 7, `jax.value_and_grad`, remat) of a model shape with random bf16 weights, 15% random retrieval
   heads and a random indexer (speed does not depend on values; the top-p density of a random indexer differs from
   a trained one's, stated in the row), per backend; tokens/s. Beside it per fast backend: `step_dense_retrieval` (no
-  selection) and `step_tail` (`--loss topk_tail`: the student's logsumexp over the vocabulary on top).
+  selection), `step_tail` (`--loss topk_tail`: the student's logsumexp over the vocabulary on top) and
+  `step_tail_answers` (the same on a task window's 16 answer rows: the other row chunks skip the vocabulary).
 
     python -m benchmarks.stage2_step --steps smollm2:8192 qwen25_05b:16384 qwen25_05b:32768 \
         --ops 8192 32768 --out benchmarks/results/stage2_step_h200
@@ -120,20 +121,24 @@ def step_rows(model: str, t: int, reps: int, small: bool, backends=BACKENDS, pro
     vals = jnp.asarray(rng.normal(size=(1, t, 10)), jnp.float32)
     t_lse = jax.nn.logsumexp(vals, -1) + 2.0  # a teacher with mass off its top-10
     w = jnp.ones((1, t), jnp.float32)
+    w_answers = jnp.zeros((1, t), jnp.float32).at[:, -16:].set(1.0)  # a task window's answer span: its last rows
     rows = []
     dense_ret = dataclasses.replace(sparse, prefill_mode="dense")
     for backend in backends:
         # step_dense_retrieval: the same step with retrieval heads dense in prefill (no selection): what the
         # indexer's top-p costs, by difference
-        # step_tail: the step with --loss topk_tail (the student's logsumexp over the vocabulary, chunked, on top)
-        for phase in ("fwd", "step") + (("step_dense_retrieval", "step_tail") if backend != "reference" else ()):
+        # step_tail: the step with --loss topk_tail (the student's logsumexp over the vocabulary, chunked, on top);
+        # step_tail_answers: the same with only the last 16 rows weighted (the other row chunks skip the vocabulary)
+        fast = ("step_dense_retrieval", "step_tail", "step_tail_answers")
+        for phase in ("fwd", "step") + (fast if backend != "reference" else ()):
             sp = dense_ret if phase == "step_dense_retrieval" else sparse
-            tail = phase == "step_tail"
+            tail = phase.startswith("step_tail")
+            wp = w_answers if phase == "step_tail_answers" else w
             if phase == "fwd":
                 f = jax.jit(lambda p, tk, b=backend: student_logits(p, tk, cfg, sp, ix, at=ids, attn_backend=b))
             else:  # what the training step differentiates (`train.stage2.stage2_loss`)
-                f = jax.jit(jax.value_and_grad(lambda p, tk, b=backend, sp=sp, tail=tail: stage2_loss(
-                    p, ix, tk, w, (ids, vals, t_lse) if tail else (ids, vals), cfg=cfg, sparse=sp, remat=True,
+                f = jax.jit(jax.value_and_grad(lambda p, tk, b=backend, sp=sp, tail=tail, wp=wp: stage2_loss(
+                    p, ix, tk, wp, (ids, vals, t_lse) if tail else (ids, vals), cfg=cfg, sparse=sp, remat=True,
                     attn_backend=b, loss="topk_tail" if tail else "topk")))
             row = {"scope": "step", "model": model, "length": t, "backend": backend, "phase": phase,
                    "weights": "random bf16", "retrieval_heads": int(roles.sum()), "total_heads": int(roles.size)}

@@ -172,14 +172,16 @@ def logits_at(params: dict, x: jax.Array, cfg: ModelConfig, ids: jax.Array) -> j
     return jnp.einsum("...d,d...k->...k", x, cols, precision=_HI, preferred_element_type=jnp.float32)
 
 
-def _by_rows(x: jax.Array, rows: int, fn):
+def _by_rows(x: jax.Array, rows: int, fn, *beside: jax.Array):
     """fn over normed hidden states x [B, T, D], `rows` positions at a time (`lax.map` over the chunks, the last
-    one padded): its outputs, a pytree of [B, rows, ...] arrays, joined back to [B, T, ...]."""
+    one padded): its outputs, a pytree of [B, rows, ...] arrays, joined back to [B, T, ...]. `beside`: [B, T]
+    arrays chunked the same way (zero-padded) and passed to fn after the chunk of x."""
     b, t, d = x.shape
     rows = min(rows, t)
     n = -(-t // rows)
-    xs = jnp.pad(x, ((0, 0), (0, n * rows - t), (0, 0))).reshape(b, n, rows, d).swapaxes(0, 1)
-    out = jax.lax.map(fn, xs)  # [n, B, rows, ...]
+    chunks = lambda a: jnp.pad(a, ((0, 0), (0, n * rows - t)) + ((0, 0),) * (a.ndim - 2)).reshape(
+        b, n, rows, *a.shape[2:]).swapaxes(0, 1)
+    out = jax.lax.map(lambda xs: fn(*xs), (chunks(x), *map(chunks, beside)))  # [n, B, rows, ...]
     return jax.tree.map(lambda a: a.swapaxes(0, 1).reshape(b, n * rows, *a.shape[3:])[:, :t], out)
 
 
@@ -197,8 +199,14 @@ def topk_from_hidden(params: dict, x: jax.Array, cfg: ModelConfig, k: int, rows:
     return _by_rows(x, rows, one)
 
 
-def lse_from_hidden(params: dict, x: jax.Array, cfg: ModelConfig, rows: int = 2048) -> jax.Array:
+def lse_from_hidden(params: dict, x: jax.Array, cfg: ModelConfig, rows: int = 2048, needed=None) -> jax.Array:
     """The logsumexp over the vocabulary of `logits_from_hidden`, fp32 [B, T], from normed hidden states
     x [B, T, D], `rows` positions at a time and differentiable: each chunk's logits are recomputed in the
-    backward pass (`jax.checkpoint`), so neither pass holds more than [B, rows, V] of them."""
-    return _by_rows(x, rows, jax.checkpoint(lambda xc: jax.nn.logsumexp(logits_from_hidden(params, xc, cfg), -1)))
+    backward pass (`jax.checkpoint`), so neither pass holds more than [B, rows, V] of them. needed: None, or
+    bool [B, T] — a chunk with no needed row in any sequence skips the vocabulary product (`lax.cond`, both
+    passes) and holds 0 there (a loss on answer rows reads ~10 rows of a 32K window: 1 or 2 chunks of 16)."""
+    one = jax.checkpoint(lambda xc: jax.nn.logsumexp(logits_from_hidden(params, xc, cfg), -1))
+    if needed is None:
+        return _by_rows(x, rows, one)
+    skip = lambda xc: jnp.zeros(xc.shape[:2], jnp.float32)
+    return _by_rows(x, rows, lambda xc, nc: jax.lax.cond(nc.any(), one, skip, xc), needed)

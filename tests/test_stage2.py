@@ -133,6 +133,23 @@ def test_chunked_logsumexp_equals_the_full_one_with_its_gradient(tiny):
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_full[0])) > 0
     for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_chunk)):
         np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a, np.float32), rtol=1e-4, atol=1e-6)
+    # needed rows (a loss on answer rows): rows 3 and 30 of sequence 0, 17 of sequence 1 -> chunks 0, 2 and 3 of 5
+    # are taken, and chunks 1 and 4 (rows 8-15, 32-36), needed by neither sequence, are skipped and hold 0
+    needed = np.zeros((2, 37), bool)
+    needed[0, [3, 30]] = needed[1, 17] = True
+    needed = jnp.asarray(needed)
+    lse = jax.nn.logsumexp(logits_from_hidden(params, hidden, cfg), -1)
+    got = lse_from_hidden(params, hidden, cfg, rows=8, needed=needed)
+    taken = np.repeat(np.array([1, 0, 1, 1, 0], bool), 8)[:37]
+    np.testing.assert_allclose(np.asarray(got)[:, taken], np.asarray(lse)[:, taken], rtol=1e-6)
+    assert float(jnp.abs(lse).min()) > 0 and not np.asarray(got)[:, ~taken].any()
+    masked = lambda f: lambda p, h: (f(p, h) * w * needed).sum()
+    g_full = jax.grad(masked(lambda p, h: jax.nn.logsumexp(logits_from_hidden(p, h, cfg), -1)), argnums=(0, 1))(
+        params, hidden)
+    g_skip = jax.jit(jax.grad(masked(lambda p, h: lse_from_hidden(p, h, cfg, rows=8, needed=needed)),
+                              argnums=(0, 1)))(params, hidden)
+    for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_skip)):
+        np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a, np.float32), rtol=1e-4, atol=1e-6)
 
 
 def test_dense_model_on_itself_has_zero_loss_and_gradient(tiny):
@@ -659,9 +676,10 @@ def test_stage2_summary_runs_json_reproduces_committed_summaries(tmp_path):
 
 def test_step_benchmark_times_eq7_and_the_tail_step(tmp_path):
     """`benchmarks.stage2_step --small` on the CPU: per backend the forward, the eq. 7 step, the step with dense
-    retrieval heads and the `--loss topk_tail` step, each timed (no error row)."""
+    retrieval heads and the `--loss topk_tail` step, on every row and on answer rows only, each timed (no error
+    row)."""
     from benchmarks.stage2_step import step_rows
 
     rows = step_rows("smollm2", 128, reps=1, small=True, backends=("xla",))
-    assert [r["phase"] for r in rows] == ["fwd", "step", "step_dense_retrieval", "step_tail"]
+    assert [r["phase"] for r in rows] == ["fwd", "step", "step_dense_retrieval", "step_tail", "step_tail_answers"]
     assert all("error" not in r and r["ms"] > 0 for r in rows), rows

@@ -241,7 +241,8 @@ def stage2_loss(p, ix, tokens, weights, teacher, *, cfg: ModelConfig, sparse: Sp
         at = logits_at(p, hidden, cfg, t_ids)
         if loss == "topk":
             return topk_kl_at(at, t_logits, weights)
-        return topk_tail_kl_at(at, lse_from_hidden(p, hidden, cfg), t_logits, *t_lse, weights)
+        # the vocabulary's logsumexp only where a row is weighted (whole chunks of rows without one are skipped)
+        return topk_tail_kl_at(at, lse_from_hidden(p, hidden, cfg, needed=weights != 0), t_logits, *t_lse, weights)
 
     value = of(student_hidden(p, tokens, cfg, sparse, ix, remat, attn_backend, mesh))
     if dense_weight:
