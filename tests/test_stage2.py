@@ -357,7 +357,8 @@ def test_dense_weight_adds_the_dense_students_loss_and_keeps_the_dense_path(tiny
     assert dense_kl(step(grad(1.0))) < dense_kl(step(grad(0.0))) - 1e-3 < dense_kl(params)
     # the export: a run that kept the dense path in its objective keeps the converted model's threshold (short calls
     # served dense); one that did not serves sparse at every length; --serve-threshold overrides both
-    from train.stage2 import Stage2Config, export_threshold
+    from train.stage2 import Stage2Config
+    from train.stage2_export import export_threshold
     c = Stage2Config(model="m", indexer="i")
     assert export_threshold(c, 16384) == 0
     assert export_threshold(dataclasses.replace(c, dense_weight=1.0), 16384) == 16384
@@ -409,7 +410,7 @@ def test_warnings_for_short_windows_and_a_worse_student(tiny, tmp_path, capsys):
     """Windows the local heads see whole (seq-len <= sinks + window) are warned about up front; a run that ends
     further from the teacher than it began is warned about at the end, and so is one whose answer-row loss let
     the other rows drift (all-row KL up)."""
-    from train.stage2 import drift_note, regression_note
+    from train.stage2_export import drift_note, regression_note
 
     run(parse_args(flags(tiny, tmp_path / "short", "--steps", "1", "--seq-len", "18")))  # sinks 2 + window 16
     assert "local heads see every key" in capsys.readouterr().out
@@ -432,7 +433,7 @@ def test_export_best_picks_the_lowest_held_out_kl(tiny, tmp_path):
     (the start, kept checkpoints, the last step) — the same weights a run stopped at that step exports — and
     best_export_step skips steps whose weights are gone and takes the earliest on a tie."""
     from rtpurbo_jax.checkpoint import load_converted
-    from train.stage2 import best_export_step
+    from train.stage2_export import best_export_step
 
     rows = [{"step": 0, "kl": 0.3}, {"step": 2, "kl": 0.1}, {"step": 4, "kl": 0.2}, {"step": 6, "kl": 0.1}]
     assert best_export_step(rows, {0, 2, 4, 6}) == 2 and best_export_step(rows, {0, 4, 6}) == 6

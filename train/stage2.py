@@ -18,7 +18,8 @@ accumulation (`--accumulate`), params and optimiser state FSDP-sharded over `dat
 uses the reusable trainer (`train.trainer`): Orbax keep-K checkpoints, exact resume, metrics.jsonl, progress with
 tokens/s. Outputs in --run-dir: teacher/ (cache), checkpoints/, metrics.jsonl, summary.json (KL and top-k agreement
 before / after on held-out windows) and `model/`, a converted checkpoint of the trained weights with the same roles
-(serve it with its indexer).
+(serve it with its indexer), served sparse at every length unless `--dense-weight` or `--serve-threshold` says
+otherwise (`train/stage2_export.py`: which step is exported, how it is served, the end-of-run warnings).
 
 Data (`--data`, `train.data.load_windows`): prose (with `--events`, retrieval events whose recalled values are
 marked), chat JSON-lines (assistant turns marked), or `tasks` (the accuracy suite's generators over the corpus's
@@ -50,7 +51,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pallas_kernels.sparse_attention.api import DIFFERENTIABLE
-from rtpurbo_jax.checkpoint import load_converted, load_indexer, model_name, read_meta, save_converted
+from rtpurbo_jax.checkpoint import load_converted, load_indexer, model_name, read_meta
 from rtpurbo_jax.cli import run_cli
 from rtpurbo_jax.lm import apply
 from rtpurbo_jax.model import logits_at, lse_from_hidden, topk_from_hidden
@@ -58,6 +59,7 @@ from rtpurbo_jax.model_config import ModelConfig
 from rtpurbo_jax.params import SHARDING_RULES, param_shardings
 from rtpurbo_jax.sparse_config import SparseConfig
 from train.data import Prefetch, StepMix, load_windows
+from train.stage2_export import drift_note, pick_export, regression_note, write_model
 from train.teacher import (TeacherCache, rest_mass_at, top1_within_topk_at, topk_agreement_ids, topk_kl_at,
                            topk_tail_kl_at)
 from train.trainer import (RunFlags, check_fingerprint, config_from_argv, first_metrics_row,
@@ -414,87 +416,21 @@ def run(c: Stage2Config) -> dict:
     objective = "kl_tail" if c.loss == "topk_tail" else "kl"  # the held-out figure of the loss trained
     # a resumed run's rows: the later win
     evals = {r["step"]: r for r in read_metrics(loop) + [after] if objective in r}
-    step_out, params = c.steps, state["params"]
-    if c.export == "best":
-        step_out = best_export_step(list(evals.values()), {0, c.steps, *mngr.all_steps()}, objective)
-        if step_out == 0:  # the model as it came
-            params = load_converted(c.model, shardings=params_sh).params
-        elif step_out != c.steps:
-            import orbax.checkpoint as ocp
-
-            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-            params = mngr.restore(step_out, args=ocp.args.StandardRestore(abstract))["params"]
-        log0(f"[stage2] --export best: step {step_out} (held-out {objective} {evals[step_out][objective]:.4f})")
-    out = os.path.join(c.run_dir, "model")
-    served = dataclasses.replace(shipped, seqlen_threshold=export_threshold(c, shipped.seqlen_threshold))
-    if served.seqlen_threshold != shipped.seqlen_threshold:
-        n = served.seqlen_threshold
-        log0(f"[stage2] the exported model's seqlen_threshold is {n} ({shipped.seqlen_threshold} before): "
-             f"{'calls of every length' if n == 0 else f'calls of {n} tokens or more'} are served sparse, the path "
-             "its weights were trained on (--serve-threshold sets it)")
-    save_converted(out, cast_like(params, dtypes), cfg, sparse_config=served.to_dict(), source=c.model,
-                   tokenizer=tokenizer, overwrite=os.path.exists(out),
-                   extra={"model_name": name, "stage2": {"from": os.path.abspath(c.model),
-                                                         "indexer": os.path.abspath(c.indexer), "steps": c.steps,
-                                                         "exported_step": step_out}})
+    step_out, params = pick_export(c, evals, state, mngr, objective,
+                                   lambda: load_converted(c.model, shardings=params_sh).params, log0)
+    write_model(c, cast_like(params, dtypes), cfg, shipped, name, tokenizer, step_out, log0)
     summary = {"before": before, "after": after, "exported": {"step": step_out, "kl": evals[step_out]["kl"],
                                                               objective: evals[step_out][objective]}}
-    note = regression_note(before, after)
-    if note and c.export == "last":
-        log0(f"[stage2] warning: {note}")
-    drift = drift_note(before, after, mixed="+" in c.data) if answers else None
-    if drift:
-        log0(f"[stage2] warning: {drift}")
+    for note in (regression_note(before, after) if c.export == "last" else None,
+                 drift_note(before, after, mixed="+" in c.data) if answers else None):
+        if note:
+            log0(f"[stage2] warning: {note}")
     if jax.process_index() == 0:
         plot_curves(read_metrics(loop) + [after], os.path.join(c.run_dir, "curves.png"), CURVES,
                     f"KL on the teacher's top-{c.top_k}")
         with open(os.path.join(c.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     return summary
-
-
-def export_threshold(c: Stage2Config, shipped: int) -> int:
-    """The exported model's `seqlen_threshold`: --serve-threshold when given; else 0 (sparse at every length: the
-    path the weights were trained on) unless --dense-weight > 0 kept the dense path in the objective (`shipped`)."""
-    if c.serve_threshold is not None:
-        return c.serve_threshold
-    return shipped if c.dense_weight > 0 else 0
-
-
-def best_export_step(evals: list[dict], available: set[int], key: str = "kl") -> int:
-    """The step whose held-out `key` (the loss trained: "kl", or "kl_tail") is lowest among evaluation rows
-    {"step", key, ...} whose weights are at hand (`available`: the start, the kept checkpoints, the last step); the
-    earliest on a tie."""
-    return min((r for r in evals if r["step"] in available), key=lambda r: (r[key], r["step"]))["step"]
-
-
-def regression_note(before: dict, after: dict) -> str | None:
-    """A warning when the run left the student further from the teacher on the held-out rows than it started
-    (the exported model is still the last step's); None otherwise."""
-    if after["kl"] <= before["kl"]:
-        return None
-    return (f"the held-out KL rose from {before['kl']:.4f} to {after['kl']:.4f} (top-10 agreement "
-            f"{before['topk_agreement']:.3f} -> {after['topk_agreement']:.3f}): the exported model is further from "
-            "the dense one than the model it started from. Check it with benchmarks.accuracy before using it; "
-            "--export best exports the step with the lowest held-out KL; a larger global batch (--accumulate), "
-            "longer windows or fewer steps may help.")
-
-
-def drift_note(before: dict, after: dict, mixed: bool = False) -> str | None:
-    """A warning when the loss covered answer rows only and the held-out KL over *all* rows rose: the rows the loss
-    leaves out drifted from the dense model (on Qwen2.5-0.5B, 16K task windows: answer-row KL 0.0073 -> 0.0032,
-    all rows 0.0216 -> 0.0241, perplexity +2-3%). `mixed`: the data already mixes in a source trained on every row
-    (`--data A+B`), so the advice is another one. None otherwise."""
-    if after["kl_all_rows"] <= before["kl_all_rows"]:
-        return None
-    advice = ("Prose already in the mix did not hold it; --dense-weight 1 (the dense student's loss beside the sparse "
-              "one), a smaller --lr or fewer --steps may" if mixed else
-              "Mixing in prose, whose every row is trained (--data tasks+kjv), or --positions all keeps it in the "
-              "objective; --dense-weight 1 anchors the dense path too")
-    return (f"the held-out KL over all rows rose from {before['kl_all_rows']:.4f} to {after['kl_all_rows']:.4f} "
-            f"while the loss covered only the answer rows of the windows that mark them (the loss rows' KL "
-            f"{before['kl']:.4f} -> {after['kl']:.4f}): the rest of the model drifted from the dense one (perplexity "
-            f"may be worse). {advice}.")
 
 
 def main(argv=None) -> int:
