@@ -135,7 +135,7 @@ def step_rows(model: str, t: int, reps: int, small: bool, backends=BACKENDS, pro
             tail = phase.startswith("step_tail")
             wp = w_answers if phase == "step_tail_answers" else w
             if phase == "fwd":
-                f = jax.jit(lambda p, tk, b=backend: student_logits(p, tk, cfg, sp, ix, at=ids, attn_backend=b))
+                f = jax.jit(lambda p, tk, b=backend, sp=sp: student_logits(p, tk, cfg, sp, ix, at=ids, attn_backend=b))
             else:  # what the training step differentiates (`train.stage2.stage2_loss`)
                 f = jax.jit(jax.value_and_grad(lambda p, tk, b=backend, sp=sp, tail=tail, wp=wp: stage2_loss(
                     p, ix, tk, wp, (ids, vals, t_lse) if tail else (ids, vals), cfg=cfg, sparse=sp, remat=True,

@@ -469,8 +469,8 @@ def generate(params, prompts, lengths, *, cfg: ModelConfig, max_new_tokens: int,
     max_position_embeddings when the call fits in it (the default max_len follows). stop_tokens: ids that end a
     row (the stop token is kept; later positions repeat the first stop id). Returns dict tokens int32
     [B, max_new_tokens], num_tokens int32 [B] (generated tokens up to and including a stop), cache (the final
-    HybridCache). backend / interpret: the
-    attention backend of prefill and decode (see the module docstring). scan_layers: stack the cache's layers
+    HybridCache). backend / interpret: the attention backend of prefill and decode (see the module docstring).
+    scan_layers: stack the cache's layers
     and scan over them — True / "split": layers of equal head split (one compiled layer per split instead of one
     per layer), "padded": of equal full / local KV counts (fewer; padded retrieval slots), "uniform": all layers
     in one stack (one compiled layer; more cache bytes) — see the module docstring for what it costs on GPUs.

@@ -422,7 +422,7 @@ def run(c: Stage2Config) -> dict:
     summary = {"before": before, "after": after, "exported": {"step": step_out, "kl": evals[step_out]["kl"],
                                                               objective: evals[step_out][objective]}}
     for note in (regression_note(before, after) if c.export == "last" else None,
-                 drift_note(before, after, mixed="+" in c.data) if answers else None):
+                 drift_note(before, after, mixed=isinstance(data, StepMix)) if answers else None):
         if note:
             log0(f"[stage2] warning: {note}")
     if jax.process_index() == 0:
